@@ -1,0 +1,496 @@
+//! The reliable, ordered byte-message session with one peer: sequence numbers, selective
+//! acknowledgements, retransmission, duplicate suppression, reordering and reassembly.
+//!
+//! A session knows nothing of paths; the endpoint decides which path carries each frame.
+//! Sequence numbers are per direction and per peer incarnation, assigned when a chunk is framed,
+//! so the chunks of one message are consecutive and delivery in sequence order is delivery in
+//! order per channel.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::frame::{Frame, FrameFlags, FrameKind, Header};
+use crate::ids::{ChannelId, Epoch, LinkId, RankId};
+use crate::time::Instant;
+
+/// An application message delivered by the transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// Sending rank.
+    pub from: RankId,
+    /// Channel it was sent on.
+    pub channel: ChannelId,
+    /// The bytes, exactly as sent. A message that fit in one frame is the frame's own buffer
+    /// (no copy); a larger one was assembled with one copy.
+    pub payload: Bytes,
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    channel: ChannelId,
+    payload: Bytes,
+    offset: usize,
+}
+
+/// A data frame sent and not yet acknowledged.
+#[derive(Debug)]
+pub(crate) struct Sent {
+    pub frame: Frame,
+    pub last_tx: u64,
+}
+
+#[derive(Debug)]
+struct Assembly {
+    channel: ChannelId,
+    total: usize,
+    buf: BytesMut,
+}
+
+/// What went wrong with the peer's data stream. The frame is dropped; the stream goes on.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum StreamViolation {
+    /// A chunk did not continue the message being assembled, or lengths disagree.
+    BadChunk,
+    /// Declared message length beyond the configured maximum.
+    MessageTooLarge,
+}
+
+#[derive(Debug)]
+pub(crate) struct PeerSession {
+    pub peer: RankId,
+    /// The peer's incarnation, once a direct link told us.
+    pub incarnation: Option<u64>,
+    // Send side.
+    next_seq: u64,
+    queue: VecDeque<Outgoing>,
+    queued_messages: u64,
+    pub unacked: BTreeMap<u64, Sent>,
+    cum_acked: u64,
+    pub retransmit: BTreeSet<u64>,
+    // Receive side.
+    next_expected: u64,
+    reorder: BTreeMap<u64, Frame>,
+    assembling: Option<Assembly>,
+    pub frames_since_ack: u32,
+    pub ack_due: Option<Instant>,
+    pub ack_link: Option<LinkId>,
+    // Route and liveness.
+    pub ever_connected: bool,
+    pub no_route_since: Option<Instant>,
+    pub unreachable_reported: bool,
+    pub last_ack_progress: Instant,
+}
+
+impl PeerSession {
+    pub fn new(peer: RankId, now: Instant) -> PeerSession {
+        PeerSession {
+            peer,
+            incarnation: None,
+            next_seq: 0,
+            queue: VecDeque::new(),
+            queued_messages: 0,
+            unacked: BTreeMap::new(),
+            cum_acked: 0,
+            retransmit: BTreeSet::new(),
+            next_expected: 0,
+            reorder: BTreeMap::new(),
+            assembling: None,
+            frames_since_ack: 0,
+            ack_due: None,
+            ack_link: None,
+            ever_connected: false,
+            no_route_since: None,
+            unreachable_reported: false,
+            last_ack_progress: now,
+        }
+    }
+
+    /// Messages not yet fully acknowledged (queued or in flight), counting partly sent ones.
+    pub fn undelivered_messages(&self) -> u64 {
+        let in_flight_msgs = self
+            .unacked
+            .values()
+            .filter(|s| s.frame.header.flags.contains(FrameFlags::LAST))
+            .count() as u64;
+        self.queued_messages + in_flight_msgs
+    }
+
+    pub fn enqueue(&mut self, channel: ChannelId, payload: Bytes) {
+        self.queue.push_back(Outgoing {
+            channel,
+            payload,
+            offset: 0,
+        });
+        self.queued_messages += 1;
+    }
+
+    /// Whether a new (never sent) frame may be framed now under the session window.
+    pub fn can_frame_new(&self, window_frames: u64) -> bool {
+        !self.queue.is_empty() && self.next_seq - self.cum_acked < window_frames
+    }
+
+    pub fn has_send_work(&self, window_frames: u64) -> bool {
+        !self.retransmit.is_empty() || self.can_frame_new(window_frames)
+    }
+
+    /// Size of the next frame this session would send (for path window checks).
+    pub fn next_frame_len(&self, chunk: usize) -> Option<usize> {
+        if let Some(seq) = self.retransmit.iter().next() {
+            return self.unacked.get(seq).map(|s| s.frame.wire_len());
+        }
+        self.queue
+            .front()
+            .map(|m| crate::frame::HEADER_LEN + (m.payload.len() - m.offset).min(chunk))
+    }
+
+    /// Takes the next frame to send: a retransmission first, else a new chunk. Records it as
+    /// unacknowledged with transmission id `tx`. Returns the frame and whether it is a
+    /// retransmission.
+    pub fn take_frame(
+        &mut self,
+        local: RankId,
+        epoch: Epoch,
+        chunk: usize,
+        window_frames: u64,
+        tx: u64,
+    ) -> Option<(Frame, bool)> {
+        while let Some(seq) = self.retransmit.pop_first() {
+            if let Some(sent) = self.unacked.get_mut(&seq) {
+                sent.last_tx = tx;
+                let mut frame = sent.frame.clone();
+                frame.header.epoch = epoch;
+                return Some((frame, true));
+            }
+        }
+        if !self.can_frame_new(window_frames) {
+            return None;
+        }
+        let msg = self.queue.front_mut()?;
+        let total = msg.payload.len();
+        let start = msg.offset;
+        let end = (start + chunk).min(total);
+        let mut flags = FrameFlags::default();
+        if start == 0 {
+            flags = flags.with(FrameFlags::FIRST);
+        }
+        if end == total {
+            flags = flags.with(FrameFlags::LAST);
+        }
+        let frame = Frame {
+            header: Header {
+                kind: FrameKind::Data,
+                flags,
+                epoch,
+                src: local,
+                dst: self.peer,
+                channel: msg.channel,
+                seq: self.next_seq,
+                aux: total as u64,
+            },
+            payload: msg.payload.slice(start..end),
+        };
+        msg.offset = end;
+        if end == total {
+            self.queue.pop_front();
+            self.queued_messages -= 1;
+        }
+        self.unacked.insert(
+            self.next_seq,
+            Sent {
+                frame: frame.clone(),
+                last_tx: tx,
+            },
+        );
+        self.next_seq += 1;
+        Some((frame, false))
+    }
+
+    /// Applies an acknowledgement. Returns whether anything new was acknowledged.
+    pub fn on_ack(&mut self, cumulative: u64, sack: &[(u64, u64)], now: Instant) -> bool {
+        let cumulative = cumulative.min(self.next_seq);
+        let before = self.unacked.len();
+        if cumulative > self.cum_acked {
+            self.cum_acked = cumulative;
+            self.unacked = self.unacked.split_off(&cumulative);
+        }
+        for &(start, end) in sack {
+            let end = end.min(self.next_seq);
+            if start >= end {
+                continue;
+            }
+            let acked: Vec<u64> = self.unacked.range(start..end).map(|(s, _)| *s).collect();
+            for s in acked {
+                self.unacked.remove(&s);
+            }
+        }
+        let progressed = self.unacked.len() < before;
+        if progressed {
+            self.last_ack_progress = now;
+        }
+        progressed
+    }
+
+    pub fn is_acked(&self, seq: u64) -> bool {
+        !self.unacked.contains_key(&seq)
+    }
+
+    /// Whether a data frame with this sequence number is new. Returns `None` for a duplicate,
+    /// `Some(in_order)` otherwise (`false` when it is beyond the reorder window: dropped).
+    pub fn classify_incoming(&self, seq: u64, window_frames: u64) -> Incoming {
+        if seq < self.next_expected || self.reorder.contains_key(&seq) {
+            Incoming::Duplicate
+        } else if seq >= self.next_expected + window_frames {
+            Incoming::BeyondWindow
+        } else if seq == self.next_expected {
+            Incoming::InOrder
+        } else {
+            Incoming::OutOfOrder
+        }
+    }
+
+    /// Stores an accepted data frame and returns the messages it completes, in order.
+    pub fn accept(
+        &mut self,
+        frame: Frame,
+        max_message_bytes: u64,
+    ) -> (Vec<Message>, Vec<StreamViolation>) {
+        self.reorder.insert(frame.header.seq, frame);
+        let mut delivered = Vec::new();
+        let mut violations = Vec::new();
+        while let Some(frame) = self.reorder.remove(&self.next_expected) {
+            self.next_expected += 1;
+            match self.assemble(frame, max_message_bytes) {
+                Ok(Some(m)) => delivered.push(m),
+                Ok(None) => {}
+                Err(v) => violations.push(v),
+            }
+        }
+        (delivered, violations)
+    }
+
+    fn assemble(
+        &mut self,
+        frame: Frame,
+        max_message_bytes: u64,
+    ) -> Result<Option<Message>, StreamViolation> {
+        let h = frame.header;
+        if h.flags.contains(FrameFlags::FIRST) {
+            if self.assembling.take().is_some() {
+                return Err(StreamViolation::BadChunk);
+            }
+            if h.aux > max_message_bytes {
+                return Err(StreamViolation::MessageTooLarge);
+            }
+            let total = h.aux as usize;
+            if h.flags.contains(FrameFlags::LAST) {
+                if frame.payload.len() != total {
+                    return Err(StreamViolation::BadChunk);
+                }
+                return Ok(Some(Message {
+                    from: h.src,
+                    channel: h.channel,
+                    payload: frame.payload,
+                }));
+            }
+            if frame.payload.len() >= total {
+                return Err(StreamViolation::BadChunk);
+            }
+            let mut buf = BytesMut::with_capacity(total);
+            buf.extend_from_slice(&frame.payload);
+            self.assembling = Some(Assembly {
+                channel: h.channel,
+                total,
+                buf,
+            });
+            return Ok(None);
+        }
+        let Some(asm) = self.assembling.as_mut() else {
+            return Err(StreamViolation::BadChunk);
+        };
+        if asm.channel != h.channel || asm.buf.len() + frame.payload.len() > asm.total {
+            self.assembling = None;
+            return Err(StreamViolation::BadChunk);
+        }
+        asm.buf.extend_from_slice(&frame.payload);
+        if h.flags.contains(FrameFlags::LAST) {
+            let asm = self.assembling.take().expect("present");
+            if asm.buf.len() != asm.total {
+                return Err(StreamViolation::BadChunk);
+            }
+            return Ok(Some(Message {
+                from: h.src,
+                channel: asm.channel,
+                payload: asm.buf.freeze(),
+            }));
+        }
+        Ok(None)
+    }
+
+    /// The cumulative ack, up to `max` selective ranges of what is held beyond it, and the
+    /// sequence number below which the ack is complete (`u64::MAX` unless ranges were cut off).
+    pub fn ack_state(&self, max: usize) -> (u64, Vec<(u64, u64)>, u64) {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut complete_below = u64::MAX;
+        for &seq in self.reorder.keys() {
+            match ranges.last_mut() {
+                Some(last) if last.1 == seq => last.1 = seq + 1,
+                _ => {
+                    if ranges.len() == max {
+                        complete_below = ranges.last().map_or(self.next_expected, |r| r.1);
+                        break;
+                    }
+                    ranges.push((seq, seq + 1));
+                }
+            }
+        }
+        (self.next_expected, ranges, complete_below)
+    }
+
+    /// Drops all send state (the peer is gone or restarted). Returns the undelivered count.
+    pub fn reset_send(&mut self) -> u64 {
+        let n = self.undelivered_messages();
+        self.queue.clear();
+        self.queued_messages = 0;
+        self.unacked.clear();
+        self.retransmit.clear();
+        self.next_seq = 0;
+        self.cum_acked = 0;
+        n
+    }
+
+    /// Drops all receive state (the peer restarted and numbers from zero again).
+    pub fn reset_receive(&mut self) {
+        self.next_expected = 0;
+        self.reorder.clear();
+        self.assembling = None;
+        self.frames_since_ack = 0;
+        self.ack_due = None;
+        self.ack_link = None;
+    }
+
+    pub fn has_unacked(&self) -> bool {
+        !self.unacked.is_empty()
+    }
+
+    pub fn check_invariants(&self, window_frames: u64) {
+        debug_assert!(self.cum_acked <= self.next_seq);
+        debug_assert!(self
+            .unacked
+            .keys()
+            .all(|&s| s >= self.cum_acked && s < self.next_seq));
+        debug_assert!(self
+            .reorder
+            .keys()
+            .all(|&s| s > self.next_expected && s < self.next_expected + window_frames));
+    }
+}
+
+/// How an arriving data frame relates to what was already received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Incoming {
+    InOrder,
+    OutOfOrder,
+    Duplicate,
+    BeyondWindow,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(s: &mut PeerSession, tx: &mut u64) -> Vec<Frame> {
+        let mut out = Vec::new();
+        while let Some((f, _)) = s.take_frame(RankId(0), Epoch(1), 4, 1000, *tx) {
+            *tx += 1;
+            out.push(f);
+        }
+        out
+    }
+
+    #[test]
+    fn chunks_of_one_message_get_consecutive_sequence_numbers_and_reassemble() {
+        let mut a = PeerSession::new(RankId(1), Instant(0));
+        let mut b = PeerSession::new(RankId(0), Instant(0));
+        a.enqueue(ChannelId(5), Bytes::from_static(b"0123456789"));
+        a.enqueue(ChannelId(6), Bytes::new());
+        let mut tx = 0;
+        let frames = drain(&mut a, &mut tx);
+        assert_eq!(frames.len(), 4);
+        assert_eq!(
+            frames.iter().map(|f| f.header.seq).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
+        // Deliver out of order: nothing until the gap closes, then both messages in order.
+        let mut got = Vec::new();
+        for i in [2, 1, 3, 0] {
+            assert_ne!(
+                b.classify_incoming(frames[i].header.seq, 8),
+                Incoming::Duplicate
+            );
+            got.extend(b.accept(frames[i].clone(), 1 << 20).0);
+        }
+        assert_eq!(got.len(), 2);
+        assert_eq!(&got[0].payload[..], b"0123456789");
+        assert_eq!(got[0].channel, ChannelId(5));
+        assert!(got[1].payload.is_empty());
+        assert_eq!(b.classify_incoming(1, 8), Incoming::Duplicate);
+    }
+
+    #[test]
+    fn selective_acks_clear_exactly_the_acknowledged_frames() {
+        let mut a = PeerSession::new(RankId(1), Instant(0));
+        a.enqueue(ChannelId(0), Bytes::from(vec![7u8; 40]));
+        let mut tx = 0;
+        assert_eq!(drain(&mut a, &mut tx).len(), 10);
+        assert!(a.on_ack(2, &[(4, 6), (8, 20)], Instant(5)));
+        assert_eq!(
+            a.unacked.keys().copied().collect::<Vec<_>>(),
+            vec![2, 3, 6, 7]
+        );
+        assert!(
+            !a.on_ack(1, &[], Instant(6)),
+            "an older cumulative ack changes nothing"
+        );
+        assert_eq!(
+            a.undelivered_messages(),
+            0,
+            "the LAST chunk (seq 9) was acknowledged"
+        );
+    }
+
+    #[test]
+    fn ack_state_merges_held_frames_into_ranges() {
+        let mut b = PeerSession::new(RankId(0), Instant(0));
+        let mut a = PeerSession::new(RankId(1), Instant(0));
+        a.enqueue(ChannelId(0), Bytes::from(vec![1u8; 40]));
+        let mut tx = 0;
+        let frames = drain(&mut a, &mut tx);
+        for i in [2usize, 3, 5, 8] {
+            b.accept(frames[i].clone(), 1 << 20);
+        }
+        assert_eq!(b.ack_state(8), (0, vec![(2, 4), (5, 6), (8, 9)], u64::MAX));
+        assert_eq!(b.ack_state(1), (0, vec![(2, 4)], 4));
+    }
+
+    #[test]
+    fn a_chunk_without_a_first_chunk_is_a_violation_not_a_panic() {
+        let mut b = PeerSession::new(RankId(0), Instant(0));
+        let frame = Frame {
+            header: Header {
+                kind: FrameKind::Data,
+                flags: FrameFlags::LAST,
+                epoch: Epoch(0),
+                src: RankId(1),
+                dst: RankId(0),
+                channel: ChannelId(0),
+                seq: 0,
+                aux: 3,
+            },
+            payload: Bytes::from_static(b"abc"),
+        };
+        let (msgs, violations) = b.accept(frame, 1 << 20);
+        assert!(msgs.is_empty());
+        assert_eq!(violations, vec![StreamViolation::BadChunk]);
+    }
+}
