@@ -1,1 +1,60 @@
-fn main() {}
+//! The `phalanx` command: demo, bench, and the process-level tools built on the library.
+
+mod bench;
+mod demo;
+mod node_cmd;
+mod size;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Phalanx: a communication runtime for distributed training that keeps going while links and
+/// ranks fail.
+#[derive(Parser, Debug)]
+#[command(name = "phalanx", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Three ranks on loopback streaming data while paths fail, relay and heal.
+    Demo(demo::DemoArgs),
+    /// Benchmarks in the baselines' format (p2p now; collectives later).
+    Bench(bench::BenchArgs),
+    /// Run one transport rank as a process, driven by stdin commands (JSON lines out).
+    Node(node_cmd::NodeArgs),
+    /// One rank of a benchmark (spawned by `phalanx bench`).
+    #[command(hide = true)]
+    BenchWorker(bench::WorkerArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("PHALANX_LOG").unwrap_or_else(|_| EnvFilter::new("error")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("phalanx: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Demo(a) => demo::run(a).await,
+            Command::Bench(a) => bench::run(a).await,
+            Command::Node(a) => node_cmd::run(a).await,
+            Command::BenchWorker(a) => bench::worker(a).await,
+        }
+    });
+    // Do not wait for background tasks (dialers, link tasks) to wind down.
+    runtime.shutdown_background();
+    if let Err(e) = result {
+        eprintln!("phalanx: {e}");
+        std::process::exit(1);
+    }
+}

@@ -171,11 +171,7 @@ impl Endpoint {
 
     /// What this rank says about itself in link handshakes.
     pub fn identity(&self) -> LinkIdentity {
-        LinkIdentity {
-            rank: self.local,
-            incarnation: self.incarnation,
-            epoch: self.epoch,
-        }
+        LinkIdentity { rank: self.local, incarnation: self.incarnation, epoch: self.epoch }
     }
 
     /// The configuration in force.
@@ -205,9 +201,7 @@ impl Endpoint {
 
     /// Bytes queued or in flight to `peer` that are not yet acknowledged, in messages.
     pub fn undelivered_messages(&self, peer: RankId) -> u64 {
-        self.sessions
-            .get(&peer)
-            .map_or(0, |s| s.undelivered_messages())
+        self.sessions.get(&peer).map_or(0, |s| s.undelivered_messages())
     }
 
     /// Sets the epoch stamped on outgoing frames.
@@ -230,37 +224,22 @@ impl Endpoint {
 
     fn session(&mut self, peer: RankId) -> &mut PeerSession {
         let now = self.now;
-        self.sessions
-            .entry(peer)
-            .or_insert_with(|| PeerSession::new(peer, now))
+        self.sessions.entry(peer).or_insert_with(|| PeerSession::new(peer, now))
     }
 
     // ----- commands -------------------------------------------------------------------------
 
     /// Queues `payload` for `peer` on `channel`. Never blocks; the message is delivered once and
     /// in order, or the peer is reported unreachable. Sending to this rank delivers at once.
-    pub fn send(
-        &mut self,
-        now: Instant,
-        peer: RankId,
-        channel: ChannelId,
-        payload: Bytes,
-    ) -> Result<(), SendError> {
+    pub fn send(&mut self, now: Instant, peer: RankId, channel: ChannelId, payload: Bytes) -> Result<(), SendError> {
         self.advance(now);
         if payload.len() as u64 > MAX_MESSAGE_BYTES {
-            return Err(SendError::TooLarge {
-                len: payload.len() as u64,
-                max: MAX_MESSAGE_BYTES,
-            });
+            return Err(SendError::TooLarge { len: payload.len() as u64, max: MAX_MESSAGE_BYTES });
         }
         if peer == self.local {
             self.counters.messages_delivered += 1;
             self.counters.payload_bytes_delivered += payload.len() as u64;
-            self.events.push_back(Event::Message(Message {
-                from: peer,
-                channel,
-                payload,
-            }));
+            self.events.push_back(Event::Message(Message { from: peer, channel, payload }));
             return Ok(());
         }
         let has_route = self.has_route(peer);
@@ -300,16 +279,10 @@ impl Endpoint {
                 s.reset_receive();
             }
             warn!(rank = %self.local, peer = %peer.rank, undelivered, "peer restarted");
-            self.events.push_back(Event::PeerRestarted {
-                peer: peer.rank,
-                undelivered_messages: undelivered,
-            });
+            self.events.push_back(Event::PeerRestarted { peer: peer.rank, undelivered_messages: undelivered });
         }
         self.paths.insert(link, PathState::new(peer.rank, now));
-        self.links_by_peer
-            .entry(peer.rank)
-            .or_default()
-            .insert(link);
+        self.links_by_peer.entry(peer.rank).or_default().insert(link);
         self.refresh_routes(now);
         self.check_invariants();
     }
@@ -322,15 +295,21 @@ impl Endpoint {
     }
 
     /// The driver could not decode bytes on `link`. Checksum errors are counted against the
-    /// link and the frame is treated as lost; other errors kill the link.
+    /// link, the frame is treated as lost and the sender is told at once (a loss hint on the
+    /// same link); other errors kill the link.
     pub fn handle_decode_error(&mut self, now: Instant, link: LinkId, error: DecodeError) {
         self.advance(now);
         if error.is_recoverable() {
+            self.counters.checksum_failures += 1;
             if let Some(p) = self.paths.get_mut(&link) {
                 p.counters.checksum_failures += 1;
-                warn!(rank = %self.local, %link, peer = %p.peer, %error, "checksum failure");
+                let peer = p.peer;
+                warn!(rank = %self.local, %link, %peer, %error, "checksum failure");
+                if self.sessions.contains_key(&peer) {
+                    let ack = self.ack_frame(peer, FrameFlags::LOSS_HINT);
+                    self.transmits.push_back(Transmit { link, frame: ack });
+                }
             }
-            self.counters.checksum_failures += 1;
         } else {
             self.fail_link(link, LinkFailure::Protocol(error));
         }
@@ -371,7 +350,7 @@ impl Endpoint {
         }
         match h.kind {
             FrameKind::Data => self.on_data(now, link, via, frame),
-            FrameKind::Ack => self.on_ack(now, frame),
+            FrameKind::Ack => self.on_ack(now, link, frame),
             FrameKind::Heartbeat => {
                 if let Some(p) = self.paths.get_mut(&link) {
                     let mut adv = frame::decode_ranks(&frame.payload, MAX_ADVERTISED);
@@ -400,30 +379,17 @@ impl Endpoint {
         self.advance(now);
         let cfg = self.config.clone();
         // Link liveness first, so heartbeats are not sent on links about to die.
-        let silent: Vec<LinkId> = self
-            .paths
-            .iter()
-            .filter(|(_, p)| now >= p.last_recv + cfg.link_timeout)
-            .map(|(id, _)| *id)
-            .collect();
+        let silent: Vec<LinkId> =
+            self.paths.iter().filter(|(_, p)| now >= p.last_recv + cfg.link_timeout).map(|(id, _)| *id).collect();
         for link in silent {
             let since = now.saturating_since(self.paths[&link].last_recv);
             self.fail_link(link, LinkFailure::Silent(since));
         }
         // Heartbeats carry the list of ranks this rank reaches directly (for relay choice).
-        let reachable: Vec<RankId> = self
-            .links_by_peer
-            .iter()
-            .filter(|(_, l)| !l.is_empty())
-            .map(|(r, _)| *r)
-            .take(MAX_ADVERTISED)
-            .collect();
-        let due: Vec<(LinkId, RankId)> = self
-            .paths
-            .iter()
-            .filter(|(_, p)| now >= p.next_heartbeat)
-            .map(|(id, p)| (*id, p.peer))
-            .collect();
+        let reachable: Vec<RankId> =
+            self.links_by_peer.iter().filter(|(_, l)| !l.is_empty()).map(|(r, _)| *r).take(MAX_ADVERTISED).collect();
+        let due: Vec<(LinkId, RankId)> =
+            self.paths.iter().filter(|(_, p)| now >= p.next_heartbeat).map(|(id, p)| (*id, p.peer)).collect();
         for (link, peer) in due {
             let payload = frame::encode_ranks(reachable.iter().copied().filter(|r| *r != peer));
             let hb = self.control_frame(FrameKind::Heartbeat, peer, now.as_nanos(), payload);
@@ -454,12 +420,8 @@ impl Endpoint {
             self.mark_lost(link, e);
         }
         // Delayed acks.
-        let acks: Vec<RankId> = self
-            .sessions
-            .values()
-            .filter(|s| s.ack_due.is_some_and(|t| now >= t))
-            .map(|s| s.peer)
-            .collect();
+        let acks: Vec<RankId> =
+            self.sessions.values().filter(|s| s.ack_due.is_some_and(|t| now >= t)).map(|s| s.peer).collect();
         for peer in acks {
             self.send_ack(peer);
         }
@@ -544,11 +506,7 @@ impl Endpoint {
     /// Whether `peer` can be reached now: a direct link, or a live link to a rank that says it
     /// reaches `peer` directly.
     fn has_route(&self, peer: RankId) -> bool {
-        self.has_direct_path(peer)
-            || self
-                .paths
-                .values()
-                .any(|p| p.peer != peer && p.reaches(peer))
+        self.has_direct_path(peer) || self.paths.values().any(|p| p.peer != peer && p.reaches(peer))
     }
 
     /// Picks the path for a frame of `len` wire bytes to `dst`: a direct path with room (the
@@ -556,9 +514,7 @@ impl Endpoint {
     /// every usable path is full (or none exists). `ignore_window` is for control frames.
     fn pick_path(&self, dst: RankId, len: u64, ignore_window: bool) -> Option<(LinkId, bool)> {
         let window = self.config.path_window_bytes;
-        let fits = |p: &PathState| {
-            ignore_window || p.inflight_bytes == 0 || p.inflight_bytes + len <= window
-        };
+        let fits = |p: &PathState| ignore_window || p.inflight_bytes == 0 || p.inflight_bytes + len <= window;
         if let Some(direct) = self.links_by_peer.get(&dst).filter(|s| !s.is_empty()) {
             return direct
                 .iter()
@@ -584,9 +540,7 @@ impl Endpoint {
                 .sessions
                 .range(start.map_or(RankId(0), |c| RankId(c.0.saturating_add(1)))..)
                 .filter(|(r, _)| start.is_none_or(|c| **r > c));
-            let before = self
-                .sessions
-                .range(..start.map_or(RankId(0), |c| RankId(c.0.saturating_add(1))));
+            let before = self.sessions.range(..start.map_or(RankId(0), |c| RankId(c.0.saturating_add(1))));
             after
                 .chain(before.filter(|_| start.is_some()))
                 .filter(|(_, s)| s.has_send_work(window_frames))
@@ -608,8 +562,7 @@ impl Endpoint {
                 // Idle time is not a stall: the acknowledgement clock starts with this frame.
                 s.last_ack_progress = now;
             }
-            let Some((frame, is_retransmit)) = s.take_frame(local, epoch, chunk, window_frames, tx)
-            else {
+            let Some((frame, is_retransmit)) = s.take_frame(local, epoch, chunk, window_frames, tx) else {
                 continue;
             };
             self.next_tx += 1;
@@ -622,13 +575,7 @@ impl Endpoint {
                 self.counters.relayed_out_bytes += frame.payload.len() as u64;
             }
             let p = self.paths.get_mut(&link).expect("picked from live paths");
-            p.push_inflight(InFlight {
-                dst: peer,
-                seq: frame.header.seq,
-                tx,
-                bytes,
-                sent_at: now,
-            });
+            p.push_inflight(InFlight { dst: peer, seq: frame.header.seq, tx, bytes, sent_at: now });
             return Some(Transmit { link, frame });
         }
         None
@@ -672,22 +619,23 @@ impl Endpoint {
         }
     }
 
-    fn send_ack(&mut self, peer: RankId) {
+    /// An ack of everything received from `peer` (resets the delayed-ack state).
+    fn ack_frame(&mut self, peer: RankId, flags: FrameFlags) -> Frame {
         let max = self.config.max_sack_ranges;
-        let Some(s) = self.sessions.get_mut(&peer) else {
-            return;
-        };
+        let s = self.session(peer);
         s.frames_since_ack = 0;
         s.ack_due = None;
         let (cum, ranges, complete_below) = s.ack_state(max);
-        let hint = s.ack_link.filter(|l| self.paths.contains_key(l));
-        let mut ack = self.control_frame(
-            FrameKind::Ack,
-            peer,
-            complete_below,
-            frame::encode_sack(&ranges),
-        );
+        let mut ack = self.control_frame(FrameKind::Ack, peer, complete_below, frame::encode_sack(&ranges));
         ack.header.seq = cum;
+        ack.header.flags = flags;
+        ack
+    }
+
+    fn send_ack(&mut self, peer: RankId) {
+        let Some(s) = self.sessions.get(&peer) else { return };
+        let hint = s.ack_link.filter(|l| self.paths.contains_key(l));
+        let ack = self.ack_frame(peer, FrameFlags::default());
         let link = hint.or_else(|| self.pick_path(peer, 0, true).map(|(l, _)| l));
         match link {
             Some(link) => self.transmits.push_back(Transmit { link, frame: ack }),
@@ -695,19 +643,29 @@ impl Endpoint {
         }
     }
 
-    fn on_ack(&mut self, now: Instant, frame: Frame) {
+    fn on_ack(&mut self, now: Instant, link: LinkId, frame: Frame) {
         let peer = frame.header.src;
         let ranges = frame::decode_sack(&frame.payload, self.config.max_sack_ranges);
+        let known_below = frame.header.aux;
         let Some(s) = self.sessions.get_mut(&peer) else {
             return;
         };
-        if !s.on_ack(frame.header.seq, &ranges, now) {
-            return;
-        }
+        s.on_ack(frame.header.seq, &ranges, now);
         let s = &self.sessions[&peer];
         let mut lost = Vec::new();
+        if frame.header.flags.contains(FrameFlags::LOSS_HINT) {
+            // The peer saw a corrupted frame on `link`: on a FIFO link that is our oldest
+            // transmission to it there that this ack does not cover.
+            if let Some(p) = self.paths.get_mut(&link) {
+                let oldest = p.inflight.iter().position(|e| e.dst == peer && e.seq < known_below && !s.is_acked(e.seq));
+                if let Some(e) = oldest.and_then(|i| p.inflight.remove(i)) {
+                    p.inflight_bytes -= e.bytes;
+                    lost.push((link, e));
+                }
+            }
+        }
         for (id, p) in self.paths.iter_mut() {
-            let (l, any) = p.settle_acks(peer, frame.header.aux, |seq| s.is_acked(seq));
+            let (l, any) = p.settle_acks(peer, known_below, |seq| s.is_acked(seq));
             if any {
                 p.rto_backoff = 0;
             }
@@ -743,11 +701,10 @@ impl Endpoint {
             self.counters.unroutable_dropped += 1;
             return;
         }
-        let link = self.links_by_peer.get(&dst).and_then(|s| {
-            s.iter()
-                .min_by_key(|id| (self.paths[*id].inflight_bytes, **id))
-                .copied()
-        });
+        let link = self
+            .links_by_peer
+            .get(&dst)
+            .and_then(|s| s.iter().min_by_key(|id| (self.paths[*id].inflight_bytes, **id)).copied());
         match link {
             Some(link) => {
                 frame.header.flags = frame.header.flags.with(FrameFlags::RELAYED);
@@ -774,8 +731,7 @@ impl Endpoint {
             self.mark_lost_on_dead(link, e);
         }
         self.transmits.retain(|t| t.link != link);
-        self.events
-            .push_back(Event::LinkFailed { link, peer, reason });
+        self.events.push_back(Event::LinkFailed { link, peer, reason });
         let now = self.now;
         self.refresh_routes(now);
     }
@@ -784,10 +740,7 @@ impl Endpoint {
         let Some(s) = self.sessions.get_mut(&e.dst) else {
             return;
         };
-        if s.unacked
-            .get(&e.seq)
-            .is_some_and(|sent| sent.last_tx == e.tx)
-        {
+        if s.unacked.get(&e.seq).is_some_and(|sent| sent.last_tx == e.tx) {
             s.retransmit.insert(e.seq);
         }
     }
@@ -805,10 +758,7 @@ impl Endpoint {
             } else if relevant && s.no_route_since.is_none() {
                 s.no_route_since = Some(now);
             }
-            let stalled_since = s
-                .has_unacked()
-                .then_some(s.last_ack_progress)
-                .filter(|t| now >= *t + after);
+            let stalled_since = s.has_unacked().then_some(s.last_ack_progress).filter(|t| now >= *t + after);
             // With no route the outage began when the last route vanished; with a route that
             // stopped acknowledging, when acknowledgements stopped.
             let outage = match s.no_route_since {
@@ -819,8 +769,7 @@ impl Endpoint {
                 (Some(since), false) => {
                     s.unreachable_reported = true;
                     warn!(rank = %self.local, %peer, %since, "peer unreachable");
-                    self.events
-                        .push_back(Event::PeerUnreachable { peer, since });
+                    self.events.push_back(Event::PeerUnreachable { peer, since });
                 }
                 (None, true) if route => {
                     s.unreachable_reported = false;
@@ -839,18 +788,11 @@ impl Endpoint {
         }
         for (id, p) in &self.paths {
             p.check_invariants(*id);
-            assert!(self
-                .links_by_peer
-                .get(&p.peer)
-                .is_some_and(|s| s.contains(id)));
+            assert!(self.links_by_peer.get(&p.peer).is_some_and(|s| s.contains(id)));
         }
         for (peer, links) in &self.links_by_peer {
             for l in links {
-                assert_eq!(
-                    self.paths.get(l).map(|p| p.peer),
-                    Some(*peer),
-                    "link index out of date"
-                );
+                assert_eq!(self.paths.get(l).map(|p| p.peer), Some(*peer), "link index out of date");
             }
         }
         for s in self.sessions.values() {

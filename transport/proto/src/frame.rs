@@ -70,8 +70,11 @@ impl FrameFlags {
     pub const LAST: FrameFlags = FrameFlags(1 << 1);
     /// Forwarded by a relay rank; a relay never forwards a frame that has this set.
     pub const RELAYED: FrameFlags = FrameFlags(1 << 2);
+    /// On an ack: a frame arrived corrupted on the link this ack travels on. Links are FIFO,
+    /// so the sender's oldest unacknowledged frame on that link is the one lost.
+    pub const LOSS_HINT: FrameFlags = FrameFlags(1 << 3);
     /// Every flag this version knows; others are rejected by the decoder.
-    pub const KNOWN: u16 = 0b111;
+    pub const KNOWN: u16 = 0b1111;
 
     /// Whether all bits of `other` are set.
     pub fn contains(self, other: FrameFlags) -> bool {
@@ -269,8 +272,7 @@ impl FrameDecoder {
             return Err(DecodeError::UnsupportedVersion { found: version });
         }
         let kind_byte = h.get_u8();
-        let kind =
-            FrameKind::from_u8(kind_byte).ok_or(DecodeError::UnknownKind { found: kind_byte })?;
+        let kind = FrameKind::from_u8(kind_byte).ok_or(DecodeError::UnknownKind { found: kind_byte })?;
         let flags = h.get_u16_le();
         if flags & !FrameFlags::KNOWN != 0 {
             return Err(DecodeError::UnknownFlags { found: flags });
@@ -284,19 +286,13 @@ impl FrameDecoder {
         let len = h.get_u32_le();
         let expected = h.get_u32_le();
         if len > self.max_payload {
-            return Err(DecodeError::Oversized {
-                len,
-                max: self.max_payload,
-            });
+            return Err(DecodeError::Oversized { len, max: self.max_payload });
         }
         let total = HEADER_LEN + len as usize;
         if buf.len() < total {
             return Ok(None);
         }
-        let computed = crc32c::crc32c_append(
-            crc32c::crc32c(&buf[..HEADER_LEN - 4]),
-            &buf[HEADER_LEN..total],
-        );
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&buf[..HEADER_LEN - 4]), &buf[HEADER_LEN..total]);
         let mut whole = buf.split_to(total);
         if computed != expected {
             return Err(DecodeError::Checksum { expected, computed });
@@ -394,10 +390,7 @@ mod tests {
         // The checksum is CRC32C over the first 48 header bytes and then the payload.
         let mut whole = b[..48].to_vec();
         whole.extend_from_slice(b"hello");
-        assert_eq!(
-            u32::from_le_bytes(b[48..52].try_into().unwrap()),
-            crc32c::crc32c(&whole)
-        );
+        assert_eq!(u32::from_le_bytes(b[48..52].try_into().unwrap()), crc32c::crc32c(&whole));
         assert_eq!(&b[52..], b"hello");
     }
 
@@ -420,10 +413,7 @@ mod tests {
         let f = sample(FrameKind::Data, &[0u8; 100]);
         let mut buf = BytesMut::from(&f.to_bytes()[..HEADER_LEN]);
         let d = FrameDecoder::new(99);
-        assert_eq!(
-            d.decode(&mut buf),
-            Err(DecodeError::Oversized { len: 100, max: 99 })
-        );
+        assert_eq!(d.decode(&mut buf), Err(DecodeError::Oversized { len: 100, max: 99 }));
         assert_eq!(d.bytes_needed(&buf), HEADER_LEN + 99);
     }
 
@@ -431,10 +421,7 @@ mod tests {
     fn garbage_is_rejected_from_its_first_byte() {
         let d = FrameDecoder::new(16);
         let mut buf = BytesMut::from(&b"G"[..]);
-        assert!(matches!(
-            d.decode(&mut buf),
-            Err(DecodeError::BadMagic { .. })
-        ));
+        assert!(matches!(d.decode(&mut buf), Err(DecodeError::BadMagic { .. })));
         let mut buf = BytesMut::from(&b"PH"[..]);
         assert_eq!(d.decode(&mut buf), Ok(None));
     }
@@ -453,7 +440,7 @@ mod tests {
     fn arb_frame() -> impl Strategy<Value = Frame> {
         (
             1u8..=4,
-            0u16..8,
+            0u16..16,
             any::<u64>(),
             any::<u32>(),
             any::<u32>(),

@@ -126,15 +126,7 @@ impl Handshake {
         w.put_u64_le(local.incarnation);
         w.put_u64_le(local.epoch.0);
         w.put_slice(&nonce);
-        Handshake {
-            role,
-            local,
-            expected_peer,
-            secret: secret.to_vec(),
-            hello,
-            peer_hello: None,
-            peer: None,
-        }
+        Handshake { role, local, expected_peer, secret: secret.to_vec(), hello, peer_hello: None, peer: None }
     }
 
     /// The hello to send first.
@@ -152,8 +144,7 @@ impl Handshake {
             Role::Dialer => (&self.hello, peer_hello),
             Role::Listener => (peer_hello, &self.hello),
         };
-        let mut mac =
-            <Hmac<Sha256> as Mac>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.secret).expect("HMAC takes any key length");
         mac.update(PROOF_CONTEXT);
         mac.update(&[role as u8]);
         mac.update(dialer);
@@ -180,9 +171,7 @@ impl Handshake {
                 return Err(HandshakeError::NotAHello);
             }
             let role = r.get_u8();
-            if role == self.role as u8
-                || (role != Role::Dialer as u8 && role != Role::Listener as u8)
-            {
+            if role == self.role as u8 || (role != Role::Dialer as u8 && role != Role::Listener as u8) {
                 return Err(HandshakeError::RoleConflict);
             }
             let _reserved = r.get_u16_le();
@@ -196,10 +185,7 @@ impl Handshake {
             }
             if let Some(expected) = self.expected_peer {
                 if expected != peer.rank {
-                    return Err(HandshakeError::WrongPeer {
-                        expected,
-                        found: peer.rank,
-                    });
+                    return Err(HandshakeError::WrongPeer { expected, found: peer.rank });
                 }
             }
             buf.advance(HELLO_LEN);
@@ -224,10 +210,7 @@ impl Handshake {
             return Err(HandshakeError::BadProof { peer: peer.rank });
         }
         buf.advance(PROOF_LEN);
-        Ok(HandshakeStep::Authenticated {
-            peer,
-            send: out.freeze(),
-        })
+        Ok(HandshakeStep::Authenticated { peer, send: out.freeze() })
     }
 }
 
@@ -236,11 +219,7 @@ mod tests {
     use super::*;
 
     fn id(rank: u32) -> LinkIdentity {
-        LinkIdentity {
-            rank: RankId(rank),
-            incarnation: 100 + rank as u64,
-            epoch: Epoch(3),
-        }
+        LinkIdentity { rank: RankId(rank), incarnation: 100 + rank as u64, epoch: Epoch(3) }
     }
 
     type Outcome = Option<Result<LinkIdentity, HandshakeError>>;
@@ -296,23 +275,14 @@ mod tests {
         // Either order: a dialer that holds the wrong secret is refused by the listener too.
         let a = Handshake::new(Role::Dialer, id(1), Some(RankId(2)), b"guess", [1; 32]);
         let b = Handshake::new(Role::Listener, id(2), None, b"s3cret", [2; 32]);
-        assert_eq!(
-            run(a, b).1,
-            Some(Err(HandshakeError::BadProof { peer: RankId(1) }))
-        );
+        assert_eq!(run(a, b).1, Some(Err(HandshakeError::BadProof { peer: RankId(1) })));
     }
 
     #[test]
     fn dialing_the_wrong_rank_and_role_reflection_are_refused() {
         let a = Handshake::new(Role::Dialer, id(1), Some(RankId(5)), b"k", [1; 32]);
         let b = Handshake::new(Role::Listener, id(2), None, b"k", [2; 32]);
-        assert_eq!(
-            run(a, b).0,
-            Some(Err(HandshakeError::WrongPeer {
-                expected: RankId(5),
-                found: RankId(2)
-            }))
-        );
+        assert_eq!(run(a, b).0, Some(Err(HandshakeError::WrongPeer { expected: RankId(5), found: RankId(2) })));
         let a = Handshake::new(Role::Dialer, id(1), None, b"k", [1; 32]);
         let b = Handshake::new(Role::Dialer, id(2), None, b"k", [2; 32]);
         assert_eq!(run(a, b).0, Some(Err(HandshakeError::RoleConflict)));

@@ -88,14 +88,8 @@ pub struct Harness {
 impl Harness {
     /// `n` endpoints (ranks 0..n) with the given config and no links.
     pub fn new(n: u32, config: TransportConfig) -> Harness {
-        let endpoints = (0..n)
-            .map(|r| {
-                (
-                    RankId(r),
-                    Endpoint::new(RankId(r), 1000 + r as u64, Epoch(1), config.clone()),
-                )
-            })
-            .collect();
+        let endpoints =
+            (0..n).map(|r| (RankId(r), Endpoint::new(RankId(r), 1000 + r as u64, Epoch(1), config.clone()))).collect();
         Harness {
             endpoints,
             links: BTreeMap::new(),
@@ -109,13 +103,7 @@ impl Harness {
     }
 
     /// Joins `a` and `b` with a new link and tells both endpoints it is up.
-    pub fn connect(
-        &mut self,
-        a: RankId,
-        b: RankId,
-        latency: Duration,
-        bytes_per_sec: u64,
-    ) -> LinkId {
+    pub fn connect(&mut self, a: RankId, b: RankId, latency: Duration, bytes_per_sec: u64) -> LinkId {
         let id = LinkId(self.next_link);
         self.next_link += 1;
         self.links.insert(
@@ -133,14 +121,8 @@ impl Harness {
         let ida = self.endpoints[&a].identity();
         let idb = self.endpoints[&b].identity();
         let now = self.now;
-        self.endpoints
-            .get_mut(&a)
-            .expect("rank a")
-            .handle_link_up(now, id, idb);
-        self.endpoints
-            .get_mut(&b)
-            .expect("rank b")
-            .handle_link_up(now, id, ida);
+        self.endpoints.get_mut(&a).expect("rank a").handle_link_up(now, id, idb);
+        self.endpoints.get_mut(&b).expect("rank b").handle_link_up(now, id, ida);
         id
     }
 
@@ -156,10 +138,7 @@ impl Harness {
             l.closed = true;
             let (a, b) = (l.a, l.b);
             for r in [a, b] {
-                self.endpoints
-                    .get_mut(&r)
-                    .expect("rank")
-                    .handle_link_closed(now, link);
+                self.endpoints.get_mut(&r).expect("rank").handle_link_closed(now, link);
             }
         }
     }
@@ -167,11 +146,7 @@ impl Harness {
     /// Queues a message.
     pub fn send(&mut self, from: RankId, to: RankId, channel: ChannelId, payload: Bytes) {
         let now = self.now;
-        self.endpoints
-            .get_mut(&from)
-            .expect("rank")
-            .send(now, to, channel, payload)
-            .expect("send accepted");
+        self.endpoints.get_mut(&from).expect("rank").send(now, to, channel, payload).expect("send accepted");
     }
 
     fn flush(&mut self) {
@@ -190,9 +165,7 @@ impl Harness {
                     continue;
                 }
                 let (dir, to) = if l.a == r { (0, l.b) } else { (1, l.a) };
-                let ser = Duration::from_nanos(
-                    t.frame.wire_len() as u64 * 1_000_000_000 / l.bytes_per_sec.max(1),
-                );
+                let ser = Duration::from_nanos(t.frame.wire_len() as u64 * 1_000_000_000 / l.bytes_per_sec.max(1));
                 let start = l.busy_until[dir].max(now);
                 l.busy_until[dir] = start + ser;
                 let at = start + ser + l.latency;
@@ -210,13 +183,7 @@ impl Harness {
                 };
                 if let Some(what) = what {
                     self.order += 1;
-                    self.pending.push(Reverse(Pending {
-                        at,
-                        order: self.order,
-                        to,
-                        link: t.link,
-                        what,
-                    }));
+                    self.pending.push(Reverse(Pending { at, order: self.order, to, link: t.link, what }));
                 }
             }
             let ep = self.endpoints.get_mut(&r).expect("rank");
@@ -231,23 +198,14 @@ impl Harness {
 
     /// Runs until `done` holds or `until` passes; returns whether `done` held. Bounded by
     /// `max_steps` loop iterations so a livelock fails the test instead of hanging it.
-    pub fn run_until(
-        &mut self,
-        until: Instant,
-        max_steps: u64,
-        mut done: impl FnMut(&Harness) -> bool,
-    ) -> bool {
+    pub fn run_until(&mut self, until: Instant, max_steps: u64, mut done: impl FnMut(&Harness) -> bool) -> bool {
         for _ in 0..max_steps {
             self.flush();
             if done(self) {
                 return true;
             }
             let next_delivery = self.pending.peek().map(|p| p.0.at);
-            let next_timer = self
-                .endpoints
-                .values()
-                .filter_map(|e| e.poll_timeout())
-                .min();
+            let next_timer = self.endpoints.values().filter_map(|e| e.poll_timeout()).min();
             let next = match (next_delivery, next_timer) {
                 (Some(a), Some(b)) => a.min(b),
                 (a, b) => match a.or(b) {
@@ -263,24 +221,15 @@ impl Harness {
             let now = self.now;
             while self.pending.peek().is_some_and(|p| p.0.at <= now) {
                 let Reverse(p) = self.pending.pop().expect("peeked");
-                if self
-                    .links
-                    .get(&p.link)
-                    .is_some_and(|l| l.closed || l.fault.cut)
-                {
+                if self.links.get(&p.link).is_some_and(|l| l.closed || l.fault.cut) {
                     continue;
                 }
                 let ep = self.endpoints.get_mut(&p.to).expect("rank");
                 match p.what {
                     Delivery::Frame(f) => ep.handle_frame(now, p.link, f),
-                    Delivery::Corrupt => ep.handle_decode_error(
-                        now,
-                        p.link,
-                        DecodeError::Checksum {
-                            expected: 0,
-                            computed: 1,
-                        },
-                    ),
+                    Delivery::Corrupt => {
+                        ep.handle_decode_error(now, p.link, DecodeError::Checksum { expected: 0, computed: 1 })
+                    }
                 }
             }
             for ep in self.endpoints.values_mut() {

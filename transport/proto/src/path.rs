@@ -68,11 +68,7 @@ impl PathState {
                 self.rttvar = sample / 2;
             }
             Some(srtt) => {
-                let diff = if srtt > sample {
-                    srtt - sample
-                } else {
-                    sample - srtt
-                };
+                let diff = if srtt > sample { srtt - sample } else { sample - srtt };
                 self.rttvar = (self.rttvar * 3 + diff) / 4;
                 self.srtt = Some((srtt * 7 + sample) / 8);
             }
@@ -103,10 +99,7 @@ impl PathState {
         known_below: u64,
         mut is_acked: impl FnMut(u64) -> bool,
     ) -> (Vec<InFlight>, bool) {
-        let last_acked = self
-            .inflight
-            .iter()
-            .rposition(|e| e.dst == dst && is_acked(e.seq));
+        let last_acked = self.inflight.iter().rposition(|e| e.dst == dst && is_acked(e.seq));
         let Some(last_acked) = last_acked else {
             return (Vec::new(), false);
         };
@@ -166,13 +159,7 @@ mod tests {
     use super::*;
 
     fn entry(dst: u32, seq: u64) -> InFlight {
-        InFlight {
-            dst: RankId(dst),
-            seq,
-            tx: seq,
-            bytes: 10,
-            sent_at: Instant(0),
-        }
+        InFlight { dst: RankId(dst), seq, tx: seq, bytes: 10, sent_at: Instant(0) }
     }
 
     #[test]
@@ -185,10 +172,7 @@ mod tests {
         assert!(any);
         assert_eq!(lost.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![0, 1]);
         // The frame for another destination and the one after the ack stay in flight.
-        assert_eq!(
-            p.inflight.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            vec![7, 3]
-        );
+        assert_eq!(p.inflight.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![7, 3]);
         assert_eq!(p.inflight_bytes, 20);
     }
 

@@ -108,20 +108,13 @@ impl PeerSession {
 
     /// Messages not yet fully acknowledged (queued or in flight), counting partly sent ones.
     pub fn undelivered_messages(&self) -> u64 {
-        let in_flight_msgs = self
-            .unacked
-            .values()
-            .filter(|s| s.frame.header.flags.contains(FrameFlags::LAST))
-            .count() as u64;
+        let in_flight_msgs =
+            self.unacked.values().filter(|s| s.frame.header.flags.contains(FrameFlags::LAST)).count() as u64;
         self.queued_messages + in_flight_msgs
     }
 
     pub fn enqueue(&mut self, channel: ChannelId, payload: Bytes) {
-        self.queue.push_back(Outgoing {
-            channel,
-            payload,
-            offset: 0,
-        });
+        self.queue.push_back(Outgoing { channel, payload, offset: 0 });
         self.queued_messages += 1;
     }
 
@@ -139,9 +132,7 @@ impl PeerSession {
         if let Some(seq) = self.retransmit.iter().next() {
             return self.unacked.get(seq).map(|s| s.frame.wire_len());
         }
-        self.queue
-            .front()
-            .map(|m| crate::frame::HEADER_LEN + (m.payload.len() - m.offset).min(chunk))
+        self.queue.front().map(|m| crate::frame::HEADER_LEN + (m.payload.len() - m.offset).min(chunk))
     }
 
     /// Takes the next frame to send: a retransmission first, else a new chunk. Records it as
@@ -195,13 +186,7 @@ impl PeerSession {
             self.queue.pop_front();
             self.queued_messages -= 1;
         }
-        self.unacked.insert(
-            self.next_seq,
-            Sent {
-                frame: frame.clone(),
-                last_tx: tx,
-            },
-        );
+        self.unacked.insert(self.next_seq, Sent { frame: frame.clone(), last_tx: tx });
         self.next_seq += 1;
         Some((frame, false))
     }
@@ -250,11 +235,7 @@ impl PeerSession {
     }
 
     /// Stores an accepted data frame and returns the messages it completes, in order.
-    pub fn accept(
-        &mut self,
-        frame: Frame,
-        max_message_bytes: u64,
-    ) -> (Vec<Message>, Vec<StreamViolation>) {
+    pub fn accept(&mut self, frame: Frame, max_message_bytes: u64) -> (Vec<Message>, Vec<StreamViolation>) {
         self.reorder.insert(frame.header.seq, frame);
         let mut delivered = Vec::new();
         let mut violations = Vec::new();
@@ -269,11 +250,7 @@ impl PeerSession {
         (delivered, violations)
     }
 
-    fn assemble(
-        &mut self,
-        frame: Frame,
-        max_message_bytes: u64,
-    ) -> Result<Option<Message>, StreamViolation> {
+    fn assemble(&mut self, frame: Frame, max_message_bytes: u64) -> Result<Option<Message>, StreamViolation> {
         let h = frame.header;
         if h.flags.contains(FrameFlags::FIRST) {
             if self.assembling.take().is_some() {
@@ -287,22 +264,14 @@ impl PeerSession {
                 if frame.payload.len() != total {
                     return Err(StreamViolation::BadChunk);
                 }
-                return Ok(Some(Message {
-                    from: h.src,
-                    channel: h.channel,
-                    payload: frame.payload,
-                }));
+                return Ok(Some(Message { from: h.src, channel: h.channel, payload: frame.payload }));
             }
             if frame.payload.len() >= total {
                 return Err(StreamViolation::BadChunk);
             }
             let mut buf = BytesMut::with_capacity(total);
             buf.extend_from_slice(&frame.payload);
-            self.assembling = Some(Assembly {
-                channel: h.channel,
-                total,
-                buf,
-            });
+            self.assembling = Some(Assembly { channel: h.channel, total, buf });
             return Ok(None);
         }
         let Some(asm) = self.assembling.as_mut() else {
@@ -318,11 +287,7 @@ impl PeerSession {
             if asm.buf.len() != asm.total {
                 return Err(StreamViolation::BadChunk);
             }
-            return Ok(Some(Message {
-                from: h.src,
-                channel: asm.channel,
-                payload: asm.buf.freeze(),
-            }));
+            return Ok(Some(Message { from: h.src, channel: asm.channel, payload: asm.buf.freeze() }));
         }
         Ok(None)
     }
@@ -375,14 +340,8 @@ impl PeerSession {
 
     pub fn check_invariants(&self, window_frames: u64) {
         debug_assert!(self.cum_acked <= self.next_seq);
-        debug_assert!(self
-            .unacked
-            .keys()
-            .all(|&s| s >= self.cum_acked && s < self.next_seq));
-        debug_assert!(self
-            .reorder
-            .keys()
-            .all(|&s| s > self.next_expected && s < self.next_expected + window_frames));
+        debug_assert!(self.unacked.keys().all(|&s| s >= self.cum_acked && s < self.next_seq));
+        debug_assert!(self.reorder.keys().all(|&s| s > self.next_expected && s < self.next_expected + window_frames));
     }
 }
 
@@ -417,17 +376,11 @@ mod tests {
         let mut tx = 0;
         let frames = drain(&mut a, &mut tx);
         assert_eq!(frames.len(), 4);
-        assert_eq!(
-            frames.iter().map(|f| f.header.seq).collect::<Vec<_>>(),
-            vec![0, 1, 2, 3]
-        );
+        assert_eq!(frames.iter().map(|f| f.header.seq).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
         // Deliver out of order: nothing until the gap closes, then both messages in order.
         let mut got = Vec::new();
         for i in [2, 1, 3, 0] {
-            assert_ne!(
-                b.classify_incoming(frames[i].header.seq, 8),
-                Incoming::Duplicate
-            );
+            assert_ne!(b.classify_incoming(frames[i].header.seq, 8), Incoming::Duplicate);
             got.extend(b.accept(frames[i].clone(), 1 << 20).0);
         }
         assert_eq!(got.len(), 2);
@@ -444,19 +397,9 @@ mod tests {
         let mut tx = 0;
         assert_eq!(drain(&mut a, &mut tx).len(), 10);
         assert!(a.on_ack(2, &[(4, 6), (8, 20)], Instant(5)));
-        assert_eq!(
-            a.unacked.keys().copied().collect::<Vec<_>>(),
-            vec![2, 3, 6, 7]
-        );
-        assert!(
-            !a.on_ack(1, &[], Instant(6)),
-            "an older cumulative ack changes nothing"
-        );
-        assert_eq!(
-            a.undelivered_messages(),
-            0,
-            "the LAST chunk (seq 9) was acknowledged"
-        );
+        assert_eq!(a.unacked.keys().copied().collect::<Vec<_>>(), vec![2, 3, 6, 7]);
+        assert!(!a.on_ack(1, &[], Instant(6)), "an older cumulative ack changes nothing");
+        assert_eq!(a.undelivered_messages(), 0, "the LAST chunk (seq 9) was acknowledged");
     }
 
     #[test]

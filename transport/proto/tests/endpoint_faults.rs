@@ -28,11 +28,7 @@ fn small_config() -> TransportConfig {
 }
 
 fn pattern(len: usize, seed: u8) -> Bytes {
-    Bytes::from(
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect::<Vec<u8>>(),
-    )
+    Bytes::from((0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>())
 }
 
 fn secs(s: f64) -> Instant {
@@ -47,24 +43,15 @@ fn message_survives_one_of_two_paths_dying_silently_mid_transfer() {
     let msg = pattern(2 << 20, 7);
     h.send(A, B, ChannelId(1), msg.clone());
     // Run until a quarter has arrived, then cut the first path without telling anyone.
-    assert!(h.run_until(secs(1.0), 1_000_000, |h| h.endpoints[&B]
-        .counters()
-        .bytes_received
-        > 512 << 10));
+    assert!(h.run_until(secs(1.0), 1_000_000, |h| h.endpoints[&B].counters().bytes_received > 512 << 10));
     h.fault(l1).cut = true;
-    assert!(h.run_until(secs(5.0), 1_000_000, |h| h
-        .delivered
-        .get(&B)
-        .is_some_and(|d| !d.is_empty())));
+    assert!(h.run_until(secs(5.0), 1_000_000, |h| h.delivered.get(&B).is_some_and(|d| !d.is_empty())));
     let got = &h.delivered[&B];
     assert_eq!(got.len(), 1, "delivered exactly once");
     assert_eq!(got[0].payload, msg);
     let c = h.endpoints[&A].counters();
     assert_eq!(c.failovers, 1, "the dead path's frames moved over");
-    assert!(h
-        .events
-        .iter()
-        .any(|(_, r, e)| *r == A && matches!(e, Event::LinkFailed { link, .. } if *link == l1)));
+    assert!(h.events.iter().any(|(_, r, e)| *r == A && matches!(e, Event::LinkFailed { link, .. } if *link == l1)));
 }
 
 #[test]
@@ -78,28 +65,14 @@ fn traffic_relays_through_a_third_rank_when_every_direct_path_dies_and_returns_w
     h.run_until(secs(0.05), 100_000, |_| false);
     let first = pattern(1 << 20, 1);
     h.send(A, B, ChannelId(3), first.clone());
-    assert!(h.run_until(secs(1.0), 1_000_000, |h| h.endpoints[&B]
-        .counters()
-        .bytes_received
-        > 256 << 10));
+    assert!(h.run_until(secs(1.0), 1_000_000, |h| h.endpoints[&B].counters().bytes_received > 256 << 10));
     h.fault(ab1).cut = true;
     h.fault(ab2).cut = true;
-    assert!(h.run_until(secs(5.0), 1_000_000, |h| h
-        .delivered
-        .get(&B)
-        .is_some_and(|d| !d.is_empty())));
+    assert!(h.run_until(secs(5.0), 1_000_000, |h| h.delivered.get(&B).is_some_and(|d| !d.is_empty())));
     assert_eq!(h.delivered[&B][0].payload, first, "intact after relaying");
-    assert!(
-        h.endpoints[&C].counters().relayed_bytes > 0,
-        "C carried A's frames"
-    );
+    assert!(h.endpoints[&C].counters().relayed_bytes > 0, "C carried A's frames");
     assert!(h.endpoints[&A].counters().relayed_out_bytes > 0);
-    assert!(
-        !h.events
-            .iter()
-            .any(|(_, _, e)| matches!(e, Event::PeerUnreachable { .. })),
-        "a relay route existed"
-    );
+    assert!(!h.events.iter().any(|(_, _, e)| matches!(e, Event::PeerUnreachable { .. })), "a relay route existed");
     // The direct path comes back (a new connection); new traffic takes it, not the relay.
     h.connect(A, B, Duration::from_micros(50), GBPS);
     let relayed_before = h.endpoints[&C].counters().relayed_bytes;
@@ -107,11 +80,7 @@ fn traffic_relays_through_a_third_rank_when_every_direct_path_dies_and_returns_w
     h.send(A, B, ChannelId(3), second.clone());
     assert!(h.run_until(secs(10.0), 1_000_000, |h| h.delivered[&B].len() == 2));
     assert_eq!(h.delivered[&B][1].payload, second);
-    assert_eq!(
-        h.endpoints[&C].counters().relayed_bytes,
-        relayed_before,
-        "back on the direct path"
-    );
+    assert_eq!(h.endpoints[&C].counters().relayed_bytes, relayed_before, "back on the direct path");
 }
 
 #[test]
@@ -122,10 +91,7 @@ fn corrupted_frames_are_counted_against_their_path_and_retransmitted() {
     h.fault(bad).corrupt_next_data = 5;
     let msg = pattern(1 << 20, 9);
     h.send(A, B, ChannelId(0), msg.clone());
-    assert!(h.run_until(secs(5.0), 1_000_000, |h| h
-        .delivered
-        .get(&B)
-        .is_some_and(|d| !d.is_empty())));
+    assert!(h.run_until(secs(5.0), 1_000_000, |h| h.delivered.get(&B).is_some_and(|d| !d.is_empty())));
     assert_eq!(h.delivered[&B].len(), 1);
     assert_eq!(h.delivered[&B][0].payload, msg);
     let b_bad = h.endpoints[&B].link_counters(bad).unwrap();
@@ -133,10 +99,7 @@ fn corrupted_frames_are_counted_against_their_path_and_retransmitted() {
     assert_eq!(b_bad.checksum_failures, 5);
     assert_eq!(b_good.checksum_failures, 0);
     let a_bad = h.endpoints[&A].link_counters(bad).unwrap();
-    assert_eq!(
-        a_bad.retransmits, 5,
-        "each corrupted frame was charged to the bad path"
-    );
+    assert_eq!(a_bad.retransmits, 5, "each corrupted frame was charged to the bad path");
     assert_eq!(h.endpoints[&A].link_counters(good).unwrap().retransmits, 0);
 }
 
@@ -147,10 +110,7 @@ fn tail_loss_is_repaired_by_the_retransmission_timer() {
     // A one-frame message whose only frame is dropped: no later frame reveals the loss.
     h.fault(l).drop_next_data = 1;
     h.send(A, B, ChannelId(0), pattern(100, 3));
-    assert!(h.run_until(secs(1.0), 100_000, |h| h
-        .delivered
-        .get(&B)
-        .is_some_and(|d| !d.is_empty())));
+    assert!(h.run_until(secs(1.0), 100_000, |h| h.delivered.get(&B).is_some_and(|d| !d.is_empty())));
     assert_eq!(h.endpoints[&A].counters().retransmits, 1);
 }
 
@@ -160,35 +120,18 @@ fn peer_with_no_route_is_reported_unreachable_at_the_deadline_not_before() {
     let mut h = Harness::new(2, cfg.clone());
     let l = h.connect(A, B, Duration::from_micros(50), GBPS);
     h.send(A, B, ChannelId(0), pattern(1 << 20, 1));
-    assert!(h.run_until(secs(1.0), 100_000, |h| h.endpoints[&B]
-        .counters()
-        .bytes_received
-        > 0));
+    assert!(h.run_until(secs(1.0), 100_000, |h| h.endpoints[&B].counters().bytes_received > 0));
     let closed_at = h.now;
     h.close(l);
     let ok = h.run_until(secs(5.0), 1_000_000, |h| {
-        h.events.iter().any(|(_, r, e)| {
-            *r == A && matches!(e, Event::PeerUnreachable { peer, .. } if *peer == B)
-        })
+        h.events.iter().any(|(_, r, e)| *r == A && matches!(e, Event::PeerUnreachable { peer, .. } if *peer == B))
     });
     assert!(ok, "events: {:?} now {}", h.events, h.now);
-    let (at, _, ev) = h
-        .events
-        .iter()
-        .find(|(_, r, e)| *r == A && matches!(e, Event::PeerUnreachable { .. }))
-        .unwrap();
-    let Event::PeerUnreachable { since, .. } = ev else {
-        unreachable!()
-    };
+    let (at, _, ev) = h.events.iter().find(|(_, r, e)| *r == A && matches!(e, Event::PeerUnreachable { .. })).unwrap();
+    let Event::PeerUnreachable { since, .. } = ev else { unreachable!() };
     assert_eq!(*since, closed_at);
-    assert!(
-        *at >= closed_at + cfg.unreachable_after,
-        "not before the deadline"
-    );
-    assert!(
-        *at <= closed_at + cfg.unreachable_after + cfg.heartbeat_interval,
-        "promptly after it"
-    );
+    assert!(*at >= closed_at + cfg.unreachable_after, "not before the deadline");
+    assert!(*at <= closed_at + cfg.unreachable_after + cfg.heartbeat_interval, "promptly after it");
     // The data stays queued; abandoning the peer reports it dropped.
     assert_eq!(h.endpoints.get_mut(&A).unwrap().abandon_peer(B), 1);
 }
@@ -197,26 +140,16 @@ fn peer_with_no_route_is_reported_unreachable_at_the_deadline_not_before() {
 fn striping_follows_the_measured_rate_of_each_path() {
     // Windows larger than each path's bandwidth-delay product, so bandwidth, not the window,
     // limits each path (see docs/transport.md on sizing windows).
-    let cfg = TransportConfig {
-        chunk_bytes: 64 << 10,
-        path_window_bytes: 1 << 20,
-        ..small_config()
-    };
+    let cfg = TransportConfig { chunk_bytes: 64 << 10, path_window_bytes: 1 << 20, ..small_config() };
     let mut h = Harness::new(2, cfg);
     let fast = h.connect(A, B, Duration::from_micros(100), 3 * GBPS);
     let slow = h.connect(A, B, Duration::from_micros(100), GBPS);
     h.send(A, B, ChannelId(0), pattern(8 << 20, 4));
-    assert!(h.run_until(secs(5.0), 1_000_000, |h| h
-        .delivered
-        .get(&B)
-        .is_some_and(|d| !d.is_empty())));
+    assert!(h.run_until(secs(5.0), 1_000_000, |h| h.delivered.get(&B).is_some_and(|d| !d.is_empty())));
     let f = h.endpoints[&A].link_counters(fast).unwrap().bytes_sent as f64;
     let s = h.endpoints[&A].link_counters(slow).unwrap().bytes_sent as f64;
     let ratio = f / s;
-    assert!(
-        (2.0..=4.5).contains(&ratio),
-        "fast/slow bytes = {ratio:.2}, expected about 3"
-    );
+    assert!((2.0..=4.5).contains(&ratio), "fast/slow bytes = {ratio:.2}, expected about 3");
 }
 
 #[test]
@@ -227,23 +160,13 @@ fn frames_from_a_fenced_epoch_are_refused_and_reported_once() {
     h.endpoints.get_mut(&B).unwrap().set_fence(Epoch(2));
     h.send(A, B, ChannelId(0), pattern(10_000, 1));
     h.run_until(now + Duration::from_millis(20), 100_000, |_| false);
-    assert!(
-        h.delivered.get(&B).is_none_or(|d| d.is_empty()),
-        "nothing from epoch 1 accepted"
-    );
-    let reports = h
-        .events
-        .iter()
-        .filter(|(_, r, e)| *r == B && matches!(e, Event::StaleEpochRefused { .. }))
-        .count();
+    assert!(h.delivered.get(&B).is_none_or(|d| d.is_empty()), "nothing from epoch 1 accepted");
+    let reports = h.events.iter().filter(|(_, r, e)| *r == B && matches!(e, Event::StaleEpochRefused { .. })).count();
     assert_eq!(reports, 1);
     assert!(h.endpoints[&B].counters().stale_epoch_refused >= 3);
     // Once the sender moves to the new epoch, its (retransmitted) frames get through.
     h.endpoints.get_mut(&A).unwrap().set_epoch(Epoch(2));
-    assert!(h.run_until(secs(5.0), 1_000_000, |h| h
-        .delivered
-        .get(&B)
-        .is_some_and(|d| d.len() == 1)));
+    assert!(h.run_until(secs(5.0), 1_000_000, |h| h.delivered.get(&B).is_some_and(|d| d.len() == 1)));
 }
 
 #[derive(Clone, Debug)]
@@ -297,4 +220,16 @@ proptest! {
             prop_assert_eq!(want, have);
         }
     }
+}
+
+#[test]
+fn a_corrupted_tail_frame_is_resent_on_the_receivers_loss_hint_without_waiting_for_a_timeout() {
+    // A retransmission timeout far beyond the run: only the loss hint can repair the frame.
+    let cfg = TransportConfig { min_rto: Duration::from_secs(60), ..small_config() };
+    let mut h = Harness::new(2, cfg);
+    let l = h.connect(A, B, Duration::from_micros(50), GBPS);
+    h.fault(l).corrupt_next_data = 1;
+    h.send(A, B, ChannelId(0), pattern(100, 3));
+    assert!(h.run_until(secs(0.005), 100_000, |h| h.delivered.get(&B).is_some_and(|d| !d.is_empty())));
+    assert_eq!(h.endpoints[&A].link_counters(l).unwrap().retransmits, 1);
 }
