@@ -109,8 +109,9 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
         "tcp": node.tcp_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "quic": node.quic_addr().map(|a| a.to_string()),
     }));
-    let start = tokio::time::Instant::now();
-    let ms = move || start.elapsed().as_secs_f64() * 1e3;
+    // Times are on the endpoint's clock, the same base as `since` in its events.
+    let clock = handle.clone();
+    let ms = move || clock.now().as_nanos() as f64 / 1e6;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut progress = tokio::time::interval(Duration::from_millis(args.progress_ms.max(1)));
     let mut stdin_open = true;
@@ -121,6 +122,7 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
                 match ev {
                     Event::Message(m) => emit(json!({"event": "message", "from": m.from.0, "channel": m.channel.0,
                         "bytes": m.payload.len(), "crc32c": crc32c::crc32c(&m.payload), "at_ms": ms()})),
+                    Event::LinkUp { link, peer } => emit(json!({"event": "link_up", "link": link.0, "peer": peer.0, "at_ms": ms()})),
                     Event::LinkFailed { link, peer, reason } => emit(json!({"event": "link_failed", "link": link.0,
                         "peer": peer.0, "reason": format!("{reason:?}"), "at_ms": ms()})),
                     Event::PeerUnreachable { peer, since } => emit(json!({"event": "peer_unreachable", "peer": peer.0,

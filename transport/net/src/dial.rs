@@ -39,7 +39,10 @@ impl Dialer {
                     }
                     Err(e) => {
                         debug!(error = %e, "dial failed");
-                        if matches!(e, LinkError::Handshake(_) | LinkError::ClosedDuringHandshake) {
+                        if matches!(
+                            e,
+                            LinkError::Handshake(_) | LinkError::ClosedDuringHandshake | LinkError::TlsRefused(_)
+                        ) {
                             crate::driver::refuse(&self.node, &self.path.remote.to_string(), &e);
                         }
                     }

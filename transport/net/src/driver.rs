@@ -157,6 +157,7 @@ struct Shared {
     auth_failures: AtomicU64,
     rng: Mutex<rand_chacha::ChaCha20Rng>,
     commands: mpsc::UnboundedSender<Command>,
+    start: tokio::time::Instant,
 }
 
 /// A cheap, cloneable handle to a running node.
@@ -169,6 +170,11 @@ impl NodeHandle {
     /// This rank.
     pub fn rank(&self) -> RankId {
         self.shared.rank
+    }
+
+    /// The endpoint's clock: the time base of every [`phalanx_proto::Instant`] in its events.
+    pub fn now(&self) -> phalanx_proto::Instant {
+        phalanx_proto::Instant(self.shared.start.elapsed().as_nanos() as u64)
     }
 
     pub(crate) fn identity(&self) -> LinkIdentity {
@@ -307,6 +313,7 @@ impl Node {
                 auth_failures: AtomicU64::new(0),
                 rng: Mutex::new(rng),
                 commands: cmd_tx,
+                start: tokio::time::Instant::now(),
             }),
         };
         let mut tcp_addrs = Vec::new();
@@ -327,7 +334,7 @@ impl Node {
             }
             quic = Some((ep, tls.clone()));
         }
-        tokio::spawn(run_endpoint(endpoint, cmd_rx, ev_tx));
+        tokio::spawn(run_endpoint(endpoint, cmd_rx, ev_tx, handle.shared.start));
         for path in config.paths.clone() {
             let dialer = crate::dial::Dialer {
                 node: handle.clone(),
@@ -399,8 +406,8 @@ async fn run_endpoint(
     mut endpoint: Endpoint,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
+    start: tokio::time::Instant,
 ) {
-    let start = tokio::time::Instant::now();
     let now = move || phalanx_proto::Instant(start.elapsed().as_nanos() as u64);
     let mut links: BTreeMap<LinkId, LinkEntry> = BTreeMap::new();
     let span = tracing::info_span!("endpoint", rank = %endpoint.local());

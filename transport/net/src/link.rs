@@ -35,6 +35,9 @@ pub enum LinkError {
     /// credentials).
     #[error("peer closed the connection during the handshake (it may have refused our credentials)")]
     ClosedDuringHandshake,
+    /// TLS refused the peer's certificate, or the peer refused ours.
+    #[error("TLS refused the connection: {0}")]
+    TlsRefused(String),
     /// The handshake did not finish in time.
     #[error("handshake timed out after {0:?}")]
     HandshakeTimeout(Duration),

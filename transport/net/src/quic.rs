@@ -67,9 +67,26 @@ pub(crate) async fn connect(
         }
         None => endpoint.clone(),
     };
-    let conn = ep.connect(remote, CLUSTER_SERVER_NAME).map_err(|e| io(&e))?.await.map_err(|e| io(&e))?;
+    let conn = ep.connect(remote, CLUSTER_SERVER_NAME).map_err(|e| io(&e))?.await.map_err(|e| {
+        if is_tls_refusal(&e) {
+            LinkError::TlsRefused(e.to_string())
+        } else {
+            io(&e)
+        }
+    })?;
     let (send, recv) = conn.open_bi().await.map_err(|e| io(&e))?;
     Ok((send, recv, conn))
+}
+
+/// Whether a connection failed because TLS refused a certificate (ours or theirs): QUIC carries
+/// TLS alerts as transport error codes 0x100..=0x1ff.
+fn is_tls_refusal(e: &quinn::ConnectionError) -> bool {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        _ => return false,
+    };
+    (0x100..=0x1ff).contains(&code)
 }
 
 /// Accepts QUIC connections until the node shuts down. Each connection's first stream becomes

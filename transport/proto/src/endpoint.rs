@@ -64,6 +64,13 @@ pub enum LinkFailure {
 pub enum Event {
     /// A message arrived, whole and in order.
     Message(Message),
+    /// A link finished its handshake and carries traffic from now on.
+    LinkUp {
+        /// The new link.
+        link: LinkId,
+        /// Its peer.
+        peer: RankId,
+    },
     /// A link is dead; the driver must close it. Its traffic has moved elsewhere.
     LinkFailed {
         /// The dead link.
@@ -281,6 +288,7 @@ impl Endpoint {
             warn!(rank = %self.local, peer = %peer.rank, undelivered, "peer restarted");
             self.events.push_back(Event::PeerRestarted { peer: peer.rank, undelivered_messages: undelivered });
         }
+        self.events.push_back(Event::LinkUp { link, peer: peer.rank });
         self.paths.insert(link, PathState::new(peer.rank, now));
         self.links_by_peer.entry(peer.rank).or_default().insert(link);
         self.refresh_routes(now);

@@ -1,0 +1,184 @@
+//! Real sockets on loopback (DESIGN.md fault model rows 1, 2 and 5): large messages over two
+//! paths with one cut mid-transfer, over TCP and over QUIC; relay through a third rank and the
+//! return to the direct path; bit flips detected and repaired; wrong credentials refused.
+
+mod support;
+
+use std::time::Duration;
+
+use phalanx_net::{LinkKind, Node, PathFaults};
+use phalanx_proto::{ChannelId, Event, RankId};
+use support::*;
+
+const BIG: usize = 256 << 20;
+
+/// Rank 0 dials rank 1 over two paths of `kind`; path 0 is cut after 64 MiB of a 256 MiB
+/// message. The message arrives once, intact and in order between two small ones.
+async fn big_message_survives_a_path_cut(kind: LinkKind) {
+    let tls = (kind == LinkKind::Quic).then(|| credentials(2).1);
+    let id = |r: usize| tls.as_ref().map(|t| t[r].clone());
+    let mut b = Node::start(config(1, SECRET, Some(kind), id(1))).await.unwrap();
+    let faults = [PathFaults::new(), PathFaults::new()];
+    let mut a_cfg = config(0, SECRET, None, id(0));
+    for f in &faults {
+        a_cfg.paths.push(path(1, kind, addr(&b, kind), f));
+    }
+    let a = Node::start(a_cfg).await.unwrap();
+    let h = a.handle();
+    let msgs = [payload(1000, 1), payload(BIG, 2), payload(3000, 3)];
+    faults[0].cut_after_bytes(64 << 20);
+    for m in &msgs {
+        h.send(RankId(1), ChannelId(4), m.clone()).await.unwrap();
+    }
+    for (i, want) in msgs.iter().enumerate() {
+        let got = b.next_message(Duration::from_secs(120), |_| {}).await.unwrap_or_else(|| panic!("message {i} lost"));
+        assert_eq!(got.from, RankId(0));
+        assert_eq!(got.payload.len(), want.len(), "message {i} in order");
+        assert_eq!(crc32c::crc32c(&got.payload), crc32c::crc32c(want), "message {i} intact");
+    }
+    assert!(faults[0].is_cut(), "the cut happened during the transfer");
+    let (ca, _) = h.counters().await.unwrap();
+    let (cb, _) = b.handle().counters().await.unwrap();
+    assert!(ca.failovers >= 1, "frames moved off the cut path: {ca:?}");
+    assert_eq!(cb.messages_delivered, 3, "each message delivered exactly once");
+    assert_eq!(cb.checksum_failures, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_256mib_message_arrives_once_intact_when_one_of_two_paths_is_cut_mid_transfer() {
+    big_message_survives_a_path_cut(LinkKind::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_256mib_message_arrives_once_intact_when_one_of_two_paths_is_cut_mid_transfer() {
+    big_message_survives_a_path_cut(LinkKind::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_relays_through_c_when_every_a_b_path_is_cut_and_returns_to_the_direct_path() {
+    let mut c = Node::start(config(2, SECRET, Some(LinkKind::Tcp), None)).await.unwrap();
+    let mut b_cfg = config(1, SECRET, Some(LinkKind::Tcp), None);
+    b_cfg.paths.push(path(2, LinkKind::Tcp, addr(&c, LinkKind::Tcp), &PathFaults::new()));
+    let mut b = Node::start(b_cfg).await.unwrap();
+    let ab = [PathFaults::new(), PathFaults::new()];
+    let mut a_cfg = config(0, SECRET, None, None);
+    for f in &ab {
+        a_cfg.paths.push(path(1, LinkKind::Tcp, addr(&b, LinkKind::Tcp), f));
+    }
+    a_cfg.paths.push(path(2, LinkKind::Tcp, addr(&c, LinkKind::Tcp), &PathFaults::new()));
+    let mut a = Node::start(a_cfg).await.unwrap();
+    let (ha, hc) = (a.handle(), c.handle());
+    // Everyone connected, and heartbeats have told A that C reaches B.
+    let mut up = 0;
+    expect_event(&mut a, Duration::from_secs(10), |e| {
+        up += matches!(e, Event::LinkUp { .. }) as u32;
+        up == 3
+    })
+    .await;
+    expect_event(&mut c, Duration::from_secs(10), |e| matches!(e, Event::LinkUp { peer: RankId(1), .. })).await;
+    tokio::time::sleep(fast_transport().heartbeat_interval * 4).await;
+
+    // Cut both direct paths during a 64 MiB transfer.
+    ab[0].cut_after_bytes(16 << 20);
+    ab[1].cut_after_bytes(16 << 20);
+    let first = payload(64 << 20, 11);
+    ha.send(RankId(1), ChannelId(0), first.clone()).await.unwrap();
+    let got = b.next_message(Duration::from_secs(60), |_| {}).await.expect("relayed message arrives");
+    assert_eq!(crc32c::crc32c(&got.payload), crc32c::crc32c(&first));
+    let relayed = hc.counters().await.unwrap().0.relayed_bytes;
+    assert!(relayed > 0, "C forwarded A's frames");
+    assert!(ha.counters().await.unwrap().0.relayed_out_bytes > 0);
+
+    // The paths come back: the dialer reconnects, and new traffic takes the direct route.
+    ab[0].restore();
+    ab[1].restore();
+    expect_event(&mut a, Duration::from_secs(10), |e| matches!(e, Event::LinkUp { peer: RankId(1), .. })).await;
+    let second = payload(16 << 20, 12);
+    ha.send(RankId(1), ChannelId(0), second.clone()).await.unwrap();
+    let got = b.next_message(Duration::from_secs(60), |_| {}).await.expect("direct message arrives");
+    assert_eq!(crc32c::crc32c(&got.payload), crc32c::crc32c(&second));
+    assert_eq!(hc.counters().await.unwrap().0.relayed_bytes, relayed, "nothing more went through C");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_flips_on_one_path_are_detected_retransmitted_and_charged_to_that_path() {
+    let b = Node::start(config(1, SECRET, Some(LinkKind::Tcp), None)).await.unwrap();
+    let faults = [PathFaults::new(), PathFaults::new()];
+    let mut a_cfg = config(0, SECRET, None, None);
+    for f in &faults {
+        a_cfg.paths.push(path(1, LinkKind::Tcp, addr(&b, LinkKind::Tcp), f));
+    }
+    let mut b = b;
+    let a = Node::start(a_cfg).await.unwrap();
+    faults[1].corrupt_every(4);
+    let mut sent = Vec::new();
+    for i in 0..6 {
+        let m = payload(4 << 20, 100 + i);
+        a.handle().send(RankId(1), ChannelId(1), m.clone()).await.unwrap();
+        sent.push(m);
+    }
+    for (i, want) in sent.iter().enumerate() {
+        let got = b.next_message(Duration::from_secs(60), |_| {}).await.unwrap_or_else(|| panic!("message {i} lost"));
+        assert_eq!(got.payload, *want, "message {i} intact and in order");
+    }
+    let corrupted = faults[1].corrupted();
+    assert!(corrupted > 0, "the fault fired");
+    let (cb, b_links) = b.handle().counters().await.unwrap();
+    assert_eq!(cb.checksum_failures, corrupted, "every flipped frame was caught by its checksum");
+    let bad_links = b_links.iter().filter(|(_, _, c)| c.checksum_failures > 0).count();
+    assert_eq!(bad_links, 1, "all failures on one link: {b_links:?}");
+    let (ca, a_links) = a.handle().counters().await.unwrap();
+    assert!(ca.retransmits >= corrupted);
+    let charged: Vec<_> = a_links.iter().filter(|(_, _, c)| c.retransmits > 0).collect();
+    assert_eq!(charged.len(), 1, "retransmits charged to the corrupting path only: {a_links:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_the_wrong_cluster_secret_is_refused_and_the_cluster_keeps_working() {
+    let mut b = Node::start(config(1, SECRET, Some(LinkKind::Tcp), None)).await.unwrap();
+    let mut a_cfg = config(0, SECRET, None, None);
+    a_cfg.paths.push(path(1, LinkKind::Tcp, addr(&b, LinkKind::Tcp), &PathFaults::new()));
+    let a = Node::start(a_cfg).await.unwrap();
+    let mut bad_cfg = config(2, b"not-the-secret", None, None);
+    bad_cfg.paths.push(path(1, LinkKind::Tcp, addr(&b, LinkKind::Tcp), &PathFaults::new()));
+    let mut intruder = Node::start(bad_cfg).await.unwrap();
+    let hb = b.handle();
+    eventually(Duration::from_secs(10), "the listener to refuse the intruder", || {
+        let hb = hb.clone();
+        async move { hb.auth_failures() > 0 }
+    })
+    .await;
+    a.handle().send(RankId(1), ChannelId(0), payload(10_000, 5)).await.unwrap();
+    let got = b.next_message(Duration::from_secs(10), |_| {}).await.expect("legitimate traffic flows");
+    assert_eq!(got.from, RankId(0));
+    // The intruder never got a link, so it cannot have sent anything.
+    intruder.handle().send(RankId(1), ChannelId(0), payload(10, 6)).await.unwrap();
+    let (ci, links) = intruder.handle().counters().await.unwrap();
+    assert!(links.is_empty() && ci.frames_sent == 0, "intruder has no link: {links:?}");
+    assert!(intruder.handle().auth_failures() > 0, "the intruder saw the refusal too");
+    drop(intruder.next_event());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_peer_with_a_certificate_from_another_ca_is_refused_and_the_cluster_keeps_working() {
+    let (_, ids) = credentials(2);
+    let (_, foreign) = credentials(3);
+    let mut b = Node::start(config(1, SECRET, Some(LinkKind::Quic), Some(ids[1].clone()))).await.unwrap();
+    let mut a_cfg = config(0, SECRET, None, Some(ids[0].clone()));
+    a_cfg.paths.push(path(1, LinkKind::Quic, addr(&b, LinkKind::Quic), &PathFaults::new()));
+    let a = Node::start(a_cfg).await.unwrap();
+    // Right secret, wrong certificate authority.
+    let mut bad_cfg = config(2, SECRET, None, Some(foreign[2].clone()));
+    bad_cfg.paths.push(path(1, LinkKind::Quic, addr(&b, LinkKind::Quic), &PathFaults::new()));
+    let intruder = Node::start(bad_cfg).await.unwrap();
+    let (hb, hi) = (b.handle(), intruder.handle());
+    eventually(Duration::from_secs(10), "TLS to refuse the foreign certificate on both sides", || {
+        let (hb, hi) = (hb.clone(), hi.clone());
+        async move { hb.auth_failures() > 0 && hi.auth_failures() > 0 }
+    })
+    .await;
+    a.handle().send(RankId(1), ChannelId(0), payload(10_000, 7)).await.unwrap();
+    let got = b.next_message(Duration::from_secs(10), |_| {}).await.expect("legitimate traffic flows");
+    assert_eq!(got.from, RankId(0));
+    assert!(hi.counters().await.unwrap().1.is_empty(), "the intruder has no link");
+}
