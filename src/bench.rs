@@ -69,6 +69,12 @@ pub struct BenchArgs {
     /// Paths (connections) between the two ranks.
     #[arg(long, default_value_t = 1)]
     pub paths: u32,
+    /// Transport chunk (frame payload) size.
+    #[arg(long, value_parser = parse_size, default_value = "1MiB")]
+    pub chunk: u64,
+    /// Unacknowledged bytes allowed per path.
+    #[arg(long, value_parser = parse_size, default_value = "8MiB")]
+    pub window: u64,
     /// Print one JSON object.
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
@@ -101,6 +107,21 @@ pub struct WorkerArgs {
     pub warmup: u32,
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
+    #[arg(long, value_parser = parse_size, default_value = "1MiB")]
+    pub chunk: u64,
+    #[arg(long, value_parser = parse_size, default_value = "8MiB")]
+    pub window: u64,
+}
+
+/// The transport configuration a benchmark runs with.
+fn bench_transport(chunk: u64, window: u64) -> Result<phalanx_proto::TransportConfig, String> {
+    let t = phalanx_proto::TransportConfig {
+        chunk_bytes: chunk as usize,
+        path_window_bytes: window,
+        ..phalanx_proto::TransportConfig::default()
+    };
+    t.validate().map_err(|e| format!("invalid --chunk/--window: {e}"))?;
+    Ok(t)
 }
 
 const SECRET: &[u8] = b"phalanx-bench";
@@ -142,6 +163,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         "tool": "phalanx", "transport": args.transport.column(), "op": "p2p", "world": 2,
         "bytes": args.bytes, "median_us": (med * 10.0).round() / 10.0,
         "algbw_GBps": algbw, "busbw_GBps": algbw, "paths": args.paths, "iters": args.iters,
+        "chunk": args.chunk, "window": args.window,
     });
     if args.json {
         println!("{row}");
@@ -164,8 +186,12 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 }
 
 async fn p2p_in_process(args: &BenchArgs) -> Result<Vec<f64>, String> {
-    let a = Node::start(NodeConfig::new(RankId(0), SECRET)).await.map_err(|e| e.to_string())?;
-    let b = Node::start(NodeConfig::new(RankId(1), SECRET)).await.map_err(|e| e.to_string())?;
+    let mut ca = NodeConfig::new(RankId(0), SECRET);
+    ca.transport = bench_transport(args.chunk, args.window)?;
+    let mut cb = NodeConfig::new(RankId(1), SECRET);
+    cb.transport = ca.transport.clone();
+    let a = Node::start(ca).await.map_err(|e| e.to_string())?;
+    let b = Node::start(cb).await.map_err(|e| e.to_string())?;
     for _ in 0..args.paths {
         phalanx_net::connect_mem(&a.handle(), &b.handle(), PathFaults::new()).await.map_err(|e| e.to_string())?;
     }
@@ -198,6 +224,10 @@ async fn p2p_processes(args: &BenchArgs) -> Result<Vec<f64>, String> {
             .arg(args.warmup.to_string())
             .arg("--paths")
             .arg(args.paths.to_string())
+            .arg("--chunk")
+            .arg(args.chunk.to_string())
+            .arg("--window")
+            .arg(args.window.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
@@ -240,6 +270,7 @@ async fn p2p_processes(args: &BenchArgs) -> Result<Vec<f64>, String> {
 /// Runs one rank of a benchmark as its own process.
 pub async fn worker(args: WorkerArgs) -> Result<(), String> {
     let mut cfg = NodeConfig::new(RankId(args.rank), SECRET);
+    cfg.transport = bench_transport(args.chunk, args.window)?;
     if let Some(dir) = &args.tls_dir {
         cfg.tls = Some(
             phalanx_net::tls::TlsIdentity::load_dir(dir, &format!("rank-{}", args.rank)).map_err(|e| e.to_string())?,

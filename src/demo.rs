@@ -117,13 +117,13 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         for _ in 0..messages {
             seed += 1;
             let payload: Bytes = pattern(bytes as usize, seed);
-            let want = crc32c::crc32c(&payload);
+            let want = phalanx_proto::checksum::crc32c(&payload);
             ah.send(RankId(1), ChannelId(0), payload).await.map_err(|e| e.to_string())?;
             let m = b
                 .next_message(Duration::from_secs(30), |_| {})
                 .await
                 .ok_or_else(|| format!("phase '{name}': message {seed} did not arrive within 30 s"))?;
-            if m.payload.len() as u64 != bytes || crc32c::crc32c(&m.payload) != want {
+            if m.payload.len() as u64 != bytes || m.payload.crc32c() != want {
                 return Err(format!("phase '{name}': message {seed} arrived damaged"));
             }
         }

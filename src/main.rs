@@ -36,7 +36,12 @@ fn main() {
         .with_env_filter(EnvFilter::try_from_env("PHALANX_LOG").unwrap_or_else(|_| EnvFilter::new("error")))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // PHALANX_THREADS sets the runtime's worker threads (default: one per core).
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("PHALANX_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("phalanx: cannot start the async runtime: {e}");

@@ -121,7 +121,7 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
                 let Some(ev) = ev else { return Ok(()) };
                 match ev {
                     Event::Message(m) => emit(json!({"event": "message", "from": m.from.0, "channel": m.channel.0,
-                        "bytes": m.payload.len(), "crc32c": crc32c::crc32c(&m.payload), "at_ms": ms()})),
+                        "bytes": m.payload.len(), "crc32c": m.payload.crc32c(), "at_ms": ms()})),
                     Event::LinkUp { link, peer } => emit(json!({"event": "link_up", "link": link.0, "peer": peer.0, "at_ms": ms()})),
                     Event::LinkFailed { link, peer, reason } => emit(json!({"event": "link_failed", "link": link.0,
                         "peer": peer.0, "reason": format!("{reason:?}"), "at_ms": ms()})),
@@ -165,7 +165,7 @@ async fn command(line: &str, handle: &phalanx_net::NodeHandle, faults: &[PathFau
             let channel = rest.first().and_then(|c| c.parse().ok()).unwrap_or(0);
             let seed = rest.get(1).and_then(|c| c.parse().ok()).unwrap_or(1);
             let payload = pattern(len as usize, seed);
-            let crc = crc32c::crc32c(&payload);
+            let crc = phalanx_proto::checksum::crc32c(&payload);
             match handle.send(RankId(peer), ChannelId(channel), payload).await {
                 Ok(()) => emit(json!({"event": "sent", "peer": peer, "bytes": len, "crc32c": crc})),
                 Err(e) => emit(json!({"event": "error", "error": e.to_string()})),

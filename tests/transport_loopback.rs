@@ -34,7 +34,7 @@ async fn big_message_survives_a_path_cut(kind: LinkKind) {
         let got = b.next_message(Duration::from_secs(120), |_| {}).await.unwrap_or_else(|| panic!("message {i} lost"));
         assert_eq!(got.from, RankId(0));
         assert_eq!(got.payload.len(), want.len(), "message {i} in order");
-        assert_eq!(crc32c::crc32c(&got.payload), crc32c::crc32c(want), "message {i} intact");
+        assert_eq!(got.payload.crc32c(), crc32c::crc32c(want), "message {i} intact");
     }
     assert!(faults[0].is_cut(), "the cut happened during the transfer");
     let (ca, _) = h.counters().await.unwrap();
@@ -84,7 +84,7 @@ async fn traffic_relays_through_c_when_every_a_b_path_is_cut_and_returns_to_the_
     let first = payload(64 << 20, 11);
     ha.send(RankId(1), ChannelId(0), first.clone()).await.unwrap();
     let got = b.next_message(Duration::from_secs(60), |_| {}).await.expect("relayed message arrives");
-    assert_eq!(crc32c::crc32c(&got.payload), crc32c::crc32c(&first));
+    assert_eq!(got.payload.crc32c(), crc32c::crc32c(&first));
     let relayed = hc.counters().await.unwrap().0.relayed_bytes;
     assert!(relayed > 0, "C forwarded A's frames");
     assert!(ha.counters().await.unwrap().0.relayed_out_bytes > 0);
@@ -96,7 +96,7 @@ async fn traffic_relays_through_c_when_every_a_b_path_is_cut_and_returns_to_the_
     let second = payload(16 << 20, 12);
     ha.send(RankId(1), ChannelId(0), second.clone()).await.unwrap();
     let got = b.next_message(Duration::from_secs(60), |_| {}).await.expect("direct message arrives");
-    assert_eq!(crc32c::crc32c(&got.payload), crc32c::crc32c(&second));
+    assert_eq!(got.payload.crc32c(), crc32c::crc32c(&second));
     assert_eq!(hc.counters().await.unwrap().0.relayed_bytes, relayed, "nothing more went through C");
 }
 

@@ -19,7 +19,7 @@
 //! let a = Node::start(a).await?;
 //! a.handle().send(RankId(1), ChannelId(0), Bytes::from_static(b"hi")).await?;
 //! let m = b.next_message(std::time::Duration::from_secs(5), |_| {}).await.unwrap();
-//! assert_eq!(&m.payload[..], b"hi");
+//! assert_eq!(m.payload, b"hi"[..]);
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
@@ -32,6 +32,7 @@ mod mem;
 mod quic;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+mod recv_pool;
 mod tcp;
 pub mod tls;
 

@@ -5,10 +5,10 @@
 use std::io;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use phalanx_proto::{
-    DecodeError, Frame, FrameDecoder, FrameKind, Handshake, HandshakeError, HandshakeStep, LinkId, LinkIdentity,
-    RankId, Role,
+    frame::HEADER_LEN, DecodeError, Frame, FrameDecoder, FrameKind, Handshake, HandshakeError, HandshakeStep, LinkId,
+    LinkIdentity, RankId, Role,
 };
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -16,9 +16,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, Instrument};
 
 use crate::faults::{PathFaults, WriteVerdict};
+use crate::recv_pool::RecvPool;
 
-/// Bytes read per socket read at least (the buffer grows to a whole frame when one is larger).
-const READ_CHUNK: usize = 256 << 10;
+/// Bytes read per socket read at least, for headers and small frames.
+const READ_CHUNK: usize = 64 << 10;
 /// Write buffer for small frames; large payloads bypass it.
 const WRITE_BUFFER: usize = 256 << 10;
 
@@ -96,7 +97,16 @@ pub(crate) enum LinkInput {
     Closed(LinkId),
 }
 
+/// Payloads at least this large are read straight into a pooled buffer of their own.
+const DIRECT_READ: usize = 64 << 10;
+/// Idle receive buffers kept per link.
+const POOL_BUFFERS: usize = 64;
+
 /// Reads frames until the stream ends or fails; reports each to the endpoint task.
+///
+/// Small frames are split off a shared read buffer without copying; large payloads are read
+/// directly into a pooled buffer (one copy, from the kernel). Checksums are verified here, so
+/// the endpoint only ever sees intact frames.
 pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: R,
     mut buf: BytesMut,
@@ -106,8 +116,22 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
     to_endpoint: mpsc::UnboundedSender<crate::driver::Command>,
 ) {
     let send = |input: LinkInput| to_endpoint.send(crate::driver::Command::Link(input)).is_ok();
+    let pool = RecvPool::new(POOL_BUFFERS);
+    let discard = || faults.as_ref().is_some_and(|f| f.discard_reads());
     loop {
+        // Small frames: decode whatever the buffer holds.
         loop {
+            if buf.len() >= HEADER_LEN {
+                match decoder.decode_header(&buf) {
+                    Ok((_, len, _)) if len as usize >= DIRECT_READ => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        debug!(%link, error = %e, "fatal decode error");
+                        send(LinkInput::DecodeError(link, e));
+                        return;
+                    }
+                }
+            }
             match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => {
                     if !send(LinkInput::Frame(link, frame)) {
@@ -127,15 +151,40 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
         }
-        let need = decoder.bytes_needed(&buf).saturating_sub(buf.len());
-        buf.reserve(need.max(READ_CHUNK));
+        // A large frame: its header is buffered; read the payload into a buffer of its own.
+        if buf.len() >= HEADER_LEN {
+            let Ok((header, len, crc)) = decoder.decode_header(&buf) else { unreachable!("checked above") };
+            let head = buf.split_to(HEADER_LEN);
+            let len = len as usize;
+            let mut payload = pool.take(len);
+            let have = buf.len().min(len);
+            payload.as_mut_slice()[..have].copy_from_slice(&buf[..have]);
+            buf.advance(have);
+            if have < len && reader.read_exact(&mut payload.as_mut_slice()[have..]).await.is_err() {
+                send(LinkInput::Closed(link));
+                return;
+            }
+            if discard() {
+                buf.clear();
+                continue;
+            }
+            let input = match FrameDecoder::verify(&head, payload.as_ref(), crc) {
+                Ok(()) => LinkInput::Frame(link, Frame { header, payload: payload.freeze() }),
+                Err(e) => LinkInput::DecodeError(link, e),
+            };
+            if !send(input) {
+                return;
+            }
+            continue;
+        }
+        buf.reserve(READ_CHUNK);
         match reader.read_buf(&mut buf).await {
             Ok(0) | Err(_) => {
                 send(LinkInput::Closed(link));
                 return;
             }
             Ok(_) => {
-                if faults.as_ref().is_some_and(|f| f.discard_reads()) {
+                if discard() {
                     buf.clear();
                 }
             }
@@ -193,8 +242,7 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
                     }
                 }
             }
-            w.write_all(&header).await?;
-            w.write_all(&payload).await?;
+            write_frame(&mut w, &header, &payload).await?;
             if frames.is_empty() {
                 w.flush().await?;
             }
@@ -205,6 +253,38 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
     if result.is_err() {
         let _ = to_endpoint.send(crate::driver::Command::Link(LinkInput::Closed(link)));
     }
+}
+
+/// Payloads at least this large skip the write buffer: header and payload go out in one
+/// vectored write, without copying the payload.
+const DIRECT_WRITE: usize = 64 << 10;
+
+/// Writes one encoded frame: small ones through the buffer, large ones with a vectored write.
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, header: &[u8], payload: &[u8]) -> io::Result<()> {
+    if payload.len() < DIRECT_WRITE {
+        w.write_all(header).await?;
+        return w.write_all(payload).await;
+    }
+    w.flush().await?;
+    let inner = w.get_mut();
+    let (mut h, mut p) = (header, payload);
+    while !h.is_empty() || !p.is_empty() {
+        let n = if h.is_empty() {
+            inner.write(p).await?
+        } else {
+            inner.write_vectored(&[io::IoSlice::new(h), io::IoSlice::new(p)]).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if n < h.len() {
+            h = &h[n..];
+        } else {
+            p = &p[n - h.len()..];
+            h = &[];
+        }
+    }
+    Ok(())
 }
 
 /// Starts the reader and writer tasks of an authenticated link and registers it with the

@@ -246,7 +246,7 @@ impl Endpoint {
         if peer == self.local {
             self.counters.messages_delivered += 1;
             self.counters.payload_bytes_delivered += payload.len() as u64;
-            self.events.push_back(Event::Message(Message { from: peer, channel, payload }));
+            self.events.push_back(Event::Message(Message { from: peer, channel, payload: payload.into() }));
             return Ok(());
         }
         let has_route = self.has_route(peer);

@@ -24,6 +24,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
+use crate::checksum::Crc32c;
 use crate::ids::{ChannelId, Epoch, RankId};
 
 /// Size of the fixed frame header in bytes.
@@ -141,7 +142,10 @@ impl Frame {
         w.put_u64_le(h.aux);
         let len = u32::try_from(self.payload.len()).expect("payload length checked by sender");
         w.put_u32_le(len);
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..HEADER_LEN - 4]), &self.payload);
+        let mut crc = Crc32c::new();
+        crc.update(&out[..HEADER_LEN - 4]);
+        crc.update(&self.payload);
+        let crc = crc.finish();
         out[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
         out
     }
@@ -246,22 +250,12 @@ impl FrameDecoder {
         HEADER_LEN + len as usize
     }
 
-    /// Splits one complete frame off the front of `buf`.
-    ///
-    /// Returns `Ok(None)` when `buf` holds only part of a frame. On a recoverable error the bad
-    /// frame has been consumed; on a fatal error `buf` is left as it was.
-    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
-        if buf.len() < HEADER_LEN {
-            // Reject garbage as early as possible, before waiting for a whole header.
-            let n = buf.len().min(4);
-            if buf[..n] != MAGIC[..n] {
-                let mut found = [0u8; 4];
-                found[..n].copy_from_slice(&buf[..n]);
-                return Err(DecodeError::BadMagic { found });
-            }
-            return Ok(None);
-        }
-        let mut h = &buf[..HEADER_LEN];
+    /// Parses and checks a frame header (the first [`HEADER_LEN`] bytes of `header`).
+    /// Returns the header, the payload length and the checksum it carries. Fatal errors only:
+    /// the checksum is checked by [`FrameDecoder::verify`] once the payload is there.
+    pub fn decode_header(&self, header: &[u8]) -> Result<(Header, u32, u32), DecodeError> {
+        assert!(header.len() >= HEADER_LEN, "decode_header needs a whole header");
+        let mut h = &header[..HEADER_LEN];
         let mut magic = [0u8; 4];
         h.copy_to_slice(&mut magic);
         if magic != MAGIC {
@@ -277,40 +271,60 @@ impl FrameDecoder {
         if flags & !FrameFlags::KNOWN != 0 {
             return Err(DecodeError::UnknownFlags { found: flags });
         }
-        let epoch = h.get_u64_le();
-        let src = h.get_u32_le();
-        let dst = h.get_u32_le();
-        let channel = h.get_u32_le();
-        let seq = h.get_u64_le();
-        let aux = h.get_u64_le();
+        let header_fields = Header {
+            kind,
+            flags: FrameFlags(flags),
+            epoch: Epoch(h.get_u64_le()),
+            src: RankId(h.get_u32_le()),
+            dst: RankId(h.get_u32_le()),
+            channel: ChannelId(h.get_u32_le()),
+            seq: h.get_u64_le(),
+            aux: h.get_u64_le(),
+        };
         let len = h.get_u32_le();
-        let expected = h.get_u32_le();
+        let crc = h.get_u32_le();
         if len > self.max_payload {
             return Err(DecodeError::Oversized { len, max: self.max_payload });
         }
+        Ok((header_fields, len, crc))
+    }
+
+    /// Checks a frame's checksum over its header bytes and payload (recoverable error).
+    pub fn verify(header: &[u8], payload: &[u8], expected: u32) -> Result<(), DecodeError> {
+        let mut crc = Crc32c::new();
+        crc.update(&header[..HEADER_LEN - 4]);
+        crc.update(payload);
+        let computed = crc.finish();
+        if computed != expected {
+            return Err(DecodeError::Checksum { expected, computed });
+        }
+        Ok(())
+    }
+
+    /// Splits one complete frame off the front of `buf`.
+    ///
+    /// Returns `Ok(None)` when `buf` holds only part of a frame. On a recoverable error the bad
+    /// frame has been consumed; on a fatal error `buf` is left as it was.
+    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+        if buf.len() < HEADER_LEN {
+            // Reject garbage as early as possible, before waiting for a whole header.
+            let n = buf.len().min(4);
+            if buf[..n] != MAGIC[..n] {
+                let mut found = [0u8; 4];
+                found[..n].copy_from_slice(&buf[..n]);
+                return Err(DecodeError::BadMagic { found });
+            }
+            return Ok(None);
+        }
+        let (header, len, expected) = self.decode_header(buf)?;
         let total = HEADER_LEN + len as usize;
         if buf.len() < total {
             return Ok(None);
         }
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&buf[..HEADER_LEN - 4]), &buf[HEADER_LEN..total]);
         let mut whole = buf.split_to(total);
-        if computed != expected {
-            return Err(DecodeError::Checksum { expected, computed });
-        }
+        Self::verify(&whole[..HEADER_LEN], &whole[HEADER_LEN..], expected)?;
         let payload = whole.split_off(HEADER_LEN).freeze();
-        Ok(Some(Frame {
-            header: Header {
-                kind,
-                flags: FrameFlags(flags),
-                epoch: Epoch(epoch),
-                src: RankId(src),
-                dst: RankId(dst),
-                channel: ChannelId(channel),
-                seq,
-                aux,
-            },
-            payload,
-        }))
+        Ok(Some(Frame { header, payload }))
     }
 }
 

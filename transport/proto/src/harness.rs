@@ -248,7 +248,7 @@ impl Harness {
             .into_iter()
             .flatten()
             .filter(|m| m.from == from)
-            .flat_map(|m| m.payload.iter().copied())
+            .flat_map(|m| m.payload.to_bytes().to_vec())
             .collect()
     }
 }

@@ -22,10 +22,11 @@
 //!     Event::Message(m) => Some(m),
 //!     _ => None,
 //! });
-//! assert_eq!(got.unwrap().payload, Bytes::from_static(b"hello"));
+//! assert_eq!(got.unwrap().payload, b"hello"[..]);
 //! ```
 #![warn(missing_docs)]
 
+pub mod checksum;
 mod config;
 mod counters;
 mod endpoint;
@@ -34,6 +35,7 @@ pub mod handshake;
 pub mod harness;
 mod ids;
 mod path;
+mod payload;
 mod session;
 mod time;
 
@@ -43,5 +45,6 @@ pub use endpoint::{Endpoint, Event, LinkFailure, SendError, Transmit, MAX_MESSAG
 pub use frame::{DecodeError, Frame, FrameDecoder, FrameFlags, FrameKind, Header};
 pub use handshake::{Handshake, HandshakeError, HandshakeStep, LinkIdentity, Role};
 pub use ids::{ChannelId, Epoch, LinkId, RankId};
+pub use payload::Payload;
 pub use session::Message;
 pub use time::Instant;

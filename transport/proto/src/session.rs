@@ -8,7 +8,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+
+use crate::payload::Payload;
 
 use crate::frame::{Frame, FrameFlags, FrameKind, Header};
 use crate::ids::{ChannelId, Epoch, LinkId, RankId};
@@ -21,9 +23,8 @@ pub struct Message {
     pub from: RankId,
     /// Channel it was sent on.
     pub channel: ChannelId,
-    /// The bytes, exactly as sent. A message that fit in one frame is the frame's own buffer
-    /// (no copy); a larger one was assembled with one copy.
-    pub payload: Bytes,
+    /// The bytes, exactly as sent, as the frames' own buffers (no reassembly copy).
+    pub payload: Payload,
 }
 
 #[derive(Debug)]
@@ -44,7 +45,7 @@ pub(crate) struct Sent {
 struct Assembly {
     channel: ChannelId,
     total: usize,
-    buf: BytesMut,
+    buf: Payload,
 }
 
 /// What went wrong with the peer's data stream. The frame is dropped; the stream goes on.
@@ -264,13 +265,13 @@ impl PeerSession {
                 if frame.payload.len() != total {
                     return Err(StreamViolation::BadChunk);
                 }
-                return Ok(Some(Message { from: h.src, channel: h.channel, payload: frame.payload }));
+                return Ok(Some(Message { from: h.src, channel: h.channel, payload: frame.payload.into() }));
             }
             if frame.payload.len() >= total {
                 return Err(StreamViolation::BadChunk);
             }
-            let mut buf = BytesMut::with_capacity(total);
-            buf.extend_from_slice(&frame.payload);
+            let mut buf = Payload::new();
+            buf.push(frame.payload);
             self.assembling = Some(Assembly { channel: h.channel, total, buf });
             return Ok(None);
         }
@@ -281,13 +282,13 @@ impl PeerSession {
             self.assembling = None;
             return Err(StreamViolation::BadChunk);
         }
-        asm.buf.extend_from_slice(&frame.payload);
+        asm.buf.push(frame.payload);
         if h.flags.contains(FrameFlags::LAST) {
             let asm = self.assembling.take().expect("present");
             if asm.buf.len() != asm.total {
                 return Err(StreamViolation::BadChunk);
             }
-            return Ok(Some(Message { from: h.src, channel: asm.channel, payload: asm.buf.freeze() }));
+            return Ok(Some(Message { from: h.src, channel: asm.channel, payload: asm.buf }));
         }
         Ok(None)
     }
@@ -384,7 +385,7 @@ mod tests {
             got.extend(b.accept(frames[i].clone(), 1 << 20).0);
         }
         assert_eq!(got.len(), 2);
-        assert_eq!(&got[0].payload[..], b"0123456789");
+        assert_eq!(got[0].payload, b"0123456789"[..]);
         assert_eq!(got[0].channel, ChannelId(5));
         assert!(got[1].payload.is_empty());
         assert_eq!(b.classify_incoming(1, 8), Incoming::Duplicate);

@@ -1,0 +1,117 @@
+//! A received message's bytes: the frames' own buffers, in order, without a reassembly copy.
+
+use bytes::{Bytes, BytesMut};
+
+/// The bytes of one message as a list of chunks (one per data frame). Nothing is copied on
+/// receipt: each chunk is the buffer the frame was read into. [`Payload::to_bytes`] gives one
+/// contiguous buffer (free for single-chunk messages, one copy otherwise).
+///
+/// Equality compares content, not chunking.
+#[derive(Clone, Debug, Default)]
+pub struct Payload {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl Payload {
+    /// An empty payload.
+    pub fn new() -> Payload {
+        Payload::default()
+    }
+
+    /// Appends a chunk.
+    pub fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
+        if !chunk.is_empty() {
+            self.chunks.push(chunk);
+        }
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The chunks, in order.
+    pub fn chunks(&self) -> &[Bytes] {
+        &self.chunks
+    }
+
+    /// The bytes as one buffer: no copy when there is at most one chunk.
+    pub fn to_bytes(&self) -> Bytes {
+        match self.chunks.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => {
+                let mut b = BytesMut::with_capacity(self.len);
+                for c in many {
+                    b.extend_from_slice(c);
+                }
+                b.freeze()
+            }
+        }
+    }
+
+    /// CRC32C of the content (what an application compares end to end).
+    pub fn crc32c(&self) -> u32 {
+        let mut crc = crate::checksum::Crc32c::new();
+        for c in &self.chunks {
+            crc.update(c);
+        }
+        crc.finish()
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(b: Bytes) -> Payload {
+        let mut p = Payload::new();
+        p.push(b);
+        p
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        self.len == other.len
+            && self.chunks.iter().flat_map(|c| c.iter()).eq(other.chunks.iter().flat_map(|c| c.iter()))
+    }
+}
+
+impl Eq for Payload {}
+
+impl PartialEq<[u8]> for Payload {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.len == other.len() && self.chunks.iter().flat_map(|c| c.iter()).eq(other.iter())
+    }
+}
+
+impl PartialEq<Bytes> for Payload {
+    fn eq(&self, other: &Bytes) -> bool {
+        self == &other[..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equality_and_checksums_ignore_how_the_bytes_were_chunked() {
+        let mut a = Payload::new();
+        a.push(Bytes::from_static(b"hel"));
+        a.push(Bytes::new());
+        a.push(Bytes::from_static(b"lo"));
+        let b = Payload::from(Bytes::from_static(b"hello"));
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 5);
+        assert_eq!(a.crc32c(), crate::checksum::crc32c(b"hello"));
+        assert_eq!(a.to_bytes(), Bytes::from_static(b"hello"));
+        assert!(a == b"hello"[..]);
+        assert_ne!(a, Payload::from(Bytes::from_static(b"hellp")));
+    }
+}
