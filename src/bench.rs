@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::size::{parse_size, pattern};
+use crate::CliError;
 
 const CH_DATA: ChannelId = ChannelId(1);
 const CH_CTRL: ChannelId = ChannelId(2);
@@ -45,12 +46,20 @@ impl BenchTransport {
     }
 }
 
+/// Operations `phalanx bench` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchOp {
+    /// One direction between two ranks. (The collectives — allreduce, allgather,
+    /// reducescatter, alltoall, broadcast — arrive with the collectives layer.)
+    P2p,
+}
+
 /// Arguments of `phalanx bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Operation: `p2p` (the collectives — allreduce, allgather, reducescatter, alltoall,
-    /// broadcast — arrive with the collectives layer).
-    pub op: String,
+    /// Operation to measure.
+    #[arg(value_enum)]
+    pub op: BenchOp,
     /// Ranks (p2p: always 2).
     #[arg(long, default_value_t = 2)]
     pub world: u32,
@@ -140,19 +149,14 @@ fn median(samples: &mut [f64]) -> f64 {
 }
 
 /// Runs `phalanx bench`.
-pub async fn run(args: BenchArgs) -> Result<(), String> {
-    if args.op != "p2p" {
-        return Err(format!(
-            "bench op {:?} is not available yet: only p2p (collectives come with the collectives layer)",
-            args.op
-        ));
-    }
-    if args.world != 2 {
-        return Err("p2p runs between exactly 2 ranks (--world 2)".into());
+pub async fn run(args: BenchArgs) -> Result<(), CliError> {
+    if args.op == BenchOp::P2p && args.world != 2 {
+        return Err(CliError::Usage("p2p runs between exactly 2 ranks (--world 2)".into()));
     }
     if args.paths == 0 || args.iters == 0 {
-        return Err("--paths and --iters must be at least 1".into());
+        return Err(CliError::Usage("--paths and --iters must be at least 1".into()));
     }
+    bench_transport(args.chunk, args.window).map_err(CliError::Usage)?;
     let mut samples = match args.transport {
         BenchTransport::Mem => p2p_in_process(&args).await?,
         _ => p2p_processes(&args).await?,

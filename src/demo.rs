@@ -80,39 +80,23 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         "{:<34} {:>8} {:>10} {:>12} {:>8} {:>9} {:>9}",
         "phase", "seconds", "GB/s", "relayed MiB", "retrans", "failovers", "bad crc"
     );
-    let phases: Vec<(&'static str, Box<dyn Fn()>)> = if args.no_faults {
-        vec![("healthy", Box::new(|| {}))]
+    let phases: &[(&str, Injection)] = if args.no_faults {
+        &[("healthy", Injection::Nothing)]
     } else {
-        let (d0, d1) = (direct[0].clone(), direct[1].clone());
-        let (e0, e1) = (direct[0].clone(), direct[1].clone());
-        let (f0, f1) = (direct[0].clone(), direct[1].clone());
-        let g0 = direct[0].clone();
-        vec![
-            ("healthy: striped over 2 paths", Box::new(|| {})),
-            ("path 0 cut mid-phase: failover", Box::new(move || d0.cut_after_bytes(bytes))),
-            (
-                "both direct paths cut: relay",
-                Box::new(move || {
-                    e0.cut();
-                    e1.cut();
-                    let _ = &d1;
-                }),
-            ),
-            (
-                "paths restored: direct again",
-                Box::new(move || {
-                    f0.restore();
-                    f1.restore();
-                }),
-            ),
-            ("bit flips on path 0: repaired", Box::new(move || g0.corrupt_every(3))),
+        &[
+            ("healthy: striped over 2 paths", Injection::Nothing),
+            ("path 0 cut mid-phase: failover", Injection::CutOneMidPhase),
+            ("both direct paths cut: relay", Injection::CutBoth),
+            ("paths restored: direct again", Injection::Restore),
+            ("bit flips on path 0: repaired", Injection::Corrupt),
         ]
     };
     let mut seed = 0u64;
     let mut summary = Vec::new();
-    for (name, inject) in phases {
-        inject();
+    for &(name, injection) in phases {
+        injection.apply(&direct, bytes);
         let before = counters(&ah, &ch).await?;
+        let bad_before = counters_of(&b).await?.checksum_failures;
         let t0 = Instant::now();
         for _ in 0..messages {
             seed += 1;
@@ -138,7 +122,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             failovers: after.0.failovers - before.0.failovers,
             checksum_failures: 0,
         };
-        let bad = counters_of(&b).await?.checksum_failures;
+        let bad = counters_of(&b).await?.checksum_failures - bad_before;
         let p = Phase { checksum_failures: bad, ..p };
         println!(
             "{:<34} {:>8.2} {:>10.3} {:>12.1} {:>8} {:>9} {:>9}",
@@ -161,6 +145,28 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         summary.len().saturating_sub(1)
     );
     Ok(())
+}
+
+/// The fault a demo phase starts with.
+#[derive(Clone, Copy, Debug)]
+enum Injection {
+    Nothing,
+    CutOneMidPhase,
+    CutBoth,
+    Restore,
+    Corrupt,
+}
+
+impl Injection {
+    fn apply(self, direct: &[PathFaults; 2], bytes: u64) {
+        match self {
+            Injection::Nothing => {}
+            Injection::CutOneMidPhase => direct[0].cut_after_bytes(bytes),
+            Injection::CutBoth => direct.iter().for_each(PathFaults::cut),
+            Injection::Restore => direct.iter().for_each(PathFaults::restore),
+            Injection::Corrupt => direct[0].corrupt_every(3),
+        }
+    }
 }
 
 fn path(peer: RankId, remote: std::net::SocketAddr, faults: PathFaults) -> PathSpec {

@@ -8,10 +8,26 @@ mod size;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+/// How a command failed: bad arguments (exit status 2, like clap's own errors) or a failure
+/// while running (exit status 1).
+#[derive(Debug)]
+pub enum CliError {
+    /// The arguments make no sense; nothing was done.
+    Usage(String),
+    /// The command ran and failed.
+    Failed(String),
+}
+
+impl From<String> for CliError {
+    fn from(e: String) -> Self {
+        CliError::Failed(e)
+    }
+}
+
 /// Phalanx: a communication runtime for distributed training that keeps going while links and
 /// ranks fail.
 #[derive(Parser, Debug)]
-#[command(name = "phalanx", version, about, long_about = None)]
+#[command(name = "phalanx", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,16 +66,23 @@ fn main() {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Demo(a) => demo::run(a).await,
+            Command::Demo(a) => demo::run(a).await.map_err(CliError::from),
             Command::Bench(a) => bench::run(a).await,
-            Command::Node(a) => node_cmd::run(a).await,
-            Command::BenchWorker(a) => bench::worker(a).await,
+            Command::Node(a) => node_cmd::run(a).await.map_err(CliError::from),
+            Command::BenchWorker(a) => bench::worker(a).await.map_err(CliError::from),
         }
     });
     // Do not wait for background tasks (dialers, link tasks) to wind down.
     runtime.shutdown_background();
-    if let Err(e) = result {
-        eprintln!("phalanx: {e}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => {}
+        Err(CliError::Usage(e)) => {
+            eprintln!("phalanx: {e}");
+            std::process::exit(2);
+        }
+        Err(CliError::Failed(e)) => {
+            eprintln!("phalanx: {e}");
+            std::process::exit(1);
+        }
     }
 }

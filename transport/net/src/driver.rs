@@ -123,6 +123,9 @@ pub enum NodeError {
     Send(#[from] phalanx_proto::SendError),
 }
 
+/// Endpoint totals and the counters of each live link (with its peer).
+pub type CounterSnapshot = (EndpointCounters, Vec<(LinkId, RankId, LinkCounters)>);
+
 /// Commands to the endpoint task.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -140,7 +143,7 @@ pub(crate) enum Command {
         reader: AbortHandle,
         closed: oneshot::Sender<()>,
     },
-    Counters(oneshot::Sender<(EndpointCounters, Vec<(LinkId, RankId, LinkCounters)>)>),
+    Counters(oneshot::Sender<CounterSnapshot>),
     SetEpoch(Epoch),
     SetFence(Epoch),
     Abandon(RankId, oneshot::Sender<u64>),
@@ -221,7 +224,7 @@ impl NodeHandle {
     }
 
     /// Endpoint totals and per-link counters of the live links.
-    pub async fn counters(&self) -> Result<(EndpointCounters, Vec<(LinkId, RankId, LinkCounters)>), NodeError> {
+    pub async fn counters(&self) -> Result<CounterSnapshot, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.shared.commands.send(Command::Counters(tx)).map_err(|_| NodeError::Closed)?;
         rx.await.map_err(|_| NodeError::Closed)
@@ -289,10 +292,9 @@ impl Node {
     /// background; messages sent before a path is up wait for it.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         config.transport.validate().map_err(NodeError::Config)?;
-        if config.paths.iter().any(|p| p.kind == LinkKind::Quic) || config.quic_listen.is_some() {
-            if config.tls.is_none() {
-                return Err(NodeError::Config("QUIC links need TLS credentials (tls)".into()));
-            }
+        let wants_quic = config.paths.iter().any(|p| p.kind == LinkKind::Quic) || config.quic_listen.is_some();
+        if wants_quic && config.tls.is_none() {
+            return Err(NodeError::Config("QUIC links need TLS credentials (tls)".into()));
         }
         let mut seed_rng = rand::rngs::OsRng;
         let mut seed = [0u8; 32];

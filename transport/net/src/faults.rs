@@ -144,11 +144,11 @@ impl PathFaults {
         if is_data {
             s.data_frames += 1;
             let n = s.data_frames;
-            if s.drop_every > 0 && n % s.drop_every as u64 == 0 {
+            if s.drop_every > 0 && n.is_multiple_of(s.drop_every as u64) {
                 s.dropped += 1;
                 return WriteVerdict::Discard;
             }
-            if s.corrupt_every > 0 && n % s.corrupt_every as u64 == 0 && payload_len > 0 {
+            if s.corrupt_every > 0 && n.is_multiple_of(s.corrupt_every as u64) && payload_len > 0 {
                 s.corrupted += 1;
                 return WriteVerdict::Corrupt((n as usize).wrapping_mul(7919) % payload_len);
             }

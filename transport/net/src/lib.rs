@@ -36,7 +36,7 @@ mod recv_pool;
 mod tcp;
 pub mod tls;
 
-pub use driver::{LinkKind, Node, NodeConfig, NodeError, NodeHandle, PathSpec};
+pub use driver::{CounterSnapshot, LinkKind, Node, NodeConfig, NodeError, NodeHandle, PathSpec};
 pub use faults::PathFaults;
 pub use link::LinkError;
 pub use mem::connect_mem;
