@@ -19,7 +19,7 @@ use rand::{RngCore, SeedableRng};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::faults::PathFaults;
 use crate::link::LinkInput;
@@ -336,7 +336,8 @@ impl Node {
             }
             quic = Some((ep, tls.clone()));
         }
-        tokio::spawn(run_endpoint(endpoint, cmd_rx, ev_tx, handle.shared.start));
+        let span = tracing::info_span!("endpoint", rank = %config.rank);
+        tokio::spawn(run_endpoint(endpoint, cmd_rx, ev_tx, handle.shared.start).instrument(span));
         for path in config.paths.clone() {
             let dialer = crate::dial::Dialer {
                 node: handle.clone(),
@@ -412,8 +413,6 @@ async fn run_endpoint(
 ) {
     let now = move || phalanx_proto::Instant(start.elapsed().as_nanos() as u64);
     let mut links: BTreeMap<LinkId, LinkEntry> = BTreeMap::new();
-    let span = tracing::info_span!("endpoint", rank = %endpoint.local());
-    let _enter = span.enter();
     loop {
         let timer = endpoint.poll_timeout();
         let sleep_until = timer.map(|t| start + Duration::from_nanos(t.as_nanos()));

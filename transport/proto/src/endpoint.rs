@@ -715,6 +715,7 @@ impl Endpoint {
             .and_then(|s| s.iter().min_by_key(|id| (self.paths[*id].inflight_bytes, **id)).copied());
         match link {
             Some(link) => {
+                debug!(rank = %self.local, %link, src = %frame.header.src, %dst, seq = frame.header.seq, kind = ?frame.header.kind, "relaying");
                 frame.header.flags = frame.header.flags.with(FrameFlags::RELAYED);
                 self.counters.relayed_bytes += frame.payload.len() as u64;
                 self.transmits.push_back(Transmit { link, frame });

@@ -26,6 +26,9 @@ pub struct LinkFault {
     pub corrupt_next_data: u32,
     /// Silently drop this many upcoming data frames.
     pub drop_next_data: u32,
+    /// Silently drop everything travelling toward this rank (a one-way failure: the other
+    /// direction still delivers).
+    pub cut_toward: Option<RankId>,
 }
 
 struct SimLink {
@@ -170,7 +173,7 @@ impl Harness {
                 l.busy_until[dir] = start + ser;
                 let at = start + ser + l.latency;
                 let is_data = t.frame.header.kind == crate::frame::FrameKind::Data;
-                let what = if l.fault.cut {
+                let what = if l.fault.cut || l.fault.cut_toward == Some(to) {
                     None
                 } else if is_data && l.fault.drop_next_data > 0 {
                     l.fault.drop_next_data -= 1;
@@ -221,7 +224,8 @@ impl Harness {
             let now = self.now;
             while self.pending.peek().is_some_and(|p| p.0.at <= now) {
                 let Reverse(p) = self.pending.pop().expect("peeked");
-                if self.links.get(&p.link).is_some_and(|l| l.closed || l.fault.cut) {
+                if self.links.get(&p.link).is_some_and(|l| l.closed || l.fault.cut || l.fault.cut_toward == Some(p.to))
+                {
                     continue;
                 }
                 let ep = self.endpoints.get_mut(&p.to).expect("rank");

@@ -130,8 +130,8 @@ impl PeerSession {
 
     /// Size of the next frame this session would send (for path window checks).
     pub fn next_frame_len(&self, chunk: usize) -> Option<usize> {
-        if let Some(seq) = self.retransmit.iter().next() {
-            return self.unacked.get(seq).map(|s| s.frame.wire_len());
+        if let Some(sent) = self.retransmit.iter().find_map(|seq| self.unacked.get(seq)) {
+            return Some(sent.frame.wire_len());
         }
         self.queue.front().map(|m| crate::frame::HEADER_LEN + (m.payload.len() - m.offset).min(chunk))
     }
@@ -213,6 +213,10 @@ impl PeerSession {
         let progressed = self.unacked.len() < before;
         if progressed {
             self.last_ack_progress = now;
+            // A frame queued for retransmission may have arrived after all (its link died
+            // after delivering it): never resend what is acknowledged.
+            let unacked = &self.unacked;
+            self.retransmit.retain(|seq| unacked.contains_key(seq));
         }
         progressed
     }
@@ -340,6 +344,10 @@ impl PeerSession {
     }
 
     pub fn check_invariants(&self, window_frames: u64) {
+        debug_assert!(
+            self.retransmit.iter().all(|s| self.unacked.contains_key(s)),
+            "acknowledged frame queued for resend"
+        );
         debug_assert!(self.cum_acked <= self.next_seq);
         debug_assert!(self.unacked.keys().all(|&s| s >= self.cum_acked && s < self.next_seq));
         debug_assert!(self.reorder.keys().all(|&s| s > self.next_expected && s < self.next_expected + window_frames));
@@ -401,6 +409,23 @@ mod tests {
         assert_eq!(a.unacked.keys().copied().collect::<Vec<_>>(), vec![2, 3, 6, 7]);
         assert!(!a.on_ack(1, &[], Instant(6)), "an older cumulative ack changes nothing");
         assert_eq!(a.undelivered_messages(), 0, "the LAST chunk (seq 9) was acknowledged");
+    }
+
+    #[test]
+    fn a_frame_queued_for_resend_that_is_then_acknowledged_leaves_the_queue() {
+        // Its link died after delivering it: the sender queued it again, then the ack came.
+        let mut a = PeerSession::new(RankId(1), Instant(0));
+        a.enqueue(ChannelId(0), Bytes::from(vec![1u8; 12]));
+        let mut tx = 0;
+        let frames = drain(&mut a, &mut tx);
+        assert_eq!(frames.len(), 3);
+        a.retransmit.extend([0, 1]);
+        assert!(a.on_ack(1, &[], Instant(9)));
+        assert_eq!(a.retransmit.iter().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(a.next_frame_len(4), Some(frames[1].wire_len()));
+        let (f, resent) = a.take_frame(RankId(0), Epoch(1), 4, 1000, tx).unwrap();
+        assert!(resent);
+        assert_eq!(f.header.seq, 1);
     }
 
     #[test]

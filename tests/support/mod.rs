@@ -23,8 +23,16 @@ pub fn fast_transport() -> TransportConfig {
     }
 }
 
+/// Logs to stderr when `PHALANX_LOG` is set (e.g. `PHALANX_LOG=debug cargo test ...`).
+pub fn init_log() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("PHALANX_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
+}
+
 /// A node config on loopback with fast timers; `listen` binds a TCP (or QUIC) listener.
 pub fn config(rank: u32, secret: &[u8], listen: Option<LinkKind>, tls: Option<TlsIdentity>) -> NodeConfig {
+    init_log();
     let mut c = NodeConfig::new(RankId(rank), secret.to_vec());
     c.transport = fast_transport();
     c.redial_max = Duration::from_millis(100);
