@@ -69,7 +69,10 @@ fn a_link_that_fails_in_one_direction_only_is_declared_dead_and_the_transfer_fin
     assert!(h.run_until(secs(5.0), 1_000_000, |h| h.delivered.get(&B).is_some_and(|d| !d.is_empty())));
     assert_eq!(h.delivered[&B][0].payload, msg);
     assert_eq!(h.delivered[&B].len(), 1);
-    assert!(h.events.iter().any(|(_, r, e)| *r == A && matches!(e, Event::LinkFailed { link, .. } if *link == l1)));
+    let failed = |h: &Harness| {
+        h.events.iter().any(|(_, r, e)| *r == A && matches!(e, Event::LinkFailed { link, .. } if *link == l1))
+    };
+    assert!(h.run_until(secs(6.0), 1_000_000, failed), "A noticed the one-way failure");
 }
 
 #[test]
