@@ -84,6 +84,9 @@ pub struct BenchArgs {
     /// Unacknowledged bytes allowed per path.
     #[arg(long, value_parser = parse_size, default_value = "8MiB")]
     pub window: u64,
+    /// QUIC: streams per connection (each a link).
+    #[arg(long, default_value_t = 1)]
+    pub quic_streams: u32,
     /// Print one JSON object.
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
@@ -120,6 +123,8 @@ pub struct WorkerArgs {
     pub chunk: u64,
     #[arg(long, value_parser = parse_size, default_value = "8MiB")]
     pub window: u64,
+    #[arg(long, default_value_t = 1)]
+    pub quic_streams: u32,
 }
 
 /// The transport configuration a benchmark runs with.
@@ -232,6 +237,8 @@ async fn p2p_processes(args: &BenchArgs) -> Result<Vec<f64>, String> {
             .arg(args.chunk.to_string())
             .arg("--window")
             .arg(args.window.to_string())
+            .arg("--quic-streams")
+            .arg(args.quic_streams.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
@@ -275,6 +282,7 @@ async fn p2p_processes(args: &BenchArgs) -> Result<Vec<f64>, String> {
 pub async fn worker(args: WorkerArgs) -> Result<(), String> {
     let mut cfg = NodeConfig::new(RankId(args.rank), SECRET);
     cfg.transport = bench_transport(args.chunk, args.window)?;
+    cfg.quic_streams = args.quic_streams;
     if let Some(dir) = &args.tls_dir {
         cfg.tls = Some(
             phalanx_net::tls::TlsIdentity::load_dir(dir, &format!("rank-{}", args.rank)).map_err(|e| e.to_string())?,

@@ -182,3 +182,26 @@ async fn a_quic_peer_with_a_certificate_from_another_ca_is_refused_and_the_clust
     assert_eq!(got.from, RankId(0));
     assert!(hi.counters().await.unwrap().1.is_empty(), "the intruder has no link");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_quic_connection_carries_several_streams_each_a_link_of_its_own() {
+    let (_, ids) = credentials(2);
+    let mut b = Node::start(config(1, SECRET, Some(LinkKind::Quic), Some(ids[1].clone()))).await.unwrap();
+    let mut a_cfg = config(0, SECRET, None, Some(ids[0].clone()));
+    a_cfg.quic_streams = 3;
+    a_cfg.paths.push(path(1, LinkKind::Quic, addr(&b, LinkKind::Quic), &PathFaults::new()));
+    let mut a = Node::start(a_cfg).await.unwrap();
+    let mut ups = 0;
+    expect_event(&mut a, Duration::from_secs(10), |e| {
+        ups += matches!(e, Event::LinkUp { peer: RankId(1), .. }) as u32;
+        ups == 3
+    })
+    .await;
+    let msg = payload(32 << 20, 21);
+    a.handle().send(RankId(1), ChannelId(0), msg.clone()).await.unwrap();
+    let got = b.next_message(Duration::from_secs(60), |_| {}).await.expect("message arrives");
+    assert_eq!(got.payload, msg);
+    let (_, links) = a.handle().counters().await.unwrap();
+    assert_eq!(links.len(), 3);
+    assert!(links.iter().all(|(_, _, c)| c.bytes_sent > 1 << 20), "striped over all three streams: {links:?}");
+}

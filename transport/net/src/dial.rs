@@ -13,6 +13,7 @@ pub(crate) struct Dialer {
     pub node: NodeHandle,
     pub path: PathSpec,
     pub quic: Option<(quinn::Endpoint, TlsIdentity)>,
+    pub quic_streams: u32,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub redial_initial: Duration,
@@ -77,22 +78,23 @@ impl Dialer {
                 let Some((endpoint, tls)) = &self.quic else {
                     return Err(LinkError::Io(std::io::Error::other("QUIC path without TLS credentials")));
                 };
-                let (mut send, mut recv, conn) = tokio::time::timeout(
+                let conn = tokio::time::timeout(
                     self.connect_timeout,
                     crate::quic::connect(endpoint, tls, self.path.remote, self.path.bind),
                 )
                 .await
                 .map_err(|_| LinkError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))??;
-                let (peer, leftover) = authenticate(&mut recv, &mut send, hs, self.handshake_timeout).await?;
-                let closed = spawn_link(&self.node, recv, send, leftover, peer, "quic", faults);
-                // Close the QUIC connection once the link is gone.
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                tokio::spawn(async move {
-                    let _ = closed.await;
-                    conn.close(0u32.into(), b"link closed");
-                    let _ = tx.send(());
-                });
-                Ok(rx)
+                // One connection, `quic_streams` streams: each stream is a link of its own.
+                let mut closers = Vec::new();
+                let mut hs = Some(hs);
+                for _ in 0..self.quic_streams.max(1) {
+                    let (mut send, mut recv) =
+                        conn.open_bi().await.map_err(|e| LinkError::Io(std::io::Error::other(e.to_string())))?;
+                    let hs = hs.take().unwrap_or_else(|| handshake_for(&self.node, Role::Dialer, Some(self.path.peer)));
+                    let (peer, leftover) = authenticate(&mut recv, &mut send, hs, self.handshake_timeout).await?;
+                    closers.push(spawn_link(&self.node, recv, send, leftover, peer, "quic", faults.clone()));
+                }
+                Ok(crate::quic::close_on_first(conn, closers))
             }
         }
     }

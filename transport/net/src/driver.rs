@@ -30,7 +30,7 @@ use crate::tls::TlsIdentity;
 pub enum LinkKind {
     /// A TCP connection.
     Tcp,
-    /// A QUIC connection (mutual TLS) carrying one bidirectional stream.
+    /// A QUIC connection (mutual TLS) carrying `quic_streams` bidirectional streams.
     Quic,
 }
 
@@ -66,6 +66,9 @@ pub struct NodeConfig {
     pub quic_listen: Option<SocketAddr>,
     /// QUIC credentials (required for QUIC links).
     pub tls: Option<TlsIdentity>,
+    /// Streams a QUIC path opens on its one connection; each stream is a link (a path of its
+    /// own to the session, sharing the connection's congestion control).
+    pub quic_streams: u32,
     /// Paths to dial.
     pub paths: Vec<PathSpec>,
     /// Limit on a link handshake.
@@ -89,6 +92,7 @@ impl NodeConfig {
             tcp_listen: Vec::new(),
             quic_listen: None,
             tls: None,
+            quic_streams: 1,
             paths: Vec::new(),
             handshake_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
@@ -343,6 +347,7 @@ impl Node {
                 node: handle.clone(),
                 path,
                 quic: quic.clone(),
+                quic_streams: config.quic_streams,
                 handshake_timeout: config.handshake_timeout,
                 connect_timeout: config.connect_timeout,
                 redial_initial: config.redial_initial,
