@@ -1,6 +1,8 @@
 //! Shared helpers of the cross-crate tests: nodes on loopback, payloads, bounded waiting.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
