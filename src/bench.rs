@@ -18,8 +18,9 @@ use phalanx_proto::{ChannelId, RankId};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::size::{parse_size, pattern};
+use crate::size::parse_size;
 use crate::CliError;
+use phalanx_proto::harness::pattern;
 
 const CH_DATA: ChannelId = ChannelId(1);
 const CH_CTRL: ChannelId = ChannelId(2);
@@ -75,18 +76,8 @@ pub struct BenchArgs {
     /// Untimed warm-up iterations.
     #[arg(long, default_value_t = 3)]
     pub warmup: u32,
-    /// Paths (connections) between the two ranks.
-    #[arg(long, default_value_t = 1)]
-    pub paths: u32,
-    /// Transport chunk (frame payload) size.
-    #[arg(long, value_parser = parse_size, default_value = "1MiB")]
-    pub chunk: u64,
-    /// Unacknowledged bytes allowed per path.
-    #[arg(long, value_parser = parse_size, default_value = "8MiB")]
-    pub window: u64,
-    /// QUIC: streams per connection (each a link).
-    #[arg(long, default_value_t = 1)]
-    pub quic_streams: u32,
+    #[command(flatten)]
+    pub tuning: LinkTuning,
     /// Print one JSON object.
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
@@ -109,8 +100,6 @@ pub struct WorkerArgs {
     /// Sender: receiver's address.
     #[arg(long)]
     pub connect: Option<SocketAddr>,
-    #[arg(long, default_value_t = 1)]
-    pub paths: u32,
     #[arg(long, value_parser = parse_size)]
     pub bytes: u64,
     #[arg(long)]
@@ -119,23 +108,52 @@ pub struct WorkerArgs {
     pub warmup: u32,
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub tuning: LinkTuning,
+}
+
+/// How the two benchmark ranks are connected (shared by `bench` and its workers).
+#[derive(Args, Clone, Debug)]
+pub struct LinkTuning {
+    /// Paths (connections) between the two ranks.
+    #[arg(long, default_value_t = 1)]
+    pub paths: u32,
+    /// Transport chunk (frame payload) size.
     #[arg(long, value_parser = parse_size, default_value = "1MiB")]
     pub chunk: u64,
+    /// Unacknowledged bytes allowed per path.
     #[arg(long, value_parser = parse_size, default_value = "8MiB")]
     pub window: u64,
+    /// QUIC: streams per connection (each a link).
     #[arg(long, default_value_t = 1)]
     pub quic_streams: u32,
 }
 
-/// The transport configuration a benchmark runs with.
-fn bench_transport(chunk: u64, window: u64) -> Result<phalanx_proto::TransportConfig, String> {
-    let t = phalanx_proto::TransportConfig {
-        chunk_bytes: chunk as usize,
-        path_window_bytes: window,
-        ..phalanx_proto::TransportConfig::default()
-    };
-    t.validate().map_err(|e| format!("invalid --chunk/--window: {e}"))?;
-    Ok(t)
+impl LinkTuning {
+    /// The transport configuration a benchmark runs with.
+    fn transport(&self) -> Result<phalanx_proto::TransportConfig, String> {
+        let t = phalanx_proto::TransportConfig {
+            chunk_bytes: self.chunk as usize,
+            path_window_bytes: self.window,
+            ..phalanx_proto::TransportConfig::default()
+        };
+        t.validate().map_err(|e| format!("invalid --chunk/--window: {e}"))?;
+        Ok(t)
+    }
+
+    /// The same settings as command-line arguments (for the worker processes).
+    fn to_args(&self) -> Vec<String> {
+        vec![
+            "--paths".into(),
+            self.paths.to_string(),
+            "--chunk".into(),
+            self.chunk.to_string(),
+            "--window".into(),
+            self.window.to_string(),
+            "--quic-streams".into(),
+            self.quic_streams.to_string(),
+        ]
+    }
 }
 
 const SECRET: &[u8] = b"phalanx-bench";
@@ -158,10 +176,10 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     if args.op == BenchOp::P2p && args.world != 2 {
         return Err(CliError::Usage("p2p runs between exactly 2 ranks (--world 2)".into()));
     }
-    if args.paths == 0 || args.iters == 0 {
+    if args.tuning.paths == 0 || args.iters == 0 {
         return Err(CliError::Usage("--paths and --iters must be at least 1".into()));
     }
-    bench_transport(args.chunk, args.window).map_err(CliError::Usage)?;
+    args.tuning.transport().map_err(CliError::Usage)?;
     let mut samples = match args.transport {
         BenchTransport::Mem => p2p_in_process(&args).await?,
         _ => p2p_processes(&args).await?,
@@ -171,8 +189,8 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     let row = json!({
         "tool": "phalanx", "transport": args.transport.column(), "op": "p2p", "world": 2,
         "bytes": args.bytes, "median_us": (med * 10.0).round() / 10.0,
-        "algbw_GBps": algbw, "busbw_GBps": algbw, "paths": args.paths, "iters": args.iters,
-        "chunk": args.chunk, "window": args.window,
+        "algbw_GBps": algbw, "busbw_GBps": algbw, "paths": args.tuning.paths, "iters": args.iters,
+        "chunk": args.tuning.chunk, "window": args.tuning.window,
     });
     if args.json {
         println!("{row}");
@@ -183,8 +201,8 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
             "p2p {} bytes over {} ({} path{}): median {:.1} us, {:.3} GB/s  ({} iterations after {} warm-up)",
             args.bytes,
             args.transport.column(),
-            args.paths,
-            if args.paths == 1 { "" } else { "s" },
+            args.tuning.paths,
+            if args.tuning.paths == 1 { "" } else { "s" },
             med,
             algbw,
             args.iters,
@@ -196,12 +214,12 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
 
 async fn p2p_in_process(args: &BenchArgs) -> Result<Vec<f64>, String> {
     let mut ca = NodeConfig::new(RankId(0), SECRET);
-    ca.transport = bench_transport(args.chunk, args.window)?;
+    ca.transport = args.tuning.transport()?;
     let mut cb = NodeConfig::new(RankId(1), SECRET);
     cb.transport = ca.transport.clone();
     let a = Node::start(ca).await.map_err(|e| e.to_string())?;
     let b = Node::start(cb).await.map_err(|e| e.to_string())?;
-    for _ in 0..args.paths {
+    for _ in 0..args.tuning.paths {
         phalanx_net::connect_mem(&a.handle(), &b.handle(), PathFaults::new()).await.map_err(|e| e.to_string())?;
     }
     let total = args.warmup + args.iters;
@@ -231,14 +249,7 @@ async fn p2p_processes(args: &BenchArgs) -> Result<Vec<f64>, String> {
             .arg(args.iters.to_string())
             .arg("--warmup")
             .arg(args.warmup.to_string())
-            .arg("--paths")
-            .arg(args.paths.to_string())
-            .arg("--chunk")
-            .arg(args.chunk.to_string())
-            .arg("--window")
-            .arg(args.window.to_string())
-            .arg("--quic-streams")
-            .arg(args.quic_streams.to_string())
+            .args(args.tuning.to_args())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
@@ -281,8 +292,8 @@ async fn p2p_processes(args: &BenchArgs) -> Result<Vec<f64>, String> {
 /// Runs one rank of a benchmark as its own process.
 pub async fn worker(args: WorkerArgs) -> Result<(), String> {
     let mut cfg = NodeConfig::new(RankId(args.rank), SECRET);
-    cfg.transport = bench_transport(args.chunk, args.window)?;
-    cfg.quic_streams = args.quic_streams;
+    cfg.transport = args.tuning.transport()?;
+    cfg.quic_streams = args.tuning.quic_streams;
     if let Some(dir) = &args.tls_dir {
         cfg.tls = Some(
             phalanx_net::tls::TlsIdentity::load_dir(dir, &format!("rank-{}", args.rank)).map_err(|e| e.to_string())?,
@@ -306,7 +317,7 @@ pub async fn worker(args: WorkerArgs) -> Result<(), String> {
         receive_loop(node, args.bytes, total).await
     } else {
         let remote = args.connect.ok_or("sender needs --connect")?;
-        for _ in 0..args.paths {
+        for _ in 0..args.tuning.paths {
             cfg.paths.push(PathSpec { peer: RankId(1), kind, remote, bind: None, faults: PathFaults::new() });
         }
         let node = Node::start(cfg).await.map_err(|e| e.to_string())?;

@@ -12,7 +12,8 @@ use clap::Args;
 use phalanx_net::{LinkKind, Node, NodeConfig, PathFaults, PathSpec};
 use phalanx_proto::{ChannelId, EndpointCounters, RankId, TransportConfig};
 
-use crate::size::{parse_size, pattern};
+use crate::size::parse_size;
+use phalanx_proto::harness::pattern;
 
 /// Arguments of `phalanx demo`.
 #[derive(Args, Debug)]

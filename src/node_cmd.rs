@@ -17,7 +17,8 @@ use phalanx_proto::{ChannelId, Event, RankId, TransportConfig};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
-use crate::size::{parse_size, pattern};
+use crate::size::parse_size;
+use phalanx_proto::harness::pattern;
 
 /// Arguments of `phalanx node`.
 #[derive(Args, Debug)]

@@ -16,20 +16,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
-/// A deterministic, cheap-to-make payload of `len` bytes that differs per `seed`.
-pub fn pattern(len: usize, seed: u64) -> bytes::Bytes {
-    let mut v = vec![0u8; len];
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
-    bytes::Bytes::from(v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,12 +29,5 @@ mod tests {
         assert!(parse_size("12XB").unwrap_err().contains("unit"));
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
-    }
-
-    #[test]
-    fn patterns_differ_by_seed_and_are_reproducible() {
-        assert_eq!(pattern(1000, 1), pattern(1000, 1));
-        assert_ne!(pattern(1000, 1), pattern(1000, 2));
-        assert_eq!(pattern(13, 5).len(), 13);
     }
 }

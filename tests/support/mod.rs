@@ -69,15 +69,7 @@ pub fn credentials(n: u32) -> (ClusterCa, Vec<TlsIdentity>) {
 
 /// A reproducible payload.
 pub fn payload(len: usize, seed: u64) -> Bytes {
-    let mut v = vec![0u8; len];
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    Bytes::from(v)
+    phalanx_proto::harness::pattern(len, seed)
 }
 
 /// Waits for an event matching `want`, collecting the others; fails the test after `limit`.

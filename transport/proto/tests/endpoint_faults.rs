@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use phalanx_proto::harness::Harness;
+use phalanx_proto::harness::{pattern, Harness};
 use phalanx_proto::{ChannelId, Epoch, Event, Instant, RankId, TransportConfig};
 use proptest::prelude::*;
 
@@ -25,10 +25,6 @@ fn small_config() -> TransportConfig {
         min_rto: Duration::from_millis(20),
         ..TransportConfig::default()
     }
-}
-
-fn pattern(len: usize, seed: u8) -> Bytes {
-    Bytes::from((0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>())
 }
 
 fn secs(s: f64) -> Instant {
@@ -218,7 +214,7 @@ proptest! {
         ];
         let mut sent = Vec::new();
         for (i, (len, ch)) in sizes.iter().enumerate() {
-            let m = pattern(*len, i as u8);
+            let m = pattern(*len, i as u64);
             h.send(A, B, ChannelId(*ch), m.clone());
             sent.push((ChannelId(*ch), m));
         }
