@@ -541,20 +541,15 @@ impl Endpoint {
     fn next_data_transmit(&mut self, now: Instant) -> Option<Transmit> {
         let window_frames = self.config.session_window_frames;
         let chunk = self.config.chunk_bytes;
-        // Round-robin: peers after the cursor first, then from the start.
-        let start = self.send_cursor;
-        let order: Vec<RankId> = {
-            let after = self
-                .sessions
-                .range(start.map_or(RankId(0), |c| RankId(c.0.saturating_add(1)))..)
-                .filter(|(r, _)| start.is_none_or(|c| **r > c));
-            let before = self.sessions.range(..start.map_or(RankId(0), |c| RankId(c.0.saturating_add(1))));
-            after
-                .chain(before.filter(|_| start.is_some()))
-                .filter(|(_, s)| s.has_send_work(window_frames))
-                .map(|(r, _)| *r)
-                .collect()
-        };
+        // Round-robin: the peers after the one served last, then the rest from the start.
+        let split = self.send_cursor.map_or(RankId(0), |c| RankId(c.0.saturating_add(1)));
+        let order: Vec<RankId> = self
+            .sessions
+            .range(split..)
+            .chain(self.sessions.range(..split))
+            .filter(|(_, s)| s.has_send_work(window_frames))
+            .map(|(r, _)| *r)
+            .collect();
         for peer in order {
             let s = &self.sessions[&peer];
             let Some(len) = s.next_frame_len(chunk) else {

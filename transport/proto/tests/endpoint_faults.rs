@@ -251,3 +251,21 @@ fn a_corrupted_tail_frame_is_resent_on_the_receivers_loss_hint_without_waiting_f
     assert!(h.run_until(secs(0.005), 100_000, |h| h.delivered.get(&B).is_some_and(|d| !d.is_empty())));
     assert_eq!(h.endpoints[&A].link_counters(l).unwrap().retransmits, 1);
 }
+
+#[test]
+fn data_for_several_peers_is_interleaved_so_no_peer_waits_behind_another() {
+    let mut h = Harness::new(3, small_config());
+    h.connect(A, B, Duration::from_micros(50), GBPS);
+    h.connect(A, C, Duration::from_micros(50), GBPS);
+    h.send(A, B, ChannelId(0), pattern(4 << 20, 1));
+    h.send(A, C, ChannelId(0), pattern(4 << 20, 2));
+    // By the time either peer has half of its message, the other has a fair share too.
+    assert!(h.run_until(secs(5.0), 1_000_000, |h| {
+        let b = h.endpoints[&B].counters().bytes_received;
+        let c = h.endpoints[&C].counters().bytes_received;
+        b.max(c) > 2 << 20
+    }));
+    let b = h.endpoints[&B].counters().bytes_received as f64;
+    let c = h.endpoints[&C].counters().bytes_received as f64;
+    assert!(b.min(c) / b.max(c) > 0.5, "B got {b} bytes, C got {c}");
+}
