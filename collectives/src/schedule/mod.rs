@@ -1,0 +1,110 @@
+//! The vocabulary of schedules.
+//!
+//! A rank's buffer is split into `blocks` contiguous blocks ([`block_range`] says which
+//! elements each covers, for any element count, including 0 and counts not divisible by the
+//! number of blocks). A schedule is a list of [`Round`]s. In a round a rank posts its sends
+//! (each carries the block's content as it was at the start of the round) and its receives
+//! (each combines the arriving block into its own: [`Combine::Reduce`] or [`Combine::Copy`]),
+//! then waits for all of them. Sends and receives of one round must match across ranks
+//! one-to-one: `(from, to, block)`.
+
+pub mod ring;
+
+/// Which collective a schedule implements (what the symbolic checker expects at the end).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collective {
+    /// Every rank ends with every block reduced over all ranks.
+    AllReduce,
+    /// Rank `r` ends with block [`owned_block`]`(r)` reduced over all ranks.
+    ReduceScatter,
+    /// Every rank starts with only its own block and ends with everyone's.
+    AllGather,
+}
+
+/// How a received block is combined with the local one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Combine {
+    /// Apply the reduction (sum, max, …) elementwise.
+    Reduce,
+    /// Overwrite the local block.
+    Copy,
+}
+
+/// A block sent to a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Send {
+    /// Destination rank.
+    pub to: usize,
+    /// Block index.
+    pub block: usize,
+}
+
+/// A block received from a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recv {
+    /// Source rank.
+    pub from: usize,
+    /// Block index.
+    pub block: usize,
+    /// How it is combined into the local block.
+    pub combine: Combine,
+}
+
+/// One round of a rank's schedule.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Sends posted this round.
+    pub sends: Vec<Send>,
+    /// Receives posted this round.
+    pub recvs: Vec<Recv>,
+}
+
+/// A rank's whole schedule for one collective.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// Number of blocks the buffer is split into.
+    pub blocks: usize,
+    /// The rounds, in order.
+    pub rounds: Vec<Round>,
+}
+
+/// The element range `[start, end)` of block `b` of `blocks` over `count` elements: the first
+/// `count % blocks` blocks get one element more than the rest.
+pub fn block_range(count: usize, blocks: usize, b: usize) -> std::ops::Range<usize> {
+    assert!(b < blocks, "block {b} of {blocks}");
+    let base = count / blocks;
+    let extra = count % blocks;
+    let start = b * base + b.min(extra);
+    let len = base + usize::from(b < extra);
+    start..start + len
+}
+
+/// The block rank `rank` holds fully reduced after a reduce-scatter over `world` ranks (and the
+/// block it contributes to an all-gather).
+pub fn owned_block(rank: usize, world: usize) -> usize {
+    assert!(rank < world);
+    rank
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn blocks_tile_the_buffer_exactly_and_differ_in_size_by_at_most_one(count in 0usize..10_000, blocks in 1usize..64) {
+            let mut next = 0;
+            let mut sizes = Vec::new();
+            for b in 0..blocks {
+                let r = block_range(count, blocks, b);
+                prop_assert_eq!(r.start, next);
+                next = r.end;
+                sizes.push(r.len());
+            }
+            prop_assert_eq!(next, count);
+            let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+            prop_assert!(max - min <= 1);
+        }
+    }
+}

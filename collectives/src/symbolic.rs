@@ -1,0 +1,160 @@
+//! Symbolic execution of schedules: instead of numbers, each block holds the multiset of
+//! contributions (which ranks' inputs, how many times) reduced into it. A correct schedule
+//! leaves exactly the expected set, each contribution once — the property every algorithm
+//! must pass for every world size before it touches a network.
+
+use std::collections::BTreeMap;
+
+use crate::schedule::{owned_block, Collective, Combine, Schedule};
+
+/// Contributions in a block: rank → how many times its input was reduced in.
+pub type Contributions = BTreeMap<usize, u32>;
+
+/// Why a set of schedules is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScheduleError {
+    /// Ranks disagree on the number of blocks or rounds, or there is one schedule too few.
+    Shape(String),
+    /// A send has no matching receive in the same round (or the reverse).
+    Unmatched {
+        /// Round index.
+        round: usize,
+        /// Sender.
+        from: usize,
+        /// Receiver.
+        to: usize,
+        /// Block.
+        block: usize,
+    },
+    /// A block ended with the wrong contributions.
+    WrongResult {
+        /// Rank.
+        rank: usize,
+        /// Block.
+        block: usize,
+        /// What it holds.
+        found: Contributions,
+    },
+}
+
+/// Runs all ranks' schedules in lockstep on symbolic data and checks the outcome of
+/// `collective`.
+pub fn check(collective: Collective, world: usize, schedules: &[Schedule]) -> Result<(), ScheduleError> {
+    if schedules.len() != world {
+        return Err(ScheduleError::Shape(format!("{} schedules for a world of {world}", schedules.len())));
+    }
+    let blocks = schedules.first().map_or(1, |s| s.blocks);
+    let rounds = schedules.iter().map(|s| s.rounds.len()).max().unwrap_or(0);
+    if schedules.iter().any(|s| s.blocks != blocks) {
+        return Err(ScheduleError::Shape("ranks disagree on the number of blocks".into()));
+    }
+    let own = |r: usize| Contributions::from([(r, 1)]);
+    // state[rank][block]; all-gather starts with only the owned block.
+    let mut state: Vec<Vec<Contributions>> = (0..world)
+        .map(|r| {
+            (0..blocks)
+                .map(|b| match collective {
+                    Collective::AllGather if b != owned_block(r, world) => Contributions::new(),
+                    _ => own(r),
+                })
+                .collect()
+        })
+        .collect();
+    for round in 0..rounds {
+        // Messages in flight this round: (from, to, block) → content at the start of the round.
+        let mut wire: BTreeMap<(usize, usize, usize), Vec<Contributions>> = BTreeMap::new();
+        for (r, s) in schedules.iter().enumerate() {
+            for send in s.rounds.get(round).map_or(&[][..], |x| &x.sends) {
+                wire.entry((r, send.to, send.block)).or_default().push(state[r][send.block].clone());
+            }
+        }
+        for (r, s) in schedules.iter().enumerate() {
+            for recv in s.rounds.get(round).map_or(&[][..], |x| &x.recvs) {
+                let key = (recv.from, r, recv.block);
+                let Some(content) = wire.get_mut(&key).and_then(|v| v.pop()) else {
+                    return Err(ScheduleError::Unmatched { round, from: recv.from, to: r, block: recv.block });
+                };
+                let local = &mut state[r][recv.block];
+                match recv.combine {
+                    Combine::Copy => *local = content,
+                    Combine::Reduce => {
+                        for (k, v) in content {
+                            *local.entry(k).or_default() += v;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(((from, to, block), _)) = wire.iter().find(|(_, v)| !v.is_empty()) {
+            return Err(ScheduleError::Unmatched { round, from: *from, to: *to, block: *block });
+        }
+    }
+    let all: Contributions = (0..world).map(|r| (r, 1)).collect();
+    for (r, blocks_of_r) in state.iter().enumerate() {
+        for (b, found) in blocks_of_r.iter().enumerate() {
+            // What the block must hold at the end (`None`: scratch, anything goes).
+            let expected = match collective {
+                Collective::AllReduce => Some(all.clone()),
+                Collective::ReduceScatter => (b == owned_block(r, world)).then(|| all.clone()),
+                Collective::AllGather => Some(own(owned_block(b, world))),
+            };
+            let ok = expected.is_none_or(|e| *found == e);
+            if !ok {
+                return Err(ScheduleError::WrongResult { rank: r, block: b, found: found.clone() });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::{ring, Combine, Recv, Round, Send};
+
+    fn ring_all(c: Collective, world: usize) -> Vec<Schedule> {
+        (0..world).map(|r| ring::schedule(c, r, world)).collect()
+    }
+
+    #[test]
+    fn ring_schedules_are_correct_for_every_world_size_up_to_64() {
+        for world in 1..=64 {
+            for c in [Collective::AllReduce, Collective::ReduceScatter, Collective::AllGather] {
+                check(c, world, &ring_all(c, world)).unwrap_or_else(|e| panic!("{c:?} world {world}: {e:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn ring_all_reduce_costs_two_n_minus_one_rounds_of_one_block() {
+        for world in 1..=9 {
+            let s = ring::schedule(Collective::AllReduce, 0, world);
+            assert_eq!(s.rounds.len(), 2 * (world - 1));
+            assert!(s.rounds.iter().all(|r| r.sends.len() == 1 && r.recvs.len() == 1));
+        }
+    }
+
+    #[test]
+    fn the_checker_catches_a_double_counted_contribution() {
+        let world = 3;
+        let mut s = ring_all(Collective::AllReduce, world);
+        // Rank 1 reduces a copy step instead of overwriting: its block gets inputs twice.
+        let last = s[1].rounds.len() - 1;
+        s[1].rounds[last].recvs[0].combine = Combine::Reduce;
+        assert!(matches!(check(Collective::AllReduce, world, &s), Err(ScheduleError::WrongResult { rank: 1, .. })));
+    }
+
+    #[test]
+    fn the_checker_catches_a_send_nobody_receives() {
+        let world = 2;
+        let mut s = ring_all(Collective::AllGather, world);
+        s[0].rounds.push(Round { sends: vec![Send { to: 1, block: 0 }], recvs: vec![] });
+        assert_eq!(
+            check(Collective::AllGather, world, &s),
+            Err(ScheduleError::Unmatched { round: 1, from: 0, to: 1, block: 0 })
+        );
+        let mut s = ring_all(Collective::AllGather, world);
+        s[1].rounds[0].recvs.push(Recv { from: 0, block: 1, combine: Combine::Copy });
+        assert!(matches!(check(Collective::AllGather, world, &s), Err(ScheduleError::Unmatched { .. })));
+    }
+}
