@@ -9,7 +9,7 @@
 //! use phalanx_collectives::symbolic;
 //!
 //! let world = 5;
-//! let schedules: Vec<_> = (0..world).map(|r| ring::schedule(Collective::AllReduce, r, world)).collect();
+//! let schedules: Vec<_> = (0..world).map(|r| ring::schedule(Collective::AllReduce, r, world).unwrap()).collect();
 //! symbolic::check(Collective::AllReduce, world, &schedules).unwrap();
 //! ```
 #![warn(missing_docs)]

@@ -55,6 +55,7 @@ pub fn check(collective: Collective, world: usize, schedules: &[Schedule]) -> Re
             (0..blocks)
                 .map(|b| match collective {
                     Collective::AllGather if b != owned_block(r, world) => Contributions::new(),
+                    Collective::Broadcast { root } if r != root => Contributions::new(),
                     _ => own(r),
                 })
                 .collect()
@@ -97,6 +98,8 @@ pub fn check(collective: Collective, world: usize, schedules: &[Schedule]) -> Re
                 Collective::AllReduce => Some(all.clone()),
                 Collective::ReduceScatter => (b == owned_block(r, world)).then(|| all.clone()),
                 Collective::AllGather => Some(own(owned_block(b, world))),
+                Collective::Broadcast { root } => Some(own(root)),
+                Collective::Reduce { root } => (r == root).then(|| all.clone()),
             };
             let ok = expected.is_none_or(|e| *found == e);
             if !ok {
@@ -110,10 +113,10 @@ pub fn check(collective: Collective, world: usize, schedules: &[Schedule]) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schedule::{ring, Combine, Recv, Round, Send};
+    use crate::schedule::{halving_doubling, ring, tree, Combine, Recv, Round, Send};
 
     fn ring_all(c: Collective, world: usize) -> Vec<Schedule> {
-        (0..world).map(|r| ring::schedule(c, r, world)).collect()
+        (0..world).map(|r| ring::schedule(c, r, world).expect("ring implements it")).collect()
     }
 
     #[test]
@@ -126,9 +129,34 @@ mod tests {
     }
 
     #[test]
+    fn recursive_doubling_all_reduce_is_correct_for_powers_of_two_and_every_other_size() {
+        for world in 1..=70 {
+            let s: Vec<_> = (0..world).map(|r| halving_doubling::all_reduce(r, world)).collect();
+            check(Collective::AllReduce, world, &s).unwrap_or_else(|e| panic!("world {world}: {e:?}"));
+            let p = world.next_power_of_two();
+            let extra_rounds = if p == world { 0 } else { 2 };
+            let log = if p == world { p.trailing_zeros() } else { p.trailing_zeros() - 1 };
+            assert_eq!(s[0].rounds.len(), log as usize + extra_rounds, "world {world}");
+        }
+    }
+
+    #[test]
+    fn binomial_broadcast_and_reduce_are_correct_from_every_root() {
+        for world in 1..=33 {
+            for root in 0..world {
+                for c in [Collective::Broadcast { root }, Collective::Reduce { root }] {
+                    let s: Vec<_> = (0..world).map(|r| tree::schedule(c, r, world).expect("tree")).collect();
+                    check(c, world, &s).unwrap_or_else(|e| panic!("{c:?} world {world}: {e:?}"));
+                    assert_eq!(s[0].rounds.len(), world.next_power_of_two().trailing_zeros() as usize);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn ring_all_reduce_costs_two_n_minus_one_rounds_of_one_block() {
         for world in 1..=9 {
-            let s = ring::schedule(Collective::AllReduce, 0, world);
+            let s = ring::schedule(Collective::AllReduce, 0, world).unwrap();
             assert_eq!(s.rounds.len(), 2 * (world - 1));
             assert!(s.rounds.iter().all(|r| r.sends.len() == 1 && r.recvs.len() == 1));
         }

@@ -8,7 +8,9 @@
 //! then waits for all of them. Sends and receives of one round must match across ranks
 //! one-to-one: `(from, to, block)`.
 
+pub mod halving_doubling;
 pub mod ring;
+pub mod tree;
 
 /// Which collective a schedule implements (what the symbolic checker expects at the end).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +21,16 @@ pub enum Collective {
     ReduceScatter,
     /// Every rank starts with only its own block and ends with everyone's.
     AllGather,
+    /// Every rank ends with the root's buffer.
+    Broadcast {
+        /// The rank whose buffer is sent.
+        root: usize,
+    },
+    /// The root ends with the buffer reduced over all ranks.
+    Reduce {
+        /// The rank that receives the result.
+        root: usize,
+    },
 }
 
 /// How a received block is combined with the local one.

@@ -40,8 +40,8 @@ fn all_gather_rounds(rank: usize, world: usize) -> Vec<Round> {
 }
 
 /// The ring schedule of `collective` for `rank` of `world` (`world ≥ 1`; a world of one has no
-/// rounds).
-pub fn schedule(collective: Collective, rank: usize, world: usize) -> Schedule {
+/// rounds). `None` for collectives the ring does not implement (broadcast, reduce).
+pub fn schedule(collective: Collective, rank: usize, world: usize) -> Option<Schedule> {
     assert!(rank < world, "rank {rank} outside world {world}");
     let rounds = match collective {
         Collective::ReduceScatter => reduce_scatter_rounds(rank, world),
@@ -51,6 +51,7 @@ pub fn schedule(collective: Collective, rank: usize, world: usize) -> Schedule {
             r.extend(all_gather_rounds(rank, world));
             r
         }
+        Collective::Broadcast { .. } | Collective::Reduce { .. } => return None,
     };
-    Schedule { blocks: world, rounds }
+    Some(Schedule { blocks: world, rounds })
 }
