@@ -14,5 +14,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod executor;
+pub mod reduce;
 pub mod schedule;
 pub mod symbolic;

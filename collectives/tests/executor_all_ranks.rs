@@ -1,0 +1,158 @@
+//! Every rank's executor, run in one process with messages delivered in a random order between
+//! pairs (FIFO per pair, like the transport): results against a naive f64 reference, integers
+//! exact, floats within a stated tolerance, and bit-identical across ranks.
+
+use bytes::Bytes;
+use phalanx_collectives::executor::Executor;
+use phalanx_collectives::reduce::{element_f64, set_element_f64, DType, ReduceOp};
+use phalanx_collectives::schedule::{halving_doubling, ring, tree, Collective, Schedule};
+use proptest::prelude::*;
+use std::collections::{BTreeMap, VecDeque};
+
+/// Runs all executors to completion, picking which pair's queue to deliver from with `picks`.
+fn run(mut ex: Vec<Executor>, picks: &[usize]) -> Vec<Vec<u8>> {
+    let mut queues: BTreeMap<(usize, usize), VecDeque<Bytes>> = BTreeMap::new();
+    for i in 0..1_000_000 {
+        for (r, e) in ex.iter_mut().enumerate() {
+            while let Some((to, m)) = e.poll_send() {
+                queues.entry((r, to)).or_default().push_back(m);
+            }
+        }
+        let live: Vec<(usize, usize)> = queues.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
+        if live.is_empty() {
+            break;
+        }
+        let (from, to) = live[picks.get(i).copied().unwrap_or(0) % live.len()];
+        let m = queues.get_mut(&(from, to)).unwrap().pop_front().unwrap();
+        ex[to].handle_message(from, m).expect("a valid message");
+    }
+    assert!(ex.iter().all(|e| e.is_done()), "every rank finished");
+    ex.into_iter().map(|e| e.into_buffer()).collect()
+}
+
+fn input(dtype: DType, rank: usize, count: usize) -> Vec<u8> {
+    let mut b = vec![0u8; count * dtype.size()];
+    for i in 0..count {
+        // Small integers, exact in every type (bf16 has 8 bits of mantissa).
+        let v = ((rank * 7 + i * 3) % 11) as f64 - 5.0;
+        set_element_f64(dtype, &mut b, i, v);
+    }
+    b
+}
+
+fn reference(dtype: DType, op: ReduceOp, world: usize, count: usize, i: usize) -> f64 {
+    let vals: Vec<f64> = (0..world).map(|r| element_f64(dtype, &input(dtype, r, count), i)).collect();
+    match op {
+        ReduceOp::Sum => vals.iter().sum(),
+        ReduceOp::Avg => {
+            let s: f64 = vals.iter().sum();
+            if matches!(dtype, DType::I32 | DType::I64) {
+                (s / world as f64).trunc()
+            } else {
+                s / world as f64
+            }
+        }
+        ReduceOp::Min => vals.iter().cloned().fold(f64::INFINITY, f64::min),
+        ReduceOp::Max => vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+        // Integer products wrap in the type's width, exactly as the kernels do.
+        ReduceOp::Prod => match dtype {
+            DType::I32 => vals.iter().fold(1i32, |p, v| p.wrapping_mul(*v as i32)) as f64,
+            DType::I64 => vals.iter().fold(1i64, |p, v| p.wrapping_mul(*v as i64)) as f64,
+            _ => vals.iter().product(),
+        },
+    }
+}
+
+/// Relative tolerance per type (products of up to 16 small integers overflow 16-bit floats'
+/// exact range, so the check is relative).
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 1e-2,
+        DType::BF16 => 2e-2,
+        DType::F32 => 1e-6,
+        _ => 0.0,
+    }
+}
+
+fn check_all_reduce(schedules: Vec<Schedule>, dtype: DType, op: ReduceOp, count: usize, picks: &[usize]) {
+    let world = schedules.len();
+    let ex = schedules
+        .into_iter()
+        .enumerate()
+        .map(|(r, s)| Executor::new(s, 9, dtype, op, world, input(dtype, r, count)))
+        .collect();
+    let out = run(ex, picks);
+    for r in 1..world {
+        assert_eq!(out[r], out[0], "rank {r} differs bitwise from rank 0 ({dtype:?} {op:?} world {world})");
+    }
+    for i in 0..count {
+        let want = reference(dtype, op, world, count, i);
+        let got = element_f64(dtype, &out[0], i);
+        let ok = if matches!(dtype, DType::I32 | DType::I64) {
+            got == want
+        } else {
+            (got - want).abs() <= tolerance(dtype) * want.abs().max(1.0) || (got.is_infinite() && want.abs() > 6e4)
+        };
+        assert!(ok, "{dtype:?} {op:?} world {world} element {i}: got {got}, want {want}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn all_reduce_ring_and_recursive_doubling_agree_with_the_reference(
+        world in 1usize..=16,
+        count in prop_oneof![Just(0usize), Just(1), Just(13), 0usize..300],
+        dtype_i in 0usize..6,
+        op_i in 0usize..5,
+        picks in proptest::collection::vec(any::<usize>(), 0..400),
+    ) {
+        let (dtype, op) = (DType::ALL[dtype_i], ReduceOp::ALL[op_i]);
+        let ring: Vec<_> = (0..world).map(|r| ring::schedule(Collective::AllReduce, r, world).unwrap()).collect();
+        check_all_reduce(ring, dtype, op, count, &picks);
+        let rd: Vec<_> = (0..world).map(|r| halving_doubling::all_reduce(r, world)).collect();
+        check_all_reduce(rd, dtype, op, count, &picks);
+    }
+
+    #[test]
+    fn broadcast_delivers_the_roots_buffer_to_everyone(world in 1usize..=16, root_seed in any::<usize>(), count in 0usize..100) {
+        let root = root_seed % world;
+        let dtype = DType::F32;
+        let ex = (0..world)
+            .map(|r| Executor::new(tree::broadcast(root, r, world), 1, dtype, ReduceOp::Sum, world, input(dtype, r, count)))
+            .collect();
+        let out = run(ex, &[]);
+        for b in &out {
+            prop_assert_eq!(b, &input(dtype, root, count));
+        }
+    }
+}
+
+#[test]
+fn messages_from_another_collective_or_out_of_schedule_are_refused_without_effect() {
+    let world = 3;
+    let mut e = Executor::new(
+        ring::schedule(Collective::AllReduce, 0, world).unwrap(),
+        5,
+        DType::I32,
+        ReduceOp::Sum,
+        world,
+        input(DType::I32, 0, 6),
+    );
+    let before = e.buffer().to_vec();
+    let msg = |seq: u64, round: u32, block: u32, len: usize| {
+        let mut v = seq.to_le_bytes().to_vec();
+        v.extend_from_slice(&round.to_le_bytes());
+        v.extend_from_slice(&block.to_le_bytes());
+        v.extend(std::iter::repeat_n(1u8, len));
+        Bytes::from(v)
+    };
+    assert!(e.handle_message(2, msg(4, 0, 1, 8)).is_err(), "older collective");
+    assert!(e.handle_message(1, msg(5, 0, 1, 8)).is_err(), "rank 1 is not our ring predecessor");
+    assert!(e.handle_message(2, msg(5, 0, 1, 3)).is_err(), "wrong length");
+    assert!(e.handle_message(2, Bytes::from_static(b"short")).is_err(), "truncated");
+    assert!(e.handle_message(2, msg(5, 99, 0, 8)).is_err(), "no such round");
+    assert_eq!(e.buffer(), &before[..]);
+    assert!(!e.is_done());
+}
