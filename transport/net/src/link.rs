@@ -223,18 +223,17 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
                         payload = copy.freeze();
                     }
                     WriteVerdict::Hold => {
-                        if let Some((h, p)) = held.take() {
-                            w.write_all(&header).await?;
-                            w.write_all(&payload).await?;
-                            w.write_all(&h).await?;
-                            w.write_all(&p).await?;
-                        } else {
-                            held = Some((header, payload));
+                        // Swap each pair: hold one frame, write it after the next.
+                        match held.take() {
+                            Some((h, p)) => {
+                                write_frame(&mut w, &header, &payload).await?;
+                                write_frame(&mut w, &h, &p).await?;
+                            }
+                            None => held = Some((header, payload)),
                         }
                         if frames.is_empty() {
                             if let Some((h, p)) = held.take() {
-                                w.write_all(&h).await?;
-                                w.write_all(&p).await?;
+                                write_frame(&mut w, &h, &p).await?;
                             }
                             w.flush().await?;
                         }
@@ -243,6 +242,10 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
                 }
             }
             write_frame(&mut w, &header, &payload).await?;
+            // A frame held for reordering goes out after this one (reordering was switched off).
+            if let Some((h, p)) = held.take() {
+                write_frame(&mut w, &h, &p).await?;
+            }
             if frames.is_empty() {
                 w.flush().await?;
             }
