@@ -27,10 +27,11 @@ impl Dialer {
         async move {
             let mut backoff = self.redial_initial;
             loop {
-                if self.node.is_closed() {
-                    return;
+                // A cut path is not dialed until it is restored (or the node shuts down).
+                tokio::select! {
+                    _ = self.path.faults.wait_restored() => {}
+                    _ = self.node.closed() => return,
                 }
-                self.path.faults.wait_restored().await;
                 match self.connect_once().await {
                     Ok(closed) => {
                         backoff = self.redial_initial;
@@ -48,10 +49,10 @@ impl Dialer {
                         }
                     }
                 }
-                if self.node.is_closed() {
-                    return;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = self.node.closed() => return,
                 }
-                tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(self.redial_max);
             }
         }

@@ -278,8 +278,9 @@ impl NodeHandle {
         let _ = self.shared.commands.send(Command::Shutdown);
     }
 
-    pub(crate) fn is_closed(&self) -> bool {
-        self.shared.commands.is_closed()
+    /// Completes when the node has shut down (its endpoint task is gone).
+    pub(crate) async fn closed(&self) {
+        self.shared.commands.closed().await
     }
 }
 

@@ -120,7 +120,7 @@ pub(crate) async fn accept_loop(node: NodeHandle, endpoint: quinn::Endpoint, han
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
-            _ = crate::tcp::closed(&node) => { endpoint.close(0u32.into(), b"shutdown"); return; }
+            _ = node.closed() => { endpoint.close(0u32.into(), b"shutdown"); return; }
         };
         let Some(incoming) = incoming else { return };
         let node = node.clone();

@@ -26,7 +26,7 @@ pub(crate) async fn accept_loop(node: NodeHandle, listener: TcpListener, handsha
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = closed(&node) => return,
+            _ = node.closed() => return,
         };
         let Ok((stream, from)) = accepted else { continue };
         let _ = stream.set_nodelay(true);
@@ -43,9 +43,4 @@ pub(crate) async fn accept_loop(node: NodeHandle, listener: TcpListener, handsha
             }
         });
     }
-}
-
-/// Completes when the node has shut down.
-pub(crate) async fn closed(node: &NodeHandle) {
-    node.command_sender().closed().await
 }
