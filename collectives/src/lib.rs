@@ -14,6 +14,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod alltoall;
 pub mod executor;
 pub mod reduce;
 pub mod schedule;

@@ -1,0 +1,208 @@
+//! All-to-all and all-to-all-v by pairwise exchange (MoE token dispatch and combine).
+//!
+//! Rank `r` holds one buffer per destination (any sizes, including empty: all-to-all-v) and
+//! ends with one buffer per source. In round `k = 1 … n − 1` it sends its buffer for
+//! `r + k` and receives the one from `r − k` (mod `n`): every round is a permutation, so no rank
+//! receives from two peers at once (no incast). Its own buffer is moved locally.
+//!
+//! Cost: `n − 1` rounds; each rank sends what it has for the others, `(n − 1)·S/n` bytes for a
+//! balanced all-to-all of `S` bytes per rank.
+//!
+//! The executor is sans-IO like [`crate::executor::Executor`]: `poll_send`, `handle_message`,
+//! `is_done`. A round's send is posted once the previous round's receive is in (MPI's pairwise
+//! pacing); messages for later rounds are kept until their round.
+
+use std::collections::BTreeMap;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::executor::{ExecError, MESSAGE_HEADER};
+
+/// The pairwise schedule of `rank`: for each round, `(send to, receive from)`.
+pub fn pairwise(rank: usize, world: usize) -> Vec<(usize, usize)> {
+    assert!(rank < world, "rank {rank} outside world {world}");
+    (1..world).map(|k| ((rank + k) % world, (rank + world - k) % world)).collect()
+}
+
+/// Runs one rank's all-to-all(-v).
+pub struct AllToAll {
+    rank: usize,
+    op_seq: u64,
+    rounds: Vec<(usize, usize)>,
+    outgoing: Vec<Option<Bytes>>,
+    incoming: Vec<Option<Bytes>>,
+    round: usize,
+    posted: bool,
+    early: BTreeMap<usize, Bytes>,
+    outbox: Option<(usize, Bytes)>,
+}
+
+impl AllToAll {
+    /// `send[d]` is what this rank sends to rank `d` (`send.len()` is the world size).
+    pub fn new(rank: usize, op_seq: u64, send: Vec<Bytes>) -> AllToAll {
+        let world = send.len();
+        let rounds = pairwise(rank, world);
+        let mut outgoing: Vec<Option<Bytes>> = send.into_iter().map(Some).collect();
+        let mut incoming = vec![None; world];
+        incoming[rank] = outgoing[rank].take();
+        let mut a = AllToAll {
+            rank,
+            op_seq,
+            rounds,
+            outgoing,
+            incoming,
+            round: 0,
+            posted: false,
+            early: BTreeMap::new(),
+            outbox: None,
+        };
+        a.advance();
+        a
+    }
+
+    /// Posts sends and consumes receives as far as the rounds allow. A round's send is posted
+    /// once the previous round's send has been handed out and its receive is in.
+    fn advance(&mut self) {
+        while self.round < self.rounds.len() {
+            let (to, from) = self.rounds[self.round];
+            if !self.posted {
+                if self.outbox.is_some() {
+                    return;
+                }
+                self.posted = true;
+                let data = self.outgoing[to].take().unwrap_or_default();
+                let mut m = BytesMut::with_capacity(MESSAGE_HEADER + data.len());
+                m.put_u64_le(self.op_seq);
+                m.put_u32_le(self.round as u32);
+                m.put_u32_le(self.rank as u32);
+                m.put_slice(&data);
+                self.outbox = Some((to, m.freeze()));
+            }
+            match self.early.remove(&self.round) {
+                Some(data) => self.incoming[from] = Some(data),
+                None => return,
+            }
+            self.round += 1;
+            self.posted = false;
+        }
+    }
+
+    /// The next message: `(destination rank, bytes)`.
+    pub fn poll_send(&mut self) -> Option<(usize, Bytes)> {
+        let out = self.outbox.take();
+        if out.is_some() {
+            self.advance();
+        }
+        out
+    }
+
+    /// A message from `from` arrived. Errors leave the state unchanged.
+    pub fn handle_message(&mut self, from: usize, mut msg: Bytes) -> Result<(), ExecError> {
+        if msg.len() < MESSAGE_HEADER {
+            return Err(ExecError::Truncated { from, len: msg.len() });
+        }
+        let op_seq = msg.get_u64_le();
+        let round = msg.get_u32_le();
+        let claimed = msg.get_u32_le();
+        if op_seq != self.op_seq {
+            return Err(ExecError::OtherCollective { from, found: op_seq, expected: self.op_seq });
+        }
+        let r = round as usize;
+        let expected_from = self.rounds.get(r).map(|x| x.1);
+        // Refused: the wrong peer for that round, a round already done, or a second copy.
+        if expected_from != Some(from) || claimed as usize != from || r < self.round || self.early.contains_key(&r) {
+            return Err(ExecError::Unexpected { from, round, block: claimed });
+        }
+        self.early.insert(r, msg);
+        self.advance();
+        Ok(())
+    }
+
+    /// Whether every buffer has arrived.
+    pub fn is_done(&self) -> bool {
+        self.round == self.rounds.len() && self.outbox.is_none()
+    }
+
+    /// `recv[s]` is what rank `s` sent to this rank (empty if it sent nothing). Call when done.
+    pub fn into_received(self) -> Vec<Bytes> {
+        self.incoming.into_iter().map(Option::unwrap_or_default).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    #[test]
+    fn every_round_of_the_pairwise_schedule_is_a_permutation() {
+        for world in 1..=33 {
+            let all: Vec<_> = (0..world).map(|r| pairwise(r, world)).collect();
+            for k in 0..world.saturating_sub(1) {
+                let mut receivers: Vec<usize> = all.iter().map(|s| s[k].0).collect();
+                receivers.sort_unstable();
+                assert_eq!(receivers, (0..world).collect::<Vec<_>>(), "round {k} of world {world}");
+                for (r, s) in all.iter().enumerate() {
+                    assert_eq!(all[s[k].0][k].1, r, "send and receive match");
+                }
+            }
+        }
+    }
+
+    fn payload(src: usize, dst: usize, len: usize) -> Bytes {
+        Bytes::from((0..len).map(|i| (src * 31 + dst * 7 + i) as u8).collect::<Vec<u8>>())
+    }
+
+    proptest! {
+        #[test]
+        fn all_to_all_v_delivers_every_buffer_exactly_once_to_its_destination(
+            world in 1usize..=12,
+            sizes in proptest::collection::vec(0usize..200, 144),
+            picks in proptest::collection::vec(any::<usize>(), 0..300),
+        ) {
+            let len = |s: usize, d: usize| sizes[s * 12 + d];
+            let mut ex: Vec<AllToAll> = (0..world)
+                .map(|s| AllToAll::new(s, 3, (0..world).map(|d| payload(s, d, len(s, d))).collect()))
+                .collect();
+            let mut queues: BTreeMap<(usize, usize), VecDeque<Bytes>> = BTreeMap::new();
+            for i in 0..100_000 {
+                for (r, e) in ex.iter_mut().enumerate() {
+                    while let Some((to, m)) = e.poll_send() {
+                        queues.entry((r, to)).or_default().push_back(m);
+                    }
+                }
+                let live: Vec<_> = queues.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
+                if live.is_empty() {
+                    break;
+                }
+                let (from, to) = live[picks.get(i).copied().unwrap_or(0) % live.len()];
+                let m = queues.get_mut(&(from, to)).unwrap().pop_front().unwrap();
+                ex[to].handle_message(from, m).unwrap();
+            }
+            for (d, e) in ex.into_iter().enumerate() {
+                prop_assert!(e.is_done());
+                let got = e.into_received();
+                for (s, b) in got.iter().enumerate() {
+                    prop_assert_eq!(b, &payload(s, d, len(s, d)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_second_copy_or_a_message_from_the_wrong_peer_is_refused() {
+        let world = 3;
+        let mut a = AllToAll::new(0, 1, (0..world).map(|d| payload(0, d, 4)).collect());
+        let msg = |round: u32, from: u32| {
+            let mut v = 1u64.to_le_bytes().to_vec();
+            v.extend_from_slice(&round.to_le_bytes());
+            v.extend_from_slice(&from.to_le_bytes());
+            Bytes::from(v)
+        };
+        // Round 0 of rank 0 receives from rank 2.
+        assert!(a.handle_message(1, msg(0, 1)).is_err());
+        assert!(a.handle_message(2, msg(0, 2)).is_ok());
+        assert!(a.handle_message(2, msg(0, 2)).is_err(), "duplicate");
+    }
+}
