@@ -50,9 +50,18 @@ impl BenchTransport {
 /// Operations `phalanx bench` measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchOp {
-    /// One direction between two ranks. (The collectives — allreduce, allgather,
-    /// reducescatter, alltoall, broadcast — arrive with the collectives layer.)
+    /// One direction between two ranks.
     P2p,
+    /// All-reduce (f32 sum).
+    Allreduce,
+    /// All-gather (`--bytes` is the gathered size).
+    Allgather,
+    /// Reduce-scatter (f32 sum; `--bytes` is the input size).
+    Reducescatter,
+    /// All-to-all (`--bytes` is the send buffer; `bytes/world` to each rank).
+    Alltoall,
+    /// Broadcast from rank 0.
+    Broadcast,
 }
 
 /// Arguments of `phalanx bench`.
@@ -131,7 +140,7 @@ pub struct LinkTuning {
 
 impl LinkTuning {
     /// The transport configuration a benchmark runs with.
-    fn transport(&self) -> Result<phalanx_proto::TransportConfig, String> {
+    pub fn transport(&self) -> Result<phalanx_proto::TransportConfig, String> {
         let t = phalanx_proto::TransportConfig {
             chunk_bytes: self.chunk as usize,
             path_window_bytes: self.window,
@@ -142,7 +151,7 @@ impl LinkTuning {
     }
 
     /// The same settings as command-line arguments (for the worker processes).
-    fn to_args(&self) -> Vec<String> {
+    pub fn to_args(&self) -> Vec<String> {
         vec![
             "--paths".into(),
             self.paths.to_string(),
@@ -171,34 +180,56 @@ fn median(samples: &mut [f64]) -> f64 {
     }
 }
 
+/// The op's name in the baselines' CSV.
+fn op_column(op: BenchOp) -> &'static str {
+    match op {
+        BenchOp::P2p => "p2p",
+        BenchOp::Allreduce => "allreduce",
+        BenchOp::Allgather => "allgather",
+        BenchOp::Reducescatter => "reducescatter",
+        BenchOp::Alltoall => "alltoall",
+        BenchOp::Broadcast => "broadcast",
+    }
+}
+
 /// Runs `phalanx bench`.
 pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     if args.op == BenchOp::P2p && args.world != 2 {
         return Err(CliError::Usage("p2p runs between exactly 2 ranks (--world 2)".into()));
     }
+    if args.world == 0 || args.world > 64 {
+        return Err(CliError::Usage("--world must be 1..=64".into()));
+    }
     if args.tuning.paths == 0 || args.iters == 0 {
         return Err(CliError::Usage("--paths and --iters must be at least 1".into()));
     }
     args.tuning.transport().map_err(CliError::Usage)?;
-    let mut samples = match args.transport {
-        BenchTransport::Mem => p2p_in_process(&args).await?,
-        _ => p2p_processes(&args).await?,
+    let (med, op_name) = if args.op == BenchOp::P2p {
+        let mut samples = match args.transport {
+            BenchTransport::Mem => p2p_in_process(&args).await?,
+            _ => p2p_processes(&args).await?,
+        };
+        (median(&mut samples), "p2p")
+    } else {
+        (crate::bench_collective::run(&args).await?, op_column(args.op))
     };
-    let med = median(&mut samples);
     let algbw = args.bytes as f64 / med / 1e3;
+    let busbw = algbw * crate::bench_collective::bus_factor(args.op, args.world as usize);
     let row = json!({
-        "tool": "phalanx", "transport": args.transport.column(), "op": "p2p", "world": 2,
+        "tool": "phalanx", "transport": args.transport.column(), "op": op_name, "world": args.world,
         "bytes": args.bytes, "median_us": (med * 10.0).round() / 10.0,
-        "algbw_GBps": algbw, "busbw_GBps": algbw, "paths": args.tuning.paths, "iters": args.iters,
+        "algbw_GBps": algbw, "busbw_GBps": busbw, "paths": args.tuning.paths, "iters": args.iters,
         "chunk": args.tuning.chunk, "window": args.tuning.window,
     });
     if args.json {
         println!("{row}");
     } else if args.csv {
-        println!("phalanx,{},p2p,2,{},{:.1},{:.4},{:.4}", args.transport.column(), args.bytes, med, algbw, algbw);
+        let (transport, world, bytes) = (args.transport.column(), args.world, args.bytes);
+        println!("phalanx,{transport},{op_name},{world},{bytes},{med:.1},{algbw:.4},{busbw:.4}");
     } else {
         println!(
-            "p2p {} bytes over {} ({} path{}): median {:.1} us, {:.3} GB/s  ({} iterations after {} warm-up)",
+            "{op_name} world {} {} bytes over {} ({} path{}): median {:.1} us, algbw {:.3} GB/s, busbw {busbw:.3} GB/s  ({} iterations after {} warm-up)",
+            args.world,
             args.bytes,
             args.transport.column(),
             args.tuning.paths,

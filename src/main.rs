@@ -1,6 +1,7 @@
 //! The `phalanx` command: demo, bench, and the process-level tools built on the library.
 
 mod bench;
+mod bench_collective;
 mod demo;
 mod node_cmd;
 mod size;
@@ -37,13 +38,16 @@ struct Cli {
 enum Command {
     /// Three ranks on loopback streaming data while paths fail, relay and heal.
     Demo(demo::DemoArgs),
-    /// Benchmarks in the baselines' format (p2p now; collectives later).
+    /// Benchmarks in the baselines' format: p2p and the collectives.
     Bench(bench::BenchArgs),
     /// Run one transport rank as a process, driven by stdin commands (JSON lines out).
     Node(node_cmd::NodeArgs),
     /// One rank of a benchmark (spawned by `phalanx bench`).
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
+    /// One rank of a collective benchmark (spawned by `phalanx bench`).
+    #[command(hide = true)]
+    CollWorker(bench_collective::CollWorkerArgs),
 }
 
 fn main() {
@@ -70,6 +74,7 @@ fn main() {
             Command::Bench(a) => bench::run(a).await,
             Command::Node(a) => node_cmd::run(a).await.map_err(CliError::from),
             Command::BenchWorker(a) => bench::worker(a).await.map_err(CliError::from),
+            Command::CollWorker(a) => bench_collective::worker(a).await.map_err(CliError::from),
         }
     });
     // Do not wait for background tasks (dialers, link tasks) to wind down.

@@ -26,7 +26,8 @@ fn unknown_subcommands_and_bad_flags_exit_with_status_2_and_say_why() {
     let cases: &[(&[&str], &str)] = &[
         (&["frobnicate"], "frobnicate"),
         (&["bench", "p2p", "--bytes", "12XB"], "12XB"),
-        (&["bench", "allreduce"], "allreduce"),
+        (&["bench", "allgatherv"], "allgatherv"),
+        (&["bench", "allreduce", "--world", "0"], "--world"),
         (&["bench", "p2p", "--world", "3"], "2 ranks"),
         (&["bench", "p2p", "--paths", "0"], "--paths"),
         (&["demo", "--messages", "many"], "many"),

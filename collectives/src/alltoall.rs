@@ -118,6 +118,11 @@ impl AllToAll {
         Ok(())
     }
 
+    /// The rank whose message the current round waits for.
+    pub fn waiting_on(&self) -> Vec<usize> {
+        self.rounds.get(self.round).map(|r| vec![r.1]).unwrap_or_default()
+    }
+
     /// Whether every buffer has arrived.
     pub fn is_done(&self) -> bool {
         self.round == self.rounds.len() && self.outbox.is_none()

@@ -211,6 +211,13 @@ impl Executor {
         self.finished
     }
 
+    /// The ranks whose messages the current round still waits for.
+    pub fn waiting_on(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self.waiting.iter().map(|(from, _)| *from).collect();
+        v.dedup();
+        v
+    }
+
     /// The buffer (the result once [`Executor::is_done`]).
     pub fn buffer(&self) -> &[u8] {
         &self.buf

@@ -1,0 +1,111 @@
+//! The communicator over real TCP sockets on loopback (one process, one node per rank): every
+//! collective gives the right answer on every rank, and a rank that never shows up makes the
+//! others fail at the deadline with an error naming it, instead of hanging.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use phalanx_collectives::reduce::{element_f64, set_element_f64, DType, ReduceOp};
+use phalanx_net::{LinkKind, Node, NodeConfig, PathFaults, PathSpec};
+use phalanx_node::{AllReduceAlgorithm, CommError, Communicator};
+use phalanx_proto::RankId;
+
+const SECRET: &[u8] = b"communicator-test";
+
+/// Starts `world` nodes on loopback, each dialing every higher rank once.
+async fn nodes(world: usize) -> Vec<Node> {
+    let mut out: Vec<Node> = Vec::new();
+    let mut addrs = Vec::new();
+    for r in (0..world).rev() {
+        let mut c = NodeConfig::new(RankId(r as u32), SECRET);
+        c.tcp_listen = vec!["127.0.0.1:0".parse().unwrap()];
+        for (peer, addr) in &addrs {
+            c.paths.push(PathSpec {
+                peer: RankId(*peer),
+                kind: LinkKind::Tcp,
+                remote: *addr,
+                bind: None,
+                faults: PathFaults::new(),
+            });
+        }
+        let n = Node::start(c).await.unwrap();
+        addrs.push((r as u32, n.tcp_addrs()[0]));
+        out.push(n);
+    }
+    out.reverse();
+    out
+}
+
+fn f32s(vals: impl Iterator<Item = f64>) -> Vec<u8> {
+    let vals: Vec<f64> = vals.collect();
+    let mut b = vec![0u8; vals.len() * 4];
+    for (i, v) in vals.iter().enumerate() {
+        set_element_f64(DType::F32, &mut b, i, *v);
+    }
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_collective_is_correct_on_every_rank_over_tcp() {
+    let world = 4;
+    let count = 100_003; // prime: blocks of unequal size
+    let mut tasks = Vec::new();
+    for (rank, node) in nodes(world).await.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Communicator::new(node, rank, world);
+            let d = Duration::from_secs(30);
+            let input = f32s((0..count).map(|i| ((rank * 3 + i) % 5) as f64));
+            let mut results = Vec::new();
+            for algo in [AllReduceAlgorithm::Ring, AllReduceAlgorithm::RecursiveDoubling] {
+                results.push(c.all_reduce(input.clone(), DType::F32, ReduceOp::Sum, algo, d).await.unwrap());
+            }
+            let bcast =
+                c.broadcast(if rank == 2 { f32s((0..10).map(|i| i as f64)) } else { vec![0; 40] }, 2, d).await.unwrap();
+            let sends = (0..world).map(|to| Bytes::from(vec![(rank * 10 + to) as u8; rank + to])).collect();
+            let a2a = c.all_to_all(sends, d).await.unwrap();
+            c.barrier(d).await.unwrap();
+            c.flush(d).await;
+            (results, bcast, a2a)
+        }));
+    }
+    for (rank, t) in tasks.into_iter().enumerate() {
+        let (results, bcast, a2a) = t.await.unwrap();
+        for r in &results {
+            for i in [0usize, 1, 77, count - 1] {
+                let want: f64 = (0..world).map(|q| ((q * 3 + i) % 5) as f64).sum();
+                assert_eq!(element_f64(DType::F32, r, i), want, "rank {rank} element {i}");
+            }
+        }
+        assert_eq!(results[0], results[1], "ring and recursive doubling agree on small integers");
+        assert_eq!(bcast, f32s((0..10).map(|i| i as f64)));
+        for (from, b) in a2a.iter().enumerate() {
+            assert_eq!(b, &Bytes::from(vec![(from * 10 + rank) as u8; from + rank]), "rank {rank} from {from}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_that_never_joins_makes_the_others_fail_at_the_deadline_naming_it() {
+    let world = 3;
+    let mut all = nodes(world).await;
+    let _absent = all.pop().unwrap(); // rank 2 is up but never calls the collective
+    let deadline = Duration::from_millis(500);
+    let mut tasks = Vec::new();
+    for (rank, node) in all.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Communicator::new(node, rank, world);
+            let started = std::time::Instant::now();
+            let r = c.all_reduce(vec![0u8; 4096], DType::F32, ReduceOp::Sum, AllReduceAlgorithm::Ring, deadline).await;
+            (r, started.elapsed())
+        }));
+    }
+    for (rank, t) in tasks.into_iter().enumerate() {
+        let (r, took) = t.await.unwrap();
+        match r {
+            // Rank 0's ring predecessor is the absent rank 2; rank 1 waits on rank 0, stuck too.
+            Err(CommError::Deadline { waiting, .. }) => assert_eq!(waiting, vec![(rank + world - 1) % world]),
+            other => panic!("expected a deadline error, got {other:?}"),
+        }
+        assert!(took < Duration::from_secs(10), "returned promptly, took {took:?}");
+    }
+}

@@ -1,0 +1,236 @@
+//! `phalanx bench allreduce|allgather|reducescatter|alltoall|broadcast`: N ranks, each its own
+//! process on loopback (or all in one process over memory links), timed as the baselines time:
+//! a barrier, then one operation timed on every rank; the iteration's time is the slowest
+//! rank's; the median over iterations after warm-up is reported.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use phalanx_collectives::reduce::{DType, ReduceOp};
+use phalanx_collectives::schedule::block_range;
+use phalanx_net::{LinkKind, Node, NodeConfig, PathFaults, PathSpec};
+use phalanx_node::{AllReduceAlgorithm, Communicator};
+use phalanx_proto::RankId;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::bench::{BenchArgs, BenchOp, BenchTransport, LinkTuning};
+
+const SECRET: &[u8] = b"phalanx-bench";
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Arguments of the hidden `coll-worker` (one rank of a collective benchmark).
+#[derive(clap::Args, Debug)]
+pub struct CollWorkerArgs {
+    #[arg(long, value_enum)]
+    pub op: BenchOp,
+    #[arg(long)]
+    pub rank: usize,
+    #[arg(long)]
+    pub world: usize,
+    #[arg(long)]
+    pub bytes: u64,
+    #[arg(long)]
+    pub iters: u32,
+    #[arg(long)]
+    pub warmup: u32,
+    /// Higher ranks to dial: `RANK=ADDR` (repeatable).
+    #[arg(long = "peer")]
+    pub peers: Vec<String>,
+    #[command(flatten)]
+    pub tuning: LinkTuning,
+}
+
+/// The busbw factor of nccl-tests for `op` over `n` ranks.
+pub fn bus_factor(op: BenchOp, n: usize) -> f64 {
+    let n = n as f64;
+    match op {
+        BenchOp::Allreduce => 2.0 * (n - 1.0) / n,
+        BenchOp::Allgather | BenchOp::Reducescatter | BenchOp::Alltoall => (n - 1.0) / n,
+        BenchOp::Broadcast | BenchOp::P2p => 1.0,
+    }
+}
+
+/// Runs one timed operation (after a barrier) and returns its duration in microseconds.
+async fn one_op(comm: &mut Communicator, op: BenchOp, bytes: usize) -> Result<f64, String> {
+    let world = comm.world();
+    let rank = comm.rank();
+    let e = |e: phalanx_node::CommError| e.to_string();
+    // Inputs are made before the clock starts.
+    let count = bytes / 4;
+    let mut buf = vec![0u8; count * 4];
+    for (i, c) in buf.chunks_exact_mut(4).enumerate() {
+        c.copy_from_slice(&(((rank + i) % 7) as f32).to_le_bytes());
+    }
+    let send: Vec<Bytes> = (0..world).map(|_| Bytes::from(vec![rank as u8; bytes / world])).collect();
+    comm.barrier(DEADLINE).await.map_err(e)?;
+    let t0 = Instant::now();
+    match op {
+        BenchOp::Allreduce => {
+            comm.all_reduce(buf, DType::F32, ReduceOp::Sum, AllReduceAlgorithm::Auto, DEADLINE).await.map_err(e)?;
+        }
+        BenchOp::Reducescatter => {
+            comm.reduce_scatter(buf, DType::F32, ReduceOp::Sum, DEADLINE).await.map_err(e)?;
+        }
+        BenchOp::Allgather => {
+            let _ = block_range(count, world, rank);
+            comm.all_gather(buf, DType::F32, DEADLINE).await.map_err(e)?;
+        }
+        BenchOp::Broadcast => {
+            comm.broadcast(buf, 0, DEADLINE).await.map_err(e)?;
+        }
+        BenchOp::Alltoall => {
+            comm.all_to_all(send, DEADLINE).await.map_err(e)?;
+        }
+        BenchOp::P2p => return Err("p2p is not a collective".into()),
+    }
+    Ok(t0.elapsed().as_secs_f64() * 1e6)
+}
+
+async fn rank_loop(
+    mut comm: Communicator,
+    op: BenchOp,
+    bytes: usize,
+    warmup: u32,
+    iters: u32,
+) -> Result<Vec<f64>, String> {
+    let mut samples = Vec::with_capacity(iters as usize);
+    for i in 0..warmup + iters {
+        let us = one_op(&mut comm, op, bytes).await?;
+        if i >= warmup {
+            samples.push(us);
+        }
+    }
+    // A last barrier, and every message acknowledged, before a rank may exit.
+    comm.barrier(DEADLINE).await.map_err(|e| e.to_string())?;
+    comm.flush(Duration::from_secs(10)).await;
+    Ok(samples)
+}
+
+/// Per-iteration slowest rank, then the median.
+fn slowest_median(per_rank: &[Vec<f64>]) -> f64 {
+    let iters = per_rank.iter().map(|s| s.len()).min().unwrap_or(0);
+    let mut worst: Vec<f64> = (0..iters).map(|i| per_rank.iter().map(|s| s[i]).fold(0.0, f64::max)).collect();
+    worst.sort_by(f64::total_cmp);
+    match worst.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => worst[n / 2],
+        n => (worst[n / 2 - 1] + worst[n / 2]) / 2.0,
+    }
+}
+
+/// Runs the collective benchmark; returns the median of the slowest rank, in microseconds.
+pub async fn run(args: &BenchArgs) -> Result<f64, String> {
+    let world = args.world as usize;
+    let per_rank = match args.transport {
+        BenchTransport::Mem => in_process(args, world).await?,
+        BenchTransport::Tcp => processes(args, world).await?,
+        BenchTransport::Quic => return Err("collective benchmarks run over tcp or mem for now".into()),
+    };
+    Ok(slowest_median(&per_rank))
+}
+
+async fn in_process(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, String> {
+    let transport = args.tuning.transport()?;
+    let mut nodes = Vec::new();
+    for r in 0..world {
+        let mut c = NodeConfig::new(RankId(r as u32), SECRET);
+        c.transport = transport.clone();
+        nodes.push(Node::start(c).await.map_err(|e| e.to_string())?);
+    }
+    for a in 0..world {
+        for b in a + 1..world {
+            phalanx_net::connect_mem(&nodes[a].handle(), &nodes[b].handle(), PathFaults::new())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let mut tasks = Vec::new();
+    for (r, node) in nodes.into_iter().enumerate() {
+        let comm = Communicator::new(node, r, world);
+        tasks.push(tokio::spawn(rank_loop(comm, args.op, args.bytes as usize, args.warmup, args.iters)));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.map_err(|e| e.to_string())??);
+    }
+    Ok(out)
+}
+
+async fn processes(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let mut children = Vec::new();
+    let mut addrs: Vec<(usize, String)> = Vec::new();
+    // Highest rank first: each rank dials the ranks above it, which are already listening.
+    for r in (0..world).rev() {
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg("coll-worker")
+            .args(["--op", &format!("{:?}", args.op).to_lowercase()])
+            .args(["--rank", &r.to_string(), "--world", &world.to_string()])
+            .args(["--bytes", &args.bytes.to_string(), "--iters", &args.iters.to_string()])
+            .args(["--warmup", &args.warmup.to_string()])
+            .args(args.tuning.to_args())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (peer, addr) in &addrs {
+            cmd.arg("--peer").arg(format!("{peer}={addr}"));
+        }
+        let mut child = cmd.spawn().map_err(|e| format!("cannot start rank {r}: {e}"))?;
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .map_err(|_| format!("rank {r} did not start within 30 s"))?
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("rank {r} exited before listening"))?;
+        let v: serde_json::Value = serde_json::from_str(&first).map_err(|e| format!("rank {r} said {first:?}: {e}"))?;
+        let addr = v["listening"].as_str().ok_or_else(|| format!("rank {r} said {first:?}"))?.to_string();
+        addrs.push((r, addr));
+        children.push((r, child, lines));
+    }
+    let mut per_rank = vec![Vec::new(); world];
+    for (r, mut child, mut lines) in children {
+        let line = lines.next_line().await.map_err(|e| e.to_string())?.ok_or_else(|| format!("rank {r} failed"))?;
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("rank {r} said {line:?}: {e}"))?;
+        per_rank[r] = v["samples_us"]
+            .as_array()
+            .ok_or_else(|| format!("rank {r} said {line:?}"))?
+            .iter()
+            .filter_map(|x| x.as_f64())
+            .collect();
+        let status = child.wait().await.map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("rank {r} exited with {status}"));
+        }
+    }
+    Ok(per_rank)
+}
+
+/// One rank of a collective benchmark as its own process.
+pub async fn worker(args: CollWorkerArgs) -> Result<(), String> {
+    let mut cfg = NodeConfig::new(RankId(args.rank as u32), SECRET);
+    cfg.transport = args.tuning.transport()?;
+    cfg.tcp_listen = vec!["127.0.0.1:0".parse().expect("literal address")];
+    for p in &args.peers {
+        let (rank, addr) = p.split_once('=').ok_or_else(|| format!("bad --peer {p:?}"))?;
+        let rank: u32 = rank.parse().map_err(|_| format!("bad --peer {p:?}"))?;
+        let remote: SocketAddr = addr.parse().map_err(|_| format!("bad --peer {p:?}"))?;
+        for _ in 0..args.tuning.paths {
+            cfg.paths.push(PathSpec {
+                peer: RankId(rank),
+                kind: LinkKind::Tcp,
+                remote,
+                bind: None,
+                faults: PathFaults::new(),
+            });
+        }
+    }
+    let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
+    println!("{}", json!({ "listening": node.tcp_addrs()[0].to_string() }));
+    let comm = Communicator::new(node, args.rank, args.world);
+    let samples = rank_loop(comm, args.op, args.bytes as usize, args.warmup, args.iters).await?;
+    println!("{}", json!({ "samples_us": samples }));
+    Ok(())
+}
