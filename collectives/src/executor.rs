@@ -78,7 +78,7 @@ pub struct Executor {
     round: usize,
     round_started: bool,
     waiting: BTreeSet<(usize, usize)>,
-    early: BTreeMap<(usize, usize, usize), Bytes>,
+    early: BTreeMap<(usize, usize, usize), Vec<Bytes>>,
     outbox: VecDeque<(usize, Bytes)>,
     finished: bool,
 }
@@ -123,12 +123,40 @@ impl Executor {
         m.freeze()
     }
 
-    fn apply(&mut self, block: usize, combine: Combine, data: &[u8]) {
+    /// Combines a received block, given as consecutive chunks (the transport's frame buffers,
+    /// uncopied), into the local block. Chunk boundaries may split an element.
+    fn apply(&mut self, block: usize, combine: Combine, data: &[Bytes]) {
         let range = self.block_bytes(block);
-        match combine {
-            Combine::Copy => self.buf[range].copy_from_slice(data),
-            Combine::Reduce => reduce_into(self.dtype, self.op, &mut self.buf[range], data),
+        let dst = &mut self.buf[range];
+        let size = self.dtype.size();
+        // Bytes of the block consumed so far, and the start of an element split across chunks.
+        let mut off = 0usize;
+        let mut carry: Vec<u8> = Vec::new();
+        for chunk in data {
+            let mut c = &chunk[..];
+            if combine == Combine::Copy {
+                dst[off..off + c.len()].copy_from_slice(c);
+                off += c.len();
+                continue;
+            }
+            if !carry.is_empty() {
+                // Finish the element the previous chunk split: it spans [off - size, off).
+                let take = (size - carry.len()).min(c.len());
+                carry.extend_from_slice(&c[..take]);
+                c = &c[take..];
+                off += take;
+                if carry.len() == size {
+                    reduce_into(self.dtype, self.op, &mut dst[off - size..off], &carry);
+                    carry.clear();
+                }
+            }
+            let whole = c.len() / size * size;
+            reduce_into(self.dtype, self.op, &mut dst[off..off + whole], &c[..whole]);
+            off += whole;
+            carry.extend_from_slice(&c[whole..]);
+            off += c.len() - whole;
         }
+        debug_assert!(carry.is_empty(), "block ended inside an element");
     }
 
     /// Starts rounds whose receives are all in, as far as possible.
@@ -171,13 +199,34 @@ impl Executor {
     }
 
     /// A message from `from` arrived. Errors leave the executor unchanged.
-    pub fn handle_message(&mut self, from: usize, mut msg: Bytes) -> Result<(), ExecError> {
-        if msg.len() < MESSAGE_HEADER {
-            return Err(ExecError::Truncated { from, len: msg.len() });
+    pub fn handle_message(&mut self, from: usize, msg: Bytes) -> Result<(), ExecError> {
+        self.handle_chunks(from, &[msg])
+    }
+
+    /// A message from `from` arrived as consecutive chunks (as the transport delivers large
+    /// messages): the data is combined straight from the chunks, without first copying them
+    /// into one buffer. Errors leave the executor unchanged.
+    pub fn handle_chunks(&mut self, from: usize, chunks: &[Bytes]) -> Result<(), ExecError> {
+        let len: usize = chunks.iter().map(|c| c.len()).sum();
+        if len < MESSAGE_HEADER {
+            return Err(ExecError::Truncated { from, len });
         }
-        let op_seq = msg.get_u64_le();
-        let round = msg.get_u32_le();
-        let block = msg.get_u32_le();
+        // The header may straddle chunks; the data after it is kept as slices of the chunks.
+        let mut header = [0u8; MESSAGE_HEADER];
+        let mut data = Vec::with_capacity(chunks.len());
+        let mut skip = MESSAGE_HEADER;
+        for c in chunks {
+            let h = skip.min(c.len());
+            header[MESSAGE_HEADER - skip..MESSAGE_HEADER - skip + h].copy_from_slice(&c[..h]);
+            skip -= h;
+            if h < c.len() {
+                data.push(c.slice(h..));
+            }
+        }
+        let mut hdr = &header[..];
+        let op_seq = hdr.get_u64_le();
+        let round = hdr.get_u32_le();
+        let block = hdr.get_u32_le();
         if op_seq != self.op_seq {
             return Err(ExecError::OtherCollective { from, found: op_seq, expected: self.op_seq });
         }
@@ -189,17 +238,18 @@ impl Executor {
             return Err(unexpected);
         };
         let expected = self.block_bytes(b).len();
-        if msg.len() != expected {
-            return Err(ExecError::WrongLength { from, block, len: msg.len(), expected });
+        let data_len = len - MESSAGE_HEADER;
+        if data_len != expected {
+            return Err(ExecError::WrongLength { from, block, len: data_len, expected });
         }
         if r == self.round && self.round_started && self.waiting.remove(&(from, b)) {
-            self.apply(b, recv.combine, &msg);
+            self.apply(b, recv.combine, &data);
             self.advance();
             Ok(())
         } else if (r > self.round || (r == self.round && !self.round_started))
             && !self.early.contains_key(&(r, from, b))
         {
-            self.early.insert((r, from, b), msg);
+            self.early.insert((r, from, b), data);
             Ok(())
         } else {
             Err(unexpected)

@@ -24,7 +24,13 @@ fn run(mut ex: Vec<Executor>, picks: &[usize]) -> Vec<Vec<u8>> {
         }
         let (from, to) = live[picks.get(i).copied().unwrap_or(0) % live.len()];
         let m = queues.get_mut(&(from, to)).unwrap().pop_front().unwrap();
-        ex[to].handle_message(from, m).expect("a valid message");
+        // Deliver as chunks split at arbitrary bytes (mid-header, mid-element), as the
+        // transport may.
+        let pick = picks.get(i).copied().unwrap_or(0);
+        let mut cuts = [pick % (m.len() + 1), (pick / 7) % (m.len() + 1)];
+        cuts.sort_unstable();
+        let chunks = [m.slice(..cuts[0]), m.slice(cuts[0]..cuts[1]), m.slice(cuts[1]..)];
+        ex[to].handle_chunks(from, &chunks).expect("a valid message");
     }
     assert!(ex.iter().all(|e| e.is_done()), "every rank finished");
     ex.into_iter().map(|e| e.into_buffer()).collect()

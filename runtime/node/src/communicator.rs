@@ -77,10 +77,11 @@ impl Running {
             Running::AllToAll(a) => a.poll_send(),
         }
     }
-    fn handle_message(&mut self, from: usize, m: Bytes) -> Result<(), ExecError> {
+    fn handle_chunks(&mut self, from: usize, chunks: Vec<Bytes>) -> Result<(), ExecError> {
         match self {
-            Running::Schedule(e) => e.handle_message(from, m),
-            Running::AllToAll(a) => a.handle_message(from, m),
+            Running::Schedule(e) => e.handle_chunks(from, &chunks),
+            // All-to-all hands buffers back whole, so it takes one contiguous buffer.
+            Running::AllToAll(a) => a.handle_message(from, concat(chunks)),
         }
     }
     fn is_done(&self) -> bool {
@@ -104,7 +105,7 @@ pub struct Communicator {
     world: usize,
     next_op: u64,
     /// Messages that arrived for collectives this rank has not started yet.
-    backlog: Vec<(usize, Bytes)>,
+    backlog: Vec<(usize, Vec<Bytes>)>,
 }
 
 impl Communicator {
@@ -258,7 +259,7 @@ impl Communicator {
             };
             match event {
                 Event::Message(m) if m.channel == COLLECTIVE_CHANNEL => {
-                    self.offer(run, op_seq, m.from.0 as usize, m.payload.to_bytes());
+                    self.offer(run, op_seq, m.from.0 as usize, m.payload.chunks().to_vec());
                 }
                 Event::PeerUnreachable { peer, .. } => {
                     return Err(CommError::PeerLost { op_seq, rank: peer.0 as usize });
@@ -269,17 +270,33 @@ impl Communicator {
     }
 
     /// Hands a message to the running executor, or keeps it for a later collective.
-    fn offer(&mut self, run: &mut Running, op_seq: u64, from: usize, m: Bytes) {
-        let seq = m.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    fn offer(&mut self, run: &mut Running, op_seq: u64, from: usize, m: Vec<Bytes>) {
+        let mut head = [0u8; 8];
+        let mut have = 0;
+        for c in &m {
+            let n = (8 - have).min(c.len());
+            head[have..have + n].copy_from_slice(&c[..n]);
+            have += n;
+        }
+        let seq = (have == 8).then(|| u64::from_le_bytes(head));
         match seq {
             Some(s) if s > op_seq => self.backlog.push((from, m)),
             Some(s) if s == op_seq => {
-                if let Err(e) = run.handle_message(from, m) {
+                if let Err(e) = run.handle_chunks(from, m) {
                     debug!(%e, "message refused");
                 }
             }
             _ => debug!(from, "stale or malformed collective message dropped"),
         }
+    }
+}
+
+/// One contiguous buffer from chunks (no copy for a single chunk).
+fn concat(chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.into_iter().next().expect("one chunk"),
+        _ => chunks.concat().into(),
     }
 }
 

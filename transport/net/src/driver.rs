@@ -431,6 +431,14 @@ async fn run_endpoint(
         loop {
             match next {
                 Some(Command::Shutdown) => {
+                    // Last acknowledgements out first; the writers send what they hold and
+                    // close when their channels drop.
+                    endpoint.flush_acks(now());
+                    while let Some(tx) = endpoint.poll_transmit(now()) {
+                        if let Some(l) = links.get(&tx.link) {
+                            let _ = l.writer.send(tx.frame);
+                        }
+                    }
                     for (_, l) in std::mem::take(&mut links) {
                         l.reader.abort();
                     }

@@ -267,6 +267,18 @@ impl Endpoint {
         self.sessions.get_mut(&peer).map_or(0, |s| s.reset_send())
     }
 
+    /// Acknowledges at once everything received and not yet acknowledged (instead of waiting
+    /// for the delayed-ack timer). Drivers call it before closing, so peers that wait for those
+    /// acknowledgements (a flush before exit) are not left waiting.
+    pub fn flush_acks(&mut self, now: Instant) {
+        self.advance(now);
+        let due: Vec<RankId> =
+            self.sessions.values().filter(|s| s.ack_due.is_some() || s.frames_since_ack > 0).map(|s| s.peer).collect();
+        for peer in due {
+            self.send_ack(peer);
+        }
+    }
+
     // ----- inputs ---------------------------------------------------------------------------
 
     /// A link to `peer` finished its handshake and is ready for frames.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use phalanx_proto::harness::{pattern, Harness};
-use phalanx_proto::{ChannelId, Epoch, Event, Instant, RankId, TransportConfig};
+use phalanx_proto::{ChannelId, Endpoint, Epoch, Event, Instant, RankId, TransportConfig};
 use proptest::prelude::*;
 
 const A: RankId = RankId(0);
@@ -268,4 +268,22 @@ fn data_for_several_peers_is_interleaved_so_no_peer_waits_behind_another() {
     let b = h.endpoints[&B].counters().bytes_received as f64;
     let c = h.endpoints[&C].counters().bytes_received as f64;
     assert!(b.min(c) / b.max(c) > 0.5, "B got {b} bytes, C got {c}");
+}
+
+#[test]
+fn flushing_acks_acknowledges_at_once_what_the_delayed_ack_timer_would_send_later() {
+    let cfg = TransportConfig { ack_every_frames: 100, ack_delay: Duration::from_secs(1), ..small_config() };
+    let mut a = Endpoint::new(A, 1, Epoch(1), cfg.clone());
+    let mut b = Endpoint::new(B, 2, Epoch(1), cfg);
+    let now = Instant(0);
+    a.handle_link_up(now, phalanx_proto::LinkId(1), b.identity());
+    b.handle_link_up(now, phalanx_proto::LinkId(1), a.identity());
+    a.send(now, B, ChannelId(0), pattern(10, 1)).unwrap();
+    let t = a.poll_transmit(now).expect("data frame");
+    b.handle_frame(now, t.link, t.frame);
+    assert!(b.poll_transmit(now).is_none(), "the ack waits for its timer");
+    b.flush_acks(now);
+    let ack = b.poll_transmit(now).expect("ack sent at once");
+    a.handle_frame(now, ack.link, ack.frame);
+    assert_eq!(a.undelivered_messages(B), 0);
 }
