@@ -16,6 +16,7 @@
 
 pub mod alltoall;
 pub mod executor;
+pub mod group;
 pub mod reduce;
 pub mod schedule;
 pub mod symbolic;

@@ -1,39 +1,25 @@
-//! A communicator: a fixed group of ranks running collectives over one `phalanx-net` node.
+//! A communicator: a fixed group of ranks running collectives over one `phalanx-net` node. A
+//! thin tokio driver around the sans-IO [`Group`] of `phalanx-collectives` (which sequences the
+//! collectives and routes every message to the one it belongs to): it moves bytes between the
+//! group and the node, and enforces each call's deadline.
 //!
-//! Every collective gets the next sequence number; its messages carry it, so messages of a
-//! collective that a faster rank already started are kept for it, and stale ones are dropped.
 //! Every call has a deadline: it never blocks past it, and the error names the ranks it was
 //! still waiting for. (Fault policies — shrink, quorum — come with the rest of issue #3.)
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use phalanx_collectives::alltoall::AllToAll;
-use phalanx_collectives::executor::{ExecError, Executor};
+pub use phalanx_collectives::group::AllReduceAlgorithm;
+use phalanx_collectives::group::{all_reduce_schedule, Finished, Group};
 use phalanx_collectives::reduce::{DType, ReduceOp};
 use phalanx_collectives::schedule::{halving_doubling, ring, tree, Collective, Schedule};
 use phalanx_net::{Node, NodeError};
 use phalanx_proto::{ChannelId, Event, RankId};
 use thiserror::Error;
-use tracing::{debug, info_span, Instrument};
+use tracing::{info_span, Instrument};
 
 /// The transport channel collectives use.
 pub const COLLECTIVE_CHANNEL: ChannelId = ChannelId(1000);
-
-/// Buffers below this size use recursive doubling (fewer rounds), larger ones the ring (fewer
-/// bytes per rank). A first heuristic, to be tuned by `phalanx bench`.
-const SMALL_ALL_REDUCE_BYTES: usize = 64 << 10;
-
-/// How to run an all-reduce.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AllReduceAlgorithm {
-    /// Choose by size.
-    Auto,
-    /// Ring (bandwidth-optimal).
-    Ring,
-    /// Recursive doubling (latency-optimal).
-    RecursiveDoubling,
-}
 
 /// Why a collective failed.
 #[derive(Debug, Error)]
@@ -64,65 +50,26 @@ pub enum CommError {
     Buffer(String),
 }
 
-/// The executors the communicator drives.
-enum Running {
-    Schedule(Executor),
-    AllToAll(AllToAll),
-}
-
-impl Running {
-    fn poll_send(&mut self) -> Option<(usize, Bytes)> {
-        match self {
-            Running::Schedule(e) => e.poll_send(),
-            Running::AllToAll(a) => a.poll_send(),
-        }
-    }
-    fn handle_chunks(&mut self, from: usize, chunks: Vec<Bytes>) -> Result<(), ExecError> {
-        match self {
-            Running::Schedule(e) => e.handle_chunks(from, &chunks),
-            // All-to-all hands buffers back whole, so it takes one contiguous buffer.
-            Running::AllToAll(a) => a.handle_message(from, concat(chunks)),
-        }
-    }
-    fn is_done(&self) -> bool {
-        match self {
-            Running::Schedule(e) => e.is_done(),
-            Running::AllToAll(a) => a.is_done(),
-        }
-    }
-    fn waiting_on(&self) -> Vec<usize> {
-        match self {
-            Running::Schedule(e) => e.waiting_on(),
-            Running::AllToAll(a) => a.waiting_on(),
-        }
-    }
-}
-
 /// A group of `world` ranks (ids `0..world`, this one `rank`) over a started node.
 pub struct Communicator {
     node: Node,
-    rank: usize,
-    world: usize,
-    next_op: u64,
-    /// Messages that arrived for collectives this rank has not started yet.
-    backlog: Vec<(usize, Vec<Bytes>)>,
+    group: Group,
 }
 
 impl Communicator {
     /// A communicator over `node` (whose paths reach every other rank).
     pub fn new(node: Node, rank: usize, world: usize) -> Communicator {
-        assert!(rank < world, "rank {rank} outside world {world}");
-        Communicator { node, rank, world, next_op: 1, backlog: Vec::new() }
+        Communicator { node, group: Group::new(rank, world) }
     }
 
     /// This rank.
     pub fn rank(&self) -> usize {
-        self.rank
+        self.group.rank()
     }
 
     /// The number of ranks.
     pub fn world(&self) -> usize {
-        self.world
+        self.group.world()
     }
 
     /// The underlying node (counters, fault hooks).
@@ -140,12 +87,7 @@ impl Communicator {
         deadline: Duration,
     ) -> Result<Vec<u8>, CommError> {
         check_elements(&buf, dtype)?;
-        let small = buf.len() < SMALL_ALL_REDUCE_BYTES;
-        let schedule = match algorithm {
-            AllReduceAlgorithm::RecursiveDoubling => halving_doubling::all_reduce(self.rank, self.world),
-            AllReduceAlgorithm::Auto if small => halving_doubling::all_reduce(self.rank, self.world),
-            _ => ring_schedule(Collective::AllReduce, self.rank, self.world),
-        };
+        let schedule = all_reduce_schedule(algorithm, self.rank(), self.world(), buf.len());
         self.run_schedule(schedule, dtype, op, buf, deadline, "all_reduce").await
     }
 
@@ -154,7 +96,7 @@ impl Communicator {
     /// filled; every rank ends with every block.
     pub async fn all_gather(&mut self, buf: Vec<u8>, dtype: DType, deadline: Duration) -> Result<Vec<u8>, CommError> {
         check_elements(&buf, dtype)?;
-        let schedule = ring_schedule(Collective::AllGather, self.rank, self.world);
+        let schedule = ring_schedule(Collective::AllGather, self.rank(), self.world());
         self.run_schedule(schedule, dtype, ReduceOp::Sum, buf, deadline, "all_gather").await
     }
 
@@ -168,34 +110,32 @@ impl Communicator {
         deadline: Duration,
     ) -> Result<Vec<u8>, CommError> {
         check_elements(&buf, dtype)?;
-        let schedule = ring_schedule(Collective::ReduceScatter, self.rank, self.world);
+        let schedule = ring_schedule(Collective::ReduceScatter, self.rank(), self.world());
         self.run_schedule(schedule, dtype, op, buf, deadline, "reduce_scatter").await
     }
 
     /// Broadcast of `root`'s `buf` to every rank (others' `buf` gives the size).
     pub async fn broadcast(&mut self, buf: Vec<u8>, root: usize, deadline: Duration) -> Result<Vec<u8>, CommError> {
-        let schedule = tree::broadcast(root, self.rank, self.world);
+        let schedule = tree::broadcast(root, self.rank(), self.world());
         self.run_schedule(schedule, DType::I32, ReduceOp::Sum, buf, deadline, "broadcast").await
     }
 
     /// Waits until every rank has entered the barrier (an all-reduce of nothing).
     pub async fn barrier(&mut self, deadline: Duration) -> Result<(), CommError> {
-        let schedule = halving_doubling::all_reduce(self.rank, self.world);
+        let schedule = halving_doubling::all_reduce(self.rank(), self.world());
         self.run_schedule(schedule, DType::I32, ReduceOp::Sum, Vec::new(), deadline, "barrier").await.map(|_| ())
     }
 
     /// All-to-all(-v): `send[d]` goes to rank `d`; returns `recv[s]`, what rank `s` sent here.
     pub async fn all_to_all(&mut self, send: Vec<Bytes>, deadline: Duration) -> Result<Vec<Bytes>, CommError> {
-        if send.len() != self.world {
-            return Err(CommError::Buffer(format!("{} send buffers for a world of {}", send.len(), self.world)));
+        if send.len() != self.world() {
+            return Err(CommError::Buffer(format!("{} send buffers for a world of {}", send.len(), self.world())));
         }
-        let op_seq = self.take_op();
-        let mut run = Running::AllToAll(AllToAll::new(self.rank, op_seq, send));
-        let span = info_span!("collective", op = "all_to_all", op_seq, rank = self.rank, world = self.world);
-        self.drive(&mut run, op_seq, deadline).instrument(span).await?;
-        match run {
-            Running::AllToAll(a) => Ok(a.into_received()),
-            Running::Schedule(_) => unreachable!("started as all-to-all"),
+        let op_seq = self.group.start_all_to_all(send);
+        let span = info_span!("collective", op = "all_to_all", op_seq, rank = self.rank(), world = self.world());
+        match self.drive(op_seq, deadline).instrument(span).await? {
+            Finished::Received(r) => Ok(r),
+            Finished::Buffer(_) => unreachable!("started as all-to-all"),
         }
     }
 
@@ -205,16 +145,10 @@ impl Communicator {
     pub async fn flush(&self, timeout: Duration) -> bool {
         let handle = self.node.handle();
         let mut all = true;
-        for peer in (0..self.world).filter(|p| *p != self.rank) {
+        for peer in (0..self.world()).filter(|p| *p != self.rank()) {
             all &= handle.flush(RankId(peer as u32), timeout).await;
         }
         all
-    }
-
-    fn take_op(&mut self) -> u64 {
-        let op = self.next_op;
-        self.next_op += 1;
-        op
     }
 
     async fn run_schedule(
@@ -226,77 +160,40 @@ impl Communicator {
         deadline: Duration,
         name: &'static str,
     ) -> Result<Vec<u8>, CommError> {
-        let op_seq = self.take_op();
-        let mut run = Running::Schedule(Executor::new(schedule, op_seq, dtype, op, self.world, buf));
-        let span = info_span!("collective", op = name, op_seq, rank = self.rank, world = self.world);
-        self.drive(&mut run, op_seq, deadline).instrument(span).await?;
-        match run {
-            Running::Schedule(e) => Ok(e.into_buffer()),
-            Running::AllToAll(_) => unreachable!("started as a schedule"),
+        let op_seq = self.group.start_schedule(schedule, dtype, op, buf);
+        let span = info_span!("collective", op = name, op_seq, rank = self.rank(), world = self.world());
+        match self.drive(op_seq, deadline).instrument(span).await? {
+            Finished::Buffer(b) => Ok(b),
+            Finished::Received(_) => unreachable!("started as a schedule"),
         }
     }
 
-    /// Moves messages between the executor and the node until it is done or the deadline.
-    async fn drive(&mut self, run: &mut Running, op_seq: u64, deadline: Duration) -> Result<(), CommError> {
+    /// Moves messages between the group and the node until the collective finishes or the
+    /// deadline passes (then it is abandoned).
+    async fn drive(&mut self, op_seq: u64, deadline: Duration) -> Result<Finished, CommError> {
         let until = tokio::time::Instant::now() + deadline;
         let handle = self.node.handle();
-        // Messages that arrived early for this collective.
-        let backlog = std::mem::take(&mut self.backlog);
-        for (from, m) in backlog {
-            self.offer(run, op_seq, from, m);
-        }
-        loop {
-            while let Some((to, m)) = run.poll_send() {
+        let result = loop {
+            while let Some((to, m)) = self.group.poll_send() {
                 handle.send(RankId(to as u32), COLLECTIVE_CHANNEL, m).await?;
             }
-            if run.is_done() {
-                return Ok(());
+            if let Some(done) = self.group.finish() {
+                return Ok(done);
             }
-            let event = match tokio::time::timeout_at(until, self.node.next_event()).await {
-                Ok(Some(e)) => e,
-                Ok(None) => return Err(CommError::Node(NodeError::Closed)),
-                Err(_) => return Err(CommError::Deadline { op_seq, deadline, waiting: run.waiting_on() }),
-            };
-            match event {
-                Event::Message(m) if m.channel == COLLECTIVE_CHANNEL => {
-                    self.offer(run, op_seq, m.from.0 as usize, m.payload.chunks().to_vec());
+            match tokio::time::timeout_at(until, self.node.next_event()).await {
+                Ok(Some(Event::Message(m))) if m.channel == COLLECTIVE_CHANNEL => {
+                    self.group.handle_message(m.from.0 as usize, m.payload.chunks().to_vec());
                 }
-                Event::PeerUnreachable { peer, .. } => {
-                    return Err(CommError::PeerLost { op_seq, rank: peer.0 as usize });
+                Ok(Some(Event::PeerUnreachable { peer, .. })) => {
+                    break CommError::PeerLost { op_seq, rank: peer.0 as usize };
                 }
-                _ => {}
+                Ok(Some(_)) => {}
+                Ok(None) => break CommError::Node(NodeError::Closed),
+                Err(_) => break CommError::Deadline { op_seq, deadline, waiting: self.group.waiting_on() },
             }
-        }
-    }
-
-    /// Hands a message to the running executor, or keeps it for a later collective.
-    fn offer(&mut self, run: &mut Running, op_seq: u64, from: usize, m: Vec<Bytes>) {
-        let mut head = [0u8; 8];
-        let mut have = 0;
-        for c in &m {
-            let n = (8 - have).min(c.len());
-            head[have..have + n].copy_from_slice(&c[..n]);
-            have += n;
-        }
-        let seq = (have == 8).then(|| u64::from_le_bytes(head));
-        match seq {
-            Some(s) if s > op_seq => self.backlog.push((from, m)),
-            Some(s) if s == op_seq => {
-                if let Err(e) = run.handle_chunks(from, m) {
-                    debug!(%e, "message refused");
-                }
-            }
-            _ => debug!(from, "stale or malformed collective message dropped"),
-        }
-    }
-}
-
-/// One contiguous buffer from chunks (no copy for a single chunk).
-fn concat(chunks: Vec<Bytes>) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.into_iter().next().expect("one chunk"),
-        _ => chunks.concat().into(),
+        };
+        self.group.abandon();
+        Err(result)
     }
 }
 
