@@ -109,3 +109,39 @@ async fn a_rank_that_never_joins_makes_the_others_fail_at_the_deadline_naming_it
         assert!(took < Duration::from_secs(10), "returned promptly, took {took:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_that_dies_mid_run_makes_the_survivors_fail_within_the_deadline_not_hang() {
+    let world = 3;
+    let deadline = Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for (rank, node) in nodes(world).await.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Communicator::new(node, rank, world);
+            let started = std::time::Instant::now();
+            for i in 0..1000 {
+                // Rank 2 dies (drops its node: sockets close) after a few rounds.
+                if rank == 2 && i == 3 {
+                    return (rank, i, None, started.elapsed());
+                }
+                let buf = vec![0u8; 64 << 10];
+                if let Err(e) = c.all_reduce(buf, DType::F32, ReduceOp::Sum, AllReduceAlgorithm::Ring, deadline).await {
+                    return (rank, i, Some(e), started.elapsed());
+                }
+            }
+            (rank, 1000, None, started.elapsed())
+        }));
+    }
+    for t in tasks {
+        let (rank, i, err, took) = t.await.unwrap();
+        if rank == 2 {
+            continue;
+        }
+        assert!(i >= 3 && i < 1000, "rank {rank} stopped at round {i}");
+        match err {
+            Some(CommError::Deadline { .. }) | Some(CommError::PeerLost { .. }) => {}
+            other => panic!("rank {rank}: expected a deadline or lost-peer error, got {other:?}"),
+        }
+        assert!(took < deadline * 4, "rank {rank} gave up in {took:?}");
+    }
+}
