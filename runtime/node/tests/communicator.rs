@@ -137,7 +137,7 @@ async fn a_rank_that_dies_mid_run_makes_the_survivors_fail_within_the_deadline_n
         if rank == 2 {
             continue;
         }
-        assert!(i >= 3 && i < 1000, "rank {rank} stopped at round {i}");
+        assert!((3..1000).contains(&i), "rank {rank} stopped at round {i}");
         match err {
             Some(CommError::Deadline { .. }) | Some(CommError::PeerLost { .. }) => {}
             other => panic!("rank {rank}: expected a deadline or lost-peer error, got {other:?}"),
