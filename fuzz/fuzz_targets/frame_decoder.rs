@@ -1,12 +1,14 @@
-//! Arbitrary bytes, fed to the frame decoder at once and in pieces: frames or typed errors,
-//! never a panic, never a request for more than one maximal frame, every decoded frame
-//! re-encodes to exactly the bytes it came from, and how the bytes were cut changes nothing.
+//! Arbitrary bytes, fed to the frame decoder at once and in pieces, as they are and with their
+//! frame checksums repaired: frames or typed errors, never a panic, never a request for more
+//! than one maximal frame, every decoded frame re-encodes to exactly the bytes it came from,
+//! and how the bytes were cut changes nothing.
 #![no_main]
 
 use std::mem::{discriminant, Discriminant};
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
+use phalanx_proto::checksum::Crc32c;
 use phalanx_proto::frame::{decode_ranks, decode_sack, encode_ranks, encode_sack, HEADER_LEN};
 use phalanx_proto::{DecodeError, Frame, FrameDecoder};
 
@@ -65,26 +67,44 @@ fn drain(d: &FrameDecoder, buf: &mut BytesMut, out: &mut Vec<Outcome>) -> bool {
     }
 }
 
-fuzz_target!(|data: &[u8]| {
-    let Some((&first, rest)) = data.split_first() else { return };
-    let decoder = FrameDecoder::new(first as u32 * 64);
+/// `bytes` with the checksum of every whole frame it holds set right, so that streams of valid
+/// frames are as easy for the fuzzer to reach as garbage (it cannot solve a CRC by mutation).
+fn with_checksums_fixed(bytes: &[u8]) -> Vec<u8> {
+    let mut v = bytes.to_vec();
+    let mut at = 0;
+    while v.len() - at >= HEADER_LEN {
+        let len = u32::from_le_bytes([v[at + 44], v[at + 45], v[at + 46], v[at + 47]]) as usize;
+        let end = at + HEADER_LEN + len;
+        if end > v.len() {
+            break;
+        }
+        let mut crc = Crc32c::new();
+        crc.update(&v[at..at + HEADER_LEN - 4]);
+        crc.update(&v[at + HEADER_LEN..end]);
+        v[at + HEADER_LEN - 4..at + HEADER_LEN].copy_from_slice(&crc.finish().to_le_bytes());
+        at = end;
+    }
+    v
+}
 
+/// Decodes `stream` all at once and in pieces and checks that both agree.
+fn check_stream(decoder: &FrameDecoder, stream: &[u8], cut_salt: u8) {
     // Reference: all bytes at once.
-    let mut whole = BytesMut::from(rest);
+    let mut whole = BytesMut::from(stream);
     let mut expected = Vec::new();
-    drain(&decoder, &mut whole, &mut expected);
+    drain(decoder, &mut whole, &mut expected);
 
     // The same bytes in pieces of 1..=97 bytes, each length picked by the data at the cut.
     let mut buf = BytesMut::new();
     let mut got = Vec::new();
     let mut fed = 0;
     let mut live = true;
-    while live && fed < rest.len() {
-        let step = 1 + (rest[fed] as usize + first as usize) % 97;
-        let end = (fed + step).min(rest.len());
-        buf.extend_from_slice(&rest[fed..end]);
+    while live && fed < stream.len() {
+        let step = 1 + (stream[fed] as usize + cut_salt as usize) % 97;
+        let end = (fed + step).min(stream.len());
+        buf.extend_from_slice(&stream[fed..end]);
         fed = end;
-        live = drain(&decoder, &mut buf, &mut got);
+        live = drain(decoder, &mut buf, &mut got);
     }
     assert_eq!(got, expected, "decoding in pieces differs from decoding at once");
     // Both stop at the same byte; after a fatal error the pieces run has not fed the rest.
@@ -93,6 +113,15 @@ fuzz_target!(|data: &[u8]| {
     } else {
         assert!(whole.starts_with(&buf), "pieces and whole stopped at different bytes");
     }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&first, rest)) = data.split_first() else { return };
+    let decoder = FrameDecoder::new(first as u32 * 64);
+    // The bytes as they are (checksum errors, framing kept after them), then with valid
+    // checksums (frames decoded, re-encoded and compared).
+    check_stream(&decoder, rest, first);
+    check_stream(&decoder, &with_checksums_fixed(rest), first);
 
     // Ack and heartbeat payload decoders on the raw bytes.
     let limit = first as usize;
