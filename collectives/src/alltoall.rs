@@ -11,8 +11,14 @@
 //! The executor is sans-IO like [`crate::executor::Executor`]: `poll_send`, `handle_message`,
 //! `is_done`. A round's send is posted once the previous round's receive is in (MPI's pairwise
 //! pacing); messages for later rounds are kept until their round.
+//!
+//! Under faults: [`AllToAll::peer_lost`] tells it a peer is gone; the rounds with that peer are
+//! skipped, the call still completes, and what this rank had for the lost peer comes back in
+//! [`AllToAllResult::undelivered`] (the MoE layer treats those tokens as dropped). Whatever the
+//! lost peer had for this rank is missing from the result, and the peer is named in
+//! [`AllToAllResult::lost`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -35,6 +41,20 @@ pub struct AllToAll {
     posted: bool,
     early: BTreeMap<usize, Bytes>,
     outbox: Option<(usize, Bytes)>,
+    /// What was sent to each peer (reference-counted, not copied): handed back if it is lost.
+    sent: Vec<Option<Bytes>>,
+    lost: BTreeSet<usize>,
+}
+
+/// What an all-to-all produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllToAllResult {
+    /// `received[s]`: what rank `s` sent to this rank (empty if it sent nothing or was lost).
+    pub received: Vec<Bytes>,
+    /// Peers lost during the call, ascending.
+    pub lost: Vec<usize>,
+    /// `(peer, data)`: what this rank had for each lost peer, handed back undelivered.
+    pub undelivered: Vec<(usize, Bytes)>,
 }
 
 impl AllToAll {
@@ -55,6 +75,8 @@ impl AllToAll {
             posted: false,
             early: BTreeMap::new(),
             outbox: None,
+            sent: vec![None; world],
+            lost: BTreeSet::new(),
         };
         a.advance();
         a
@@ -71,20 +93,35 @@ impl AllToAll {
                 }
                 self.posted = true;
                 let data = self.outgoing[to].take().unwrap_or_default();
-                let mut m = BytesMut::with_capacity(MESSAGE_HEADER + data.len());
-                m.put_u64_le(self.op_seq);
-                m.put_u32_le(self.round as u32);
-                m.put_u32_le(self.rank as u32);
-                m.put_slice(&data);
-                self.outbox = Some((to, m.freeze()));
+                self.sent[to] = Some(data.clone());
+                if !self.lost.contains(&to) {
+                    let mut m = BytesMut::with_capacity(MESSAGE_HEADER + data.len());
+                    m.put_u64_le(self.op_seq);
+                    m.put_u32_le(self.round as u32);
+                    m.put_u32_le(self.rank as u32);
+                    m.put_slice(&data);
+                    self.outbox = Some((to, m.freeze()));
+                }
             }
-            match self.early.remove(&self.round) {
-                Some(data) => self.incoming[from] = Some(data),
-                None => return,
+            continue_receive(self, from);
+            if self.incoming[from].is_none() && !self.lost.contains(&from) {
+                return;
             }
             self.round += 1;
             self.posted = false;
         }
+    }
+
+    /// Peer `rank` is gone (the transport declared it unreachable): rounds with it are skipped,
+    /// and a message to it not yet handed out is withdrawn.
+    pub fn peer_lost(&mut self, rank: usize) {
+        if rank == self.rank || rank >= self.sent.len() || !self.lost.insert(rank) {
+            return;
+        }
+        if matches!(self.outbox, Some((to, _)) if to == rank) {
+            self.outbox = None;
+        }
+        self.advance();
     }
 
     /// The next message: `(destination rank, bytes)`.
@@ -130,7 +167,30 @@ impl AllToAll {
 
     /// `recv[s]` is what rank `s` sent to this rank (empty if it sent nothing). Call when done.
     pub fn into_received(self) -> Vec<Bytes> {
-        self.incoming.into_iter().map(Option::unwrap_or_default).collect()
+        self.into_result().received
+    }
+
+    /// The whole result: what arrived, who was lost, and what is handed back. Call when done.
+    pub fn into_result(mut self) -> AllToAllResult {
+        let lost: Vec<usize> = self.lost.iter().copied().collect();
+        let undelivered = lost
+            .iter()
+            .map(|&p| (p, self.sent[p].take().or_else(|| self.outgoing[p].take()).unwrap_or_default()))
+            .collect();
+        let received = self
+            .incoming
+            .into_iter()
+            .enumerate()
+            .map(|(s, b)| if self.lost.contains(&s) { Bytes::new() } else { b.unwrap_or_default() })
+            .collect();
+        AllToAllResult { received, lost, undelivered }
+    }
+}
+
+/// Takes the early message of the current round from `from`, if it is in.
+fn continue_receive(a: &mut AllToAll, from: usize) {
+    if let Some(data) = a.early.remove(&a.round) {
+        a.incoming[from] = Some(data);
     }
 }
 

@@ -75,6 +75,9 @@ pub struct Executor {
     count: usize,
     world: usize,
     buf: Vec<u8>,
+    /// `(blocks of the whole buffer, the real block of each schedule block)`, when the schedule
+    /// runs over a subset of the ranks (see [`Executor::with_block_map`]).
+    block_map: Option<(usize, Vec<usize>)>,
     round: usize,
     round_started: bool,
     waiting: BTreeSet<(usize, usize)>,
@@ -87,6 +90,39 @@ impl Executor {
     /// An executor for `schedule` over `buf` (`count` elements of `dtype`, reduced with `op`
     /// across `world` ranks). Panics if `buf` does not hold exactly `count` elements.
     pub fn new(schedule: Schedule, op_seq: u64, dtype: DType, op: ReduceOp, world: usize, buf: Vec<u8>) -> Executor {
+        Executor::build(schedule, op_seq, dtype, op, world, buf, None)
+    }
+
+    /// Like [`Executor::new`], for a schedule over a subset of a larger group: the buffer is
+    /// split into `space` blocks (as [`block_range`] splits it), and schedule block `b` is the
+    /// buffer's block `map[b]`. Reduce-scatter and all-gather over the survivors of a group use
+    /// it, so each survivor still owns its own block of the caller's buffer. Panics if `map`
+    /// does not name one block of `space` per schedule block.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_block_map(
+        schedule: Schedule,
+        op_seq: u64,
+        dtype: DType,
+        op: ReduceOp,
+        world: usize,
+        buf: Vec<u8>,
+        space: usize,
+        map: Vec<usize>,
+    ) -> Executor {
+        assert_eq!(map.len(), schedule.blocks, "one buffer block per schedule block");
+        assert!(map.iter().all(|b| *b < space), "blocks within the buffer's {space}");
+        Executor::build(schedule, op_seq, dtype, op, world, buf, Some((space, map)))
+    }
+
+    fn build(
+        schedule: Schedule,
+        op_seq: u64,
+        dtype: DType,
+        op: ReduceOp,
+        world: usize,
+        buf: Vec<u8>,
+        block_map: Option<(usize, Vec<usize>)>,
+    ) -> Executor {
         assert_eq!(buf.len() % dtype.size(), 0, "buffer is not whole elements");
         let count = buf.len() / dtype.size();
         let mut e = Executor {
@@ -97,6 +133,7 @@ impl Executor {
             count,
             world,
             buf,
+            block_map,
             round: 0,
             round_started: false,
             waiting: BTreeSet::new(),
@@ -109,7 +146,10 @@ impl Executor {
     }
 
     fn block_bytes(&self, block: usize) -> std::ops::Range<usize> {
-        let r = block_range(self.count, self.schedule.blocks, block);
+        let r = match &self.block_map {
+            Some((space, map)) => block_range(self.count, *space, map[block]),
+            None => block_range(self.count, self.schedule.blocks, block),
+        };
         r.start * self.dtype.size()..r.end * self.dtype.size()
     }
 
@@ -254,6 +294,12 @@ impl Executor {
         } else {
             Err(unexpected)
         }
+    }
+
+    /// Whether messages are still waiting to be handed out by [`Executor::poll_send`] (a
+    /// schedule may finish with sends only).
+    pub fn has_outgoing(&self) -> bool {
+        !self.outbox.is_empty()
     }
 
     /// Whether every round has completed.

@@ -5,4 +5,7 @@
 
 mod communicator;
 
-pub use communicator::{AllReduceAlgorithm, CommError, Communicator, COLLECTIVE_CHANNEL};
+pub use communicator::{
+    AllReduceAlgorithm, AllToAllResult, CallOptions, CommError, Communicator, FaultPolicy, GroupCounters, GroupError, Op,
+    Outcome, COLLECTIVE_CHANNEL,
+};

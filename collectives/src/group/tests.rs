@@ -1,0 +1,504 @@
+//! Groups of ranks driven over a deterministic in-process network (FIFO per message, no
+//! threads): fault policies, agreement on participants, late contributions, verification.
+
+use super::*;
+use crate::reduce::{element_f64, set_element_f64};
+use proptest::prelude::*;
+
+const MS: u64 = 1_000_000;
+
+fn f32s(vals: &[f64]) -> Vec<u8> {
+    let mut b = vec![0u8; vals.len() * 4];
+    for (i, v) in vals.iter().enumerate() {
+        set_element_f64(DType::F32, &mut b, i, *v);
+    }
+    b
+}
+
+fn read(b: &[u8]) -> Vec<f64> {
+    (0..b.len() / 4).map(|i| element_f64(DType::F32, b, i)).collect()
+}
+
+/// `world` groups over a FIFO network; dead ranks neither send nor receive.
+struct Net {
+    groups: Vec<Group>,
+    queue: VecDeque<(usize, usize, Bytes)>,
+    dead: BTreeSet<usize>,
+    now: u64,
+    results: Vec<Option<Finished>>,
+}
+
+impl Net {
+    fn new(world: usize) -> Net {
+        Net {
+            groups: (0..world).map(|r| Group::new(r, world)).collect(),
+            queue: VecDeque::new(),
+            dead: BTreeSet::new(),
+            now: 0,
+            results: (0..world).map(|_| None).collect(),
+        }
+    }
+
+    fn collect(&mut self) {
+        for (r, g) in self.groups.iter_mut().enumerate() {
+            if self.dead.contains(&r) {
+                continue;
+            }
+            while let Some((to, m)) = g.poll_send() {
+                self.queue.push_back((r, to, m));
+            }
+            if let Some(f) = g.finish() {
+                assert!(self.results[r].is_none(), "rank {r}: result not taken");
+                self.results[r] = Some(f);
+            }
+        }
+    }
+
+    /// Delivers up to `limit` messages (all, if `None`).
+    fn run(&mut self, limit: Option<usize>) {
+        let mut n = 0;
+        loop {
+            self.collect();
+            if limit.is_some_and(|l| n >= l) {
+                return;
+            }
+            let Some((from, to, m)) = self.queue.pop_front() else { return };
+            n += 1;
+            if !self.dead.contains(&to) && !self.dead.contains(&from) {
+                self.groups[to].handle_message(from, vec![m], self.now);
+            }
+        }
+    }
+
+    fn kill(&mut self, r: usize) {
+        self.dead.insert(r);
+        for (p, g) in self.groups.iter_mut().enumerate() {
+            if p != r && !self.dead.contains(&p) {
+                g.handle_peer_lost(r, self.now);
+            }
+        }
+        self.run(None);
+    }
+
+    fn advance(&mut self, dt: u64) {
+        self.now += dt;
+        for (r, g) in self.groups.iter_mut().enumerate() {
+            if !self.dead.contains(&r) && g.poll_timeout().is_some_and(|t| t <= self.now) {
+                g.handle_timeout(self.now);
+            }
+        }
+        self.run(None);
+    }
+
+    fn start(&mut self, r: usize, op: Op, buf: Vec<u8>, options: CallOptions) {
+        let now = self.now;
+        self.groups[r].start(now, op, DType::F32, buf, options);
+    }
+
+    fn take(&mut self, r: usize) -> Finished {
+        self.results[r].take().unwrap_or_else(|| panic!("rank {r} has not finished"))
+    }
+}
+
+fn sum_op() -> Op {
+    Op::AllReduce { algorithm: AllReduceAlgorithm::Ring, op: ReduceOp::Sum }
+}
+
+fn contribution(r: usize, len: usize) -> Vec<f64> {
+    (0..len).map(|i| (r * 100 + i) as f64).collect()
+}
+
+fn expected_sum(ranks: &[usize], len: usize) -> Vec<f64> {
+    (0..len).map(|i| ranks.iter().map(|r| contribution(*r, len)[i]).sum()).collect()
+}
+
+#[test]
+fn messages_for_a_collective_not_yet_started_wait_for_it_and_stale_ones_are_dropped() {
+    let world = 2;
+    let mut g: Vec<Group> = (0..world).map(|r| Group::new(r, world)).collect();
+    let sched = |r| all_reduce_schedule(AllReduceAlgorithm::Ring, r, world, 1 << 20);
+    g[0].start_schedule(sched(0), DType::F32, ReduceOp::Sum, f32s(&[1.0, 2.0]));
+    let first: Vec<_> = std::iter::from_fn(|| g[0].poll_send()).collect();
+    g[1].start_schedule(sched(1), DType::F32, ReduceOp::Sum, f32s(&[10.0, 20.0]));
+    for (_, m) in first {
+        g[1].handle_message(0, vec![m], 0);
+    }
+    for _ in 0..10 {
+        for r in 0..world {
+            while let Some((to, m)) = g[r].poll_send() {
+                g[to].handle_message(r, vec![m], 0);
+            }
+        }
+    }
+    for (r, gr) in g.iter_mut().enumerate() {
+        let Some(Finished::Buffer { data, participants }) = gr.finish() else { panic!("rank {r} finished") };
+        assert_eq!(read(&data), vec![11.0, 22.0]);
+        assert_eq!(participants, vec![0, 1]);
+    }
+    // Rank 0 starts the second; its message reaches rank 1 before rank 1 starts it.
+    g[0].start_schedule(sched(0), DType::F32, ReduceOp::Sum, f32s(&[3.0, 3.0]));
+    let early: Vec<_> = std::iter::from_fn(|| g[0].poll_send()).collect();
+    for (_, m) in early {
+        g[1].handle_message(0, vec![m], 0);
+    }
+    g[1].start_schedule(sched(1), DType::F32, ReduceOp::Sum, f32s(&[4.0, 4.0]));
+    for _ in 0..10 {
+        for r in 0..world {
+            while let Some((to, m)) = g[r].poll_send() {
+                g[to].handle_message(r, vec![m], 0);
+            }
+        }
+    }
+    let Some(Finished::Buffer { data, .. }) = g[1].finish() else { panic!("rank 1 finished the second") };
+    assert_eq!(read(&data), vec![7.0, 7.0]);
+    // A message of the first collective arriving now is stale.
+    let mut stale = data_tag(1, 0).to_le_bytes().to_vec();
+    stale.extend_from_slice(&[0u8; 12]);
+    let before = g[1].stale_dropped();
+    g[1].handle_message(0, vec![Bytes::from(stale)], 0);
+    assert_eq!(g[1].stale_dropped(), before + 1);
+}
+
+#[test]
+fn every_policy_without_faults_gives_every_rank_the_full_result() {
+    let len = 37;
+    for options in [
+        CallOptions::policy(FaultPolicy::Abort),
+        CallOptions { policy: FaultPolicy::Abort, verify: true },
+        CallOptions::policy(FaultPolicy::Shrink),
+        CallOptions { policy: FaultPolicy::Quorum { min: 3, wait: Duration::from_secs(1) }, verify: true },
+    ] {
+        let world = 5;
+        let mut net = Net::new(world);
+        for r in 0..world {
+            net.start(r, sum_op(), f32s(&contribution(r, len)), options);
+        }
+        net.run(None);
+        let all: Vec<usize> = (0..world).collect();
+        for r in 0..world {
+            let Finished::Buffer { data, participants } = net.take(r) else { panic!("{options:?}: rank {r}") };
+            assert_eq!(participants, all);
+            assert_eq!(read(&data), expected_sum(&all, len), "{options:?}");
+            assert_eq!(net.groups[r].counters().applied, 1);
+        }
+    }
+}
+
+#[test]
+fn abort_names_the_lost_rank() {
+    let world = 4;
+    let mut net = Net::new(world);
+    for r in 0..world {
+        net.start(r, sum_op(), f32s(&contribution(r, 64)), CallOptions::default());
+    }
+    net.run(Some(3));
+    net.kill(2);
+    for r in [0, 1, 3] {
+        match net.take(r) {
+            Finished::Failed(GroupError::PeerLost { rank: 2, op_seq: 1, .. }) => {}
+            other => panic!("rank {r}: {other:?}"),
+        }
+        let c = net.groups[r].counters();
+        assert_eq!((c.offered, c.dropped), (1, 1));
+    }
+}
+
+#[test]
+fn shrink_retries_over_the_survivors_after_a_rank_dies_mid_run_and_they_agree() {
+    // Kill each rank in turn (0 is the coordinator) after every possible number of messages.
+    let (world, len) = (4, 29);
+    let (mut shrunk, mut full, mut retried) = (0, 0, 0);
+    for victim in 0..world {
+        for after in 0..40 {
+            let mut net = Net::new(world);
+            for r in 0..world {
+                net.start(r, sum_op(), f32s(&contribution(r, len)), CallOptions::policy(FaultPolicy::Shrink));
+            }
+            net.run(Some(after));
+            net.kill(victim);
+            net.run(None);
+            let survivors: Vec<usize> = (0..world).filter(|r| *r != victim).collect();
+            let mut agreed: Option<(Vec<u8>, Vec<usize>)> = None;
+            for &r in &survivors {
+                let Finished::Buffer { data, participants } = net.take(r) else {
+                    panic!("victim {victim}, after {after}: rank {r} did not finish")
+                };
+                // Either the victim's contribution made it in everywhere, or nowhere.
+                assert!(participants == survivors || participants == (0..world).collect::<Vec<_>>());
+                assert_eq!(read(&data), expected_sum(&participants, len));
+                retried += net.groups[r].counters().retries;
+                match &agreed {
+                    None => {
+                        if participants == survivors {
+                            shrunk += 1;
+                        } else {
+                            full += 1;
+                        }
+                        agreed = Some((data, participants));
+                    }
+                    Some(a) => assert_eq!(a, &(data, participants), "victim {victim}, after {after}: rank {r} differs"),
+                }
+            }
+        }
+    }
+    // The sweep covers deaths before the plan, mid-attempt (retries) and after the data moved.
+    assert!(shrunk > 0 && full > 0 && retried > 0, "shrunk {shrunk}, full {full}, retried {retried}");
+}
+
+#[test]
+fn quorum_goes_on_without_a_straggler_which_gets_its_contribution_back_and_joins_the_next_round() {
+    // The straggler is the coordinator itself (0), or another rank (2).
+    for straggler in [0, 2] {
+        let (world, len) = (4, 10);
+        let options =
+            CallOptions::policy(FaultPolicy::Quorum { min: 3, wait: Duration::from_millis(500) });
+        let mut net = Net::new(world);
+        let mut offered = vec![0.0f64; len];
+        for r in (0..world).filter(|r| *r != straggler) {
+            net.start(r, sum_op(), f32s(&contribution(r, len)), options);
+        }
+        net.run(None);
+        assert!(net.results.iter().all(Option::is_none), "nobody finishes before the wait");
+        net.advance(499 * MS);
+        assert!(net.results.iter().all(Option::is_none));
+        net.advance(MS);
+        let quorum: Vec<usize> = (0..world).filter(|r| *r != straggler).collect();
+        let mut applied = vec![0.0f64; len];
+        for &r in &quorum {
+            let Finished::Buffer { data, participants } = net.take(r) else { panic!("rank {r}") };
+            assert_eq!(participants, quorum);
+            applied = read(&data);
+        }
+        // The straggler arrives: its contribution comes back.
+        let late_contribution = contribution(straggler, len);
+        net.start(straggler, sum_op(), f32s(&late_contribution), options);
+        net.run(None);
+        let Finished::Late { contribution: back, participants } = net.take(straggler) else { panic!("late") };
+        assert_eq!(read(&back), late_contribution);
+        assert_eq!(participants, quorum);
+        for r in 0..world {
+            for (o, c) in offered.iter_mut().zip(contribution(r, len)) {
+                *o += c;
+            }
+        }
+        // Round 2: everyone, the straggler folding its late contribution in.
+        for r in 0..world {
+            let mut c = contribution(r + 10, len);
+            if r == straggler {
+                for (x, l) in c.iter_mut().zip(&late_contribution) {
+                    *x += l;
+                }
+            }
+            for (o, x) in offered.iter_mut().zip(contribution(r + 10, len)) {
+                *o += x;
+            }
+            net.start(r, sum_op(), f32s(&c), options);
+        }
+        net.run(None);
+        for r in 0..world {
+            let Finished::Buffer { data, participants } = net.take(r) else { panic!("round 2, rank {r}") };
+            assert_eq!(participants, (0..world).collect::<Vec<_>>());
+            if r == 0 {
+                for (a, d) in applied.iter_mut().zip(read(&data)) {
+                    *a += d;
+                }
+            }
+        }
+        assert_eq!(applied, offered, "the sum over all rounds is the sum of everything offered");
+        for r in 0..world {
+            let c = net.groups[r].counters();
+            assert_eq!(c.offered, c.applied + c.late + c.dropped, "rank {r}: {c:?}");
+        }
+        assert_eq!(net.groups[straggler].counters().late, 1);
+    }
+}
+
+#[test]
+fn quorum_fails_on_every_rank_when_too_few_remain() {
+    let world = 3;
+    let options = CallOptions::policy(FaultPolicy::Quorum { min: 3, wait: Duration::from_millis(10) });
+    let mut net = Net::new(world);
+    for r in 0..2 {
+        net.start(r, sum_op(), f32s(&[1.0]), options);
+    }
+    net.run(None);
+    net.kill(2);
+    for r in 0..2 {
+        match net.take(r) {
+            Finished::Failed(GroupError::QuorumNotMet { contributed: 2, min: 3, .. }) => {}
+            other => panic!("rank {r}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn verify_names_the_rank_whose_result_differs() {
+    let world = 3;
+    let mut net = Net::new(world);
+    net.groups[1].corrupt_next_result();
+    for r in 0..world {
+        net.start(r, sum_op(), f32s(&contribution(r, 16)), CallOptions { policy: FaultPolicy::Shrink, verify: true });
+    }
+    net.run(None);
+    for r in 0..world {
+        match net.take(r) {
+            Finished::Failed(GroupError::ResultMismatch { ranks, .. }) => assert_eq!(ranks, vec![1]),
+            other => panic!("rank {r}: {other:?}"),
+        }
+    }
+    // Without the fault the next one passes.
+    for r in 0..world {
+        net.start(r, sum_op(), f32s(&contribution(r, 16)), CallOptions { policy: FaultPolicy::Abort, verify: true });
+    }
+    net.run(None);
+    for r in 0..world {
+        assert!(matches!(net.take(r), Finished::Buffer { .. }));
+    }
+}
+
+#[test]
+fn a_rank_that_gives_up_at_its_deadline_is_left_out_and_its_contribution_counted_dropped() {
+    let world = 3;
+    let mut net = Net::new(world);
+    net.start(0, sum_op(), f32s(&[1.0]), CallOptions::policy(FaultPolicy::Shrink));
+    net.start(1, sum_op(), f32s(&[2.0]), CallOptions::policy(FaultPolicy::Shrink));
+    net.start(2, sum_op(), f32s(&[4.0]), CallOptions::policy(FaultPolicy::Shrink));
+    // Rank 2's first messages are lost with its call: it gives up before anything is delivered.
+    net.groups[2].abandon(0);
+    net.run(None);
+    for r in 0..2 {
+        let Finished::Buffer { data, participants } = net.take(r) else { panic!("rank {r}") };
+        assert_eq!((read(&data), participants), (vec![3.0], vec![0, 1]));
+    }
+    assert_eq!(net.groups[2].counters().dropped, 1);
+}
+
+#[test]
+fn all_gather_and_reduce_scatter_over_the_survivors_keep_each_rank_s_own_block() {
+    let (world, len) = (4, 10);
+    let mut net = Net::new(world);
+    net.kill(3);
+    let block = |r: usize| block_range(len, world, r);
+    for r in 0..3 {
+        let mut v = vec![0.0; len];
+        for i in block(r) {
+            v[i] = (r * 10 + i) as f64;
+        }
+        net.start(r, Op::AllGather, f32s(&v), CallOptions::policy(FaultPolicy::Shrink));
+    }
+    net.run(None);
+    for r in 0..3 {
+        let Finished::Buffer { data, participants } = net.take(r) else { panic!("rank {r}") };
+        assert_eq!(participants, vec![0, 1, 2]);
+        let got = read(&data);
+        for p in 0..3 {
+            for i in block(p) {
+                assert_eq!(got[i], (p * 10 + i) as f64);
+            }
+        }
+        assert!(block(3).all(|i| got[i] == 0.0));
+    }
+    for r in 0..3 {
+        net.start(r, Op::ReduceScatter { op: ReduceOp::Sum }, f32s(&contribution(r, len)), CallOptions::policy(FaultPolicy::Shrink));
+    }
+    net.run(None);
+    let want = expected_sum(&[0, 1, 2], len);
+    for r in 0..3 {
+        let Finished::Buffer { data, .. } = net.take(r) else { panic!("rank {r}") };
+        let got = read(&data);
+        for i in block(r) {
+            assert_eq!(got[i], want[i]);
+        }
+    }
+}
+
+#[test]
+fn broadcast_from_a_lost_root_fails_with_root_lost() {
+    let world = 3;
+    let mut net = Net::new(world);
+    net.kill(2);
+    for r in 0..2 {
+        net.start(r, Op::Broadcast { root: 2 }, f32s(&[0.0; 4]), CallOptions::policy(FaultPolicy::Shrink));
+    }
+    net.run(None);
+    for r in 0..2 {
+        assert!(matches!(net.take(r), Finished::Failed(GroupError::RootLost { root: 2, .. })));
+    }
+}
+
+#[test]
+fn all_to_all_with_a_lost_rank_completes_and_hands_its_share_back() {
+    let world = 4;
+    let mut net = Net::new(world);
+    let payload = |s: usize, d: usize| Bytes::from(vec![(s * 16 + d) as u8; s + d + 1]);
+    for r in 0..world {
+        let now = net.now;
+        net.groups[r].start_all_to_all(now, (0..world).map(|d| payload(r, d)).collect(), FaultPolicy::Shrink);
+    }
+    net.run(Some(4));
+    net.kill(1);
+    for r in [0, 2, 3] {
+        let Finished::AllToAll(res) = net.take(r) else { panic!("rank {r}") };
+        assert_eq!(res.lost, vec![1]);
+        assert_eq!(res.undelivered, vec![(1, payload(r, 1))]);
+        for s in [0, 2, 3] {
+            assert_eq!(res.received[s], payload(s, r), "rank {r} from {s}");
+        }
+        assert!(res.received[1].is_empty());
+    }
+}
+
+#[test]
+fn control_messages_round_trip() {
+    let reports = [
+        Report { current: None, recent: vec![(3, Outcome::Committed(2)), (4, Outcome::Late), (5, Outcome::Failed)] },
+        Report {
+            current: Some((
+                9,
+                CallOptions { policy: FaultPolicy::Quorum { min: 2, wait: Duration::from_millis(7) }, verify: true },
+                MemberState::Done { attempt: 1, participants: vec![0, 2, 5], hash: 77 },
+            )),
+            recent: vec![],
+        },
+        Report {
+            current: Some((1, CallOptions::policy(FaultPolicy::Shrink), MemberState::Running { attempt: 0, participants: vec![1] })),
+            recent: vec![],
+        },
+    ];
+    for r in reports {
+        let mut b = encode_report(&r);
+        b.advance(8);
+        assert!(matches!(decode_control(b), Some(Control::Report(x)) if x == r));
+    }
+    let decisions = [
+        Decision::Plan { attempt: 3, participants: vec![0, 1, 4] },
+        Decision::Commit { attempt: 2 },
+        Decision::Fail(GroupError::ResultMismatch { op_seq: 4, ranks: vec![2, 3] }),
+        Decision::Fail(GroupError::QuorumNotMet { op_seq: 4, contributed: 1, min: 3 }),
+        Decision::Fail(GroupError::PeerLost { op_seq: 4, rank: 1, epoch: 9 }),
+        Decision::Fail(GroupError::RootLost { op_seq: 4, root: 1 }),
+        Decision::Fail(GroupError::TooManyAttempts { op_seq: 4, attempts: 9 }),
+    ];
+    for d in decisions {
+        let mut b = encode_decision(12, &d);
+        b.advance(8);
+        assert!(matches!(decode_control(b), Some(Control::Decision(12, x)) if x == d));
+    }
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic_a_group(msgs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..80), 1..20), control in any::<bool>()) {
+        let mut g = Group::new(0, 3);
+        g.start(0, sum_op(), DType::F32, f32s(&[1.0]), CallOptions::policy(FaultPolicy::Shrink));
+        for mut m in msgs {
+            if control && m.len() >= 8 {
+                m[7] |= 0x80;
+            }
+            g.handle_message(1, vec![Bytes::from(m)], 0);
+            while g.poll_send().is_some() {}
+        }
+        let c = g.counters();
+        prop_assert_eq!(c.offered, 1);
+    }
+}
