@@ -6,6 +6,9 @@
 //! `counters`, `exit`. PATH is the index of a `--path` argument.
 //! Events: `listening`, `message` (with CRC32C of the payload), `link_failed`,
 //! `peer_unreachable`, `peer_reachable`, `peer_restarted`, `progress`, `counters`, `error`.
+//!
+//! With `--world N` the node is a rank of a communicator instead (see [`collective_command`]):
+//! `allreduce ROUNDS COUNT POLICY DEADLINE_MS`, `exit`; events `round`, `rounds_done`, `error`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +21,8 @@ use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
 use crate::size::parse_size;
+use phalanx_collectives::reduce::{DType, ReduceOp};
+use phalanx_node::{AllReduceAlgorithm, CallOptions, CommError, Communicator, FaultPolicy, Op, Outcome};
 use phalanx_proto::harness::pattern;
 
 /// Arguments of `phalanx node`.
@@ -53,6 +58,9 @@ pub struct NodeArgs {
     /// Print a `progress` line with bytes received this often (milliseconds; 0: never).
     #[arg(long, default_value_t = 0)]
     pub progress_ms: u64,
+    /// Run as rank `--rank` of a communicator of this many ranks (collective commands).
+    #[arg(long)]
+    pub world: Option<usize>,
 }
 
 fn parse_path(s: &str) -> Result<(u32, LinkKind, SocketAddr, Option<SocketAddr>), String> {
@@ -110,10 +118,24 @@ pub async fn run(args: NodeArgs) -> Result<(), String> {
         "tcp": node.tcp_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "quic": node.quic_addr().map(|a| a.to_string()),
     }));
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    if let Some(world) = args.world {
+        if args.rank as usize >= world {
+            return Err(format!("--rank {} outside --world {world}", args.rank));
+        }
+        let mut comm = Communicator::new(node, args.rank as usize, world);
+        let mut rounds = Rounds::default();
+        while let Ok(Some(l)) = lines.next_line().await {
+            if !collective_command(&l, &mut comm, &mut rounds).await {
+                break;
+            }
+        }
+        comm.flush(Duration::from_secs(5)).await;
+        return Ok(());
+    }
     // Times are on the endpoint's clock, the same base as `since` in its events.
     let clock = handle.clone();
     let ms = move || clock.now().as_nanos() as f64 / 1e6;
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut progress = tokio::time::interval(Duration::from_millis(args.progress_ms.max(1)));
     let mut stdin_open = true;
     loop {
@@ -195,6 +217,122 @@ async fn command(line: &str, handle: &phalanx_net::NodeHandle, faults: &[PathFau
     true
 }
 
+/// `abort`, `shrink` or `quorum:MIN:WAIT_MS`, each optionally with `+verify`.
+fn parse_policy(s: &str) -> Result<CallOptions, String> {
+    let (p, verify) = match s.strip_suffix("+verify") {
+        Some(p) => (p, true),
+        None => (s, false),
+    };
+    let policy = match p.split(':').collect::<Vec<_>>().as_slice() {
+        ["abort"] => FaultPolicy::Abort,
+        ["shrink"] => FaultPolicy::Shrink,
+        ["quorum", min, wait] => FaultPolicy::Quorum {
+            min: min.parse().map_err(|_| format!("policy {s:?}: bad quorum size {min:?}"))?,
+            wait: Duration::from_millis(wait.parse().map_err(|_| format!("policy {s:?}: bad wait {wait:?}"))?),
+        },
+        _ => return Err(format!("policy {s:?}: expected abort, shrink or quorum:MIN:WAIT_MS [+verify]")),
+    };
+    Ok(CallOptions { policy, verify })
+}
+
+/// Rank `rank`'s contribution to round `round`: small integers, so f32 sums are exact.
+fn contribution(rank: usize, round: usize, count: usize) -> Vec<f32> {
+    (0..count).map(|j| ((rank + 1) * (round + 1) + j % 7) as f32).collect()
+}
+
+fn to_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn element_sum(b: &[u8]) -> f64 {
+    b.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).sum()
+}
+
+/// The training-like loop of the communicator mode, kept across commands.
+#[derive(Default)]
+struct Rounds {
+    /// The next round's index.
+    next: usize,
+    /// A contribution handed back late, added to the next round's.
+    carry: Option<Vec<u8>>,
+    /// Element sum of every contribution made (not counting carries twice).
+    offered: f64,
+    /// Element sum of every result received.
+    applied: f64,
+}
+
+/// Executes one command of the communicator mode; returns false on `exit`.
+///
+/// `allreduce ROUNDS COUNT POLICY DEADLINE_MS` runs the next ROUNDS rounds: f32 sum
+/// all-reduces of COUNT elements (this rank's contribution: [`contribution`]). A contribution
+/// handed back late is added to the next round's. Each round prints `round` (outcome `done`
+/// with participants, element sum and CRC32C of the result; `late`; or `error` with the error),
+/// then `rounds_done` with the sums of everything this rank offered and of every result it got
+/// so far, and its counters. An error ends the command.
+async fn collective_command(line: &str, comm: &mut Communicator, state: &mut Rounds) -> bool {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["allreduce", rounds, count, policy, deadline_ms] => {
+            let parsed = (|| -> Result<_, String> {
+                let rounds: usize = rounds.parse().map_err(|_| format!("bad ROUNDS {rounds:?}"))?;
+                let count: usize = count.parse().map_err(|_| format!("bad COUNT {count:?}"))?;
+                let deadline: u64 = deadline_ms.parse().map_err(|_| format!("bad DEADLINE_MS {deadline_ms:?}"))?;
+                Ok((rounds, count, parse_policy(policy)?, Duration::from_millis(deadline)))
+            })();
+            let (rounds, count, options, deadline) = match parsed {
+                Ok(p) => p,
+                Err(e) => {
+                    emit(json!({"event": "error", "error": format!("{line:?}: {e}")}));
+                    return true;
+                }
+            };
+            for i in state.next..state.next + rounds {
+                let mut mine = contribution(comm.rank(), i, count);
+                state.offered += mine.iter().map(|x| f64::from(*x)).sum::<f64>();
+                if let Some(c) = state.carry.take().filter(|c| c.len() == count * 4) {
+                    for (x, b) in mine.iter_mut().zip(c.chunks_exact(4)) {
+                        *x += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                }
+                let started = std::time::Instant::now();
+                let op = Op::AllReduce { algorithm: AllReduceAlgorithm::Auto, op: ReduceOp::Sum };
+                match comm.collective(op, DType::F32, to_bytes(&mine), options, deadline).await {
+                    Ok(Outcome::Done { data, participants }) => {
+                        let sum = element_sum(&data);
+                        state.applied += sum;
+                        emit(json!({"event": "round", "i": i, "outcome": "done", "participants": participants,
+                            "sum": sum, "crc32c": phalanx_proto::checksum::crc32c(&data),
+                            "ms": started.elapsed().as_secs_f64() * 1e3}));
+                    }
+                    Ok(Outcome::Late { contribution, participants }) => {
+                        emit(json!({"event": "round", "i": i, "outcome": "late", "participants": participants,
+                            "late_sum": element_sum(&contribution), "ms": started.elapsed().as_secs_f64() * 1e3}));
+                        state.carry = Some(contribution);
+                    }
+                    Err(e) => {
+                        let lost = match &e {
+                            CommError::PeerLost { rank, .. } => Some(*rank),
+                            _ => None,
+                        };
+                        emit(json!({"event": "round", "i": i, "outcome": "error", "error": e.to_string(),
+                            "lost": lost, "ms": started.elapsed().as_secs_f64() * 1e3}));
+                        break;
+                    }
+                }
+            }
+            state.next += rounds;
+            let c = comm.counters().await.unwrap_or_default();
+            emit(json!({"event": "rounds_done", "offered_sum": state.offered, "applied_sum": state.applied,
+                "counters": {"offered": c.offered, "applied": c.applied, "late": c.late, "dropped": c.dropped,
+                    "retries": c.retries}}));
+        }
+        ["exit"] => return false,
+        [] => {}
+        _ => emit(json!({"event": "error", "error": format!("unknown command {line:?}")})),
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +345,15 @@ mod tests {
         assert!(parse_path("x=tcp://1.2.3.4:5").unwrap_err().contains("rank number"));
         assert!(parse_path("1=udp://1.2.3.4:5").unwrap_err().contains("scheme"));
         assert!(parse_path("1=tcp://nowhere").unwrap_err().contains("bad address"));
+    }
+
+    #[test]
+    fn policies_parse_and_bad_ones_say_why() {
+        assert_eq!(parse_policy("shrink").unwrap(), CallOptions::policy(FaultPolicy::Shrink));
+        let q = parse_policy("quorum:3:250+verify").unwrap();
+        assert_eq!(q.policy, FaultPolicy::Quorum { min: 3, wait: Duration::from_millis(250) });
+        assert!(q.verify);
+        assert!(parse_policy("quorum:x:1").unwrap_err().contains("quorum size"));
+        assert!(parse_policy("maybe").unwrap_err().contains("expected"));
     }
 }

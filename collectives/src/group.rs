@@ -331,10 +331,18 @@ enum Decision {
 enum Phase {
     /// Coordinated: reported Ready, waiting for a plan.
     Ready,
-    Running { attempt: u32, participants: Vec<usize>, exec: Executor },
+    Running {
+        attempt: u32,
+        participants: Vec<usize>,
+        exec: Executor,
+    },
     AllToAll(AllToAll),
     /// Coordinated: finished the attempt, waiting for the commit.
-    Done { attempt: u32, participants: Vec<usize>, result: Vec<u8> },
+    Done {
+        attempt: u32,
+        participants: Vec<usize>,
+        result: Vec<u8>,
+    },
     Finished(Finished),
 }
 
@@ -471,16 +479,8 @@ impl Group {
         self.next_op += 1;
         self.counters.offered += 1;
         let original = options.coordinated().then(|| buf.clone());
-        self.running = Some(Call {
-            op_seq,
-            options,
-            op,
-            dtype,
-            spare: Some(buf),
-            original,
-            phase: Phase::Ready,
-            commit: None,
-        });
+        self.running =
+            Some(Call { op_seq, options, op, dtype, spare: Some(buf), original, phase: Phase::Ready, commit: None });
         // Data for earlier collectives can no longer be used.
         let before = self.backlog.len();
         self.backlog.retain(|(s, ..)| *s >= op_seq);
@@ -771,7 +771,8 @@ impl Group {
 
     fn report_state(&mut self, state: MemberState) {
         let Some(call) = self.running.as_ref() else { return };
-        let r = Report { current: Some((call.op_seq, call.options, state)), recent: self.recent.iter().copied().collect() };
+        let r =
+            Report { current: Some((call.op_seq, call.options, state)), recent: self.recent.iter().copied().collect() };
         self.send_report(r);
     }
 
@@ -884,7 +885,9 @@ impl Group {
     pub fn waiting_on(&self) -> Vec<usize> {
         let Some(call) = &self.running else { return Vec::new() };
         match &call.phase {
-            Phase::Running { exec, participants, .. } => exec.waiting_on().into_iter().map(|v| participants[v]).collect(),
+            Phase::Running { exec, participants, .. } => {
+                exec.waiting_on().into_iter().map(|v| participants[v]).collect()
+            }
             Phase::AllToAll(a) => a.waiting_on(),
             Phase::Ready | Phase::Done { .. } => vec![self.coordinator()],
             Phase::Finished(_) => Vec::new(),
@@ -1086,9 +1089,10 @@ impl Group {
                     FaultPolicy::Quorum { min, wait } => {
                         let due = now >= c.since.saturating_add(wait.as_nanos() as u64);
                         ((all_in || due) && ready.len() >= min && !ready.is_empty())
-                            .then(|| Decision::Plan { attempt: c.attempt, participants: ready })
+                            .then_some(Decision::Plan { attempt: c.attempt, participants: ready })
                     }
-                    _ => (all_in && !ready.is_empty()).then(|| Decision::Plan { attempt: c.attempt, participants: ready }),
+                    _ => (all_in && !ready.is_empty())
+                        .then_some(Decision::Plan { attempt: c.attempt, participants: ready }),
                 }
             }
             Some(plan) => {
@@ -1108,7 +1112,9 @@ impl Group {
                         alive.into_iter().filter(|r| c.at_op.contains(r)).collect()
                     };
                     match c.options.policy {
-                        FaultPolicy::Abort => Some(Decision::Fail(GroupError::PeerLost { op_seq, rank, epoch: self.epoch })),
+                        FaultPolicy::Abort => {
+                            Some(Decision::Fail(GroupError::PeerLost { op_seq, rank, epoch: self.epoch }))
+                        }
                         _ if !informed => None,
                         FaultPolicy::Quorum { min, .. } if survivors.len() < min => {
                             Some(Decision::Fail(GroupError::QuorumNotMet { op_seq, contributed: survivors.len(), min }))
@@ -1161,7 +1167,8 @@ fn data_tag(op_seq: u64, attempt: u32) -> u64 {
 
 /// The ranks whose (known, nonzero) hash differs from the most common one; `None` if all agree.
 fn mismatch(done: &BTreeMap<usize, u64>, alive: &[usize]) -> Option<Vec<usize>> {
-    let hashes: Vec<(usize, u64)> = alive.iter().filter_map(|r| done.get(r).map(|h| (*r, *h))).filter(|(_, h)| *h != 0).collect();
+    let hashes: Vec<(usize, u64)> =
+        alive.iter().filter_map(|r| done.get(r).map(|h| (*r, *h))).filter(|(_, h)| *h != 0).collect();
     let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
     for (_, h) in &hashes {
         *votes.entry(*h).or_default() += 1;
@@ -1281,7 +1288,9 @@ fn encode_decision(op_seq: u64, d: &Decision) -> Bytes {
             m.put_u32_le(0);
             let (code, op, a, b, ranks): (u8, u64, u64, u64, &[usize]) = match e {
                 GroupError::PeerLost { op_seq, rank, epoch } => (0, *op_seq, *rank as u64, *epoch, &[]),
-                GroupError::QuorumNotMet { op_seq, contributed, min } => (1, *op_seq, *contributed as u64, *min as u64, &[]),
+                GroupError::QuorumNotMet { op_seq, contributed, min } => {
+                    (1, *op_seq, *contributed as u64, *min as u64, &[])
+                }
                 GroupError::RootLost { op_seq, root } => (2, *op_seq, *root as u64, 0, &[]),
                 GroupError::ResultMismatch { op_seq, ranks } => (3, *op_seq, 0, 0, ranks),
                 GroupError::TooManyAttempts { op_seq, attempts } => (4, *op_seq, u64::from(*attempts), 0, &[]),

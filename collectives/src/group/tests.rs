@@ -250,8 +250,7 @@ fn quorum_goes_on_without_a_straggler_which_gets_its_contribution_back_and_joins
     // The straggler is the coordinator itself (0), or another rank (2).
     for straggler in [0, 2] {
         let (world, len) = (4, 10);
-        let options =
-            CallOptions::policy(FaultPolicy::Quorum { min: 3, wait: Duration::from_millis(500) });
+        let options = CallOptions::policy(FaultPolicy::Quorum { min: 3, wait: Duration::from_millis(500) });
         let mut net = Net::new(world);
         let mut offered = vec![0.0f64; len];
         for r in (0..world).filter(|r| *r != straggler) {
@@ -399,7 +398,12 @@ fn all_gather_and_reduce_scatter_over_the_survivors_keep_each_rank_s_own_block()
         assert!(block(3).all(|i| got[i] == 0.0));
     }
     for r in 0..3 {
-        net.start(r, Op::ReduceScatter { op: ReduceOp::Sum }, f32s(&contribution(r, len)), CallOptions::policy(FaultPolicy::Shrink));
+        net.start(
+            r,
+            Op::ReduceScatter { op: ReduceOp::Sum },
+            f32s(&contribution(r, len)),
+            CallOptions::policy(FaultPolicy::Shrink),
+        );
     }
     net.run(None);
     let want = expected_sum(&[0, 1, 2], len);
@@ -461,7 +465,11 @@ fn control_messages_round_trip() {
             recent: vec![],
         },
         Report {
-            current: Some((1, CallOptions::policy(FaultPolicy::Shrink), MemberState::Running { attempt: 0, participants: vec![1] })),
+            current: Some((
+                1,
+                CallOptions::policy(FaultPolicy::Shrink),
+                MemberState::Running { attempt: 0, participants: vec![1] },
+            )),
             recent: vec![],
         },
     ];

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 pub use phalanx_collectives::alltoall::AllToAllResult;
-use phalanx_collectives::group::{Finished, Group};
 pub use phalanx_collectives::group::{AllReduceAlgorithm, CallOptions, FaultPolicy, GroupCounters, GroupError, Op};
+use phalanx_collectives::group::{Finished, Group};
 use phalanx_collectives::reduce::{DType, ReduceOp};
 use phalanx_net::{Node, NodeError, NodeHandle};
 use phalanx_proto::{ChannelId, Event, RankId};
@@ -161,8 +161,7 @@ impl Communicator {
         check_elements(&buf, dtype)?;
         let name = op_name(op);
         let span = info_span!("collective", op = name, rank = self.rank, world = self.world, policy = ?options.policy);
-        let (op_seq, finished) =
-            self.call(Start::Op { op, dtype, buf, options }, deadline).instrument(span).await?;
+        let (op_seq, finished) = self.call(Start::Op { op, dtype, buf, options }, deadline).instrument(span).await?;
         match finished {
             Finished::Buffer { data, participants } => Ok(Outcome::Done { data, participants }),
             Finished::Late { contribution, participants } => {
@@ -175,7 +174,13 @@ impl Communicator {
     }
 
     /// A call under [`FaultPolicy::Abort`]: the whole result, or an error.
-    async fn abort_call(&mut self, op: Op, dtype: DType, buf: Vec<u8>, deadline: Duration) -> Result<Vec<u8>, CommError> {
+    async fn abort_call(
+        &mut self,
+        op: Op,
+        dtype: DType,
+        buf: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<Vec<u8>, CommError> {
         match self.collective(op, dtype, buf, CallOptions::default(), deadline).await? {
             Outcome::Done { data, .. } => Ok(data),
             Outcome::Late { .. } => Err(CommError::Late { op_seq: 0 }),

@@ -6,6 +6,6 @@
 mod communicator;
 
 pub use communicator::{
-    AllReduceAlgorithm, AllToAllResult, CallOptions, CommError, Communicator, FaultPolicy, GroupCounters, GroupError, Op,
-    Outcome, COLLECTIVE_CHANNEL,
+    AllReduceAlgorithm, AllToAllResult, CallOptions, CommError, Communicator, FaultPolicy, GroupCounters, GroupError,
+    Op, Outcome, COLLECTIVE_CHANNEL,
 };
