@@ -49,6 +49,7 @@ use thiserror::Error;
 use crate::alltoall::{AllToAll, AllToAllResult};
 use crate::executor::{ExecError, Executor};
 use crate::reduce::{DType, ReduceOp};
+use crate::schedule::hierarchical::{self, Topology};
 use crate::schedule::{block_range, halving_doubling, ring, tree, Collective, Schedule};
 
 /// Buffers below this size use recursive doubling (fewer rounds), larger ones the ring (fewer
@@ -69,19 +70,48 @@ const COORDINATOR_HISTORY: usize = 256;
 /// How to run an all-reduce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AllReduceAlgorithm {
-    /// Choose by size.
+    /// Choose by size and topology: below [`SMALL_ALL_REDUCE_BYTES`] recursive doubling (fewest
+    /// rounds, and with data centres of consecutive ranks only its last rounds cross the WAN);
+    /// above it hierarchical when the ranks span data centres, else the ring.
     Auto,
-    /// Ring (bandwidth-optimal).
+    /// Ring (bandwidth-optimal in one data centre).
     Ring,
     /// Recursive doubling (latency-optimal).
     RecursiveDoubling,
+    /// Hierarchical: reduce-scatter in each data centre, all-reduce across them, all-gather
+    /// (see [`hierarchical`]); the ring when there is one data centre.
+    Hierarchical,
 }
 
-/// The all-reduce schedule for `rank` of `world` with `algorithm`, for a buffer of `bytes`.
-pub fn all_reduce_schedule(algorithm: AllReduceAlgorithm, rank: usize, world: usize, bytes: usize) -> Schedule {
+/// What [`AllReduceAlgorithm::Auto`] picks for `bytes` on `topology` (never `Auto`).
+pub fn choose_all_reduce(algorithm: AllReduceAlgorithm, topology: &Topology, bytes: usize) -> AllReduceAlgorithm {
     match algorithm {
+        AllReduceAlgorithm::Auto if bytes < SMALL_ALL_REDUCE_BYTES => AllReduceAlgorithm::RecursiveDoubling,
+        AllReduceAlgorithm::Auto | AllReduceAlgorithm::Hierarchical if topology.is_multi_dc() => {
+            AllReduceAlgorithm::Hierarchical
+        }
+        AllReduceAlgorithm::Auto | AllReduceAlgorithm::Hierarchical => AllReduceAlgorithm::Ring,
+        other => other,
+    }
+}
+
+/// The all-reduce schedule for `rank` of `world` (one data centre) with `algorithm`, for a
+/// buffer of `bytes`.
+pub fn all_reduce_schedule(algorithm: AllReduceAlgorithm, rank: usize, world: usize, bytes: usize) -> Schedule {
+    all_reduce_schedule_on(algorithm, rank, &Topology::flat(world), bytes)
+}
+
+/// The all-reduce schedule for `rank` of `topology` with `algorithm`, for a buffer of `bytes`.
+pub fn all_reduce_schedule_on(
+    algorithm: AllReduceAlgorithm,
+    rank: usize,
+    topology: &Topology,
+    bytes: usize,
+) -> Schedule {
+    let world = topology.world();
+    match choose_all_reduce(algorithm, topology, bytes) {
         AllReduceAlgorithm::RecursiveDoubling => halving_doubling::all_reduce(rank, world),
-        AllReduceAlgorithm::Auto if bytes < SMALL_ALL_REDUCE_BYTES => halving_doubling::all_reduce(rank, world),
+        AllReduceAlgorithm::Hierarchical => hierarchical::all_reduce(rank, topology),
         _ => ring::schedule(Collective::AllReduce, rank, world).expect("the ring implements all-reduce"),
     }
 }
@@ -186,9 +216,10 @@ impl Op {
         self,
         rank: usize,
         participants: &[usize],
-        world: usize,
+        topology: &Topology,
         bytes: usize,
     ) -> Result<(Schedule, Option<(usize, Vec<usize>)>), usize> {
+        let world = topology.world();
         let k = participants.len();
         let index = |r: usize| participants.iter().position(|p| *p == r);
         let v = index(rank).expect("a participant");
@@ -197,7 +228,9 @@ impl Op {
             (s, Some((world, participants.to_vec())))
         };
         Ok(match self {
-            Op::AllReduce { algorithm, .. } => (all_reduce_schedule(algorithm, v, k, bytes), None),
+            Op::AllReduce { algorithm, .. } => {
+                (all_reduce_schedule_on(algorithm, v, &topology.restrict(participants), bytes), None)
+            }
             Op::ReduceScatter { .. } => mapped(Collective::ReduceScatter),
             Op::AllGather => mapped(Collective::AllGather),
             Op::Broadcast { root } => (tree::broadcast(index(root).ok_or(root)?, v, k), None),
@@ -388,6 +421,7 @@ impl CoordOp {
 pub struct Group {
     rank: usize,
     world: usize,
+    topology: Topology,
     epoch: u64,
     now: u64,
     next_op: u64,
@@ -414,6 +448,7 @@ impl Group {
         Group {
             rank,
             world,
+            topology: Topology::flat(world),
             epoch: 0,
             now: 0,
             next_op: 1,
@@ -438,6 +473,14 @@ impl Group {
     /// Ranks in the group.
     pub fn world(&self) -> usize {
         self.world
+    }
+
+    /// Which data centre each rank is in (for [`AllReduceAlgorithm::Auto`] and
+    /// [`AllReduceAlgorithm::Hierarchical`]); every rank must set the same. Panics if it does
+    /// not describe this group's ranks.
+    pub fn set_topology(&mut self, topology: Topology) {
+        assert_eq!(topology.world(), self.world, "a topology of the group's ranks");
+        self.topology = topology;
     }
 
     /// The membership epoch errors name (set by the runtime's membership).
@@ -801,8 +844,8 @@ impl Group {
     }
 
     fn apply_decision(&mut self, d: Decision) {
-        let world = self.world;
         let rank = self.rank;
+        let topology = self.topology.clone();
         let Some(call) = self.running.as_mut() else { return };
         let op_seq = call.op_seq;
         match d {
@@ -830,7 +873,7 @@ impl Group {
                 };
                 let op = call.op.unwrap_or(Op::Barrier);
                 let bytes = buf.len();
-                let (schedule, map) = match op.schedule(rank, &participants, world, bytes) {
+                let (schedule, map) = match op.schedule(rank, &participants, &topology, bytes) {
                     Ok(s) => s,
                     Err(root) => return self.fail(GroupError::RootLost { op_seq, root }),
                 };

@@ -18,5 +18,6 @@ pub mod alltoall;
 pub mod executor;
 pub mod group;
 pub mod reduce;
+pub mod reference;
 pub mod schedule;
 pub mod symbolic;

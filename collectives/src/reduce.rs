@@ -17,19 +17,22 @@ pub enum DType {
     I32,
     /// Two's-complement 64-bit integer.
     I64,
+    /// Unsigned byte (raw bytes: broadcast, all-gather of opaque data; reductions wrap).
+    U8,
 }
 
 impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
+            DType::U8 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::F32 | DType::I32 => 4,
             DType::F64 | DType::I64 => 8,
         }
     }
 
-    /// Every type, for tests and sweeps.
+    /// Every numeric type a trainer reduces, for tests and sweeps (not [`DType::U8`]).
     pub const ALL: [DType; 6] = [DType::F32, DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64];
 }
 
@@ -119,6 +122,8 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) {
             min: |a, b| a.min(b), max: |a, b| a.max(b)),
         DType::I64 => by_op!(dst, src, op, i64, 8, add: |a, b| a.wrapping_add(b), mul: |a, b| a.wrapping_mul(b),
             min: |a, b| a.min(b), max: |a, b| a.max(b)),
+        DType::U8 => by_op!(dst, src, op, u8, 1, add: |a, b| a.wrapping_add(b), mul: |a, b| a.wrapping_mul(b),
+            min: |a, b| a.min(b), max: |a, b| a.max(b)),
     }
 }
 
@@ -141,6 +146,7 @@ pub fn divide(dtype: DType, buf: &mut [u8], divisor: usize) {
         DType::BF16 => each!(bf16, 2, |v: bf16| bf16::from_f32(v.to_f32() / d as f32)),
         DType::I32 => each!(i32, 4, |v| v / d as i32),
         DType::I64 => each!(i64, 8, |v| v / d as i64),
+        DType::U8 => each!(u8, 1, |v| (v as usize / d) as u8),
     }
 }
 
@@ -154,6 +160,7 @@ pub fn element_f64(dtype: DType, buf: &[u8], i: usize) -> f64 {
         DType::BF16 => bf16::from_le_bytes(s.try_into().expect("2 bytes")).to_f64(),
         DType::I32 => i32::from_le_bytes(s.try_into().expect("4 bytes")) as f64,
         DType::I64 => i64::from_le_bytes(s.try_into().expect("8 bytes")) as f64,
+        DType::U8 => s[0] as f64,
     }
 }
 
@@ -167,6 +174,7 @@ pub fn set_element_f64(dtype: DType, buf: &mut [u8], i: usize, v: f64) {
         DType::BF16 => s.copy_from_slice(&bf16::from_f64(v).to_le_bytes()),
         DType::I32 => s.copy_from_slice(&(v as i32).to_le_bytes()),
         DType::I64 => s.copy_from_slice(&(v as i64).to_le_bytes()),
+        DType::U8 => s[0] = v as u8,
     }
 }
 
@@ -203,6 +211,17 @@ mod tests {
             assert_eq!(element_f64(dtype, &d, 0), 2.0);
             assert_eq!(element_f64(dtype, &d, 1), if matches!(dtype, DType::I32 | DType::I64) { -1.0 } else { -1.5 });
         }
+    }
+
+    #[test]
+    fn bytes_wrap_and_truncate() {
+        let mut d = vec![250u8, 3, 7];
+        reduce_into(DType::U8, ReduceOp::Sum, &mut d, &[10, 4, 0]);
+        assert_eq!(d, vec![4, 7, 7]);
+        reduce_into(DType::U8, ReduceOp::Max, &mut d, &[5, 1, 9]);
+        assert_eq!(d, vec![5, 7, 9]);
+        divide(DType::U8, &mut d, 2);
+        assert_eq!(d, vec![2, 3, 4]);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 
 use bytes::Bytes;
 use phalanx_collectives::executor::Executor;
-use phalanx_collectives::reduce::{element_f64, set_element_f64, DType, ReduceOp};
+use phalanx_collectives::reduce::{element_f64, DType, ReduceOp};
+use phalanx_collectives::reference;
 use phalanx_collectives::schedule::{halving_doubling, ring, tree, Collective, Schedule};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
@@ -36,61 +37,12 @@ fn run(mut ex: Vec<Executor>, picks: &[usize]) -> Vec<Vec<u8>> {
     ex.into_iter().map(|e| e.into_buffer()).collect()
 }
 
-/// Small integers, exact in every type (bf16 has 8 bits of mantissa). Products use only
-/// −1, 1 and a few 2s, so no type overflows whatever the order of evaluation (an overflow to
-/// infinity times a zero is NaN in one order and 0 in another).
 fn input_for(dtype: DType, op: ReduceOp, rank: usize, count: usize) -> Vec<u8> {
-    let mut b = vec![0u8; count * dtype.size()];
-    for i in 0..count {
-        let v = match op {
-            ReduceOp::Prod => match (rank * 7 + i * 3) % 11 {
-                0 => 2.0,
-                k if k % 2 == 0 => -1.0,
-                _ => 1.0,
-            },
-            _ => ((rank * 7 + i * 3) % 11) as f64 - 5.0,
-        };
-        set_element_f64(dtype, &mut b, i, v);
-    }
-    b
+    reference::input(dtype, op, rank, count)
 }
 
 fn input(dtype: DType, rank: usize, count: usize) -> Vec<u8> {
     input_for(dtype, ReduceOp::Sum, rank, count)
-}
-
-fn reference(dtype: DType, op: ReduceOp, world: usize, count: usize, i: usize) -> f64 {
-    let vals: Vec<f64> = (0..world).map(|r| element_f64(dtype, &input_for(dtype, op, r, count), i)).collect();
-    match op {
-        ReduceOp::Sum => vals.iter().sum(),
-        ReduceOp::Avg => {
-            let s: f64 = vals.iter().sum();
-            if matches!(dtype, DType::I32 | DType::I64) {
-                (s / world as f64).trunc()
-            } else {
-                s / world as f64
-            }
-        }
-        ReduceOp::Min => vals.iter().cloned().fold(f64::INFINITY, f64::min),
-        ReduceOp::Max => vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
-        // Integer products wrap in the type's width, exactly as the kernels do.
-        ReduceOp::Prod => match dtype {
-            DType::I32 => vals.iter().fold(1i32, |p, v| p.wrapping_mul(*v as i32)) as f64,
-            DType::I64 => vals.iter().fold(1i64, |p, v| p.wrapping_mul(*v as i64)) as f64,
-            _ => vals.iter().product(),
-        },
-    }
-}
-
-/// Relative tolerance per type: sums of up to 16 integers of magnitude ≤ 5 are exact in every
-/// type, so only Avg's final division rounds.
-fn tolerance(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => 1e-2,
-        DType::BF16 => 2e-2,
-        DType::F32 => 1e-6,
-        _ => 0.0,
-    }
 }
 
 fn check_all_reduce(schedules: Vec<Schedule>, dtype: DType, op: ReduceOp, count: usize, picks: &[usize]) {
@@ -105,14 +57,12 @@ fn check_all_reduce(schedules: Vec<Schedule>, dtype: DType, op: ReduceOp, count:
         assert_eq!(out[r], out[0], "rank {r} differs bitwise from rank 0 ({dtype:?} {op:?} world {world})");
     }
     for i in 0..count {
-        let want = reference(dtype, op, world, count, i);
+        let want = reference::expected(dtype, op, &(0..world).collect::<Vec<_>>(), count, i);
         let got = element_f64(dtype, &out[0], i);
-        let ok = if matches!(dtype, DType::I32 | DType::I64) {
-            got == want
-        } else {
-            (got - want).abs() <= tolerance(dtype) * want.abs().max(1.0)
-        };
-        assert!(ok, "{dtype:?} {op:?} world {world} element {i}: got {got}, want {want}");
+        assert!(
+            reference::close(dtype, got, want),
+            "{dtype:?} {op:?} world {world} element {i}: got {got}, want {want}"
+        );
     }
 }
 

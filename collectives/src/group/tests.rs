@@ -453,6 +453,49 @@ fn all_to_all_with_a_lost_rank_completes_and_hands_its_share_back() {
 }
 
 #[test]
+fn hierarchical_all_reduce_over_two_data_centres_is_exact_and_survives_a_lost_rank() {
+    let (world, len) = (6, 1000);
+    let mut net = Net::new(world);
+    for g in &mut net.groups {
+        g.set_topology(Topology::uniform(2, 3));
+    }
+    let op = Op::AllReduce { algorithm: AllReduceAlgorithm::Hierarchical, op: ReduceOp::Sum };
+    for r in 0..world {
+        net.start(r, op, f32s(&contribution(r, len)), CallOptions::policy(FaultPolicy::Shrink));
+    }
+    net.run(None);
+    let all: Vec<usize> = (0..world).collect();
+    for r in 0..world {
+        let Finished::Buffer { data, .. } = net.take(r) else { panic!("rank {r}") };
+        assert_eq!(read(&data), expected_sum(&all, len));
+    }
+    // Rank 4 dies: data centres of 3 and 2 ranks (the leader-based fallback).
+    net.kill(4);
+    for r in (0..world).filter(|r| *r != 4) {
+        net.start(r, op, f32s(&contribution(r, len)), CallOptions::policy(FaultPolicy::Shrink));
+    }
+    net.run(None);
+    let survivors = vec![0, 1, 2, 3, 5];
+    for &r in &survivors {
+        let Finished::Buffer { data, participants } = net.take(r) else { panic!("rank {r}") };
+        assert_eq!(participants, survivors);
+        assert_eq!(read(&data), expected_sum(&survivors, len));
+    }
+}
+
+#[test]
+fn auto_picks_by_size_and_topology() {
+    let two = Topology::uniform(2, 4);
+    let one = Topology::flat(8);
+    let big = SMALL_ALL_REDUCE_BYTES;
+    assert_eq!(choose_all_reduce(AllReduceAlgorithm::Auto, &two, big), AllReduceAlgorithm::Hierarchical);
+    assert_eq!(choose_all_reduce(AllReduceAlgorithm::Auto, &one, big), AllReduceAlgorithm::Ring);
+    assert_eq!(choose_all_reduce(AllReduceAlgorithm::Auto, &two, big - 1), AllReduceAlgorithm::RecursiveDoubling);
+    assert_eq!(choose_all_reduce(AllReduceAlgorithm::Hierarchical, &one, 1), AllReduceAlgorithm::Ring);
+    assert_eq!(choose_all_reduce(AllReduceAlgorithm::Ring, &two, big), AllReduceAlgorithm::Ring);
+}
+
+#[test]
 fn control_messages_round_trip() {
     let reports = [
         Report { current: None, recent: vec![(3, Outcome::Committed(2)), (4, Outcome::Late), (5, Outcome::Failed)] },

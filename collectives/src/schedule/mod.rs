@@ -9,6 +9,7 @@
 //! one-to-one: `(from, to, block)`.
 
 pub mod halving_doubling;
+pub mod hierarchical;
 pub mod ring;
 pub mod tree;
 

@@ -16,6 +16,7 @@ pub use phalanx_collectives::alltoall::AllToAllResult;
 pub use phalanx_collectives::group::{AllReduceAlgorithm, CallOptions, FaultPolicy, GroupCounters, GroupError, Op};
 use phalanx_collectives::group::{Finished, Group};
 use phalanx_collectives::reduce::{DType, ReduceOp};
+pub use phalanx_collectives::schedule::hierarchical::Topology;
 use phalanx_net::{Node, NodeError, NodeHandle};
 use phalanx_proto::{ChannelId, Event, RankId};
 use thiserror::Error;
@@ -119,9 +120,19 @@ impl Communicator {
     /// A communicator over `node` (whose paths reach every other rank). Spawns its driver task
     /// on the current tokio runtime; it ends when the communicator is dropped.
     pub fn new(node: Node, rank: usize, world: usize) -> Communicator {
+        Communicator::with_topology(node, rank, Topology::flat(world))
+    }
+
+    /// A communicator whose ranks sit in the data centres `topology` describes (every rank
+    /// must pass the same): large all-reduces with [`AllReduceAlgorithm::Auto`] then run
+    /// hierarchically.
+    pub fn with_topology(node: Node, rank: usize, topology: Topology) -> Communicator {
+        let world = topology.world();
         let handle = node.handle();
         let (commands, rx) = mpsc::unbounded_channel();
-        tokio::spawn(drive(node, Group::new(rank, world), rx));
+        let mut group = Group::new(rank, world);
+        group.set_topology(topology);
+        tokio::spawn(drive(node, group, rx));
         Communicator { rank, world, handle, commands }
     }
 
@@ -223,7 +234,7 @@ impl Communicator {
         if root >= self.world {
             return Err(CommError::Buffer(format!("root {root} outside a world of {}", self.world)));
         }
-        self.abort_call(Op::Broadcast { root }, DType::I32, buf, deadline).await
+        self.abort_call(Op::Broadcast { root }, DType::U8, buf, deadline).await
     }
 
     /// Reduce to `root` (the others' results are scratch).
@@ -243,7 +254,7 @@ impl Communicator {
 
     /// Waits until every rank has entered the barrier (an all-reduce of nothing).
     pub async fn barrier(&mut self, deadline: Duration) -> Result<(), CommError> {
-        self.abort_call(Op::Barrier, DType::I32, Vec::new(), deadline).await.map(|_| ())
+        self.abort_call(Op::Barrier, DType::U8, Vec::new(), deadline).await.map(|_| ())
     }
 
     /// All-to-all(-v): `send[d]` goes to rank `d`; returns `recv[s]`, what rank `s` sent here.

@@ -7,5 +7,5 @@ mod communicator;
 
 pub use communicator::{
     AllReduceAlgorithm, AllToAllResult, CallOptions, CommError, Communicator, FaultPolicy, GroupCounters, GroupError,
-    Op, Outcome, COLLECTIVE_CHANNEL,
+    Op, Outcome, Topology, COLLECTIVE_CHANNEL,
 };
