@@ -47,6 +47,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
 use crate::alltoall::{AllToAll, AllToAllResult};
+use crate::codec::{self, Compression};
 use crate::executor::{ExecError, Executor};
 use crate::reduce::{DType, ReduceOp};
 use crate::schedule::hierarchical::{self, Topology};
@@ -194,6 +195,17 @@ pub enum Op {
     },
     /// Returns once every participant has entered (an all-reduce of nothing).
     Barrier,
+    /// All-reduce of f32 contributions sent compressed (for slow, WAN hops): the buffer is this
+    /// rank's encoding (`codec::encode`, or `codec::ErrorFeedback::encode` to carry the error
+    /// into the next call); every participant's encoding reaches every participant, which
+    /// decodes and sums them in rank order, so results are bit-identical. The result is the
+    /// f32 sum (or average, for `op = Avg`). Every rank's encoding must have the same length.
+    CompressedAllReduce {
+        /// `Sum` or `Avg`.
+        op: ReduceOp,
+        /// How the contributions are encoded.
+        compression: Compression,
+    },
 }
 
 impl Op {
@@ -206,7 +218,10 @@ impl Op {
 
     /// Whether every participant ends with the same bytes (what `verify` compares).
     fn same_result_everywhere(self) -> bool {
-        matches!(self, Op::AllReduce { .. } | Op::AllGather | Op::Broadcast { .. } | Op::Barrier)
+        matches!(
+            self,
+            Op::AllReduce { .. } | Op::AllGather | Op::Broadcast { .. } | Op::Barrier | Op::CompressedAllReduce { .. }
+        )
     }
 
     /// The schedule of `rank` among `participants` (ascending) of a group of `world`, for a
@@ -232,7 +247,7 @@ impl Op {
                 (all_reduce_schedule_on(algorithm, v, &topology.restrict(participants), bytes), None)
             }
             Op::ReduceScatter { .. } => mapped(Collective::ReduceScatter),
-            Op::AllGather => mapped(Collective::AllGather),
+            Op::AllGather | Op::CompressedAllReduce { .. } => mapped(Collective::AllGather),
             Op::Broadcast { root } => (tree::broadcast(index(root).ok_or(root)?, v, k), None),
             Op::Reduce { root, .. } => (tree::reduce(index(root).ok_or(root)?, v, k), None),
             Op::Barrier => (halving_doubling::all_reduce(v, k), None),
@@ -278,6 +293,14 @@ pub enum GroupError {
         op_seq: u64,
         /// The ranks outside the majority.
         ranks: Vec<usize>,
+    },
+    /// A participant's compressed contribution could not be decoded.
+    #[error("collective #{op_seq}: the contribution of rank {rank} is malformed")]
+    Malformed {
+        /// The collective.
+        op_seq: u64,
+        /// Whose contribution.
+        rank: usize,
     },
     /// Retried more often than attempts can be numbered.
     #[error("collective #{op_seq} gave up after {attempts} attempts")]
@@ -535,6 +558,16 @@ impl Group {
     /// number. `now` is the driver's clock in nanoseconds.
     pub fn start(&mut self, now: u64, op: Op, dtype: DType, buf: Vec<u8>, options: CallOptions) -> u64 {
         assert_eq!(buf.len() % dtype.size(), 0, "buffer is not whole elements");
+        let buf = match op {
+            // The all-gather of encodings: this rank's block of a buffer of one per rank.
+            Op::CompressedAllReduce { .. } => {
+                let mut all = vec![0u8; buf.len() * self.world];
+                all[self.rank * buf.len()..(self.rank + 1) * buf.len()].copy_from_slice(&buf);
+                all
+            }
+            _ => buf,
+        };
+        let dtype = if matches!(op, Op::CompressedAllReduce { .. }) { DType::U8 } else { dtype };
         let op_seq = self.begin(now, options, Some(op), dtype, buf);
         if options.coordinated() {
             if options.policy == FaultPolicy::Abort {
@@ -768,6 +801,15 @@ impl Group {
             unreachable!("matched above")
         };
         let mut result = exec.into_buffer();
+        if let Some(Op::CompressedAllReduce { op, compression }) = call.op {
+            match decode_and_sum(&result, op, compression, &participants, self.world) {
+                Ok(sum) => result = sum,
+                Err(rank) => {
+                    let op_seq = call.op_seq;
+                    return self.fail(GroupError::Malformed { op_seq, rank });
+                }
+            }
+        }
         if std::mem::take(&mut self.corrupt_next) && !result.is_empty() {
             result[0] ^= 1;
         }
@@ -845,6 +887,7 @@ impl Group {
 
     fn apply_decision(&mut self, d: Decision) {
         let rank = self.rank;
+        let world = self.world;
         let topology = self.topology.clone();
         let Some(call) = self.running.as_mut() else { return };
         let op_seq = call.op_seq;
@@ -862,7 +905,12 @@ impl Group {
                     self.counters.retries += 1;
                 }
                 if !participants.contains(&rank) {
-                    let contribution = call.spare.take().or_else(|| call.original.take()).unwrap_or_default();
+                    let mut contribution = call.spare.take().or_else(|| call.original.take()).unwrap_or_default();
+                    if let Some(Op::CompressedAllReduce { .. }) = call.op {
+                        // Hand back this rank's encoding, not the gather buffer around it.
+                        let len = contribution.len() / world;
+                        contribution = contribution[rank * len..(rank + 1) * len].to_vec();
+                    }
                     call.phase = Phase::Finished(Finished::Late { contribution, participants });
                     self.record(op_seq, Outcome::Late);
                     return;
@@ -1208,6 +1256,34 @@ fn data_tag(op_seq: u64, attempt: u32) -> u64 {
     op_seq << ATTEMPT_BITS | u64::from(attempt)
 }
 
+/// The f32 sum (or average) of the participants' encodings in `gathered` (one block per rank),
+/// added in rank order; `Err(rank)` names a contribution that does not decode.
+fn decode_and_sum(
+    gathered: &[u8],
+    op: ReduceOp,
+    compression: Compression,
+    participants: &[usize],
+    world: usize,
+) -> Result<Vec<u8>, usize> {
+    let mut acc: Vec<f32> = Vec::new();
+    for &p in participants {
+        let r = block_range(gathered.len(), world, p);
+        let v = codec::decode(compression, &gathered[r]).map_err(|_| p)?;
+        if acc.is_empty() {
+            acc = v;
+        } else if v.len() != acc.len() {
+            return Err(p);
+        } else {
+            acc.iter_mut().zip(v).for_each(|(a, x)| *a += x);
+        }
+    }
+    if op == ReduceOp::Avg {
+        let k = participants.len().max(1) as f32;
+        acc.iter_mut().for_each(|a| *a /= k);
+    }
+    Ok(acc.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
 /// The ranks whose (known, nonzero) hash differs from the most common one; `None` if all agree.
 fn mismatch(done: &BTreeMap<usize, u64>, alive: &[usize]) -> Option<Vec<usize>> {
     let hashes: Vec<(usize, u64)> =
@@ -1337,6 +1413,7 @@ fn encode_decision(op_seq: u64, d: &Decision) -> Bytes {
                 GroupError::RootLost { op_seq, root } => (2, *op_seq, *root as u64, 0, &[]),
                 GroupError::ResultMismatch { op_seq, ranks } => (3, *op_seq, 0, 0, ranks),
                 GroupError::TooManyAttempts { op_seq, attempts } => (4, *op_seq, u64::from(*attempts), 0, &[]),
+                GroupError::Malformed { op_seq, rank } => (5, *op_seq, *rank as u64, 0, &[]),
             };
             put_ranks(&mut m, ranks);
             m.put_u8(code);
@@ -1429,6 +1506,7 @@ fn decode_control(body: Bytes) -> Option<Control> {
                         2 => GroupError::RootLost { op_seq: op, root: a as usize },
                         3 => GroupError::ResultMismatch { op_seq: op, ranks },
                         4 => GroupError::TooManyAttempts { op_seq: op, attempts: a as u32 },
+                        5 => GroupError::Malformed { op_seq: op, rank: a as usize },
                         _ => return None,
                     })
                 }

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod alltoall;
+pub mod codec;
 pub mod executor;
 pub mod group;
 pub mod reduce;

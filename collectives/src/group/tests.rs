@@ -496,6 +496,47 @@ fn auto_picks_by_size_and_topology() {
 }
 
 #[test]
+fn a_compressed_all_reduce_is_bit_identical_everywhere_and_close_to_the_exact_sum() {
+    for compression in [Compression::Int8, Compression::Int4] {
+        let (world, len) = (4, 700);
+        let mut net = Net::new(world);
+        let values =
+            |r: usize| -> Vec<f32> { (0..len).map(|i| ((r * 37 + i * 11) % 101) as f32 / 10.0 - 5.0).collect() };
+        let op = Op::CompressedAllReduce { op: ReduceOp::Sum, compression };
+        // Rank 3 is lost before the call: the others reduce over themselves.
+        net.kill(3);
+        for r in 0..3 {
+            let now = net.now;
+            net.groups[r].start(
+                now,
+                op,
+                DType::U8,
+                codec::encode(compression, &values(r)),
+                CallOptions::policy(FaultPolicy::Shrink),
+            );
+        }
+        net.run(None);
+        let mut first: Option<Vec<u8>> = None;
+        for r in 0..3 {
+            let Finished::Buffer { data, participants } = net.take(r) else { panic!("rank {r}") };
+            assert_eq!(participants, vec![0, 1, 2]);
+            let got = read(&data);
+            assert_eq!(got.len(), len);
+            // Each contribution is off by at most half a step (max 5.0 / levels) per element.
+            let step = 5.0 / if compression == Compression::Int8 { 127.0 } else { 7.0 };
+            for (i, g) in got.iter().enumerate() {
+                let exact: f64 = (0..3).map(|p| f64::from(values(p)[i])).sum();
+                assert!((g - exact).abs() <= 3.0 * step / 2.0 + 1e-4, "{compression:?} element {i}: {g} vs {exact}");
+            }
+            match &first {
+                None => first = Some(data),
+                Some(f) => assert_eq!(f, &data, "rank {r} bit-identical"),
+            }
+        }
+    }
+}
+
+#[test]
 fn control_messages_round_trip() {
     let reports = [
         Report { current: None, recent: vec![(3, Outcome::Committed(2)), (4, Outcome::Late), (5, Outcome::Failed)] },
@@ -529,6 +570,7 @@ fn control_messages_round_trip() {
         Decision::Fail(GroupError::PeerLost { op_seq: 4, rank: 1, epoch: 9 }),
         Decision::Fail(GroupError::RootLost { op_seq: 4, root: 1 }),
         Decision::Fail(GroupError::TooManyAttempts { op_seq: 4, attempts: 9 }),
+        Decision::Fail(GroupError::Malformed { op_seq: 4, rank: 2 }),
     ];
     for d in decisions {
         let mut b = encode_decision(12, &d);

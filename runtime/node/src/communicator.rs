@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 pub use phalanx_collectives::alltoall::AllToAllResult;
+pub use phalanx_collectives::codec::{Compression, ErrorFeedback};
 pub use phalanx_collectives::group::{AllReduceAlgorithm, CallOptions, FaultPolicy, GroupCounters, GroupError, Op};
 use phalanx_collectives::group::{Finished, Group};
 use phalanx_collectives::reduce::{DType, ReduceOp};
@@ -252,6 +253,44 @@ impl Communicator {
         self.abort_call(Op::Reduce { root, op }, dtype, buf, deadline).await
     }
 
+    /// All-reduce (`Sum` or `Avg`) of f32 `values` sent compressed (for WAN hops), with error
+    /// feedback: `feedback` carries this call's quantisation error into the next call on the
+    /// same tensor. Results are bit-identical on every participant. If the contribution comes
+    /// back [`Outcome::Late`] (or the call fails), `feedback` is left as it was and the
+    /// contribution returned is `values` itself.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn all_reduce_compressed(
+        &mut self,
+        values: Vec<u8>,
+        op: ReduceOp,
+        compression: Compression,
+        feedback: &mut ErrorFeedback,
+        options: CallOptions,
+        deadline: Duration,
+    ) -> Result<Outcome, CommError> {
+        check_elements(&values, DType::F32)?;
+        if !matches!(op, ReduceOp::Sum | ReduceOp::Avg) || compression == Compression::None {
+            return Err(CommError::Buffer(format!(
+                "compressed all-reduce does Sum or Avg with Int8 or Int4, not {op:?} {compression:?}"
+            )));
+        }
+        let x: Vec<f32> = values.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let before = feedback.clone();
+        let encoded = feedback.encode(compression, &x);
+        match self.collective(Op::CompressedAllReduce { op, compression }, DType::U8, encoded, options, deadline).await
+        {
+            Ok(Outcome::Done { data, participants }) => Ok(Outcome::Done { data, participants }),
+            Ok(Outcome::Late { participants, .. }) => {
+                *feedback = before;
+                Ok(Outcome::Late { contribution: values, participants })
+            }
+            Err(e) => {
+                *feedback = before;
+                Err(e)
+            }
+        }
+    }
+
     /// Waits until every rank has entered the barrier (an all-reduce of nothing).
     pub async fn barrier(&mut self, deadline: Duration) -> Result<(), CommError> {
         self.abort_call(Op::Barrier, DType::U8, Vec::new(), deadline).await.map(|_| ())
@@ -314,6 +353,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Broadcast { .. } => "broadcast",
         Op::Reduce { .. } => "reduce",
         Op::Barrier => "barrier",
+        Op::CompressedAllReduce { .. } => "compressed_all_reduce",
     }
 }
 

@@ -6,6 +6,6 @@
 mod communicator;
 
 pub use communicator::{
-    AllReduceAlgorithm, AllToAllResult, CallOptions, CommError, Communicator, FaultPolicy, GroupCounters, GroupError,
-    Op, Outcome, Topology, COLLECTIVE_CHANNEL,
+    AllReduceAlgorithm, AllToAllResult, CallOptions, CommError, Communicator, Compression, ErrorFeedback, FaultPolicy,
+    GroupCounters, GroupError, Op, Outcome, Topology, COLLECTIVE_CHANNEL,
 };

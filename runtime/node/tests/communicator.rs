@@ -145,3 +145,51 @@ async fn a_rank_that_dies_mid_run_makes_the_survivors_fail_within_the_deadline_n
         assert!(took < deadline * 4, "rank {rank} gave up in {took:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_all_reduce_with_error_feedback_is_identical_everywhere_and_loses_nothing_over_rounds() {
+    use phalanx_node::{CallOptions, Compression, ErrorFeedback, Outcome};
+    let world = 3;
+    let count = 5000;
+    let rounds = 6;
+    let value = |rank: usize, round: usize, i: usize| ((rank * 13 + round * 7 + i) % 19) as f64 / 7.0 - 1.3;
+    let mut tasks = Vec::new();
+    for (rank, node) in nodes(world).await.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Communicator::new(node, rank, world);
+            let mut fb = ErrorFeedback::new();
+            let mut results = Vec::new();
+            for round in 0..rounds {
+                let x = f32s((0..count).map(|i| value(rank, round, i)));
+                let out = c
+                    .all_reduce_compressed(
+                        x,
+                        ReduceOp::Sum,
+                        Compression::Int4,
+                        &mut fb,
+                        CallOptions::default(),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .unwrap();
+                let Outcome::Done { data, .. } = out else { panic!("rank {rank}: {out:?}") };
+                results.push(data);
+            }
+            (results, fb.residual().to_vec())
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.push(t.await.unwrap());
+    }
+    for r in 1..world {
+        assert_eq!(all[r].0, all[0].0, "rank {r}: bit-identical results");
+    }
+    // Sum over rounds of the results + the errors still carried = the sum of everything offered.
+    for i in (0..count).step_by(97) {
+        let got: f64 = all[0].0.iter().map(|b| element_f64(DType::F32, b, i)).sum();
+        let carried: f64 = all.iter().map(|(_, res)| f64::from(res[i])).sum();
+        let offered: f64 = (0..world).flat_map(|r| (0..rounds).map(move |k| value(r, k, i) as f32 as f64)).sum();
+        assert!((got + carried - offered).abs() < 1e-3, "element {i}: {got} + {carried} vs {offered}");
+    }
+}
