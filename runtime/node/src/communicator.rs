@@ -20,8 +20,9 @@ use phalanx_collectives::reduce::{DType, ReduceOp};
 pub use phalanx_collectives::schedule::hierarchical::Topology;
 use phalanx_net::{Node, NodeError, NodeHandle};
 use phalanx_proto::{ChannelId, Event, RankId};
+use std::sync::Arc;
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Mutex, Notify};
 use tracing::{debug, info_span, warn, Instrument};
 
 /// The transport channel collectives use.
@@ -104,17 +105,111 @@ enum Start {
     AllToAll { send: Vec<Bytes>, policy: FaultPolicy },
 }
 
-enum Command {
-    Start { start: Start, deadline: Duration, reply: oneshot::Sender<(u64, Result<Finished, CommError>)> },
-    Counters(oneshot::Sender<GroupCounters>),
+/// What the caller and the background task share: one drives at a time.
+struct Driver {
+    node: Node,
+    group: Group,
+    /// The clock's zero (the group reads nanoseconds since it).
+    epoch: tokio::time::Instant,
+    /// The transport shut down.
+    closed: bool,
+    /// The background task's waker, from when it last waited for the node.
+    background: Option<std::task::Waker>,
+    /// The group timer the background task waits for.
+    armed: Option<tokio::time::Instant>,
+}
+
+impl Driver {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Hands every queued message to the transport.
+    async fn flush(&mut self) -> Result<(), NodeError> {
+        let handle = self.node.handle();
+        while let Some((to, m)) = self.group.poll_send() {
+            handle.send(RankId(to as u32), COLLECTIVE_CHANNEL, m).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies one transport event; returns false once the node has closed.
+    fn apply(&mut self, ev: Option<Event>) -> bool {
+        match ev {
+            Some(Event::Message(m)) if m.channel == COLLECTIVE_CHANNEL => {
+                let now = self.now();
+                self.group.handle_message(m.from.0 as usize, m.payload.chunks().to_vec(), now);
+            }
+            Some(Event::PeerUnreachable { peer, .. }) => {
+                warn!(rank = self.group.rank(), peer = peer.0, "peer unreachable: lost to the group");
+                let now = self.now();
+                self.group.handle_peer_lost(peer.0 as usize, now);
+            }
+            Some(_) => {}
+            None => {
+                self.closed = true;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Before a call lets go of the driver: re-registers the background task's waker with the
+    /// node (the call's polls replaced it) without waking that task, applying whatever has
+    /// arrived meanwhile. Returns whether the background task must re-arm its timer.
+    async fn hand_back(&mut self) -> bool {
+        let Some(w) = self.background.clone() else { return true };
+        loop {
+            let polled = self.node.poll_event(&mut std::task::Context::from_waker(&w));
+            match polled {
+                std::task::Poll::Ready(ev) => {
+                    if !self.apply(ev) || self.flush().await.is_err() {
+                        return true;
+                    }
+                }
+                std::task::Poll::Pending => return self.timer() != self.armed,
+            }
+        }
+    }
+
+    /// The group's next timer as an instant.
+    fn timer(&self) -> Option<tokio::time::Instant> {
+        self.group.poll_timeout().map(|ns| self.epoch + Duration::from_nanos(ns))
+    }
+
+    /// Waits for one event (a message, a lost peer, or the group's timer) and applies it.
+    /// Returns false once the node has closed.
+    async fn step(&mut self, until: Option<tokio::time::Instant>) -> bool {
+        let wake = match (until, self.timer()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        tokio::select! {
+            ev = self.node.next_event() => return self.apply(ev),
+            _ = sleep_until(wake), if wake.is_some() => {
+                let now = self.now();
+                self.group.handle_timeout(now);
+            }
+        }
+        true
+    }
 }
 
 /// A group of `world` ranks (ids `0..world`, this one `rank`) over a started node.
+///
+/// A call drives the group itself (no hand-off to another task on the hot path); between
+/// calls a background task does, so this rank keeps answering and coordinating. The
+/// background task holds the group only while it applies events, never while it waits, so a
+/// call takes it without waking anyone.
 pub struct Communicator {
     rank: usize,
     world: usize,
     handle: NodeHandle,
-    commands: mpsc::UnboundedSender<Command>,
+    driver: Arc<Mutex<Driver>>,
+    /// Tells the background task to re-arm its timer after a call changed the group's.
+    call_ended: Arc<Notify>,
+    /// Dropped with the communicator: the background task ends.
+    _stop: oneshot::Sender<()>,
 }
 
 impl Communicator {
@@ -130,11 +225,25 @@ impl Communicator {
     pub fn with_topology(node: Node, rank: usize, topology: Topology) -> Communicator {
         let world = topology.world();
         let handle = node.handle();
-        let (commands, rx) = mpsc::unbounded_channel();
         let mut group = Group::new(rank, world);
         group.set_topology(topology);
-        tokio::spawn(drive(node, group, rx));
-        Communicator { rank, world, handle, commands }
+        let driver = Arc::new(Mutex::new(Driver {
+            node,
+            group,
+            epoch: tokio::time::Instant::now(),
+            closed: false,
+            background: None,
+            armed: None,
+        }));
+        let call_ended = Arc::new(Notify::new());
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(background(driver.clone(), call_ended.clone(), stopped));
+        Communicator { rank, world, handle, driver, call_ended, _stop: stop }
+    }
+
+    /// Takes the driver (the background task only holds it for a moment).
+    async fn take_driver(&self) -> tokio::sync::MutexGuard<'_, Driver> {
+        self.driver.lock().await
     }
 
     /// This rank.
@@ -155,9 +264,7 @@ impl Communicator {
     /// What happened to this rank's contributions so far (`offered = applied + late +
     /// dropped` between calls).
     pub async fn counters(&self) -> Result<GroupCounters, CommError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Counters(tx)).map_err(|_| NodeError::Closed)?;
-        rx.await.map_err(|_| CommError::Node(NodeError::Closed))
+        Ok(self.take_driver().await.group.counters())
     }
 
     /// Runs `op` on `buf` (whole elements of `dtype`) under `options`. Every rank must make the
@@ -337,12 +444,114 @@ impl Communicator {
         all
     }
 
+    /// Starts a collective and drives it until it finishes or `deadline` passes (then it is
+    /// abandoned: its contribution counted dropped, the coordinator told).
     async fn call(&mut self, start: Start, deadline: Duration) -> Result<(u64, Finished), CommError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands.send(Command::Start { start, deadline, reply }).map_err(|_| NodeError::Closed)?;
-        let (op_seq, r) = rx.await.map_err(|_| CommError::Node(NodeError::Closed))?;
-        r.map(|f| (op_seq, f))
+        let mut d = self.take_driver().await;
+        let r = Self::drive_call(&mut d, start, deadline).await;
+        if d.hand_back().await {
+            self.call_ended.notify_one();
+        }
+        r
     }
+
+    async fn drive_call(d: &mut Driver, start: Start, deadline: Duration) -> Result<(u64, Finished), CommError> {
+        let until = tokio::time::Instant::now() + deadline;
+        if d.closed {
+            return Err(NodeError::Closed.into());
+        }
+        let now = d.now();
+        let op_seq = match start {
+            Start::Op { op, dtype, buf, options } => d.group.start(now, op, dtype, buf, options),
+            Start::AllToAll { send, policy } => d.group.start_all_to_all(now, send, policy),
+        };
+        loop {
+            if let Err(e) = d.flush().await {
+                let now = d.now();
+                d.group.abandon(now);
+                return Err(e.into());
+            }
+            if let Some(f) = d.group.finish() {
+                return Ok((op_seq, f));
+            }
+            if tokio::time::Instant::now() >= until {
+                let waiting = d.group.waiting_on();
+                let now = d.now();
+                d.group.abandon(now);
+                // Tell the coordinator now, not at the next call.
+                let _ = d.flush().await;
+                return Err(CommError::Deadline { op_seq, deadline, waiting });
+            }
+            if !d.step(Some(until)).await {
+                let now = d.now();
+                d.group.abandon(now);
+                return Err(NodeError::Closed.into());
+            }
+        }
+    }
+}
+
+/// Drives the group between calls: applies what has arrived, under the lock, then waits —
+/// without it — for the node to wake this task (its waker is registered by the last poll), for
+/// the group's timer, or for a call to end. Ends with the communicator or the node.
+async fn background(driver: Arc<Mutex<Driver>>, call_ended: Arc<Notify>, mut stopped: oneshot::Receiver<()>) {
+    loop {
+        let timer = {
+            let mut d = tokio::select! {
+                d = driver.lock() => d,
+                _ = &mut stopped => return,
+            };
+            loop {
+                if d.flush().await.is_err() || d.closed {
+                    return;
+                }
+                let polled = std::future::poll_fn(|cx| {
+                    d.background = Some(cx.waker().clone());
+                    std::task::Poll::Ready(d.node.poll_event(cx))
+                })
+                .await;
+                match polled {
+                    std::task::Poll::Ready(ev) => {
+                        if !d.apply(ev) {
+                            return;
+                        }
+                    }
+                    std::task::Poll::Pending => match d.timer() {
+                        Some(t) if t <= tokio::time::Instant::now() => {
+                            let now = d.now();
+                            d.group.handle_timeout(now);
+                        }
+                        t => {
+                            d.armed = t;
+                            break t;
+                        }
+                    },
+                }
+            }
+        };
+        tokio::select! {
+            _ = woken() => {}
+            _ = call_ended.notified() => {}
+            _ = sleep_until(timer), if timer.is_some() => {}
+            _ = &mut stopped => return,
+        }
+    }
+}
+
+/// Pending on the first poll, ready on the next: completes when something else this task
+/// registered for (here, the node's event channel) wakes it.
+async fn woken() {
+    let mut first = true;
+    std::future::poll_fn(
+        |_| {
+            if std::mem::take(&mut first) {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        },
+    )
+    .await
 }
 
 fn op_name(op: Op) -> &'static str {
@@ -354,90 +563,6 @@ fn op_name(op: Op) -> &'static str {
         Op::Reduce { .. } => "reduce",
         Op::Barrier => "barrier",
         Op::CompressedAllReduce { .. } => "compressed_all_reduce",
-    }
-}
-
-struct Pending {
-    op_seq: u64,
-    until: tokio::time::Instant,
-    deadline: Duration,
-    reply: oneshot::Sender<(u64, Result<Finished, CommError>)>,
-}
-
-/// The driver task: owns the node and the group until the communicator is dropped or the node
-/// closes.
-async fn drive(mut node: Node, mut group: Group, mut commands: mpsc::UnboundedReceiver<Command>) {
-    let epoch = tokio::time::Instant::now();
-    let now = move || epoch.elapsed().as_nanos() as u64;
-    let handle = node.handle();
-    let mut pending: Option<Pending> = None;
-    loop {
-        while let Some((to, m)) = group.poll_send() {
-            if let Err(e) = handle.send(RankId(to as u32), COLLECTIVE_CHANNEL, m).await {
-                if let Some(p) = pending.take() {
-                    group.abandon(now());
-                    let _ = p.reply.send((p.op_seq, Err(e.into())));
-                }
-                return;
-            }
-        }
-        if pending.is_some() {
-            if let Some(f) = group.finish() {
-                let p = pending.take().expect("checked");
-                let _ = p.reply.send((p.op_seq, Ok(f)));
-            }
-        }
-        let timer = group.poll_timeout().map(|ns| epoch + Duration::from_nanos(ns));
-        let wake = match (&pending, timer) {
-            (Some(p), Some(t)) => Some(p.until.min(t)),
-            (Some(p), None) => Some(p.until),
-            (None, t) => t,
-        };
-        tokio::select! {
-            cmd = commands.recv() => match cmd {
-                None => return,
-                Some(Command::Counters(tx)) => {
-                    let _ = tx.send(group.counters());
-                }
-                Some(Command::Start { start, deadline, reply }) => {
-                    if pending.is_some() {
-                        let _ = reply.send((0, Err(CommError::Buffer("a collective is already running".into()))));
-                        continue;
-                    }
-                    let t = now();
-                    let op_seq = match start {
-                        Start::Op { op, dtype, buf, options } => group.start(t, op, dtype, buf, options),
-                        Start::AllToAll { send, policy } => group.start_all_to_all(t, send, policy),
-                    };
-                    pending = Some(Pending { op_seq, until: tokio::time::Instant::now() + deadline, deadline, reply });
-                }
-            },
-            ev = node.next_event() => match ev {
-                Some(Event::Message(m)) if m.channel == COLLECTIVE_CHANNEL => {
-                    group.handle_message(m.from.0 as usize, m.payload.chunks().to_vec(), now());
-                }
-                Some(Event::PeerUnreachable { peer, .. }) => {
-                    warn!(rank = group.rank(), peer = peer.0, "peer unreachable: lost to the group");
-                    group.handle_peer_lost(peer.0 as usize, now());
-                }
-                Some(_) => {}
-                None => {
-                    if let Some(p) = pending.take() {
-                        let _ = p.reply.send((p.op_seq, Err(CommError::Node(NodeError::Closed))));
-                    }
-                    return;
-                }
-            },
-            _ = sleep_until(wake), if wake.is_some() => {
-                if let Some(p) = pending.take_if(|p| tokio::time::Instant::now() >= p.until) {
-                    let waiting = group.waiting_on();
-                    group.abandon(now());
-                    let e = CommError::Deadline { op_seq: p.op_seq, deadline: p.deadline, waiting };
-                    let _ = p.reply.send((p.op_seq, Err(e)));
-                }
-                group.handle_timeout(now());
-            }
-        }
     }
 }
 

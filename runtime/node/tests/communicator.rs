@@ -193,3 +193,23 @@ async fn a_compressed_all_reduce_with_error_feedback_is_identical_everywhere_and
         assert!((got + carried - offered).abs() < 1e-3, "element {i}: {got} + {carried} vs {offered}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_after_a_large_all_reduce_account_for_it() {
+    let world = 4;
+    let mut tasks = Vec::new();
+    for (rank, node) in nodes(world).await.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Communicator::new(node, rank, world);
+            let buf = vec![0u8; 4 << 20];
+            c.all_reduce(buf, DType::F32, ReduceOp::Sum, AllReduceAlgorithm::Ring, Duration::from_secs(30))
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(10), c.counters()).await.expect("counters answer").unwrap()
+        }));
+    }
+    for t in tasks {
+        let c = t.await.unwrap();
+        assert_eq!((c.offered, c.applied), (1, 1));
+    }
+}

@@ -380,6 +380,12 @@ impl Node {
         self.events.recv().await
     }
 
+    /// Polls for the next event: `Ready(None)` once the node has shut down; `Pending`
+    /// schedules the waker of `cx` (the most recent caller's only) for the next event.
+    pub fn poll_event(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Event>> {
+        self.events.poll_recv(cx)
+    }
+
     /// Waits for the next message, handing every other event to `on_other`; gives up after
     /// `timeout` (returns `None`).
     pub async fn next_message(
