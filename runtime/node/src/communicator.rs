@@ -61,6 +61,9 @@ pub enum CommError {
     /// The buffer does not fit the call.
     #[error("bad buffer: {0}")]
     Buffer(String),
+    /// A device buffer could not be staged (feature `cuda`).
+    #[error("GPU: {0}")]
+    Gpu(String),
     /// This rank's contribution missed the round (see [`Outcome::Late`]), where the call cannot
     /// return it (the plain, `Abort`-policy methods never see this).
     #[error("collective #{op_seq}: this rank's contribution was late")]

@@ -4,6 +4,8 @@
 #![warn(missing_docs)]
 
 mod communicator;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use communicator::{
     AllReduceAlgorithm, AllToAllResult, CallOptions, CommError, Communicator, Compression, ErrorFeedback, FaultPolicy,
