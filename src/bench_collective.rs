@@ -39,6 +39,12 @@ pub struct CollWorkerArgs {
     /// Higher ranks to dial: `RANK=ADDR` (repeatable).
     #[arg(long = "peer")]
     pub peers: Vec<String>,
+    /// Links over QUIC (with the certificates in `--tls-dir`) instead of TCP.
+    #[arg(long)]
+    pub quic: bool,
+    /// Directory with `ca.pem` and `rank-R.{cert,key}.pem`.
+    #[arg(long = "tls-dir")]
+    pub tls_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub tuning: LinkTuning,
 }
@@ -126,8 +132,7 @@ pub async fn run(args: &BenchArgs) -> Result<f64, String> {
     let world = args.world as usize;
     let per_rank = match args.transport {
         BenchTransport::Mem => in_process(args, world).await?,
-        BenchTransport::Tcp => processes(args, world).await?,
-        BenchTransport::Quic => return Err("collective benchmarks run over tcp or mem for now".into()),
+        BenchTransport::Tcp | BenchTransport::Quic => processes(args, world).await?,
     };
     Ok(slowest_median(&per_rank))
 }
@@ -161,11 +166,33 @@ async fn in_process(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, Str
 
 async fn processes(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let tls_dir = if args.transport == BenchTransport::Quic {
+        let dir = std::env::temp_dir().join(format!("phalanx-coll-tls-{}", std::process::id()));
+        let ca = phalanx_net::tls::ClusterCa::generate("phalanx bench").map_err(|e| e.to_string())?;
+        let names: Vec<String> = (0..world).map(|r| format!("rank-{r}")).collect();
+        ca.write_dir(&dir, &names).map_err(|e| e.to_string())?;
+        Some(dir)
+    } else {
+        None
+    };
+    let result = spawn_ranks(args, world, &exe, tls_dir.as_deref()).await;
+    if let Some(d) = tls_dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    result
+}
+
+async fn spawn_ranks(
+    args: &BenchArgs,
+    world: usize,
+    exe: &std::path::Path,
+    tls_dir: Option<&std::path::Path>,
+) -> Result<Vec<Vec<f64>>, String> {
     let mut children = Vec::new();
     let mut addrs: Vec<(usize, String)> = Vec::new();
     // Highest rank first: each rank dials the ranks above it, which are already listening.
     for r in (0..world).rev() {
-        let mut cmd = tokio::process::Command::new(&exe);
+        let mut cmd = tokio::process::Command::new(exe);
         cmd.arg("coll-worker")
             .args(["--op", &format!("{:?}", args.op).to_lowercase()])
             .args(["--rank", &r.to_string(), "--world", &world.to_string()])
@@ -177,6 +204,9 @@ async fn processes(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, Stri
             .kill_on_drop(true);
         for (peer, addr) in &addrs {
             cmd.arg("--peer").arg(format!("{peer}={addr}"));
+        }
+        if let Some(d) = tls_dir {
+            cmd.arg("--quic").arg("--tls-dir").arg(d);
         }
         let mut child = cmd.spawn().map_err(|e| format!("cannot start rank {r}: {e}"))?;
         let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
@@ -212,7 +242,19 @@ async fn processes(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, Stri
 pub async fn worker(args: CollWorkerArgs) -> Result<(), String> {
     let mut cfg = NodeConfig::new(RankId(args.rank as u32), SECRET);
     cfg.transport = args.tuning.transport()?;
-    cfg.tcp_listen = vec!["127.0.0.1:0".parse().expect("literal address")];
+    cfg.quic_streams = args.tuning.quic_streams;
+    let listen: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
+    let kind = if args.quic {
+        let dir = args.tls_dir.as_ref().ok_or("--quic needs --tls-dir")?;
+        cfg.tls = Some(
+            phalanx_net::tls::TlsIdentity::load_dir(dir, &format!("rank-{}", args.rank)).map_err(|e| e.to_string())?,
+        );
+        cfg.quic_listen = Some(listen);
+        LinkKind::Quic
+    } else {
+        cfg.tcp_listen = vec![listen];
+        LinkKind::Tcp
+    };
     for p in &args.peers {
         let (rank, addr) = p.split_once('=').ok_or_else(|| format!("bad --peer {p:?}"))?;
         let rank: u32 = rank.parse().map_err(|_| format!("bad --peer {p:?}"))?;
@@ -220,7 +262,7 @@ pub async fn worker(args: CollWorkerArgs) -> Result<(), String> {
         for _ in 0..args.tuning.paths {
             cfg.paths.push(PathSpec {
                 peer: RankId(rank),
-                kind: LinkKind::Tcp,
+                kind,
                 remote,
                 bind: None,
                 faults: PathFaults::new(),
@@ -228,7 +270,8 @@ pub async fn worker(args: CollWorkerArgs) -> Result<(), String> {
         }
     }
     let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
-    println!("{}", json!({ "listening": node.tcp_addrs()[0].to_string() }));
+    let addr = node.tcp_addrs().first().copied().or(node.quic_addr()).ok_or("no listener bound")?;
+    println!("{}", json!({ "listening": addr.to_string() }));
     let comm = Communicator::new(node, args.rank, args.world);
     let samples = rank_loop(comm, args.op, args.bytes as usize, args.warmup, args.iters).await?;
     println!("{}", json!({ "samples_us": samples }));
