@@ -64,13 +64,20 @@ async fn one_op(comm: &mut Communicator, op: BenchOp, bytes: usize) -> Result<f6
     let world = comm.world();
     let rank = comm.rank();
     let e = |e: phalanx_node::CommError| e.to_string();
-    // Inputs are made before the clock starts.
+    // Inputs are made before the clock starts: a repeating pattern of small floats (exact
+    // sums), copied in blocks rather than computed per element.
     let count = bytes / 4;
-    let mut buf = vec![0u8; count * 4];
-    for (i, c) in buf.chunks_exact_mut(4).enumerate() {
-        c.copy_from_slice(&(((rank + i) % 7) as f32).to_le_bytes());
+    let pattern: Vec<u8> = (0..1024).flat_map(|i| (((rank + i) % 7) as f32).to_le_bytes()).collect();
+    let mut buf = Vec::with_capacity(count * 4);
+    while buf.len() < count * 4 {
+        let n = (count * 4 - buf.len()).min(pattern.len());
+        buf.extend_from_slice(&pattern[..n]);
     }
-    let send: Vec<Bytes> = (0..world).map(|_| Bytes::from(vec![rank as u8; bytes / world])).collect();
+    let send: Vec<Bytes> = if op == BenchOp::Alltoall {
+        (0..world).map(|_| Bytes::from(vec![rank as u8; bytes / world])).collect()
+    } else {
+        Vec::new()
+    };
     comm.barrier(DEADLINE).await.map_err(e)?;
     let t0 = Instant::now();
     match op {
@@ -260,13 +267,7 @@ pub async fn worker(args: CollWorkerArgs) -> Result<(), String> {
         let rank: u32 = rank.parse().map_err(|_| format!("bad --peer {p:?}"))?;
         let remote: SocketAddr = addr.parse().map_err(|_| format!("bad --peer {p:?}"))?;
         for _ in 0..args.tuning.paths {
-            cfg.paths.push(PathSpec {
-                peer: RankId(rank),
-                kind,
-                remote,
-                bind: None,
-                faults: PathFaults::new(),
-            });
+            cfg.paths.push(PathSpec { peer: RankId(rank), kind, remote, bind: None, faults: PathFaults::new() });
         }
     }
     let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
