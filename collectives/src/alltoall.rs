@@ -22,7 +22,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::executor::{ExecError, MESSAGE_HEADER};
+use crate::executor::ExecError;
+
+/// Bytes of an all-to-all message's header: `op_seq u64 | round u32 | sender u32`.
+const MESSAGE_HEADER: usize = 16;
 
 /// The pairwise schedule of `rank`: for each round, `(send to, receive from)`.
 pub fn pairwise(rank: usize, world: usize) -> Vec<(usize, usize)> {
@@ -136,7 +139,7 @@ impl AllToAll {
     /// A message from `from` arrived. Errors leave the state unchanged.
     pub fn handle_message(&mut self, from: usize, mut msg: Bytes) -> Result<(), ExecError> {
         if msg.len() < MESSAGE_HEADER {
-            return Err(ExecError::Truncated { from, len: msg.len() });
+            return Err(ExecError::Truncated { from, len: msg.len(), need: MESSAGE_HEADER });
         }
         let op_seq = msg.get_u64_le();
         let round = msg.get_u32_le();

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use phalanx_collectives::executor::Executor;
 use phalanx_collectives::reduce::{element_f64, DType, ReduceOp};
 use phalanx_collectives::reference;
-use phalanx_collectives::schedule::{halving_doubling, ring, tree, Collective, Schedule};
+use phalanx_collectives::schedule::{halving_doubling, hierarchical, ring, tree, Collective, Schedule};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
 
@@ -45,12 +45,12 @@ fn input(dtype: DType, rank: usize, count: usize) -> Vec<u8> {
     input_for(dtype, ReduceOp::Sum, rank, count)
 }
 
-fn check_all_reduce(schedules: Vec<Schedule>, dtype: DType, op: ReduceOp, count: usize, picks: &[usize]) {
+fn check_all_reduce(schedules: Vec<Schedule>, dtype: DType, op: ReduceOp, count: usize, picks: &[usize], seg: usize) {
     let world = schedules.len();
     let ex = schedules
         .into_iter()
         .enumerate()
-        .map(|(r, s)| Executor::new(s, 9, dtype, op, world, input_for(dtype, op, r, count)))
+        .map(|(r, s)| Executor::with_segments(s, 9, dtype, op, world, input_for(dtype, op, r, count), seg))
         .collect();
     let out = run(ex, picks);
     for r in 1..world {
@@ -76,20 +76,25 @@ proptest! {
         dtype_i in 0usize..6,
         op_i in 0usize..5,
         picks in proptest::collection::vec(any::<usize>(), 0..400),
+        // Segments of a few elements (many per block: the pipelined path) or one per block.
+        seg in prop_oneof![Just(1usize), Just(8), 9usize..64, Just(1 << 20)],
     ) {
         let (dtype, op) = (DType::ALL[dtype_i], ReduceOp::ALL[op_i]);
         let ring: Vec<_> = (0..world).map(|r| ring::schedule(Collective::AllReduce, r, world).unwrap()).collect();
-        check_all_reduce(ring, dtype, op, count, &picks);
+        check_all_reduce(ring, dtype, op, count, &picks, seg);
         let rd: Vec<_> = (0..world).map(|r| halving_doubling::all_reduce(r, world)).collect();
-        check_all_reduce(rd, dtype, op, count, &picks);
+        check_all_reduce(rd, dtype, op, count, &picks, seg);
+        let t = hierarchical::Topology::new((0..world).map(|r| r * 3 / world.max(1)).collect());
+        let hier: Vec<_> = (0..world).map(|r| hierarchical::all_reduce(r, &t)).collect();
+        check_all_reduce(hier, dtype, op, count, &picks, seg);
     }
 
     #[test]
-    fn broadcast_delivers_the_roots_buffer_to_everyone(world in 1usize..=16, root_seed in any::<usize>(), count in 0usize..100) {
+    fn broadcast_delivers_the_roots_buffer_to_everyone(world in 1usize..=16, root_seed in any::<usize>(), count in 0usize..100, seg in prop_oneof![Just(4usize), Just(12), Just(1 << 20)]) {
         let root = root_seed % world;
         let dtype = DType::F32;
         let ex = (0..world)
-            .map(|r| Executor::new(tree::broadcast(root, r, world), 1, dtype, ReduceOp::Sum, world, input(dtype, r, count)))
+            .map(|r| Executor::with_segments(tree::broadcast(root, r, world), 1, dtype, ReduceOp::Sum, world, input(dtype, r, count), seg))
             .collect();
         let out = run(ex, &[]);
         for b in &out {
@@ -114,6 +119,7 @@ fn messages_from_another_collective_or_out_of_schedule_are_refused_without_effec
         let mut v = seq.to_le_bytes().to_vec();
         v.extend_from_slice(&round.to_le_bytes());
         v.extend_from_slice(&block.to_le_bytes());
+        v.extend_from_slice(&0u32.to_le_bytes()); // segment
         v.extend(std::iter::repeat_n(1u8, len));
         Bytes::from(v)
     };
@@ -122,6 +128,9 @@ fn messages_from_another_collective_or_out_of_schedule_are_refused_without_effec
     assert!(e.handle_message(2, msg(5, 0, 1, 3)).is_err(), "wrong length");
     assert!(e.handle_message(2, Bytes::from_static(b"short")).is_err(), "truncated");
     assert!(e.handle_message(2, msg(5, 99, 0, 8)).is_err(), "no such round");
+    let mut seg9 = msg(5, 0, 1, 8).to_vec();
+    seg9[16..20].copy_from_slice(&9u32.to_le_bytes());
+    assert!(e.handle_message(2, Bytes::from(seg9)).is_err(), "no such segment");
     assert_eq!(e.buffer(), &before[..]);
     assert!(!e.is_done());
 }
