@@ -23,7 +23,7 @@ use phalanx_proto::{ChannelId, Event, RankId};
 use std::sync::Arc;
 use thiserror::Error;
 use tokio::sync::{oneshot, Mutex, Notify};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 /// The transport channel collectives use.
 pub const COLLECTIVE_CHANNEL: ChannelId = ChannelId(1000);
@@ -285,9 +285,14 @@ impl Communicator {
         let span = info_span!("collective", op = name, rank = self.rank, world = self.world, policy = ?options.policy);
         let (op_seq, finished) = self.call(Start::Op { op, dtype, buf, options }, deadline).instrument(span).await?;
         match finished {
-            Finished::Buffer { data, participants } => Ok(Outcome::Done { data, participants }),
+            Finished::Buffer { data, participants } => {
+                if participants.len() < self.world {
+                    info!(op_seq, ?participants, "finished without every rank");
+                }
+                Ok(Outcome::Done { data, participants })
+            }
             Finished::Late { contribution, participants } => {
-                debug!(op_seq, ?participants, "contribution late");
+                info!(op_seq, ?participants, "this rank's contribution was late: handed back");
                 Ok(Outcome::Late { contribution, participants })
             }
             Finished::Failed(e) => Err(e.into()),
