@@ -64,6 +64,28 @@ pub enum BenchOp {
     Broadcast,
 }
 
+/// Compression of an all-reduce's contributions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchCompression {
+    /// As is.
+    None,
+    /// 8-bit integers, a scale per 256 elements.
+    Int8,
+    /// 4-bit integers, a scale per 256 elements.
+    Int4,
+}
+
+impl BenchCompression {
+    /// The codec's setting.
+    pub fn codec(self) -> phalanx_node::Compression {
+        match self {
+            BenchCompression::None => phalanx_node::Compression::None,
+            BenchCompression::Int8 => phalanx_node::Compression::Int8,
+            BenchCompression::Int4 => phalanx_node::Compression::Int4,
+        }
+    }
+}
+
 /// Arguments of `phalanx bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -87,6 +109,9 @@ pub struct BenchArgs {
     pub warmup: u32,
     #[command(flatten)]
     pub tuning: LinkTuning,
+    /// All-reduce only: send contributions compressed (`Compression` with error feedback).
+    #[arg(long, value_enum, default_value_t = BenchCompression::None)]
+    pub compression: BenchCompression,
     /// Print one JSON object.
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,

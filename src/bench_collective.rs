@@ -11,12 +11,12 @@ use bytes::Bytes;
 use phalanx_collectives::reduce::{DType, ReduceOp};
 use phalanx_collectives::schedule::block_range;
 use phalanx_net::{LinkKind, Node, NodeConfig, PathFaults, PathSpec};
-use phalanx_node::{AllReduceAlgorithm, Communicator};
+use phalanx_node::{AllReduceAlgorithm, CallOptions, Communicator, ErrorFeedback};
 use phalanx_proto::RankId;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::bench::{BenchArgs, BenchOp, BenchTransport, LinkTuning};
+use crate::bench::{BenchArgs, BenchCompression, BenchOp, BenchTransport, LinkTuning};
 
 const SECRET: &[u8] = b"phalanx-bench";
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -39,6 +39,9 @@ pub struct CollWorkerArgs {
     /// Higher ranks to dial: `RANK=ADDR` (repeatable).
     #[arg(long = "peer")]
     pub peers: Vec<String>,
+    /// All-reduce contributions compressed.
+    #[arg(long, value_enum, default_value_t = BenchCompression::None)]
+    pub compression: BenchCompression,
     /// Links over QUIC (with the certificates in `--tls-dir`) instead of TCP.
     #[arg(long)]
     pub quic: bool,
@@ -60,7 +63,12 @@ pub fn bus_factor(op: BenchOp, n: usize) -> f64 {
 }
 
 /// Runs one timed operation (after a barrier) and returns its duration in microseconds.
-async fn one_op(comm: &mut Communicator, op: BenchOp, bytes: usize) -> Result<f64, String> {
+async fn one_op(
+    comm: &mut Communicator,
+    op: BenchOp,
+    bytes: usize,
+    compression: BenchCompression,
+) -> Result<f64, String> {
     let world = comm.world();
     let rank = comm.rank();
     let e = |e: phalanx_node::CommError| e.to_string();
@@ -81,6 +89,13 @@ async fn one_op(comm: &mut Communicator, op: BenchOp, bytes: usize) -> Result<f6
     comm.barrier(DEADLINE).await.map_err(e)?;
     let t0 = Instant::now();
     match op {
+        BenchOp::Allreduce if compression != BenchCompression::None => {
+            let mut feedback = ErrorFeedback::new();
+            let options = CallOptions::default();
+            comm.all_reduce_compressed(buf, ReduceOp::Sum, compression.codec(), &mut feedback, options, DEADLINE)
+                .await
+                .map_err(e)?;
+        }
         BenchOp::Allreduce => {
             comm.all_reduce(buf, DType::F32, ReduceOp::Sum, AllReduceAlgorithm::Auto, DEADLINE).await.map_err(e)?;
         }
@@ -108,10 +123,11 @@ async fn rank_loop(
     bytes: usize,
     warmup: u32,
     iters: u32,
+    compression: BenchCompression,
 ) -> Result<Vec<f64>, String> {
     let mut samples = Vec::with_capacity(iters as usize);
     for i in 0..warmup + iters {
-        let us = one_op(&mut comm, op, bytes).await?;
+        let us = one_op(&mut comm, op, bytes, compression).await?;
         if i >= warmup {
             samples.push(us);
         }
@@ -162,7 +178,14 @@ async fn in_process(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, Str
     let mut tasks = Vec::new();
     for (r, node) in nodes.into_iter().enumerate() {
         let comm = Communicator::new(node, r, world);
-        tasks.push(tokio::spawn(rank_loop(comm, args.op, args.bytes as usize, args.warmup, args.iters)));
+        tasks.push(tokio::spawn(rank_loop(
+            comm,
+            args.op,
+            args.bytes as usize,
+            args.warmup,
+            args.iters,
+            args.compression,
+        )));
     }
     let mut out = Vec::new();
     for t in tasks {
@@ -205,6 +228,7 @@ async fn spawn_ranks(
             .args(["--rank", &r.to_string(), "--world", &world.to_string()])
             .args(["--bytes", &args.bytes.to_string(), "--iters", &args.iters.to_string()])
             .args(["--warmup", &args.warmup.to_string()])
+            .args(["--compression", &format!("{:?}", args.compression).to_lowercase()])
             .args(args.tuning.to_args())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -274,7 +298,7 @@ pub async fn worker(args: CollWorkerArgs) -> Result<(), String> {
     let addr = node.tcp_addrs().first().copied().or(node.quic_addr()).ok_or("no listener bound")?;
     println!("{}", json!({ "listening": addr.to_string() }));
     let comm = Communicator::new(node, args.rank, args.world);
-    let samples = rank_loop(comm, args.op, args.bytes as usize, args.warmup, args.iters).await?;
+    let samples = rank_loop(comm, args.op, args.bytes as usize, args.warmup, args.iters, args.compression).await?;
     println!("{}", json!({ "samples_us": samples }));
     Ok(())
 }

@@ -94,9 +94,16 @@ pub fn encode(c: Compression, src: &[f32]) -> Vec<u8> {
             scale = f32::from_bits(1);
         }
         out.extend_from_slice(&scale.to_le_bytes());
+        // Normal scales: multiply by the reciprocal in f32 and round with the 1.5·2^23 trick
+        // (vectorises); subnormal scales, where the reciprocal loses bits: divide in f64.
+        let fast = scale >= f32::MIN_POSITIVE && (1.0 / scale).is_finite();
+        let inv = if fast { 1.0 / scale } else { 0.0 };
         let q = |x: f32| -> i8 {
             if scale == 0.0 || !x.is_finite() {
                 0
+            } else if fast {
+                const ROUND: f32 = 12_582_912.0;
+                (((x * inv).clamp(-l, l) + ROUND) - ROUND) as i8
             } else {
                 (f64::from(x) / f64::from(scale)).round().clamp(-f64::from(l), f64::from(l)) as i8
             }
@@ -118,6 +125,40 @@ pub fn encode(c: Compression, src: &[f32]) -> Vec<u8> {
 
 /// Decodes an encoding made by [`encode`] with the same `c`.
 pub fn decode(c: Compression, bytes: &[u8]) -> Result<Vec<f32>, CodecError> {
+    // The declared count, but never more than two values per byte that arrived.
+    let declared = bytes.get(..4).map_or(0, |h| u32::from_le_bytes(h.try_into().expect("4 bytes")) as usize);
+    let mut out = Vec::with_capacity(declared.min(bytes.len().saturating_mul(2)));
+    decode_with(c, bytes, |_| Ok(()), |_, group| out.extend_from_slice(group))?;
+    Ok(out)
+}
+
+/// Decodes an encoding made by [`encode`] and adds it to `acc` elementwise (no intermediate
+/// buffer). `acc` must hold exactly the declared number of elements; on an error `acc` may
+/// be partly updated.
+pub fn decode_add(c: Compression, bytes: &[u8], acc: &mut [f32]) -> Result<(), CodecError> {
+    let len = acc.len();
+    let mut checked = |n: usize| {
+        if n == len {
+            Ok(())
+        } else {
+            Err(CodecError::Length { declared: n, expected: encoded_len(c, len), got: bytes.len() })
+        }
+    };
+    decode_with(c, bytes, &mut checked, |start, group| {
+        for (a, v) in acc[start..start + group.len()].iter_mut().zip(group) {
+            *a += v;
+        }
+    })
+}
+
+/// Validates `bytes`, tells `count_ok` the declared element count, then hands every group's
+/// values to `each(index of its first element, values)` in order.
+fn decode_with(
+    c: Compression,
+    bytes: &[u8],
+    mut count_ok: impl FnMut(usize) -> Result<(), CodecError>,
+    mut each: impl FnMut(usize, &[f32]),
+) -> Result<(), CodecError> {
     if c == Compression::None {
         return Err(CodecError::Uncompressed);
     }
@@ -129,7 +170,7 @@ pub fn decode(c: Compression, bytes: &[u8]) -> Result<Vec<f32>, CodecError> {
     if bytes.len() != expected {
         return Err(CodecError::Length { declared: count, expected, got: bytes.len() });
     }
-    let mut out = Vec::with_capacity(count);
+    count_ok(count)?;
     let mut at = 4;
     for (group, start) in (0..count).step_by(GROUP).enumerate() {
         let n = GROUP.min(count - start);
@@ -141,24 +182,32 @@ pub fn decode(c: Compression, bytes: &[u8]) -> Result<Vec<f32>, CodecError> {
         let vb = value_bytes(c, n);
         let v = &bytes[at..at + vb];
         at += vb;
+        let mut group_values = [0f32; GROUP];
         match c {
-            Compression::Int8 => out.extend(v.iter().map(|b| dequantise(*b as i8, scale))),
+            Compression::Int8 => {
+                for (d, b) in group_values.iter_mut().zip(v) {
+                    *d = dequantise(*b as i8, scale);
+                }
+            }
             Compression::Int4 => {
-                for i in 0..n {
-                    let nib = if i % 2 == 0 { v[i / 2] & 0xF } else { v[i / 2] >> 4 };
-                    out.push(dequantise(nib as i8 - 8, scale));
+                for (pair, b) in group_values.chunks_mut(2).zip(v) {
+                    pair[0] = dequantise((b & 0xF) as i8 - 8, scale);
+                    if let Some(hi) = pair.get_mut(1) {
+                        *hi = dequantise((b >> 4) as i8 - 8, scale);
+                    }
                 }
             }
             Compression::None => unreachable!("checked above"),
         }
+        each(start, &group_values[..n]);
     }
-    Ok(out)
+    Ok(())
 }
 
-/// `q · scale`, computed in f64 and kept finite (the scale is rounded up, so `127 · scale` may
-/// exceed `f32::MAX` by a hair when the group holds `±f32::MAX`).
+/// `q · scale`, kept finite (the scale is rounded up, so `127 · scale` may exceed `f32::MAX`
+/// by a hair when the group holds `±f32::MAX`).
 fn dequantise(q: i8, scale: f32) -> f32 {
-    (f64::from(q) * f64::from(scale)).clamp(-f64::from(f32::MAX), f64::from(f32::MAX)) as f32
+    (f32::from(q) * scale).clamp(-f32::MAX, f32::MAX)
 }
 
 /// The quantisation error carried from one call to the next, for one tensor.

@@ -1266,22 +1266,24 @@ fn decode_and_sum(
     world: usize,
 ) -> Result<Vec<u8>, usize> {
     let mut acc: Vec<f32> = Vec::new();
-    for &p in participants {
+    for (i, &p) in participants.iter().enumerate() {
         let r = block_range(gathered.len(), world, p);
-        let v = codec::decode(compression, &gathered[r]).map_err(|_| p)?;
-        if acc.is_empty() {
-            acc = v;
-        } else if v.len() != acc.len() {
-            return Err(p);
+        let bytes = &gathered[r];
+        if i == 0 {
+            acc = codec::decode(compression, bytes).map_err(|_| p)?;
         } else {
-            acc.iter_mut().zip(v).for_each(|(a, x)| *a += x);
+            codec::decode_add(compression, bytes, &mut acc).map_err(|_| p)?;
         }
     }
     if op == ReduceOp::Avg {
         let k = participants.len().max(1) as f32;
         acc.iter_mut().for_each(|a| *a /= k);
     }
-    Ok(acc.iter().flat_map(|x| x.to_le_bytes()).collect())
+    let mut out = Vec::with_capacity(acc.len() * 4);
+    for x in &acc {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    Ok(out)
 }
 
 /// The ranks whose (known, nonzero) hash differs from the most common one; `None` if all agree.
