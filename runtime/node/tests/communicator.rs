@@ -175,12 +175,16 @@ async fn a_compressed_all_reduce_with_error_feedback_is_identical_everywhere_and
                 let Outcome::Done { data, .. } = out else { panic!("rank {rank}: {out:?}") };
                 results.push(data);
             }
-            (results, fb.residual().to_vec())
+            // Kept alive until every rank is done (a closed node is a lost rank to the others).
+            (results, fb.residual().to_vec(), c)
         }));
     }
     let mut all = Vec::new();
+    let mut keep = Vec::new();
     for t in tasks {
-        all.push(t.await.unwrap());
+        let (results, residual, comm) = t.await.unwrap();
+        all.push((results, residual));
+        keep.push(comm);
     }
     for r in 1..world {
         assert_eq!(all[r].0, all[0].0, "rank {r}: bit-identical results");
@@ -205,11 +209,16 @@ async fn counters_after_a_large_all_reduce_account_for_it() {
             c.all_reduce(buf, DType::F32, ReduceOp::Sum, AllReduceAlgorithm::Ring, Duration::from_secs(30))
                 .await
                 .unwrap();
-            tokio::time::timeout(Duration::from_secs(10), c.counters()).await.expect("counters answer").unwrap()
+            let counters =
+                tokio::time::timeout(Duration::from_secs(10), c.counters()).await.expect("counters answer").unwrap();
+            // Kept alive until every rank is done (a closed node is a lost rank to the others).
+            (counters, c)
         }));
     }
+    let mut keep = Vec::new();
     for t in tasks {
-        let c = t.await.unwrap();
+        let (c, comm) = t.await.unwrap();
         assert_eq!((c.offered, c.applied), (1, 1));
+        keep.push(comm);
     }
 }

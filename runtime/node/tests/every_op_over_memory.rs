@@ -89,7 +89,7 @@ fn gather_input(dtype: DType, rank: usize, world: usize, count: usize) -> Vec<u8
 
 /// Runs every case on rank `rank`; returns each case's buffer (all-to-all: the concatenation
 /// of what arrived, which is checked here).
-async fn rank_run(mut c: Communicator, world: usize, cases: Vec<Case>) -> Vec<Vec<u8>> {
+async fn rank_run(mut c: Communicator, world: usize, cases: Vec<Case>) -> (Vec<Vec<u8>>, Communicator) {
     let rank = c.rank();
     let mut out = Vec::new();
     for case in cases {
@@ -125,7 +125,8 @@ async fn rank_run(mut c: Communicator, world: usize, cases: Vec<Case>) -> Vec<Ve
         };
         out.push(buf.unwrap_or_else(|e| panic!("{what}: {e}")));
     }
-    out
+    // The communicator is kept alive until every rank is done (a closed node is a lost rank).
+    (out, c)
 }
 
 fn check_elements(what: &str, dtype: DType, got: &[u8], range: std::ops::Range<usize>, want: impl Fn(usize) -> f64) {
@@ -158,8 +159,11 @@ async fn every_op_dtype_and_world_up_to_16_agrees_with_the_reference() {
             })
             .collect();
         let mut results = Vec::new();
+        let mut keep = Vec::new();
         for t in tasks {
-            results.push(t.await.unwrap());
+            let (r, comm) = t.await.unwrap();
+            results.push(r);
+            keep.push(comm);
         }
         let all: Vec<usize> = (0..world).collect();
         for (k, case) in cases.iter().enumerate() {
