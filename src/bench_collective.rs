@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use phalanx_collectives::reduce::{DType, ReduceOp};
-use phalanx_collectives::schedule::block_range;
 use phalanx_net::{LinkKind, Node, NodeConfig, PathFaults, PathSpec};
 use phalanx_node::{AllReduceAlgorithm, CallOptions, Communicator, ErrorFeedback};
 use phalanx_proto::RankId;
@@ -103,7 +102,6 @@ async fn one_op(
             comm.reduce_scatter(buf, DType::F32, ReduceOp::Sum, DEADLINE).await.map_err(e)?;
         }
         BenchOp::Allgather => {
-            let _ = block_range(count, world, rank);
             comm.all_gather(buf, DType::F32, DEADLINE).await.map_err(e)?;
         }
         BenchOp::Broadcast => {

@@ -81,6 +81,25 @@ pub enum ExecError {
     },
 }
 
+/// How a buffer is cut for an [`Executor`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// `(space, map)`: for a schedule over a subset of a larger group, the buffer is split
+    /// into `space` blocks (as [`block_range`] splits it) and schedule block `b` is the
+    /// buffer's block `map[b]`. Reduce-scatter and all-gather over the survivors of a group use
+    /// it, so each survivor still owns its own block of the caller's buffer. `None`: the
+    /// schedule's blocks split the whole buffer.
+    pub block_map: Option<(usize, Vec<usize>)>,
+    /// Largest segment sent as one message, rounded down to whole elements (at least one).
+    pub segment_bytes: usize,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout { block_map: None, segment_bytes: SEGMENT_BYTES }
+    }
+}
+
 /// A send of the schedule, flattened.
 struct SendOp {
     round: usize,
@@ -117,7 +136,7 @@ pub struct Executor {
     world: usize,
     buf: Vec<u8>,
     /// `(blocks of the whole buffer, the real block of each schedule block)`, when the schedule
-    /// runs over a subset of the ranks (see [`Executor::with_block_map`]).
+    /// runs over a subset of the ranks (see [`Layout::block_map`]).
     block_map: Option<(usize, Vec<usize>)>,
     /// Elements per segment.
     seg_elems: usize,
@@ -138,59 +157,29 @@ pub struct Executor {
 
 impl Executor {
     /// An executor for `schedule` over `buf` (`count` elements of `dtype`, reduced with `op`
-    /// across `world` ranks). Panics if `buf` does not hold exactly `count` elements.
+    /// across `world` ranks), with the default [`Layout`]. Panics if `buf` does not hold
+    /// exactly `count` elements.
     pub fn new(schedule: Schedule, op_seq: u64, dtype: DType, op: ReduceOp, world: usize, buf: Vec<u8>) -> Executor {
-        Executor::build(schedule, op_seq, dtype, op, world, buf, None, SEGMENT_BYTES)
+        Executor::with_layout(schedule, op_seq, dtype, op, world, buf, Layout::default())
     }
 
-    /// Like [`Executor::new`] with segments of at most `segment_bytes` (rounded down to whole
-    /// elements, at least one) instead of [`SEGMENT_BYTES`]. Every rank of a collective must
-    /// use the same.
-    #[allow(clippy::too_many_arguments)]
-    pub fn with_segments(
+    /// Like [`Executor::new`], with the buffer laid out as `layout` says. Every rank of a
+    /// collective must use the same segment size. Panics if a block map does not name one
+    /// buffer block per schedule block.
+    pub fn with_layout(
         schedule: Schedule,
         op_seq: u64,
         dtype: DType,
         op: ReduceOp,
         world: usize,
         buf: Vec<u8>,
-        segment_bytes: usize,
+        layout: Layout,
     ) -> Executor {
-        Executor::build(schedule, op_seq, dtype, op, world, buf, None, segment_bytes)
-    }
-
-    /// Like [`Executor::new`], for a schedule over a subset of a larger group: the buffer is
-    /// split into `space` blocks (as [`block_range`] splits it), and schedule block `b` is the
-    /// buffer's block `map[b]`. Reduce-scatter and all-gather over the survivors of a group use
-    /// it, so each survivor still owns its own block of the caller's buffer. Panics if `map`
-    /// does not name one block of `space` per schedule block.
-    #[allow(clippy::too_many_arguments)]
-    pub fn with_block_map(
-        schedule: Schedule,
-        op_seq: u64,
-        dtype: DType,
-        op: ReduceOp,
-        world: usize,
-        buf: Vec<u8>,
-        space: usize,
-        map: Vec<usize>,
-    ) -> Executor {
-        assert_eq!(map.len(), schedule.blocks, "one buffer block per schedule block");
-        assert!(map.iter().all(|b| *b < space), "blocks within the buffer's {space}");
-        Executor::build(schedule, op_seq, dtype, op, world, buf, Some((space, map)), SEGMENT_BYTES)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn build(
-        schedule: Schedule,
-        op_seq: u64,
-        dtype: DType,
-        op: ReduceOp,
-        world: usize,
-        buf: Vec<u8>,
-        block_map: Option<(usize, Vec<usize>)>,
-        segment_bytes: usize,
-    ) -> Executor {
+        let Layout { block_map, segment_bytes } = layout;
+        if let Some((space, map)) = &block_map {
+            assert_eq!(map.len(), schedule.blocks, "one buffer block per schedule block");
+            assert!(map.iter().all(|b| b < space), "blocks within the buffer's {space}");
+        }
         assert_eq!(buf.len() % dtype.size(), 0, "buffer is not whole elements");
         let count = buf.len() / dtype.size();
         let blocks = schedule.blocks;

@@ -48,7 +48,7 @@ use thiserror::Error;
 
 use crate::alltoall::{AllToAll, AllToAllResult};
 use crate::codec::{self, Compression};
-use crate::executor::{ExecError, Executor};
+use crate::executor::{ExecError, Executor, Layout};
 use crate::reduce::{DType, ReduceOp};
 use crate::schedule::hierarchical::{self, Topology};
 use crate::schedule::{block_range, halving_doubling, ring, tree, Collective, Schedule};
@@ -707,8 +707,7 @@ impl Group {
         if self.coordinator() != before {
             if self.coordinator() == self.rank {
                 // Taking over: decide from what the others have told this rank so far.
-                let stored: Vec<(usize, Report)> = self.reports.iter().map(|(k, v)| (*k, v.clone())).collect();
-                for (from, r) in stored {
+                for (from, r) in self.stored_reports() {
                     self.apply_report(from, &r);
                 }
             }
@@ -927,10 +926,8 @@ impl Group {
                 };
                 let tag = data_tag(op_seq, attempt);
                 let (dtype, rop, k) = (call.dtype, op.reduce_op(), participants.len());
-                let exec = match map {
-                    Some((space, map)) => Executor::with_block_map(schedule, tag, dtype, rop, k, buf, space, map),
-                    None => Executor::new(schedule, tag, dtype, rop, k, buf),
-                };
+                let layout = Layout { block_map: map, ..Layout::default() };
+                let exec = Executor::with_layout(schedule, tag, dtype, rop, k, buf, layout);
                 self.set_running(attempt, participants, exec);
             }
             Decision::Commit { attempt } => match &call.phase {
@@ -1030,6 +1027,11 @@ impl Group {
         }
     }
 
+    /// The latest report of every rank (a copy: applying them changes `self`).
+    fn stored_reports(&self) -> Vec<(usize, Report)> {
+        self.reports.iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+
     /// Applies `from`'s report to every collective this rank coordinates.
     fn apply_report(&mut self, from: usize, r: &Report) {
         let open: Vec<u64> = self.coord.keys().copied().collect();
@@ -1060,8 +1062,7 @@ impl Group {
                 };
                 self.coord.insert(*op_seq, c);
                 // Everything known so far about the other ranks counts for it too.
-                let stored: Vec<(usize, Report)> = self.reports.iter().map(|(k, v)| (*k, v.clone())).collect();
-                for (m, rep) in stored {
+                for (m, rep) in self.stored_reports() {
                     self.note(*op_seq, m, &rep);
                 }
             }

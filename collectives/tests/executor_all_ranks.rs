@@ -3,7 +3,7 @@
 //! exact, floats within a stated tolerance, and bit-identical across ranks.
 
 use bytes::Bytes;
-use phalanx_collectives::executor::Executor;
+use phalanx_collectives::executor::{Executor, Layout};
 use phalanx_collectives::reduce::{element_f64, DType, ReduceOp};
 use phalanx_collectives::reference;
 use phalanx_collectives::schedule::{halving_doubling, hierarchical, ring, tree, Collective, Schedule};
@@ -45,12 +45,16 @@ fn input(dtype: DType, rank: usize, count: usize) -> Vec<u8> {
     input_for(dtype, ReduceOp::Sum, rank, count)
 }
 
+fn segments(segment_bytes: usize) -> Layout {
+    Layout { block_map: None, segment_bytes }
+}
+
 fn check_all_reduce(schedules: Vec<Schedule>, dtype: DType, op: ReduceOp, count: usize, picks: &[usize], seg: usize) {
     let world = schedules.len();
     let ex = schedules
         .into_iter()
         .enumerate()
-        .map(|(r, s)| Executor::with_segments(s, 9, dtype, op, world, input_for(dtype, op, r, count), seg))
+        .map(|(r, s)| Executor::with_layout(s, 9, dtype, op, world, input_for(dtype, op, r, count), segments(seg)))
         .collect();
     let out = run(ex, picks);
     for r in 1..world {
@@ -94,7 +98,7 @@ proptest! {
         let root = root_seed % world;
         let dtype = DType::F32;
         let ex = (0..world)
-            .map(|r| Executor::with_segments(tree::broadcast(root, r, world), 1, dtype, ReduceOp::Sum, world, input(dtype, r, count), seg))
+            .map(|r| Executor::with_layout(tree::broadcast(root, r, world), 1, dtype, ReduceOp::Sum, world, input(dtype, r, count), segments(seg)))
             .collect();
         let out = run(ex, &[]);
         for b in &out {
