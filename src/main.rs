@@ -4,6 +4,7 @@ mod bench;
 mod bench_collective;
 mod demo;
 mod node_cmd;
+mod sim_cmd;
 mod size;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Benchmarks in the baselines' format: p2p and the collectives.
     Bench(bench::BenchArgs),
+    /// Run a scenario in the deterministic failure-injection simulator.
+    Sim(sim_cmd::SimArgs),
     /// Run one transport rank as a process, driven by stdin commands (JSON lines out).
     Node(node_cmd::NodeArgs),
     /// One rank of a benchmark (spawned by `phalanx bench`).
@@ -75,6 +78,11 @@ fn main() {
         .with_env_filter(EnvFilter::try_from_env("PHALANX_LOG").unwrap_or_else(|_| EnvFilter::new("error")))
         .with_writer(std::io::stderr)
         .init();
+    // The simulator is single-threaded and needs no async runtime.
+    let cli = match cli.command {
+        Command::Sim(a) => exit_with(sim_cmd::run_sim(a)),
+        other => Cli { command: other },
+    };
     // PHALANX_THREADS sets the runtime's worker threads (default: one per core).
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = std::env::var("PHALANX_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0) {
@@ -94,12 +102,18 @@ fn main() {
             Command::Node(a) => node_cmd::run(a).await.map_err(CliError::from),
             Command::BenchWorker(a) => bench::worker(a).await.map_err(CliError::from),
             Command::CollWorker(a) => bench_collective::worker(a).await.map_err(CliError::from),
+            Command::Sim(_) => unreachable!("handled above"),
         }
     });
     // Do not wait for background tasks (dialers, link tasks) to wind down.
     runtime.shutdown_background();
+    exit_with(result)
+}
+
+/// Exits with the status `result` calls for (0, 1 for a failure, 2 for bad usage).
+fn exit_with(result: Result<(), CliError>) -> ! {
     match result {
-        Ok(()) => {}
+        Ok(()) => std::process::exit(0),
         Err(CliError::Usage(e)) => {
             eprintln!("phalanx: {e}");
             std::process::exit(2);

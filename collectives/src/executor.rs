@@ -18,6 +18,12 @@
 //! Wire format of one message: `op_seq u64 | round u32 | block u32 | segment u32 | bytes`
 //! (little endian). `op_seq` numbers the collectives of a communicator (and their attempts) so
 //! that a late message from an earlier one is never mistaken for this one's.
+//!
+//! **Phantom payloads.** An executor made with [`Executor::phantom`] runs the same schedule,
+//! dataflow and checks on a buffer that has a length but no bytes (the simulator uses it at
+//! scale): each message is the header alone plus a *phantom* length, the bytes it stands for,
+//! which drivers account as if they were sent ([`Executor::poll_send_sized`],
+//! [`Executor::handle_chunks_sized`]).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -67,7 +73,8 @@ pub enum ExecError {
         /// Block it claims.
         block: u32,
     },
-    /// The segment has the wrong size.
+    /// The segment has the wrong size (or is real where phantom was expected, or the reverse:
+    /// then `len` counts the bytes of the wrong kind).
     #[error("block {block} from rank {from} has {len} bytes, expected {expected}")]
     WrongLength {
         /// Sender.
@@ -100,30 +107,73 @@ impl Default for Layout {
     }
 }
 
-/// A send of the schedule, flattened.
+/// A send of the schedule, flattened: one block (cut into segments), or a *span* of
+/// consecutive one-segment blocks sent as one message.
 struct SendOp {
     round: usize,
     to: usize,
-    block: usize,
-    /// Receives into `block` in earlier rounds (what the block must have seen first).
-    need: u32,
-    /// The next segment to encode.
-    next: usize,
+    blocks: std::ops::Range<usize>,
 }
 
-/// A receive of the schedule, flattened.
+/// A receive of the schedule, flattened (one block, or a span, as [`SendOp`]).
 struct RecvOp {
     round: usize,
     from: usize,
-    block: usize,
-    combine: Combine,
-    /// Receives into `block` in earlier rounds.
-    need: u32,
-    /// Sends of `block` in this round or earlier (they must read the block first).
-    sends_before: u32,
+    blocks: std::ops::Range<usize>,
+    /// Per block of the span.
+    combine: Vec<Combine>,
     /// Segments applied.
     applied: Vec<bool>,
     left: usize,
+}
+
+/// A segment of a send or receive that waits for units of the buffer to reach a version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiter {
+    Send(u32, u32),
+    Recv(u32, u32),
+}
+
+/// For every unit of the buffer (a segment of a block), the segments waiting on its count of
+/// receives applied (or of sends encoded), sorted by the count they need; stored flat (one
+/// list for all units, with offsets), since a rank of a large world has many units.
+#[derive(Default)]
+struct Waiters {
+    /// Units' entries: `list[offsets[u]..offsets[u + 1]]`.
+    offsets: Vec<u32>,
+    list: Vec<(u32, Waiter)>,
+    /// Per unit: entries released so far.
+    released: Vec<u32>,
+}
+
+impl Waiters {
+    /// From `(unit, need, waiter)` entries of `units` units (ties keep their order).
+    fn new(units: usize, mut entries: Vec<(u32, u32, Waiter)>) -> Waiters {
+        entries.sort_by_key(|(u, need, _)| (*u, *need));
+        let mut offsets = vec![0u32; units + 1];
+        for (u, ..) in &entries {
+            offsets[*u as usize + 1] += 1;
+        }
+        for u in 0..units {
+            offsets[u + 1] += offsets[u];
+        }
+        let list = entries.into_iter().map(|(_, need, w)| (need, w)).collect();
+        Waiters { released: offsets[..units].to_vec(), offsets, list }
+    }
+
+    /// The next waiter of unit `u` whose need is at most `value`, marked released.
+    fn next(&mut self, u: usize, value: u32) -> Option<Waiter> {
+        let at = self.released[u];
+        if at == self.offsets[u + 1] {
+            return None;
+        }
+        let (need, w) = self.list[at as usize];
+        if need > value {
+            return None;
+        }
+        self.released[u] = at + 1;
+        Some(w)
+    }
 }
 
 /// Runs one rank's schedule of one collective on its buffer.
@@ -134,7 +184,10 @@ pub struct Executor {
     count: usize,
     blocks: usize,
     world: usize,
+    /// The buffer (empty for a phantom one).
     buf: Vec<u8>,
+    /// Phantom: the buffer is a length only; messages carry no data bytes.
+    phantom: bool,
     /// `(blocks of the whole buffer, the real block of each schedule block)`, when the schedule
     /// runs over a subset of the ranks (see [`Layout::block_map`]).
     block_map: Option<(usize, Vec<usize>)>,
@@ -142,14 +195,25 @@ pub struct Executor {
     seg_elems: usize,
     sends: Vec<SendOp>,
     recvs: Vec<RecvOp>,
-    /// `(round, from, block)` → index into `recvs`.
+    /// `(round, from, first block)` → index into `recvs`.
     recv_index: BTreeMap<(usize, usize, usize), usize>,
-    /// Per `(block, segment)`: receives applied, and sends encoded.
-    version: Vec<Vec<u32>>,
-    encoded: Vec<Vec<u32>>,
+    /// First unit of each block (a unit is one segment of one block).
+    unit_base: Vec<usize>,
+    /// Per unit: receives applied, and sends encoded.
+    version: Vec<u32>,
+    encoded: Vec<u32>,
+    version_waiters: Waiters,
+    encoded_waiters: Waiters,
+    /// Per send and receive, per segment: units not yet where they must be.
+    send_wait: Vec<Vec<u32>>,
+    recv_wait: Vec<Vec<u32>>,
+    /// Segments free to go (sends) or to be applied (receives whose data is here), in the
+    /// order they became so.
+    ready: VecDeque<Waiter>,
     /// Segments that arrived before they could be applied: `(recv, segment)` → data.
     early: BTreeMap<(usize, usize), Vec<Bytes>>,
-    outbox: VecDeque<(usize, Bytes)>,
+    /// `(destination, message, phantom bytes)`.
+    outbox: VecDeque<(usize, Bytes, usize)>,
     sends_left: usize,
     recvs_left: usize,
     finished: bool,
@@ -175,13 +239,43 @@ impl Executor {
         buf: Vec<u8>,
         layout: Layout,
     ) -> Executor {
+        Executor::build(schedule, op_seq, dtype, op, world, buf, None, layout)
+    }
+
+    /// An executor of a *phantom* buffer of `bytes` (whole elements of `dtype`): everything as
+    /// for a real one, except that no bytes are held, copied or reduced, and every message is
+    /// its header plus a phantom length (see the module documentation).
+    pub fn phantom(
+        schedule: Schedule,
+        op_seq: u64,
+        dtype: DType,
+        op: ReduceOp,
+        world: usize,
+        bytes: usize,
+        layout: Layout,
+    ) -> Executor {
+        Executor::build(schedule, op_seq, dtype, op, world, Vec::new(), Some(bytes), layout)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        schedule: Schedule,
+        op_seq: u64,
+        dtype: DType,
+        op: ReduceOp,
+        world: usize,
+        buf: Vec<u8>,
+        phantom: Option<usize>,
+        layout: Layout,
+    ) -> Executor {
         let Layout { block_map, segment_bytes } = layout;
         if let Some((space, map)) = &block_map {
             assert_eq!(map.len(), schedule.blocks, "one buffer block per schedule block");
             assert!(map.iter().all(|b| b < space), "blocks within the buffer's {space}");
         }
-        assert_eq!(buf.len() % dtype.size(), 0, "buffer is not whole elements");
-        let count = buf.len() / dtype.size();
+        let len = phantom.unwrap_or(buf.len());
+        assert_eq!(len % dtype.size(), 0, "buffer is not whole elements");
+        let count = len / dtype.size();
         let blocks = schedule.blocks;
         let mut e = Executor {
             op_seq,
@@ -191,13 +285,20 @@ impl Executor {
             blocks,
             world,
             buf,
+            phantom: phantom.is_some(),
             block_map,
             seg_elems: (segment_bytes / dtype.size()).max(1),
             sends: Vec::new(),
             recvs: Vec::new(),
             recv_index: BTreeMap::new(),
+            unit_base: Vec::new(),
             version: Vec::new(),
             encoded: Vec::new(),
+            version_waiters: Waiters::default(),
+            encoded_waiters: Waiters::default(),
+            send_wait: Vec::new(),
+            recv_wait: Vec::new(),
+            ready: VecDeque::new(),
             early: BTreeMap::new(),
             outbox: VecDeque::new(),
             sends_left: 0,
@@ -205,26 +306,68 @@ impl Executor {
             finished: false,
         };
         let segs: Vec<usize> = (0..blocks).map(|b| e.segments(b)).collect();
-        e.version = segs.iter().map(|n| vec![0; *n]).collect();
-        e.encoded = segs.iter().map(|n| vec![0; *n]).collect();
+        let mut next_unit = 0;
+        for n in &segs {
+            e.unit_base.push(next_unit);
+            next_unit += n;
+        }
+        e.version = vec![0; next_unit];
+        e.encoded = vec![0; next_unit];
+        let mut version_entries: Vec<(u32, u32, Waiter)> = Vec::new();
+        let mut encoded_entries: Vec<(u32, u32, Waiter)> = Vec::new();
         // Receives into each block before each round, and sends of it up to each round.
         let mut recvs_into = vec![0u32; blocks];
         let mut sends_of = vec![0u32; blocks];
         for (r, round) in schedule.rounds.iter().enumerate() {
-            for s in &round.sends {
-                e.sends.push(SendOp { round: r, to: s.to, block: s.block, need: recvs_into[s.block], next: 0 });
-                sends_of[s.block] += 1;
+            let mut sends: Vec<(usize, usize)> = round.sends.iter().map(|s| (s.to, s.block)).collect();
+            sends.sort_unstable();
+            for (to, span) in e.spans(&sends) {
+                let i = e.sends.len();
+                let n = e.op_segments(&span);
+                let mut wait = vec![0u32; n];
+                for (seg, w) in wait.iter_mut().enumerate() {
+                    for u in e.op_units(&span, seg) {
+                        let need = recvs_into[e.block_of_unit(u)];
+                        if need > 0 {
+                            version_entries.push((u as u32, need, Waiter::Send(i as u32, seg as u32)));
+                            *w += 1;
+                        }
+                    }
+                }
+                e.send_wait.push(wait);
+                e.sends.push(SendOp { round: r, to, blocks: span.clone() });
+                for b in span {
+                    sends_of[b] += 1;
+                }
             }
-            for v in &round.recvs {
-                let n = segs[v.block];
-                e.recv_index.insert((r, v.from, v.block), e.recvs.len());
+            let mut recvs: Vec<(usize, usize)> = round.recvs.iter().map(|v| (v.from, v.block)).collect();
+            recvs.sort_unstable();
+            let combine_of: BTreeMap<(usize, usize), Combine> =
+                round.recvs.iter().map(|v| ((v.from, v.block), v.combine)).collect();
+            for (from, span) in e.spans(&recvs) {
+                let j = e.recvs.len();
+                let n = e.op_segments(&span);
+                let mut wait = vec![0u32; n];
+                for (seg, w) in wait.iter_mut().enumerate() {
+                    for u in e.op_units(&span, seg) {
+                        let b = e.block_of_unit(u);
+                        if recvs_into[b] > 0 {
+                            version_entries.push((u as u32, recvs_into[b], Waiter::Recv(j as u32, seg as u32)));
+                            *w += 1;
+                        }
+                        if sends_of[b] > 0 {
+                            encoded_entries.push((u as u32, sends_of[b], Waiter::Recv(j as u32, seg as u32)));
+                            *w += 1;
+                        }
+                    }
+                }
+                e.recv_wait.push(wait);
+                e.recv_index.insert((r, from, span.start), j);
                 e.recvs.push(RecvOp {
                     round: r,
-                    from: v.from,
-                    block: v.block,
-                    combine: v.combine,
-                    need: recvs_into[v.block],
-                    sends_before: sends_of[v.block],
+                    from,
+                    blocks: span.clone(),
+                    combine: span.clone().map(|b| combine_of[&(from, b)]).collect(),
                     applied: vec![false; n],
                     left: n,
                 });
@@ -233,8 +376,17 @@ impl Executor {
                 recvs_into[v.block] += 1;
             }
         }
-        e.sends_left = e.sends.iter().map(|s| segs[s.block]).sum();
+        e.version_waiters = Waiters::new(next_unit, version_entries);
+        e.encoded_waiters = Waiters::new(next_unit, encoded_entries);
+        e.sends_left = e.send_wait.iter().map(|w| w.len()).sum();
         e.recvs_left = e.recvs.iter().map(|r| r.left).sum();
+        for (i, wait) in e.send_wait.iter().enumerate() {
+            for (seg, w) in wait.iter().enumerate() {
+                if *w == 0 {
+                    e.ready.push_back(Waiter::Send(i as u32, seg as u32));
+                }
+            }
+        }
         e.advance();
         e
     }
@@ -252,6 +404,53 @@ impl Executor {
         self.block_elems(block).len().div_ceil(self.seg_elems).max(1)
     }
 
+    /// Segments (messages) of a send or receive of `blocks`.
+    fn op_segments(&self, blocks: &std::ops::Range<usize>) -> usize {
+        if blocks.len() == 1 {
+            self.segments(blocks.start)
+        } else {
+            1
+        }
+    }
+
+    /// The units a segment of a send or receive of `blocks` covers.
+    fn op_units(&self, blocks: &std::ops::Range<usize>, seg: usize) -> Vec<usize> {
+        if blocks.len() == 1 {
+            vec![self.unit_base[blocks.start] + seg]
+        } else {
+            blocks.clone().map(|b| self.unit_base[b]).collect()
+        }
+    }
+
+    /// The block unit `u` belongs to.
+    fn block_of_unit(&self, u: usize) -> usize {
+        self.unit_base.partition_point(|base| *base <= u) - 1
+    }
+
+    /// Cuts one round's `(peer, block)` pairs (sorted) into messages: runs of consecutive
+    /// blocks to the same peer, each block of one segment, together at most a segment's worth
+    /// of elements, go as one span; any other block on its own. Sender and receiver cut alike
+    /// (the schedules match pair by pair and every rank has the same layout).
+    fn spans(&self, pairs: &[(usize, usize)]) -> Vec<(usize, std::ops::Range<usize>)> {
+        let mut out: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+        let mut elems = 0usize;
+        for &(peer, b) in pairs {
+            let len = self.block_elems(b).len();
+            let single = self.segments(b) == 1;
+            if let Some((p, span)) = out.last_mut() {
+                let joinable = *p == peer && span.end == b && single && self.segments(span.start) == 1;
+                if joinable && elems + len <= self.seg_elems {
+                    span.end = b + 1;
+                    elems += len;
+                    continue;
+                }
+            }
+            out.push((peer, b..b + 1));
+            elems = len;
+        }
+        out
+    }
+
     /// Byte range of segment `seg` of `block`.
     fn segment_bytes(&self, block: usize, seg: usize) -> std::ops::Range<usize> {
         let r = self.block_elems(block);
@@ -260,20 +459,40 @@ impl Executor {
         start * self.dtype.size()..end * self.dtype.size()
     }
 
-    fn encode(&self, round: usize, block: usize, seg: usize) -> Bytes {
-        let range = self.segment_bytes(block, seg);
-        let mut m = BytesMut::with_capacity(MESSAGE_HEADER + range.len());
+    /// Bytes of segment `seg` of a send or receive of `blocks` (a span's blocks, in order).
+    fn op_ranges(&self, blocks: &std::ops::Range<usize>, seg: usize) -> Vec<std::ops::Range<usize>> {
+        if blocks.len() == 1 {
+            vec![self.segment_bytes(blocks.start, seg)]
+        } else {
+            blocks.clone().map(|b| self.segment_bytes(b, 0)).collect()
+        }
+    }
+
+    /// The message of segment `seg` of `blocks` in `round`, and its phantom length.
+    fn encode(&self, round: usize, blocks: &std::ops::Range<usize>, seg: usize) -> (Bytes, usize) {
+        let ranges = self.op_ranges(blocks, seg);
+        let len: usize = ranges.iter().map(|r| r.len()).sum();
+        let data = if self.phantom { 0 } else { len };
+        let mut m = BytesMut::with_capacity(MESSAGE_HEADER + data);
         m.put_u64_le(self.op_seq);
         m.put_u32_le(round as u32);
-        m.put_u32_le(block as u32);
+        m.put_u32_le(blocks.start as u32);
         m.put_u32_le(seg as u32);
-        m.put_slice(&self.buf[range]);
-        m.freeze()
+        if self.phantom {
+            return (m.freeze(), len);
+        }
+        for r in ranges {
+            m.put_slice(&self.buf[r]);
+        }
+        (m.freeze(), 0)
     }
 
     /// Combines a received segment, given as consecutive chunks (the transport's frame
     /// buffers, uncopied), into the local one. Chunk boundaries may split an element.
     fn apply(&mut self, block: usize, seg: usize, combine: Combine, data: &[Bytes]) {
+        if self.phantom {
+            return;
+        }
         let range = self.segment_bytes(block, seg);
         let dst = &mut self.buf[range];
         let size = self.dtype.size();
@@ -307,42 +526,57 @@ impl Executor {
         debug_assert!(carry.is_empty(), "segment ended inside an element");
     }
 
-    fn recv_ready(&self, j: usize, seg: usize) -> bool {
-        let r = &self.recvs[j];
-        self.version[r.block][seg] >= r.need && self.encoded[r.block][seg] >= r.sends_before
-    }
-
-    /// Sends and applies whatever the data allows, until nothing more can move.
-    fn advance(&mut self) {
+    /// Unit `u`'s count in `which` (versions or encodings) rose to `value`: releases the
+    /// segments that waited for it.
+    fn release(&mut self, u: usize, value: u32, versions: bool) {
         loop {
-            let mut moved = false;
-            for i in 0..self.sends.len() {
-                loop {
-                    let (block, next, need) = (self.sends[i].block, self.sends[i].next, self.sends[i].need);
-                    if next == self.version[block].len() || self.version[block][next] < need {
-                        break;
+            let ws = if versions { &mut self.version_waiters } else { &mut self.encoded_waiters };
+            let Some(w) = ws.next(u, value) else { return };
+            match w {
+                Waiter::Send(i, seg) => {
+                    let (i, seg) = (i as usize, seg as usize);
+                    self.send_wait[i][seg] -= 1;
+                    if self.send_wait[i][seg] == 0 {
+                        self.ready.push_back(w);
                     }
-                    let m = self.encode(self.sends[i].round, block, next);
-                    self.outbox.push_back((self.sends[i].to, m));
-                    self.encoded[block][next] += 1;
-                    self.sends[i].next += 1;
-                    self.sends_left -= 1;
-                    moved = true;
+                }
+                Waiter::Recv(j, seg) => {
+                    let (j, seg) = (j as usize, seg as usize);
+                    self.recv_wait[j][seg] -= 1;
+                    if self.recv_wait[j][seg] == 0 && self.early.contains_key(&(j, seg)) {
+                        self.ready.push_back(w);
+                    }
                 }
             }
-            let ready: Vec<(usize, usize)> =
-                self.early.keys().copied().filter(|(j, seg)| self.recv_ready(*j, *seg)).collect();
-            for (j, seg) in ready {
-                let data = self.early.remove(&(j, seg)).expect("listed above");
-                self.apply_recv(j, seg, &data);
-                moved = true;
-            }
-            if !moved {
-                break;
+        }
+    }
+
+    /// Sends and applies whatever is ready, and whatever that frees, until nothing more can
+    /// move. Each segment waits on a counter per unit it covers, so the work per message is
+    /// proportional to its size, not to the schedule's.
+    fn advance(&mut self) {
+        while let Some(w) = self.ready.pop_front() {
+            match w {
+                Waiter::Send(i, seg) => {
+                    let (i, seg) = (i as usize, seg as usize);
+                    let blocks = self.sends[i].blocks.clone();
+                    let (m, phantom) = self.encode(self.sends[i].round, &blocks, seg);
+                    self.outbox.push_back((self.sends[i].to, m, phantom));
+                    self.sends_left -= 1;
+                    for u in self.op_units(&blocks, seg) {
+                        self.encoded[u] += 1;
+                        self.release(u, self.encoded[u], false);
+                    }
+                }
+                Waiter::Recv(j, seg) => {
+                    let (j, seg) = (j as usize, seg as usize);
+                    let data = self.early.remove(&(j, seg)).expect("queued with its data");
+                    self.apply_recv(j, seg, &data);
+                }
             }
         }
         if !self.finished && self.sends_left == 0 && self.recvs_left == 0 {
-            if self.op == ReduceOp::Avg {
+            if self.op == ReduceOp::Avg && !self.phantom {
                 divide(self.dtype, &mut self.buf, self.world);
             }
             self.finished = true;
@@ -350,16 +584,39 @@ impl Executor {
     }
 
     fn apply_recv(&mut self, j: usize, seg: usize, data: &[Bytes]) {
-        let (block, combine) = (self.recvs[j].block, self.recvs[j].combine);
-        self.apply(block, seg, combine, data);
-        self.version[block][seg] += 1;
+        let blocks = self.recvs[j].blocks.clone();
+        if blocks.len() == 1 {
+            let combine = self.recvs[j].combine[0];
+            self.apply(blocks.start, seg, combine, data);
+        } else {
+            // A span: each block's bytes, in order, cut from the chunks without copying.
+            let mut off = 0;
+            for (k, b) in blocks.clone().enumerate() {
+                let len = self.segment_bytes(b, 0).len();
+                let part = slice_chunks(data, off, len);
+                off += len;
+                let combine = self.recvs[j].combine[k];
+                self.apply(b, 0, combine, &part);
+            }
+        }
+        for u in self.op_units(&blocks, seg) {
+            self.version[u] += 1;
+            self.release(u, self.version[u], true);
+        }
         self.recvs[j].applied[seg] = true;
         self.recvs[j].left -= 1;
         self.recvs_left -= 1;
     }
 
-    /// The next message to send: `(destination rank, bytes)`.
+    /// The next message to send: `(destination rank, bytes)` (of a real buffer; a phantom
+    /// one's messages need [`Executor::poll_send_sized`]).
     pub fn poll_send(&mut self) -> Option<(usize, Bytes)> {
+        self.outbox.pop_front().map(|(to, m, _)| (to, m))
+    }
+
+    /// The next message to send: `(destination rank, bytes, phantom bytes)`; the phantom
+    /// length is 0 for a real buffer.
+    pub fn poll_send_sized(&mut self) -> Option<(usize, Bytes, usize)> {
         self.outbox.pop_front()
     }
 
@@ -372,6 +629,13 @@ impl Executor {
     /// messages): the data is combined straight from the chunks, without first copying them
     /// into one buffer. Errors leave the executor unchanged.
     pub fn handle_chunks(&mut self, from: usize, chunks: &[Bytes]) -> Result<(), ExecError> {
+        self.handle_chunks_sized(from, chunks, 0)
+    }
+
+    /// Like [`Executor::handle_chunks`], for a message that stands for `phantom` more bytes
+    /// than it holds (0 for a real one). A real executor refuses phantom data and a phantom
+    /// one real data, as [`ExecError::WrongLength`].
+    pub fn handle_chunks_sized(&mut self, from: usize, chunks: &[Bytes], phantom: usize) -> Result<(), ExecError> {
         let len: usize = chunks.iter().map(|c| c.len()).sum();
         if len < MESSAGE_HEADER {
             return Err(ExecError::Truncated { from, len, need: MESSAGE_HEADER });
@@ -400,21 +664,22 @@ impl Executor {
         let Some(&j) = self.recv_index.get(&(round as usize, from, block as usize)) else {
             return Err(unexpected);
         };
-        let b = block as usize;
         if seg >= self.recvs[j].applied.len() || self.recvs[j].applied[seg] || self.early.contains_key(&(j, seg)) {
             return Err(unexpected);
         }
-        let expected = self.segment_bytes(b, seg).len();
+        let blocks = self.recvs[j].blocks.clone();
+        let expected: usize = self.op_ranges(&blocks, seg).iter().map(|r| r.len()).sum();
         let data_len = len - MESSAGE_HEADER;
-        if data_len != expected {
-            return Err(ExecError::WrongLength { from, block, len: data_len, expected });
+        let (wrong_kind, right_kind) = if self.phantom { (data_len, phantom) } else { (phantom, data_len) };
+        if wrong_kind != 0 || right_kind != expected {
+            let len = if wrong_kind != 0 { wrong_kind } else { right_kind };
+            return Err(ExecError::WrongLength { from, block, len, expected });
         }
-        if self.recv_ready(j, seg) {
-            self.apply_recv(j, seg, &data);
-        } else {
-            self.early.insert((j, seg), data);
+        self.early.insert((j, seg), data);
+        if self.recv_wait[j][seg] == 0 {
+            self.ready.push_back(Waiter::Recv(j as u32, seg as u32));
+            self.advance();
         }
-        self.advance();
         Ok(())
     }
 
@@ -444,13 +709,38 @@ impl Executor {
         v
     }
 
-    /// The buffer (the result once [`Executor::is_done`]).
+    /// Whether the buffer is phantom (a length only).
+    pub fn is_phantom(&self) -> bool {
+        self.phantom
+    }
+
+    /// The buffer (the result once [`Executor::is_done`]; empty for a phantom one).
     pub fn buffer(&self) -> &[u8] {
         &self.buf
     }
 
-    /// Consumes the executor, returning the buffer.
+    /// Consumes the executor, returning the buffer (empty for a phantom one).
     pub fn into_buffer(self) -> Vec<u8> {
         self.buf
     }
+}
+
+/// `len` bytes from byte `start` of the concatenation of `chunks`, as slices of them.
+fn slice_chunks(chunks: &[Bytes], start: usize, len: usize) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let (mut skip, mut need) = (start, len);
+    for c in chunks {
+        if need == 0 {
+            break;
+        }
+        if skip >= c.len() {
+            skip -= c.len();
+            continue;
+        }
+        let take = (c.len() - skip).min(need);
+        out.push(c.slice(skip..skip + take));
+        need -= take;
+        skip = 0;
+    }
+    out
 }

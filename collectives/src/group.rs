@@ -390,7 +390,7 @@ enum Phase {
     Running {
         attempt: u32,
         participants: Vec<usize>,
-        exec: Executor,
+        exec: Box<Executor>,
     },
     AllToAll(AllToAll),
     /// Coordinated: finished the attempt, waiting for the commit.
@@ -412,6 +412,8 @@ struct Call {
     spare: Option<Vec<u8>>,
     /// A copy of the contribution, for retries and `Late` (coordinated calls only).
     original: Option<Vec<u8>>,
+    /// A phantom buffer's length (the simulator at scale): `spare` and `original` are empty.
+    phantom: Option<usize>,
     phase: Phase,
     /// A commit that arrived while this rank was still running that attempt.
     commit: Option<u32>,
@@ -450,8 +452,9 @@ pub struct Group {
     next_op: u64,
     lost: BTreeSet<usize>,
     running: Option<Call>,
-    /// Data messages for later collectives or attempts: `(op_seq, attempt, from, chunks)`.
-    backlog: Vec<(u64, u32, usize, Vec<Bytes>)>,
+    /// Data messages for later collectives or attempts: `(op_seq, attempt, from, chunks,
+    /// phantom bytes)`.
+    backlog: Vec<(u64, u32, usize, Vec<Bytes>, usize)>,
     /// Decisions for collectives this rank has not started yet, in arrival order.
     early_decisions: BTreeMap<u64, Vec<Decision>>,
     /// The latest report of each rank (what a coordinator decides from, also after it takes
@@ -462,6 +465,8 @@ pub struct Group {
     outbox: VecDeque<(usize, Bytes)>,
     counters: GroupCounters,
     corrupt_next: bool,
+    /// Largest message of a scheduled collective (the executor's segment).
+    segment_bytes: usize,
 }
 
 impl Group {
@@ -485,6 +490,7 @@ impl Group {
             outbox: VecDeque::new(),
             counters: GroupCounters::default(),
             corrupt_next: false,
+            segment_bytes: crate::executor::SEGMENT_BYTES,
         }
     }
 
@@ -527,6 +533,14 @@ impl Group {
         self.counters
     }
 
+    /// Sets the largest data message (the executor's unit of pipelining, default
+    /// [`crate::executor::SEGMENT_BYTES`]) for collectives started from now on. Every rank of
+    /// the group must use the same value. The simulator raises it at scale, where one message
+    /// per block is enough and far cheaper to simulate.
+    pub fn set_segment_bytes(&mut self, bytes: usize) {
+        self.segment_bytes = bytes.max(1);
+    }
+
     /// Fault injection (tests, chaos runs): flip one bit of this rank's next result before it
     /// is hashed and returned, as a bad reduction kernel or bad memory would.
     pub fn corrupt_next_result(&mut self) {
@@ -545,8 +559,17 @@ impl Group {
         self.next_op += 1;
         self.counters.offered += 1;
         let original = options.coordinated().then(|| buf.clone());
-        self.running =
-            Some(Call { op_seq, options, op, dtype, spare: Some(buf), original, phase: Phase::Ready, commit: None });
+        self.running = Some(Call {
+            op_seq,
+            options,
+            op,
+            dtype,
+            spare: Some(buf),
+            original,
+            phantom: None,
+            phase: Phase::Ready,
+            commit: None,
+        });
         // Data for earlier collectives can no longer be used.
         let before = self.backlog.len();
         self.backlog.retain(|(s, ..)| *s >= op_seq);
@@ -557,7 +580,29 @@ impl Group {
     /// Starts `op` on `buf` (whole elements of `dtype`) under `options`; returns its sequence
     /// number. `now` is the driver's clock in nanoseconds.
     pub fn start(&mut self, now: u64, op: Op, dtype: DType, buf: Vec<u8>, options: CallOptions) -> u64 {
-        assert_eq!(buf.len() % dtype.size(), 0, "buffer is not whole elements");
+        self.start_payload(now, op, dtype, buf, None, options)
+    }
+
+    /// Like [`Group::start`] on a *phantom* buffer of `bytes` (a length, no data: the
+    /// simulator at scale). Everything runs as for a real buffer (schedules, dataflow,
+    /// coordination, faults); messages carry phantom lengths (drive the group with
+    /// [`Group::poll_send_sized`] and [`Group::handle_message_sized`]) and results are empty
+    /// buffers. Panics for [`Op::CompressedAllReduce`], whose result depends on the data.
+    pub fn start_phantom(&mut self, now: u64, op: Op, dtype: DType, bytes: usize, options: CallOptions) -> u64 {
+        assert!(!matches!(op, Op::CompressedAllReduce { .. }), "compressed all-reduce needs real data");
+        self.start_payload(now, op, dtype, Vec::new(), Some(bytes), options)
+    }
+
+    fn start_payload(
+        &mut self,
+        now: u64,
+        op: Op,
+        dtype: DType,
+        buf: Vec<u8>,
+        phantom: Option<usize>,
+        options: CallOptions,
+    ) -> u64 {
+        assert_eq!(phantom.unwrap_or(buf.len()) % dtype.size(), 0, "buffer is not whole elements");
         let buf = match op {
             // The all-gather of encodings: this rank's block of a buffer of one per rank.
             Op::CompressedAllReduce { .. } => {
@@ -569,6 +614,9 @@ impl Group {
         };
         let dtype = if matches!(op, Op::CompressedAllReduce { .. }) { DType::U8 } else { dtype };
         let op_seq = self.begin(now, options, Some(op), dtype, buf);
+        if let Some(call) = self.running.as_mut() {
+            call.phantom = phantom;
+        }
         if options.coordinated() {
             if options.policy == FaultPolicy::Abort {
                 // Abort + verify: the plan is the whole group; only the commit is coordinated.
@@ -629,7 +677,7 @@ impl Group {
 
     fn set_running(&mut self, attempt: u32, participants: Vec<usize>, exec: Executor) {
         let Some(call) = self.running.as_mut() else { return };
-        call.phase = Phase::Running { attempt, participants, exec };
+        call.phase = Phase::Running { attempt, participants, exec: Box::new(exec) };
         let op_seq = call.op_seq;
         self.flush_backlog(op_seq, attempt);
     }
@@ -642,20 +690,30 @@ impl Group {
         let before = self.backlog.len();
         self.backlog.retain(|(s, a, ..)| *s > op_seq || *a > attempt);
         self.counters.stale_messages += (before - self.backlog.len()) as u64;
-        for (_, _, from, chunks) in mine {
-            self.deliver(from, chunks);
+        for (_, _, from, chunks, phantom) in mine {
+            self.deliver(from, chunks, phantom);
         }
     }
 
-    /// The next message to send: `(destination rank, bytes)`.
+    /// The next message to send: `(destination rank, bytes)`. (With phantom buffers use
+    /// [`Group::poll_send_sized`]: this drops the phantom length.)
     pub fn poll_send(&mut self) -> Option<(usize, Bytes)> {
-        if let Some(m) = self.outbox.pop_front() {
-            return Some(m);
+        self.poll_send_sized().map(|(to, m, _)| (to, m))
+    }
+
+    /// The next message to send: `(destination rank, bytes, phantom bytes)`; the phantom length
+    /// (the bytes the message stands for beyond those it holds) is 0 unless the collective was
+    /// started with [`Group::start_phantom`].
+    pub fn poll_send_sized(&mut self) -> Option<(usize, Bytes, usize)> {
+        if let Some((to, m)) = self.outbox.pop_front() {
+            return Some((to, m, 0));
         }
         let call = self.running.as_mut()?;
         let out = match &mut call.phase {
-            Phase::Running { exec, participants, .. } => exec.poll_send().map(|(v, m)| (participants[v], m)),
-            Phase::AllToAll(a) => a.poll_send(),
+            Phase::Running { exec, participants, .. } => {
+                exec.poll_send_sized().map(|(v, m, phantom)| (participants[v], m, phantom))
+            }
+            Phase::AllToAll(a) => a.poll_send().map(|(to, m)| (to, m, 0)),
             _ => None,
         };
         // The last send may be what the attempt still waited for.
@@ -663,7 +721,9 @@ impl Group {
         out
     }
 
-    /// When [`Group::handle_timeout`] is next due (nanoseconds), if ever.
+    /// When [`Group::handle_timeout`] is next due (nanoseconds), if ever. Always later than
+    /// the latest time the group was given: a quorum wait that has passed while too few ranks
+    /// are ready needs no timer (the next report decides), so a driver never spins on it.
     pub fn poll_timeout(&self) -> Option<u64> {
         self.coord
             .values()
@@ -672,6 +732,7 @@ impl Group {
                 FaultPolicy::Quorum { wait, .. } => Some(c.since.saturating_add(wait.as_nanos() as u64)),
                 _ => None,
             })
+            .filter(|due| *due > self.now)
             .min()
     }
 
@@ -720,6 +781,12 @@ impl Group {
 
     /// A message from `from` arrived (as the transport's chunks). `now` is the driver's clock.
     pub fn handle_message(&mut self, from: usize, chunks: Vec<Bytes>, now: u64) {
+        self.handle_message_sized(from, chunks, 0, now)
+    }
+
+    /// Like [`Group::handle_message`], for a message standing for `phantom` more bytes than it
+    /// holds (what [`Group::poll_send_sized`] said at the sender).
+    pub fn handle_message_sized(&mut self, from: usize, chunks: Vec<Bytes>, phantom: usize, now: u64) {
         self.now = now.max(self.now);
         let mut head = [0u8; 8];
         let mut have = 0;
@@ -755,9 +822,9 @@ impl Group {
                 },
             };
             if deliver {
-                self.deliver(from, chunks);
+                self.deliver(from, chunks, phantom);
             } else if keep {
-                self.backlog.push((op_seq, attempt, from, chunks));
+                self.backlog.push((op_seq, attempt, from, chunks, phantom));
             } else {
                 self.counters.stale_messages += 1;
             }
@@ -769,13 +836,14 @@ impl Group {
         matches!(self.running.as_ref().map(|c| &c.phase), Some(Phase::Finished(_)))
     }
 
-    fn deliver(&mut self, from: usize, chunks: Vec<Bytes>) {
+    fn deliver(&mut self, from: usize, chunks: Vec<Bytes>, phantom: usize) {
         let Some(call) = self.running.as_mut() else { return };
         let result: Result<(), ExecError> = match &mut call.phase {
             Phase::Running { exec, participants, .. } => match participants.iter().position(|p| *p == from) {
-                Some(v) => exec.handle_chunks(v, &chunks),
+                Some(v) => exec.handle_chunks_sized(v, &chunks, phantom),
                 None => Err(ExecError::Unexpected { from, round: 0, block: 0 }),
             },
+            Phase::AllToAll(_) if phantom != 0 => Err(ExecError::Unexpected { from, round: 0, block: 0 }),
             Phase::AllToAll(a) => a.handle_message(from, concat(chunks)),
             _ => Ok(()),
         };
@@ -919,15 +987,18 @@ impl Group {
                     None => call.original.clone().unwrap_or_default(),
                 };
                 let op = call.op.unwrap_or(Op::Barrier);
-                let bytes = buf.len();
+                let bytes = call.phantom.unwrap_or(buf.len());
                 let (schedule, map) = match op.schedule(rank, &participants, &topology, bytes) {
                     Ok(s) => s,
                     Err(root) => return self.fail(GroupError::RootLost { op_seq, root }),
                 };
                 let tag = data_tag(op_seq, attempt);
                 let (dtype, rop, k) = (call.dtype, op.reduce_op(), participants.len());
-                let layout = Layout { block_map: map, ..Layout::default() };
-                let exec = Executor::with_layout(schedule, tag, dtype, rop, k, buf, layout);
+                let layout = Layout { block_map: map, segment_bytes: self.segment_bytes };
+                let exec = match call.phantom {
+                    Some(len) => Executor::phantom(schedule, tag, dtype, rop, k, len, layout),
+                    None => Executor::with_layout(schedule, tag, dtype, rop, k, buf, layout),
+                };
                 self.set_running(attempt, participants, exec);
             }
             Decision::Commit { attempt } => match &call.phase {

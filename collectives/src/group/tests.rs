@@ -595,3 +595,123 @@ proptest! {
         prop_assert_eq!(c.offered, 1);
     }
 }
+
+/// Runs one all-reduce of `bytes` over `world` groups, phantom or real, killing `kill` after
+/// `after` deliveries; returns each rank's result (participants) and the wire bytes sent.
+fn wire_run(world: usize, bytes: usize, phantom: bool, kill: Option<(usize, usize)>) -> (Vec<Option<Vec<usize>>>, u64) {
+    let mut groups: Vec<Group> = (0..world).map(|r| Group::new(r, world)).collect();
+    let op = Op::AllReduce { algorithm: AllReduceAlgorithm::Ring, op: ReduceOp::Sum };
+    let options = CallOptions::policy(FaultPolicy::Shrink);
+    for (r, g) in groups.iter_mut().enumerate() {
+        if phantom {
+            g.start_phantom(0, op, DType::F32, bytes, options);
+        } else {
+            g.start(0, op, DType::F32, crate::reference::input(DType::F32, ReduceOp::Sum, r, bytes / 4), options);
+        }
+    }
+    let mut queue: VecDeque<(usize, usize, Bytes, usize)> = VecDeque::new();
+    let mut results: Vec<Option<Vec<usize>>> = vec![None; world];
+    let mut dead = BTreeSet::new();
+    let (mut wire, mut delivered) = (0u64, 0usize);
+    loop {
+        for (r, g) in groups.iter_mut().enumerate() {
+            if dead.contains(&r) {
+                continue;
+            }
+            while let Some((to, m, ph)) = g.poll_send_sized() {
+                assert!(ph == 0 || phantom, "a real group sent a phantom length");
+                wire += (m.len() + ph) as u64;
+                queue.push_back((r, to, m, ph));
+            }
+            if let Some(f) = g.finish() {
+                let Finished::Buffer { data, participants } = f else { panic!("rank {r}: {f:?}") };
+                assert_eq!(data.is_empty(), phantom || bytes == 0);
+                results[r] = Some(participants);
+            }
+        }
+        if let Some((victim, at)) = kill {
+            if delivered == at && dead.insert(victim) {
+                for (p, g) in groups.iter_mut().enumerate() {
+                    if p != victim {
+                        g.handle_peer_lost(victim, 0);
+                    }
+                }
+                continue;
+            }
+        }
+        let Some((from, to, m, ph)) = queue.pop_front() else { break };
+        delivered += 1;
+        if !dead.contains(&to) && !dead.contains(&from) {
+            groups[to].handle_message_sized(from, vec![m], ph, 0);
+        }
+    }
+    (results, wire)
+}
+
+#[test]
+fn phantom_buffers_run_the_same_protocol_with_the_same_wire_bytes() {
+    for (world, bytes, kill) in [(4, 4 << 20, None), (5, 12_000, None), (6, 3 << 20, Some((2, 9))), (3, 0, None)] {
+        let (real, real_wire) = wire_run(world, bytes, false, kill);
+        let (phantom, phantom_wire) = wire_run(world, bytes, true, kill);
+        assert_eq!(real, phantom, "world {world}: the same participants everywhere");
+        assert_eq!(real_wire, phantom_wire, "world {world}: the same bytes on the wire");
+        assert!(real.iter().enumerate().all(|(r, p)| p.is_some() || kill.is_some_and(|(v, _)| v == r)));
+    }
+}
+
+#[test]
+fn executors_refuse_data_of_the_wrong_kind() {
+    use crate::executor::{Executor, MESSAGE_HEADER};
+    let schedule = || ring::schedule(Collective::AllReduce, 0, 2).expect("ring");
+    let mut real = Executor::new(schedule(), 7, DType::F32, ReduceOp::Sum, 2, vec![0u8; 64]);
+    let mut phantom = Executor::phantom(schedule(), 7, DType::F32, ReduceOp::Sum, 2, 64, Layout::default());
+    let (_, m, ph) = phantom.poll_send_sized().expect("a first send");
+    assert_eq!((m.len(), ph), (MESSAGE_HEADER, 32), "a header and a phantom half");
+    assert_eq!(real.poll_send_sized().map(|(_, m, ph)| (m.len(), ph)), Some((MESSAGE_HEADER + 32, 0)));
+    // What rank 1 sends rank 0 in round 0: op 7, round 0, the block rank 0 expects, segment 0.
+    let block = schedule().rounds[0].recvs[0].block as u32;
+    let mut header = Vec::new();
+    header.extend_from_slice(&7u64.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    header.extend_from_slice(&block.to_le_bytes());
+    header.extend_from_slice(&0u32.to_le_bytes());
+    let with_data = [header.clone(), vec![0u8; 32]].concat();
+    let header = Bytes::from(header);
+    assert!(matches!(
+        real.handle_chunks_sized(1, std::slice::from_ref(&header), 32),
+        Err(ExecError::WrongLength { .. })
+    ));
+    assert!(matches!(
+        phantom.handle_chunks_sized(1, &[Bytes::from(with_data.clone())], 0),
+        Err(ExecError::WrongLength { .. })
+    ));
+    assert!(matches!(
+        phantom.handle_chunks_sized(1, std::slice::from_ref(&header), 31),
+        Err(ExecError::WrongLength { .. })
+    ));
+    assert_eq!(phantom.handle_chunks_sized(1, &[header], 32), Ok(()));
+    assert_eq!(real.handle_chunks_sized(1, &[Bytes::from(with_data)], 0), Ok(()));
+}
+
+#[test]
+fn a_quorum_wait_that_passed_with_too_few_ready_arms_no_timer_and_the_next_report_decides() {
+    // Found by the simulator: once the wait had passed with fewer than `min` ready, the
+    // coordinator kept asking for a timeout in the past, and drivers spun on it.
+    let world = 4;
+    let options = CallOptions::policy(FaultPolicy::Quorum { min: 3, wait: Duration::from_millis(10) });
+    let mut net = Net::new(world);
+    for r in 0..2 {
+        net.start(r, sum_op(), f32s(&contribution(r, 4)), options);
+    }
+    net.run(None);
+    let due = net.groups[0].poll_timeout().expect("the coordinator waits for the quorum");
+    net.advance(20 * MS);
+    assert!(net.results.iter().all(Option::is_none), "two of four cannot make a quorum of three");
+    assert_eq!(net.groups[0].poll_timeout(), None, "nothing left to wait for by the clock (was {due})");
+    net.start(2, sum_op(), f32s(&contribution(2, 4)), options);
+    net.run(None);
+    for r in 0..3 {
+        let Finished::Buffer { participants, .. } = net.take(r) else { panic!("rank {r}") };
+        assert_eq!(participants, vec![0, 1, 2], "the third report makes the quorum at once");
+    }
+}

@@ -60,8 +60,87 @@ pub fn all_reduce(rank: usize, world: usize) -> Schedule {
     Schedule { blocks: 1, rounds }
 }
 
-/// The schedule of `collective` (only [`Collective::AllReduce`] has a halving-doubling form
-/// here; `None` otherwise).
+/// Recursive-halving reduce-scatter for a power-of-two `world` (`None` otherwise): `log₂ n`
+/// rounds; in the round of distance `d` (from `n/2` down to 1) rank `r` exchanges with
+/// `r XOR d` half of the blocks it still holds, keeping the half that contains block `r`.
+/// Afterwards it holds block `r` reduced over all ranks. Bytes per rank: `(n − 1)·S/n`, as the
+/// ring, in `log₂ n` rounds instead of `n − 1` (each round's blocks are contiguous, so the
+/// executor sends them as one message).
+pub fn reduce_scatter(rank: usize, world: usize) -> Option<Schedule> {
+    assert!(rank < world, "rank {rank} outside world {world}");
+    if !world.is_power_of_two() {
+        return None;
+    }
+    let (mut lo, mut hi) = (0, world);
+    let mut rounds = Vec::new();
+    let mut d = world / 2;
+    while d > 0 {
+        let peer = rank ^ d;
+        let mid = lo + (hi - lo) / 2;
+        let (keep, give) = if rank & d == 0 { (lo..mid, mid..hi) } else { (mid..hi, lo..mid) };
+        rounds.push(Round {
+            sends: give.map(|block| Send { to: peer, block }).collect(),
+            recvs: keep.clone().map(|block| Recv { from: peer, block, combine: Combine::Reduce }).collect(),
+        });
+        (lo, hi) = (keep.start, keep.end);
+        d /= 2;
+    }
+    Some(Schedule { blocks: world, rounds })
+}
+
+/// Recursive-doubling all-gather for a power-of-two `world` (`None` otherwise), the mirror of
+/// [`reduce_scatter`]: in the round of distance `d` (from 1 up to `n/2`) rank `r` sends every
+/// block it holds to `r XOR d` and copies the peer's.
+pub fn all_gather(rank: usize, world: usize) -> Option<Schedule> {
+    assert!(rank < world, "rank {rank} outside world {world}");
+    if !world.is_power_of_two() {
+        return None;
+    }
+    let mut rounds = Vec::new();
+    let mut d = 1;
+    while d < world {
+        let peer = rank ^ d;
+        let mine = rank & !(d - 1)..(rank & !(d - 1)) + d;
+        let theirs = peer & !(d - 1)..(peer & !(d - 1)) + d;
+        rounds.push(Round {
+            sends: mine.map(|block| Send { to: peer, block }).collect(),
+            recvs: theirs.map(|block| Recv { from: peer, block, combine: Combine::Copy }).collect(),
+        });
+        d *= 2;
+    }
+    Some(Schedule { blocks: world, rounds })
+}
+
+/// The schedule of `collective`: all-reduce by recursive doubling (any world), reduce-scatter
+/// by recursive halving and all-gather by recursive doubling (power-of-two worlds); `None`
+/// otherwise.
 pub fn schedule(collective: Collective, rank: usize, world: usize) -> Option<Schedule> {
-    (collective == Collective::AllReduce).then(|| all_reduce(rank, world))
+    match collective {
+        Collective::AllReduce => Some(all_reduce(rank, world)),
+        Collective::ReduceScatter => reduce_scatter(rank, world),
+        Collective::AllGather => all_gather(rank, world),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::symbolic;
+
+    #[test]
+    fn halving_and_doubling_are_correct_for_every_power_of_two_up_to_64() {
+        for world in [1usize, 2, 4, 8, 16, 32, 64] {
+            for c in [Collective::ReduceScatter, Collective::AllGather, Collective::AllReduce] {
+                let s: Vec<Schedule> = (0..world).map(|r| schedule(c, r, world).expect("power of two")).collect();
+                symbolic::check(c, world, &s).unwrap_or_else(|e| panic!("{c:?} over {world}: {e:?}"));
+                if c != Collective::AllReduce {
+                    assert_eq!(s[0].rounds.len(), world.trailing_zeros() as usize, "log₂ n rounds");
+                    let sent: usize = s[0].rounds.iter().map(|r| r.sends.len()).sum();
+                    assert_eq!(sent, world - 1, "(n − 1)/n of the buffer, as the ring");
+                }
+            }
+        }
+        assert!(reduce_scatter(0, 6).is_none() && all_gather(0, 12).is_none());
+    }
 }

@@ -3,11 +3,12 @@
 //!
 //! With `D` data centres of `L` ranks each (the usual layout), the buffer is split into
 //! `L·D` blocks and:
-//! 1. each data centre runs a ring reduce-scatter over its `L` ranks (local rank `i` ends with
-//!    the `i`-th `D`-block group reduced over its data centre);
+//! 1. each data centre runs a reduce-scatter over its `L` ranks (local rank `i` ends with
+//!    the `i`-th `D`-block group reduced over its data centre): recursive halving when `L` is a
+//!    power of two (`log₂ L` rounds of one message each), else the ring;
 //! 2. the `D` ranks with local index `i` (one per data centre) run a ring all-reduce of that
 //!    group over the WAN;
-//! 3. each data centre runs a ring all-gather.
+//! 3. each data centre runs an all-gather (recursive doubling or the ring, as in 1).
 //!
 //! Per rank that is `2(L−1)·S/L` bytes on the LAN, and `2(D−1)·S/(L·D)` bytes on the WAN —
 //! `1/L` of what a flat ring would put on the WAN links.
@@ -17,7 +18,7 @@
 //! tree broadcast back. Every phase is padded to the same number of rounds on every rank, so
 //! rounds stay globally numbered (what the executor and the symbolic checker require).
 
-use super::{ring, tree, Collective, Recv, Round, Schedule, Send};
+use super::{halving_doubling, ring, tree, Collective, Recv, Round, Schedule, Send};
 
 /// Which data centre each rank is in.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,11 +121,18 @@ pub fn all_reduce(rank: usize, topology: &Topology) -> Schedule {
     let l = members.len();
     if dcs.iter().all(|m| m.len() == l) {
         let group = |b: usize| (b * d..b * d + d).collect::<Vec<_>>();
-        push_phase(&mut rounds, embed(&ring_sched(Collective::ReduceScatter, li, l), members, &group), l - 1);
+        // Inside a data centre: recursive halving and doubling when its size is a power of two
+        // (log₂ L rounds, each one message per rank), else the ring (L − 1 rounds).
+        let (rs, ag) = match (halving_doubling::reduce_scatter(li, l), halving_doubling::all_gather(li, l)) {
+            (Some(rs), Some(ag)) => (rs, ag),
+            _ => (ring_sched(Collective::ReduceScatter, li, l), ring_sched(Collective::AllGather, li, l)),
+        };
+        let local_rounds = rs.rounds.len();
+        push_phase(&mut rounds, embed(&rs, members, &group), local_rounds);
         let peers: Vec<usize> = dcs.iter().map(|m| m[li]).collect();
         let wan = embed(&ring_sched(Collective::AllReduce, my_dc, d), &peers, &|b| vec![li * d + b]);
         push_phase(&mut rounds, wan, 2 * (d - 1));
-        push_phase(&mut rounds, embed(&ring_sched(Collective::AllGather, li, l), members, &group), l - 1);
+        push_phase(&mut rounds, embed(&ag, members, &group), local_rounds);
         return Schedule { blocks: l * d, rounds };
     }
     let all = |_: usize| (0..d).collect::<Vec<_>>();

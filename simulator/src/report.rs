@@ -1,0 +1,169 @@
+//! The run report: DESIGN.md's `sim` JSON contract, plus the network figures and the step
+//! series the plot draws.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// Collectives, counted once each (not per rank).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Collectives {
+    /// At least one rank got a result.
+    pub completed: u64,
+    /// Every rank that ran it failed, gave it up at its deadline, or was stopped by a restart.
+    pub failed: u64,
+    /// Still running at the end although past their deadline (a bug: calls never block past
+    /// it).
+    pub hung: u64,
+    /// Rank calls still running at the end, within their deadline (the run's time ran out).
+    pub in_flight: u64,
+    /// Completed with a result that differs from the reference over the participants it
+    /// reports (real payloads; for phantom payloads this stays 0).
+    pub wrong_results: u64,
+}
+
+/// Contributions (one per rank per step; a late one folded into the next call rides along).
+/// `offered = applied + dropped_reported + pending + died_with_rank + lost` (in units, where a
+/// folded late contribution counts once).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Contributions {
+    /// Contributions made.
+    pub offered: u64,
+    /// In a result its owner got back.
+    pub applied: u64,
+    /// Handed back as `Late` (then folded into the owner's next call).
+    pub late: u64,
+    /// In a call that failed or was given up, reported to the owner as such.
+    pub dropped_reported: u64,
+    /// Still in a running call or waiting to be folded when the run ended.
+    pub pending: u64,
+    /// Held by a rank when it crashed.
+    pub died_with_rank: u64,
+    /// None of the above: silently lost (must be 0).
+    pub lost: u64,
+}
+
+/// Recovery time from each fault to the next completed step.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Recovery {
+    /// Median, s.
+    pub p50: Option<f64>,
+    /// Largest, s.
+    pub max: Option<f64>,
+    /// Faults measured.
+    pub count: usize,
+}
+
+/// What the network carried.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct NetworkStats {
+    /// Messages put on the wire (a message re-sent after losing its route counts again).
+    pub messages: u64,
+    /// Bytes on the wire, framing and retransmissions included.
+    pub bytes: u64,
+    /// Bytes sent again because a frame was corrupted.
+    pub retransmitted_bytes: u64,
+    /// Frames whose checksum failed.
+    pub corrupted_frames: u64,
+    /// Messages relayed through a third data centre.
+    pub relayed_messages: u64,
+    /// Flow rates computed (a measure of the network model's work).
+    pub flows_solved: u64,
+}
+
+/// One completed step.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StepPoint {
+    /// When it completed, s.
+    pub t_s: f64,
+    /// From its first rank's start to its first completion, s.
+    pub step_s: f64,
+    /// Ranks that took part.
+    pub participants: usize,
+}
+
+/// The report of one run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Seed.
+    pub seed: u64,
+    /// Ranks simulated.
+    pub ranks: usize,
+    /// Simulated time, s.
+    pub sim_time_s: f64,
+    /// Wall-clock time, s.
+    pub wall_time_s: f64,
+    /// Events processed.
+    pub events: u64,
+    /// Events per wall-clock second.
+    pub events_per_s: f64,
+    /// Fingerprint of the event sequence: equal for the same scenario and seed on any machine.
+    pub trace_hash: String,
+    /// Net steps done (rolled back to the checkpoint on restarts).
+    pub steps_completed: u64,
+    /// Steps asked for.
+    pub steps_target: u64,
+    /// Collective outcomes.
+    pub collectives: Collectives,
+    /// Contribution accounting.
+    pub contributions: Contributions,
+    /// Faults injected, by kind.
+    pub faults_injected: BTreeMap<String, u64>,
+    /// Share of all rank-time that went into contributions that were applied and kept.
+    pub goodput: f64,
+    /// Recovery times.
+    pub recovery_s: Recovery,
+    /// Network figures.
+    pub network: NetworkStats,
+    /// Peak resident memory of this process, MiB (Linux; `None` elsewhere).
+    pub peak_rss_mb: Option<f64>,
+    /// Every completed step (not in the JSON; the plot draws it).
+    #[serde(skip)]
+    pub steps: Vec<StepPoint>,
+    /// `(kind, start s)` of every fault injected (not in the JSON; the plot marks them).
+    #[serde(skip)]
+    pub fault_marks: Vec<(String, f64)>,
+}
+
+/// Peak resident set size of this process (`VmHWM`), MiB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+impl Report {
+    /// Whether the run kept every promise: nothing hung, no wrong result, nothing lost.
+    pub fn clean(&self) -> bool {
+        self.collectives.hung == 0 && self.collectives.wrong_results == 0 && self.contributions.lost == 0
+    }
+
+    /// A short human summary table.
+    pub fn summary(&self) -> String {
+        let c = &self.collectives;
+        let k = &self.contributions;
+        let faults: Vec<String> = self.faults_injected.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
+        let rows = [
+            ("scenario", format!("{} (seed {}, {} ranks)", self.scenario, self.seed, self.ranks)),
+            ("simulated", format!("{:.3} s in {:.2} s wall, {} events ({:.0}/s)", self.sim_time_s, self.wall_time_s, self.events, self.events_per_s)),
+            ("steps", format!("{} of {}", self.steps_completed, self.steps_target)),
+            ("collectives", format!("{} completed, {} failed, {} hung, {} wrong, {} in flight", c.completed, c.failed, c.hung, c.wrong_results, c.in_flight)),
+            ("contributions", format!("{} offered: {} applied, {} late, {} dropped (reported), {} pending, {} died with their rank, {} lost", k.offered, k.applied, k.late, k.dropped_reported, k.pending, k.died_with_rank, k.lost)),
+            ("faults", if faults.is_empty() { "none".into() } else { faults.join(", ") }),
+            ("goodput", format!("{:.4}", self.goodput)),
+            ("recovery", format!("p50 {} s, max {} s ({} faults)", opt(self.recovery_s.p50), opt(self.recovery_s.max), self.recovery_s.count)),
+            ("network", format!("{} messages, {:.3} GB, {} corrupted frames, {} relayed", self.network.messages, self.network.bytes as f64 / 1e9, self.network.corrupted_frames, self.network.relayed_messages)),
+            ("memory", self.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0} MiB peak"))),
+            ("trace_hash", self.trace_hash.clone()),
+        ];
+        let mut out = String::new();
+        for (k, v) in rows {
+            out.push_str(&format!("  {k:<14} {v}\n"));
+        }
+        out
+    }
+}

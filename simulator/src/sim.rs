@@ -1,0 +1,1339 @@
+//! The deterministic executor: one thread, a virtual clock, an event heap ordered by
+//! `(time, sequence)`, seeded random streams, and the real `Group` state machine of every
+//! rank, driven exactly as the tokio `Communicator` drives it (start, drain sends, hand over
+//! arrivals, peer losses and timeouts, take the result) — only the bytes travel through the
+//! flow-level [`Fabric`] instead of sockets.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use phalanx_collectives::group::{AllReduceAlgorithm, CallOptions, FaultPolicy, Finished, Group, Op};
+use phalanx_collectives::reduce::{DType, ReduceOp};
+use phalanx_collectives::schedule::hierarchical::Topology;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+
+use crate::fabric::Fabric;
+use crate::fair_share::FlowId;
+use crate::report::{Collectives, Contributions, NetworkStats, Recovery, Report, StepPoint};
+use crate::scenario::{AlgorithmKind, FaultKind, OnFailure, OpKind, PayloadKind, PolicyKind, Scenario};
+use crate::trace::Trace;
+
+const MS: f64 = 1e6;
+const SEC: f64 = 1e9;
+/// Per-frame header bytes on the wire (the transport's frame header).
+const FRAME_OVERHEAD: u64 = phalanx_proto::frame::HEADER_LEN as u64;
+
+/// How to run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Collect spans for a Chrome/Perfetto trace.
+    pub trace: bool,
+    /// Called now and then with (simulated ns, steps completed) for a progress display.
+    pub progress_every: Option<Duration>,
+}
+
+/// What a run produced.
+pub struct RunOutput {
+    /// The report (DESIGN.md's JSON contract).
+    pub report: Report,
+    /// Spans, when asked for.
+    pub trace: Option<Trace>,
+}
+
+#[derive(Debug)]
+enum Ev {
+    FlowDone {
+        flow: FlowId,
+        version: u64,
+    },
+    Deliver {
+        from: u32,
+        to: u32,
+        epoch: u64,
+        bytes: Bytes,
+        phantom: usize,
+    },
+    GroupTimer {
+        rank: u32,
+        epoch: u64,
+    },
+    Deadline {
+        rank: u32,
+        epoch: u64,
+        op_seq: u64,
+    },
+    ComputeDone {
+        rank: u32,
+        epoch: u64,
+    },
+    /// Every live rank learns that `lost` is unreachable.
+    LostNotice {
+        lost: u32,
+        epoch: u64,
+    },
+    /// Hosts `a` and `b` became unreachable at `since`; if still so, their ranks lose each other.
+    HostsCut {
+        a: u32,
+        b: u32,
+        since: u64,
+    },
+    FaultStart(usize),
+    FaultEnd(usize),
+    JobResume {
+        epoch: u64,
+    },
+}
+
+impl Ev {
+    fn code(&self) -> (u8, u64, u64) {
+        match self {
+            Ev::FlowDone { flow, .. } => (1, *flow as u64, 0),
+            Ev::Deliver { from, to, phantom, bytes, .. } => {
+                (2, (*from as u64) << 32 | *to as u64, (bytes.len() + phantom) as u64)
+            }
+            Ev::GroupTimer { rank, .. } => (3, *rank as u64, 0),
+            Ev::Deadline { rank, op_seq, .. } => (4, *rank as u64, *op_seq),
+            Ev::ComputeDone { rank, .. } => (5, *rank as u64, 0),
+            Ev::LostNotice { lost, .. } => (6, *lost as u64, 0),
+            Ev::HostsCut { a, b, .. } => (7, *a as u64, *b as u64),
+            Ev::FaultStart(i) => (8, *i as u64, 0),
+            Ev::FaultEnd(i) => (9, *i as u64, 0),
+            Ev::JobResume { epoch } => (10, *epoch, 0),
+        }
+    }
+}
+
+struct Entry {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // A max-heap: the earliest (time, sequence) first.
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// A message in a pair's stream.
+struct Msg {
+    bytes: Bytes,
+    phantom: usize,
+}
+
+/// The ordered stream from one rank to another: one message on the wire at a time, in order,
+/// delivered in order (as the transport's session does).
+#[derive(Default)]
+struct Pair {
+    queue: VecDeque<Msg>,
+    active: Option<(FlowId, u64)>,
+    last_delivery: u64,
+    /// Extra delay for the message on the wire (frames stuck on a path that died).
+    penalty: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Idle,
+    Computing,
+    InCall { op_seq: u64 },
+    Finished,
+}
+
+struct RankSim {
+    alive: bool,
+    group: Option<Group>,
+    stage: Stage,
+    /// Steps this rank has finished (with any outcome) in this epoch's run.
+    step: u64,
+    /// Contributions (units) riding in the running call, and its compute time.
+    call_units: u64,
+    call_compute_ns: u64,
+    call_started: u64,
+    /// A late contribution to fold into the next call.
+    carry: Option<Vec<u8>>,
+    carry_units: u64,
+    slowdown: f64,
+    timer_at: Option<u64>,
+    compute_started: u64,
+}
+
+#[derive(Default)]
+struct OpRecord {
+    started: u64,
+    completed: bool,
+    failed: bool,
+    wrong: bool,
+    /// Per rank: what it offered (real payloads) and how many units.
+    offered: BTreeMap<usize, (Option<Vec<u8>>, u64)>,
+    /// Ranks that started it and have not finished it.
+    open: usize,
+    /// The reference result for a participant set, computed once.
+    expected: Option<(Vec<usize>, Option<Vec<u8>>)>,
+}
+
+/// Runs `scenario` with `seed`.
+pub fn run(scenario: &Scenario, seed: u64, options: &RunOptions) -> RunOutput {
+    let mut sim = Sim::new(scenario, seed, options);
+    sim.run();
+    sim.finish()
+}
+
+/// One collective with given inputs, for comparing drivers.
+struct Given {
+    op: Op,
+    dtype: DType,
+    options: CallOptions,
+    inputs: Vec<Option<Vec<u8>>>,
+    results: Vec<Option<Finished>>,
+}
+
+/// Runs one collective `op` on the simulated network of `topology`, rank `r` contributing
+/// `inputs[r]` (whole elements of `dtype`), with no faults: every rank's result (`None` if it
+/// did not finish) and the simulated time in seconds. The same `Group` code the tokio
+/// `Communicator` drives runs here, so results are bit-identical to a real run's.
+pub fn run_collective(
+    topology: &crate::scenario::TopologySpec,
+    op: Op,
+    dtype: DType,
+    inputs: Vec<Vec<u8>>,
+    options: CallOptions,
+) -> (Vec<Option<Finished>>, f64) {
+    use crate::scenario::{ByteSize, TransportSpec, WorkloadKind, WorkloadSpec};
+    assert_eq!(inputs.len(), topology.ranks(), "one input per rank");
+    let scenario = Scenario {
+        name: "run_collective".into(),
+        description: String::new(),
+        seed: 1,
+        duration_s: 3600.0,
+        topology: topology.clone(),
+        transport: TransportSpec::default(),
+        workload: WorkloadSpec {
+            kind: WorkloadKind::CollectiveLoop,
+            op: OpKind::Allreduce,
+            bytes: ByteSize(inputs.first().map_or(0, |b| b.len() as u64)),
+            steps: 1,
+            payload: PayloadKind::Real,
+            algorithm: AlgorithmKind::Auto,
+            policy: PolicyKind::Abort,
+            quorum_min: None,
+            quorum_wait_ms: 0.0,
+            deadline_ms: 3_600_000.0,
+            segment_bytes: None,
+            verify: false,
+            compute: None,
+            on_failure: OnFailure::Continue,
+            checkpoint_every: 1,
+            restart_s: 0.0,
+        },
+        faults: Vec::new(),
+    };
+    let options_run = RunOptions::default();
+    let world = inputs.len();
+    let mut sim = Sim::new(&scenario, 1, &options_run);
+    sim.given = Some(Given {
+        op,
+        dtype,
+        options,
+        inputs: inputs.into_iter().map(Some).collect(),
+        results: (0..world).map(|_| None).collect(),
+    });
+    sim.run();
+    let t = sim.now as f64 / SEC;
+    (sim.given.take().map(|g| g.results).unwrap_or_default(), t)
+}
+
+struct Sim<'a> {
+    sc: &'a Scenario,
+    seed: u64,
+    now: u64,
+    seq: u64,
+    heap: BinaryHeap<Entry>,
+    fabric: Fabric,
+    ranks: Vec<RankSim>,
+    pairs: BTreeMap<(u32, u32), Pair>,
+    flow_pair: Vec<(u32, u32)>,
+    rng_compute: ChaCha8Rng,
+    rng_net: ChaCha8Rng,
+    hasher: Sha256,
+    hash_buf: Vec<u8>,
+    events: u64,
+    epoch: u64,
+    world: usize,
+    steps_target: u64,
+    /// Net progress of the job (committed steps since the start, rolled back on restarts).
+    progress: u64,
+    checkpoint: u64,
+    restarting: bool,
+    /// Per `(epoch, op_seq)`.
+    ops: BTreeMap<(u64, u64), OpRecord>,
+    faults: Vec<Planned>,
+    fault_counts: BTreeMap<&'static str, u64>,
+    fault_marks: Vec<(String, f64)>,
+    /// Fault times still waiting for the next completed step.
+    open_faults: Vec<u64>,
+    recoveries: Vec<f64>,
+    /// Per host pair `a * hosts + b` (`a < b`): since when it has had no route (`u64::MAX`:
+    /// it has one).
+    cut_since: Vec<u64>,
+    // Accounting.
+    coll: Collectives,
+    contrib: Contributions,
+    net: NetworkStats,
+    useful_ns: f64,
+    /// Useful rank-time since the last checkpoint (lost on a restart).
+    useful_since_checkpoint: f64,
+    steps: Vec<StepPoint>,
+    trace: Option<Trace>,
+    started: Instant,
+    options: &'a RunOptions,
+    last_progress: Instant,
+    /// Set by [`run_collective`]: one given collective instead of the workload.
+    given: Option<Given>,
+}
+
+/// One fault injection, resolved.
+#[derive(Clone, Debug)]
+struct Planned {
+    kind: FaultKind,
+    at: u64,
+    duration: Option<u64>,
+    target: FaultTarget,
+    /// Index of its spec in the scenario.
+    spec: usize,
+}
+
+/// A fault's resolved target.
+#[derive(Clone, Debug)]
+enum FaultTarget {
+    Rank(usize),
+    Ranks(Vec<usize>),
+    Nic(usize, usize),
+    Link(Result<usize, (usize, usize)>),
+    Sides(Vec<u32>),
+}
+
+fn stream(seed: u64, purpose: u64) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    r.set_stream(purpose);
+    r
+}
+
+/// A standard normal draw (Box–Muller).
+fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>();
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// An exponential draw with mean `mean`.
+fn exponential(rng: &mut ChaCha8Rng, mean: f64) -> f64 {
+    -(1.0 - rng.random::<f64>()).ln() * mean
+}
+
+impl<'a> Sim<'a> {
+    fn new(sc: &'a Scenario, seed: u64, options: &'a RunOptions) -> Sim<'a> {
+        let t = &sc.topology;
+        let world = t.ranks();
+        let fabric = Fabric::new(t);
+        let hosts = fabric.hosts();
+        let ranks = (0..world)
+            .map(|_| RankSim {
+                alive: true,
+                group: None,
+                stage: Stage::Idle,
+                step: 0,
+                call_units: 0,
+                call_compute_ns: 0,
+                call_started: 0,
+                carry: None,
+                carry_units: 0,
+                slowdown: 1.0,
+                timer_at: None,
+                compute_started: 0,
+            })
+            .collect();
+        let mut sim = Sim {
+            sc,
+            seed,
+            now: 0,
+            seq: 0,
+            heap: BinaryHeap::new(),
+            fabric,
+            ranks,
+            pairs: BTreeMap::new(),
+            flow_pair: Vec::new(),
+            rng_compute: stream(seed, 1),
+            rng_net: stream(seed, 2),
+            hasher: Sha256::new(),
+            hash_buf: Vec::with_capacity(1 << 16),
+            events: 0,
+            epoch: 0,
+            world,
+            steps_target: sc.workload.steps,
+            progress: 0,
+            checkpoint: 0,
+            restarting: false,
+            ops: BTreeMap::new(),
+            faults: Vec::new(),
+            fault_counts: BTreeMap::new(),
+            fault_marks: Vec::new(),
+            open_faults: Vec::new(),
+            recoveries: Vec::new(),
+            cut_since: vec![u64::MAX; hosts * hosts],
+            coll: Collectives::default(),
+            contrib: Contributions::default(),
+            net: NetworkStats::default(),
+            useful_ns: 0.0,
+            useful_since_checkpoint: 0.0,
+            steps: Vec::new(),
+            trace: options.trace.then(|| Trace::new(world)),
+            started: Instant::now(),
+            options,
+            last_progress: Instant::now(),
+            given: None,
+        };
+        sim.plan_faults();
+        sim
+    }
+
+    fn push(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Entry { at, seq: self.seq, ev });
+    }
+
+    fn record_hash(&mut self, ev: &Ev) {
+        let (k, a, b) = ev.code();
+        self.hash_buf.extend_from_slice(&self.now.to_le_bytes());
+        self.hash_buf.push(k);
+        self.hash_buf.extend_from_slice(&a.to_le_bytes());
+        self.hash_buf.extend_from_slice(&b.to_le_bytes());
+        if self.hash_buf.len() >= 1 << 16 {
+            self.hasher.update(&self.hash_buf);
+            self.hash_buf.clear();
+        }
+    }
+
+    // ---- faults ----
+
+    /// Resolves every fault spec into concrete injections (random ones drawn now, from their
+    /// own stream, so the workload's draws do not shift them).
+    fn plan_faults(&mut self) {
+        let sc = self.sc;
+        let t = &sc.topology;
+        let end = (sc.duration_s * SEC) as u64;
+        let mut rng = stream(self.seed, 3);
+        let mut planned: Vec<Planned> = Vec::new();
+        for (spec, f) in sc.faults.iter().enumerate() {
+            let duration = f.duration_s.map(|d| (d * SEC) as u64);
+            // Components a random fault picks from.
+            let target = |rng: &mut ChaCha8Rng| -> FaultTarget {
+                match f.kind {
+                    FaultKind::Crash => FaultTarget::Rank(f.rank.unwrap_or_else(|| rng.random_range(0..t.ranks()))),
+                    FaultKind::NicDown => FaultTarget::Nic(
+                        f.host.unwrap_or_else(|| rng.random_range(0..t.hosts())),
+                        f.nic
+                            .unwrap_or_else(|| if f.host.is_some() { 0 } else { rng.random_range(0..t.nics_per_host) }),
+                    ),
+                    FaultKind::LinkDown | FaultKind::Loss | FaultKind::LatencySpike | FaultKind::Corruption => {
+                        match (&f.dcs, f.host) {
+                            (Some(d), _) => FaultTarget::Link(Err((d[0], d[1]))),
+                            (None, Some(h)) => FaultTarget::Link(Ok(h)),
+                            (None, None) if f.kind == FaultKind::LinkDown || t.dcs > 1 && rng.random_bool(0.5) => {
+                                let a = rng.random_range(0..t.dcs);
+                                let b = (a + 1 + rng.random_range(0..t.dcs - 1)) % t.dcs;
+                                FaultTarget::Link(Err((a, b)))
+                            }
+                            (None, None) => FaultTarget::Link(Ok(rng.random_range(0..t.hosts()))),
+                        }
+                    }
+                    FaultKind::Partition => FaultTarget::Sides(match (&f.sides, &f.hosts) {
+                        (Some(s), _) => self.fabric.sides_by_dc(s),
+                        (None, Some(h)) => (0..t.hosts()).map(|x| u32::from(h.contains(&x))).collect(),
+                        (None, None) => vec![0; t.hosts()],
+                    }),
+                    FaultKind::Straggler => FaultTarget::Ranks(match (&f.ranks, f.fraction) {
+                        (Some(r), _) => r.clone(),
+                        (None, Some(frac)) => {
+                            let n = ((t.ranks() as f64) * frac).round() as usize;
+                            let mut all: Vec<usize> = (0..t.ranks()).collect();
+                            for i in 0..n.min(all.len()) {
+                                let j = rng.random_range(i..all.len());
+                                all.swap(i, j);
+                            }
+                            let mut v = all[..n.min(t.ranks())].to_vec();
+                            v.sort_unstable();
+                            v
+                        }
+                        (None, None) => Vec::new(),
+                    }),
+                }
+            };
+            match (f.at_s, f.mtbf_s) {
+                (Some(at), _) => {
+                    let target = target(&mut rng);
+                    planned.push(Planned { kind: f.kind, at: (at * SEC) as u64, duration, target, spec });
+                }
+                (None, Some(mtbf)) => {
+                    // Components failing independently: the fleet fails `components / mtbf`
+                    // times per second.
+                    let components = match f.kind {
+                        FaultKind::Crash | FaultKind::Straggler => t.ranks(),
+                        FaultKind::NicDown => t.hosts() * t.nics_per_host,
+                        FaultKind::LinkDown => (t.dcs * (t.dcs - 1) / 2).max(1),
+                        _ => t.hosts() + t.dcs * (t.dcs - 1) / 2,
+                    } as f64;
+                    let mut at = 0.0;
+                    loop {
+                        at += exponential(&mut rng, mtbf / components);
+                        if at * SEC >= end as f64 {
+                            break;
+                        }
+                        let target = target(&mut rng);
+                        planned.push(Planned { kind: f.kind, at: (at * SEC) as u64, duration, target, spec });
+                    }
+                }
+                (None, None) => {
+                    let target = target(&mut rng);
+                    planned.push(Planned { kind: f.kind, at: 0, duration, target, spec });
+                }
+            }
+        }
+        for (i, p) in planned.iter().enumerate() {
+            self.push(p.at, Ev::FaultStart(i));
+            if let Some(d) = p.duration {
+                if p.kind != FaultKind::Crash {
+                    self.push(p.at + d, Ev::FaultEnd(i));
+                }
+            }
+        }
+        self.faults = planned;
+    }
+
+    fn fault(&mut self, i: usize, start: bool) {
+        let Planned { kind, target, spec, .. } = self.faults[i].clone();
+        let spec = &self.sc.faults[spec];
+        if start {
+            *self.fault_counts.entry(kind.name()).or_default() += 1;
+            self.fault_marks.push((kind.name().to_string(), self.now as f64 / SEC));
+            if kind != FaultKind::Straggler {
+                self.open_faults.push(self.now);
+            }
+        }
+        if let Some(tr) = self.trace.as_mut() {
+            tr.fault(kind.name(), self.now, start);
+        }
+        tracing::debug!(fault = kind.name(), start, now = self.now, "fault");
+        let sign = if start { 1.0 } else { -1.0 };
+        match (kind, target) {
+            (FaultKind::Crash, FaultTarget::Rank(r)) => {
+                if start {
+                    self.crash(r);
+                }
+            }
+            (FaultKind::Straggler, FaultTarget::Ranks(rs)) => {
+                let s = spec.slowdown.unwrap_or(1.0);
+                for r in rs {
+                    if r < self.world {
+                        if start {
+                            self.ranks[r].slowdown *= s;
+                        } else {
+                            self.ranks[r].slowdown /= s;
+                        }
+                    }
+                }
+            }
+            (FaultKind::NicDown, FaultTarget::Nic(h, n)) => {
+                self.fabric.set_nic(h, n, !start);
+                if start {
+                    self.penalise_host(h);
+                }
+                self.topology_changed();
+            }
+            (FaultKind::LinkDown, FaultTarget::Link(Err((a, b)))) => {
+                self.fabric.set_wan(a, b, !start);
+                self.topology_changed();
+            }
+            (FaultKind::Partition, FaultTarget::Sides(sides)) => {
+                if start {
+                    self.fabric.partition(i as u64, sides);
+                } else {
+                    self.fabric.heal(i as u64);
+                }
+                self.topology_changed();
+            }
+            (FaultKind::Loss | FaultKind::LatencySpike | FaultKind::Corruption, FaultTarget::Link(link)) => {
+                let f = spec.rate.or(spec.extra_ms).unwrap_or(0.0);
+                self.fabric.update_link(link, |loss, extra, corruption| match kind {
+                    FaultKind::Loss => *loss = (*loss + sign * f).clamp(0.0, 0.99),
+                    FaultKind::Corruption => *corruption = (*corruption + sign * f).clamp(0.0, 1.0),
+                    _ => {
+                        let e = (f * MS) as u64;
+                        *extra = if start { *extra + e } else { extra.saturating_sub(e) };
+                    }
+                });
+                self.topology_changed();
+            }
+            (kind, target) => tracing::warn!(?kind, ?target, "fault target does not fit its kind"),
+        }
+    }
+
+    fn crash(&mut self, r: usize) {
+        if !self.ranks[r].alive {
+            return;
+        }
+        let rk = &mut self.ranks[r];
+        rk.alive = false;
+        let open = match rk.stage {
+            Stage::InCall { op_seq } => Some(op_seq),
+            _ => None,
+        };
+        if open.is_some() {
+            // A dead process returns nothing: its contribution dies with it (counted apart
+            // from `lost`, which is what a live rank never got back).
+            self.contrib.died_with_rank += rk.call_units;
+        }
+        self.contrib.died_with_rank += rk.carry_units;
+        rk.carry_units = 0;
+        rk.carry = None;
+        rk.group = None;
+        rk.stage = Stage::Finished;
+        if let Some(op_seq) = open {
+            self.op_closed((self.epoch, op_seq));
+            if let Some(tr) = self.trace.as_mut() {
+                tr.end(r, self.now, "crashed");
+            }
+        }
+        // Its streams stop; bytes in flight to or from it are gone.
+        let keys: Vec<(u32, u32)> =
+            self.pairs.keys().copied().filter(|(a, b)| *a as usize == r || *b as usize == r).collect();
+        for k in keys {
+            if let Some(p) = self.pairs.remove(&k) {
+                if let Some((flow, _)) = p.active {
+                    self.fabric.share.remove(self.now, flow);
+                }
+            }
+        }
+        let after = (self.sc.transport.unreachable_after_ms * MS) as u64;
+        let epoch = self.epoch;
+        self.push(self.now + after, Ev::LostNotice { lost: r as u32, epoch });
+    }
+
+    /// Messages on the wire through `host` wait for the link timeout (their frames were on
+    /// the path that died).
+    fn penalise_host(&mut self, host: usize) {
+        let timeout = (self.sc.transport.link_timeout_ms * MS) as u64;
+        let ranks = self.fabric.ranks_of_host(host);
+        for ((a, b), p) in self.pairs.iter_mut() {
+            let (ha, hb) = (*a as usize / ranks.len(), *b as usize / ranks.len());
+            if p.active.is_some() && (ha == host || hb == host) && ha != hb {
+                p.penalty += timeout;
+            }
+        }
+    }
+
+    /// Links changed: re-route every stream, and watch host pairs that lost their route.
+    fn topology_changed(&mut self) {
+        let keys: Vec<(u32, u32)> = self.pairs.keys().copied().collect();
+        for k in keys {
+            let (ha, hb) = (self.fabric.host_of(k.0 as usize), self.fabric.host_of(k.1 as usize));
+            let route = self.fabric.route(ha, hb);
+            let Some(p) = self.pairs.get_mut(&k) else { continue };
+            match (p.active, route) {
+                (Some((flow, _)), Some(r)) => self.fabric.share.reroute(self.now, flow, r.resources),
+                (Some((flow, _)), None) => {
+                    // Nothing carries it now: the message waits at the head of its stream for
+                    // a route and is then sent again whole (what was in flight is lost).
+                    self.fabric.share.remove(self.now, flow);
+                    p.active = None;
+                }
+                (None, Some(_)) if !p.queue.is_empty() => self.start_flow(k),
+                _ => {}
+            }
+        }
+        let hosts = self.fabric.hosts();
+        let after = (self.sc.transport.unreachable_after_ms * MS) as u64;
+        for a in 0..hosts {
+            for b in a + 1..hosts {
+                let ok = self.fabric.route(a, b).is_some() && self.fabric.route(b, a).is_some();
+                let cut = &mut self.cut_since[a * hosts + b];
+                if ok {
+                    *cut = u64::MAX;
+                } else if *cut == u64::MAX {
+                    *cut = self.now;
+                    self.push(self.now + after, Ev::HostsCut { a: a as u32, b: b as u32, since: self.now });
+                }
+            }
+        }
+    }
+
+    // ---- network ----
+
+    fn send(&mut self, from: usize, to: usize, bytes: Bytes, phantom: usize) {
+        let key = (from as u32, to as u32);
+        let p = self.pairs.entry(key).or_default();
+        p.queue.push_back(Msg { bytes, phantom });
+        if p.active.is_none() && p.queue.len() == 1 {
+            self.start_flow(key);
+        }
+    }
+
+    fn start_flow(&mut self, key: (u32, u32)) {
+        let (ha, hb) = (self.fabric.host_of(key.0 as usize), self.fabric.host_of(key.1 as usize));
+        let Some(route) = self.fabric.route(ha, hb) else { return };
+        let chunk = self.sc.transport.chunk_bytes.0.max(1);
+        let Some(p) = self.pairs.get_mut(&key) else { return };
+        let Some(m) = p.queue.front() else { return };
+        let len = (m.bytes.len() + m.phantom) as u64;
+        let frames = len.div_ceil(chunk).max(1);
+        let mut wire = len + frames * FRAME_OVERHEAD;
+        if route.corruption > 0.0 {
+            // Each corrupted frame is caught by its checksum and sent again.
+            let mut bad = 0u64;
+            for _ in 0..frames.min(1 << 16) {
+                if self.rng_net.random_bool(route.corruption.min(1.0)) {
+                    bad += 1;
+                }
+            }
+            self.net.corrupted_frames += bad;
+            self.net.retransmitted_bytes += bad * chunk.min(len.max(1));
+            wire += bad * (chunk.min(len.max(1)) + FRAME_OVERHEAD);
+        }
+        if route.relayed {
+            self.net.relayed_messages += 1;
+        }
+        self.net.messages += 1;
+        self.net.bytes += wire;
+        let flow = self.fabric.share.start(self.now, route.resources, wire as f64);
+        if self.flow_pair.len() <= flow {
+            self.flow_pair.resize(flow + 1, (0, 0));
+        }
+        self.flow_pair[flow] = key;
+        let p = self.pairs.get_mut(&key).expect("just used");
+        p.active = Some((flow, route.latency_ns));
+    }
+
+    fn flow_done(&mut self, flow: FlowId, version: u64) -> bool {
+        if self.fabric.share.version(flow) != Some(version) {
+            return false;
+        }
+        self.fabric.share.remove(self.now, flow);
+        let key = self.flow_pair[flow];
+        let Some(p) = self.pairs.get_mut(&key) else { return true };
+        let Some((_, latency)) = p.active.take() else { return true };
+        let Some(m) = p.queue.pop_front() else { return true };
+        let at = (self.now + latency + std::mem::take(&mut p.penalty)).max(p.last_delivery);
+        p.last_delivery = at;
+        let more = !p.queue.is_empty();
+        let epoch = self.epoch;
+        self.push(at, Ev::Deliver { from: key.0, to: key.1, epoch, bytes: m.bytes, phantom: m.phantom });
+        if more {
+            self.start_flow(key);
+        }
+        true
+    }
+
+    fn settle_network(&mut self) {
+        for f in self.fabric.share.settle(self.now) {
+            if let Some(at) = f.at {
+                self.push(at, Ev::FlowDone { flow: f.flow, version: f.version });
+            }
+        }
+    }
+
+    // ---- ranks and the workload ----
+
+    fn algorithm(&self) -> AllReduceAlgorithm {
+        match self.sc.workload.algorithm {
+            AlgorithmKind::Auto => AllReduceAlgorithm::Auto,
+            AlgorithmKind::Ring => AllReduceAlgorithm::Ring,
+            AlgorithmKind::RecursiveDoubling => AllReduceAlgorithm::RecursiveDoubling,
+            AlgorithmKind::Hierarchical => AllReduceAlgorithm::Hierarchical,
+        }
+    }
+
+    fn call_options(&self) -> CallOptions {
+        let w = &self.sc.workload;
+        let policy = match w.policy {
+            PolicyKind::Abort => FaultPolicy::Abort,
+            PolicyKind::Shrink => FaultPolicy::Shrink,
+            PolicyKind::Quorum => FaultPolicy::Quorum {
+                min: w.quorum_min.unwrap_or(self.world.div_ceil(2)),
+                wait: Duration::from_nanos((w.quorum_wait_ms * MS) as u64),
+            },
+        };
+        CallOptions { policy, verify: w.verify }
+    }
+
+    /// Fresh groups for every rank (start of the run, or a job restart with spares).
+    fn form_groups(&mut self) {
+        let t = &self.sc.topology;
+        let per_dc = t.hosts_per_dc * t.ranks_per_host;
+        let topology = Topology::uniform(t.dcs, per_dc);
+        for r in 0..self.world {
+            let mut g = Group::new(r, self.world);
+            g.set_topology(topology.clone());
+            g.set_epoch(self.epoch);
+            if let Some(seg) = self.sc.workload.segment_bytes {
+                g.set_segment_bytes(seg.0.min(usize::MAX as u64) as usize);
+            }
+            let rk = &mut self.ranks[r];
+            rk.alive = true;
+            rk.group = Some(g);
+            rk.stage = Stage::Idle;
+            rk.step = self.progress;
+            rk.carry = None;
+            rk.carry_units = 0;
+            rk.timer_at = None;
+        }
+    }
+
+    fn begin_step(&mut self, r: usize) {
+        let rk = &self.ranks[r];
+        if !rk.alive || self.restarting {
+            return;
+        }
+        if rk.step >= self.steps_target {
+            self.ranks[r].stage = Stage::Finished;
+            return;
+        }
+        let compute = match self.sc.workload.compute {
+            Some(c) if c.median_ms > 0.0 => {
+                let z = if c.sigma > 0.0 { normal(&mut self.rng_compute) } else { 0.0 };
+                ((c.median_ms * MS) * (c.sigma * z).exp() * self.ranks[r].slowdown).round() as u64
+            }
+            _ => 0,
+        };
+        let rk = &mut self.ranks[r];
+        rk.call_compute_ns = compute;
+        rk.compute_started = self.now;
+        if compute == 0 {
+            self.start_call(r);
+        } else {
+            rk.stage = Stage::Computing;
+            let epoch = self.epoch;
+            self.push(self.now + compute, Ev::ComputeDone { rank: r as u32, epoch });
+        }
+    }
+
+    /// Rank `r`'s contribution at `step`: element 0 counts contributions (1 each, so a folded
+    /// late one adds its count), the rest are small deterministic values.
+    fn contribution(&self, r: usize, step: u64) -> Vec<u8> {
+        let count = self.sc.workload.bytes.0 as usize / 8;
+        let mut v = Vec::with_capacity(count * 8);
+        for i in 0..count {
+            let x: i64 = if i == 0 { 1 } else { ((r as i64 * 31 + step as i64 * 7 + i as i64 * 3) % 13) - 6 };
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v
+    }
+
+    fn start_call(&mut self, r: usize) {
+        if let Some(given) = self.given.as_mut() {
+            let buf = given.inputs[r].take().unwrap_or_default();
+            let (op, dtype, options) = (given.op, given.dtype, given.options);
+            let g = self.ranks[r].group.as_mut().expect("a live rank has a group");
+            let op_seq = g.start(self.now, op, dtype, buf, options);
+            self.ranks[r].stage = Stage::InCall { op_seq };
+            self.pump(r);
+            return;
+        }
+        let w = &self.sc.workload;
+        let epoch = self.epoch;
+        let step = self.ranks[r].step;
+        let options = self.call_options();
+        let real = w.payload == PayloadKind::Real;
+        let units = 1 + self.ranks[r].carry_units;
+        self.contrib.offered += 1;
+        let (offered, op_seq) = match w.op {
+            OpKind::Allreduce => {
+                let op = Op::AllReduce { algorithm: self.algorithm(), op: ReduceOp::Sum };
+                if real {
+                    let mut buf = self.contribution(r, step);
+                    if let Some(c) = self.ranks[r].carry.take() {
+                        add_i64(&mut buf, &c);
+                    }
+                    let g = self.ranks[r].group.as_mut().expect("a live rank has a group");
+                    let op_seq = g.start(self.now, op, DType::I64, buf.clone(), options);
+                    (Some(buf), op_seq)
+                } else {
+                    let g = self.ranks[r].group.as_mut().expect("a live rank has a group");
+                    (None, g.start_phantom(self.now, op, DType::I64, w.bytes.0 as usize, options))
+                }
+            }
+            OpKind::Alltoall => {
+                let share = (w.bytes.0 as usize / self.world.max(1)).max(1);
+                let send: Vec<Bytes> =
+                    (0..self.world).map(|d| Bytes::from(alltoall_share(r, d, step, share))).collect();
+                let g = self.ranks[r].group.as_mut().expect("a live rank has a group");
+                (None, g.start_all_to_all(self.now, send, options.policy))
+            }
+        };
+        let rk = &mut self.ranks[r];
+        rk.carry_units = 0;
+        rk.call_units = units;
+        rk.call_started = self.now;
+        rk.stage = Stage::InCall { op_seq };
+        let rec =
+            self.ops.entry((epoch, op_seq)).or_insert_with(|| OpRecord { started: self.now, ..OpRecord::default() });
+        rec.offered.insert(r, (offered, units));
+        rec.open += 1;
+        if let Some(tr) = self.trace.as_mut() {
+            tr.begin(r, self.now, op_seq);
+        }
+        let deadline = self.now + (w.deadline_ms * MS) as u64;
+        self.push(deadline, Ev::Deadline { rank: r as u32, epoch, op_seq });
+        self.pump(r);
+    }
+
+    /// Drains rank `r`'s group: messages to the network, a finished call to the workload, and
+    /// its next timeout to the heap.
+    fn pump(&mut self, r: usize) {
+        loop {
+            let Some(g) = self.ranks[r].group.as_mut() else { return };
+            let mut out = Vec::new();
+            while let Some(m) = g.poll_send_sized() {
+                out.push(m);
+            }
+            let finished = g.finish();
+            let timeout = g.poll_timeout();
+            for (to, bytes, phantom) in out {
+                if to != r && to < self.world {
+                    self.send(r, to, bytes, phantom);
+                }
+            }
+            if let Some(t) = timeout {
+                let rk = &mut self.ranks[r];
+                if rk.timer_at.is_none_or(|at| t < at || at < self.now) {
+                    rk.timer_at = Some(t);
+                    let epoch = self.epoch;
+                    self.push(t.max(self.now), Ev::GroupTimer { rank: r as u32, epoch });
+                }
+            }
+            match finished {
+                Some(f) => self.call_finished(r, f),
+                None => return,
+            }
+        }
+    }
+
+    fn call_finished(&mut self, r: usize, f: Finished) {
+        let Stage::InCall { op_seq } = self.ranks[r].stage else { return };
+        if let Some(given) = self.given.as_mut() {
+            given.results[r] = Some(f);
+            self.ranks[r].stage = Stage::Finished;
+            return;
+        }
+        let key = (self.epoch, op_seq);
+        let units = self.ranks[r].call_units;
+        let took = self.now - self.ranks[r].call_started;
+        // Useful rank-time of an applied contribution: its compute (or, without compute, the
+        // call itself).
+        let compute = self.ranks[r].call_compute_ns;
+        let useful = if compute > 0 { compute } else { took } as f64;
+        let outcome: &'static str;
+        match f {
+            Finished::Buffer { data, participants } => {
+                outcome = "done";
+                self.contrib.applied += units;
+                self.useful_since_checkpoint += useful;
+                let rec = self.ops.get_mut(&key).expect("started");
+                if self.sc.workload.payload == PayloadKind::Real && !rec.wrong {
+                    if rec.expected.as_ref().is_none_or(|(p, _)| *p != participants) {
+                        rec.expected = Some((participants.clone(), sum_of(&rec.offered, &participants)));
+                    }
+                    let ok = matches!(&rec.expected, Some((_, Some(e))) if *e == data);
+                    if !ok {
+                        rec.wrong = true;
+                        self.coll.wrong_results += 1;
+                        tracing::warn!(rank = r, op_seq, ?participants, "wrong result");
+                    }
+                }
+                if !rec.completed {
+                    rec.completed = true;
+                    self.coll.completed += 1;
+                    self.step_committed(rec_started(&self.ops, key), participants.len());
+                }
+            }
+            Finished::AllToAll(res) => {
+                outcome = "done";
+                self.contrib.applied += units;
+                self.useful_since_checkpoint += useful;
+                let step = self.ranks[r].step;
+                let share = (self.sc.workload.bytes.0 as usize / self.world.max(1)).max(1);
+                let wrong = res.received.iter().enumerate().any(|(s, got)| {
+                    s != r && !res.lost.contains(&s) && got[..] != alltoall_share(s, r, step, share)[..]
+                });
+                let rec = self.ops.get_mut(&key).expect("started");
+                if wrong && !rec.wrong {
+                    rec.wrong = true;
+                    self.coll.wrong_results += 1;
+                }
+                if !rec.completed {
+                    rec.completed = true;
+                    self.coll.completed += 1;
+                    let n = self.world - res.lost.len();
+                    self.step_committed(rec_started(&self.ops, key), n);
+                }
+            }
+            Finished::Late { contribution, .. } => {
+                outcome = "late";
+                self.contrib.late += 1;
+                let rk = &mut self.ranks[r];
+                rk.carry_units += units;
+                if self.sc.workload.payload == PayloadKind::Real {
+                    rk.carry = Some(contribution);
+                }
+            }
+            Finished::Failed(e) => {
+                outcome = "failed";
+                tracing::debug!(rank = r, op_seq, error = %e, "collective failed");
+                self.contrib.dropped_reported += units;
+                let rec = self.ops.get_mut(&key).expect("started");
+                rec.failed = true;
+            }
+        }
+        self.close_call(r, key, outcome);
+    }
+
+    /// Rank `r` is done with the call `key` (any outcome): the workload moves on.
+    fn close_call(&mut self, r: usize, key: (u64, u64), outcome: &'static str) {
+        if let Some(tr) = self.trace.as_mut() {
+            tr.end(r, self.now, outcome);
+        }
+        self.op_closed(key);
+        let rk = &mut self.ranks[r];
+        rk.stage = Stage::Idle;
+        rk.step += 1;
+        if outcome == "failed" && self.sc.workload.on_failure == OnFailure::Restart {
+            self.restart_job();
+            return;
+        }
+        self.begin_step(r);
+    }
+
+    /// One rank that started collective `key` is done with it (any outcome, or dead). When
+    /// the last one is, its data is freed and a collective no rank completed counts as failed.
+    fn op_closed(&mut self, key: (u64, u64)) {
+        let Some(rec) = self.ops.get_mut(&key) else { return };
+        rec.open = rec.open.saturating_sub(1);
+        if rec.open == 0 {
+            if !rec.completed && rec.failed {
+                self.coll.failed += 1;
+            }
+            self.ops.remove(&key);
+        }
+    }
+
+    /// A step (collective) committed somewhere: progress, recovery times, the step series.
+    fn step_committed(&mut self, started: u64, participants: usize) {
+        self.progress += 1;
+        if self.progress.is_multiple_of(self.sc.workload.checkpoint_every) {
+            self.checkpoint = self.progress;
+            self.useful_ns += std::mem::take(&mut self.useful_since_checkpoint);
+        }
+        for t in self.open_faults.drain(..) {
+            self.recoveries.push((self.now - t) as f64 / SEC);
+        }
+        self.steps.push(StepPoint {
+            t_s: self.now as f64 / SEC,
+            step_s: (self.now - started) as f64 / SEC,
+            participants,
+        });
+    }
+
+    /// Synchronous training's answer to a failure: stop everyone, lose the work since the last
+    /// checkpoint, come back after `restart_s` with a fresh group (spares replace dead ranks).
+    fn restart_job(&mut self) {
+        if self.restarting {
+            return;
+        }
+        self.restarting = true;
+        self.useful_since_checkpoint = 0.0;
+        self.progress = self.checkpoint;
+        let epoch = self.epoch;
+        for r in 0..self.world {
+            let rk = &mut self.ranks[r];
+            if let Stage::InCall { op_seq } = rk.stage {
+                // The job drops the call (reported: the job knows it restarts).
+                self.contrib.dropped_reported += rk.call_units;
+                if let Some(rec) = self.ops.get_mut(&(epoch, op_seq)) {
+                    rec.failed = true;
+                }
+                self.op_closed((epoch, op_seq));
+                if let Some(tr) = self.trace.as_mut() {
+                    tr.end(r, self.now, "restart");
+                }
+            }
+            let rk = &mut self.ranks[r];
+            self.contrib.dropped_reported += rk.carry_units;
+            rk.carry_units = 0;
+            rk.group = None;
+            rk.stage = Stage::Idle;
+        }
+        for (_, p) in std::mem::take(&mut self.pairs) {
+            if let Some((flow, _)) = p.active {
+                self.fabric.share.remove(self.now, flow);
+            }
+        }
+        self.epoch += 1;
+        let at = self.now + (self.sc.workload.restart_s * SEC) as u64;
+        let epoch = self.epoch;
+        self.push(at, Ev::JobResume { epoch });
+    }
+
+    fn deadline(&mut self, r: usize, op_seq: u64) {
+        if self.ranks[r].stage != (Stage::InCall { op_seq }) {
+            return;
+        }
+        if let Some(g) = self.ranks[r].group.as_mut() {
+            g.abandon(self.now);
+        }
+        self.contrib.dropped_reported += self.ranks[r].call_units;
+        let key = (self.epoch, op_seq);
+        if let Some(rec) = self.ops.get_mut(&key) {
+            rec.failed = true;
+        }
+        self.close_call(r, key, "failed");
+        self.pump(r);
+    }
+
+    // ---- the loop ----
+
+    fn run(&mut self) {
+        self.form_groups();
+        for r in 0..self.world {
+            self.begin_step(r);
+        }
+        self.settle_network();
+        let end = (self.sc.duration_s * SEC) as u64;
+        while let Some(e) = self.heap.pop() {
+            if e.at > end {
+                self.now = end;
+                break;
+            }
+            self.now = e.at;
+            let mut batch = vec![e.ev];
+            while self.heap.peek().is_some_and(|n| n.at == self.now) {
+                batch.push(self.heap.pop().expect("peeked").ev);
+            }
+            for ev in batch {
+                self.handle(ev);
+            }
+            self.settle_network();
+            if self.all_done() {
+                break;
+            }
+            if let Some(every) = self.options.progress_every {
+                if self.last_progress.elapsed() >= every {
+                    self.last_progress = Instant::now();
+                    eprint!(
+                        "\r  sim {:>9.3} s  step {:>6}/{}  events {:>10}  wall {:>6.1} s",
+                        self.now as f64 / SEC,
+                        self.progress,
+                        self.steps_target,
+                        self.events,
+                        self.started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        }
+        if self.options.progress_every.is_some() {
+            eprintln!();
+        }
+    }
+
+    fn all_done(&self) -> bool {
+        !self.restarting && self.ranks.iter().all(|r| !r.alive || r.stage == Stage::Finished)
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        // Stale events (an earlier epoch, an outdated flow estimate) are not part of the story.
+        let current = match &ev {
+            Ev::FlowDone { flow, version } => self.fabric.share.version(*flow) == Some(*version),
+            Ev::Deliver { epoch, .. }
+            | Ev::GroupTimer { epoch, .. }
+            | Ev::Deadline { epoch, .. }
+            | Ev::ComputeDone { epoch, .. }
+            | Ev::LostNotice { epoch, .. }
+            | Ev::JobResume { epoch } => *epoch == self.epoch,
+            _ => true,
+        };
+        if !current {
+            return;
+        }
+        self.events += 1;
+        self.record_hash(&ev);
+        match ev {
+            Ev::FlowDone { flow, version } => {
+                self.flow_done(flow, version);
+            }
+            Ev::Deliver { from, to, bytes, phantom, .. } => {
+                let (from, to) = (from as usize, to as usize);
+                if !self.ranks[to].alive {
+                    return;
+                }
+                if let Some(g) = self.ranks[to].group.as_mut() {
+                    g.handle_message_sized(from, vec![bytes], phantom, self.now);
+                    self.pump(to);
+                }
+            }
+            Ev::GroupTimer { rank, .. } => {
+                let r = rank as usize;
+                self.ranks[r].timer_at = None;
+                if let Some(g) = self.ranks[r].group.as_mut() {
+                    g.handle_timeout(self.now);
+                    self.pump(r);
+                }
+            }
+            Ev::Deadline { rank, op_seq, .. } => self.deadline(rank as usize, op_seq),
+            Ev::ComputeDone { rank, .. } => {
+                let r = rank as usize;
+                if self.ranks[r].alive && self.ranks[r].stage == Stage::Computing {
+                    self.start_call(r);
+                }
+            }
+            Ev::LostNotice { lost, .. } => {
+                for r in 0..self.world {
+                    if r != lost as usize && self.ranks[r].alive {
+                        if let Some(g) = self.ranks[r].group.as_mut() {
+                            g.handle_peer_lost(lost as usize, self.now);
+                            self.pump(r);
+                        }
+                    }
+                }
+            }
+            Ev::HostsCut { a, b, since } => {
+                let hosts = self.fabric.hosts();
+                let (a, b) = (a as usize, b as usize);
+                if self.cut_since[a * hosts + b] == since {
+                    for x in self.fabric.ranks_of_host(a) {
+                        for y in self.fabric.ranks_of_host(b) {
+                            for (me, peer) in [(x, y), (y, x)] {
+                                if self.ranks[me].alive {
+                                    if let Some(g) = self.ranks[me].group.as_mut() {
+                                        g.handle_peer_lost(peer, self.now);
+                                        self.pump(me);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Ev::FaultStart(i) => self.fault(i, true),
+            Ev::FaultEnd(i) => self.fault(i, false),
+            Ev::JobResume { .. } => {
+                self.restarting = false;
+                self.form_groups();
+                for r in 0..self.world {
+                    self.begin_step(r);
+                }
+            }
+        }
+    }
+
+    fn finish(mut self) -> RunOutput {
+        self.hasher.update(&self.hash_buf);
+        let hash = self.hasher.clone().finalize();
+        let trace_hash: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
+        // Calls still open at the end: past their deadline they hung (a bug); before it they
+        // were cut off by the end of the run.
+        let deadline = (self.sc.workload.deadline_ms * MS) as u64;
+        for r in 0..self.world {
+            let rk = &self.ranks[r];
+            if !rk.alive {
+                continue;
+            }
+            if let Stage::InCall { .. } = rk.stage {
+                if self.now >= rk.call_started + deadline {
+                    self.coll.hung += 1;
+                } else {
+                    self.coll.in_flight += 1;
+                }
+                self.contrib.pending += rk.call_units;
+            }
+            self.contrib.pending += rk.carry_units;
+        }
+        let sim_s = self.now as f64 / SEC;
+        self.useful_ns += self.useful_since_checkpoint;
+        let c = &mut self.contrib;
+        let accounted = c.applied + c.dropped_reported + c.pending + c.died_with_rank;
+        // `offered` counts fresh contributions; units also count carried ones once each.
+        c.lost = c.offered.saturating_sub(accounted) + accounted.saturating_sub(c.offered);
+        let goodput = if sim_s > 0.0 { self.useful_ns / (self.world as f64 * self.now as f64) } else { 0.0 };
+        let mut rec = self.recoveries.clone();
+        rec.sort_by(|a, b| a.total_cmp(b));
+        let wall = self.started.elapsed().as_secs_f64();
+        self.net.flows_solved = self.fabric.share.solved;
+        let report = Report {
+            scenario: self.sc.name.clone(),
+            seed: self.seed,
+            ranks: self.world,
+            sim_time_s: sim_s,
+            wall_time_s: wall,
+            events: self.events,
+            events_per_s: self.events as f64 / wall.max(1e-9),
+            trace_hash,
+            steps_completed: self.progress,
+            steps_target: self.steps_target,
+            collectives: self.coll.clone(),
+            contributions: self.contrib.clone(),
+            faults_injected: self.fault_counts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            goodput,
+            recovery_s: Recovery { p50: rec.get(rec.len() / 2).copied(), max: rec.last().copied(), count: rec.len() },
+            network: self.net.clone(),
+            peak_rss_mb: crate::report::peak_rss_mb(),
+            steps: self.steps,
+            fault_marks: self.fault_marks,
+        };
+        RunOutput { report, trace: self.trace }
+    }
+}
+
+fn rec_started(ops: &BTreeMap<(u64, u64), OpRecord>, key: (u64, u64)) -> u64 {
+    ops.get(&key).map_or(0, |r| r.started)
+}
+
+/// Elementwise i64 sum of `b` into `a` (wrapping, as the kernel does).
+fn add_i64(a: &mut [u8], b: &[u8]) {
+    for (x, y) in a.chunks_exact_mut(8).zip(b.chunks_exact(8)) {
+        let s = i64::from_le_bytes(x.try_into().expect("8 bytes"))
+            .wrapping_add(i64::from_le_bytes(y.try_into().expect("8 bytes")));
+        x.copy_from_slice(&s.to_le_bytes());
+    }
+}
+
+/// The reference: the sum of what `participants` offered (`None` if one of them is unknown).
+fn sum_of(offered: &BTreeMap<usize, (Option<Vec<u8>>, u64)>, participants: &[usize]) -> Option<Vec<u8>> {
+    let mut acc: Option<Vec<u8>> = None;
+    for p in participants {
+        let (Some(buf), _) = offered.get(p)? else { return None };
+        match acc.as_mut() {
+            None => acc = Some(buf.clone()),
+            Some(a) => add_i64(a, buf),
+        }
+    }
+    acc
+}
+
+/// What rank `s` sends rank `d` in an all-to-all at `step`.
+fn alltoall_share(s: usize, d: usize, step: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (s * 131 + d * 31 + step as usize * 7 + i) as u8).collect()
+}
