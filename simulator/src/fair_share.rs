@@ -31,7 +31,9 @@ struct Flow {
     /// Bytes per second since `updated`.
     rate: f64,
     updated: u64,
-    /// Bumped on every re-solve: a finish event carrying an older version is stale.
+    /// Set on every re-solve from a counter of the whole network (so a flow id reused after
+    /// a flow ends never matches an old flow's finish event): an event carrying another
+    /// version is stale.
     version: u64,
 }
 
@@ -57,6 +59,8 @@ pub struct FairShare {
     seen_resource: Vec<u64>,
     seen_flow: Vec<u64>,
     stamp: u64,
+    /// Last version handed out.
+    versions: u64,
     /// Flows solved so far (a cost measure).
     pub solved: u64,
 }
@@ -255,8 +259,9 @@ impl FairShare {
             }
         }
         for &f in flows {
+            self.versions += 1;
             let flow = self.flows[f].as_mut().expect("live flow");
-            flow.version += 1;
+            flow.version = self.versions;
             let at = (flow.rate > 0.0).then(|| now + (flow.remaining / flow.rate * 1e9).ceil() as u64);
             out.push(Finish { flow: f, at, version: flow.version });
         }
@@ -314,6 +319,21 @@ mod tests {
         n.set_capacity(a, 10.0);
         let v = n.settle(S);
         assert_eq!(finish_of(&v, f), Some(S + S / 2), "5 bytes left at 10 B/s");
+    }
+
+    #[test]
+    fn a_reused_flow_id_never_matches_an_old_finish_event() {
+        let mut n = FairShare::new();
+        let a = n.add_resource(10.0);
+        let f = n.start(0, vec![a], 10.0);
+        let old = n.settle(0)[0];
+        n.remove(S / 2, f);
+        n.settle(S / 2);
+        let g = n.start(S / 2, vec![a], 10.0);
+        assert_eq!(g, f, "the id is reused");
+        let new = n.settle(S / 2)[0];
+        assert_ne!(new.version, old.version);
+        assert_ne!(n.version(g), Some(old.version));
     }
 
     #[test]
