@@ -276,6 +276,7 @@ mod tests {
             dc_latency_us: 5.0,
             wan_gbit_s: 4.0,
             wan_latency_ms: 10.0,
+            rank_gbyte_s: None,
         }
     }
 

@@ -148,6 +148,11 @@ pub struct TopologySpec {
     /// One-way latency of each WAN link, ms.
     #[serde(default = "default_wan_latency")]
     pub wan_latency_ms: f64,
+    /// How fast a rank processes what arrives (copies, checksums, reduction), GB/s; each
+    /// message occupies its rank for `bytes / rate` after it arrives, one at a time. Absent:
+    /// processing is free (the network alone sets the pace).
+    #[serde(default)]
+    pub rank_gbyte_s: Option<f64>,
 }
 
 fn one() -> usize {
@@ -473,6 +478,9 @@ impl Scenario {
             if !positive(v) {
                 return Err((f("topology", key), "must be a positive bandwidth".into()));
             }
+        }
+        if t.rank_gbyte_s.is_some_and(|r| !positive(r)) {
+            return Err((f("topology", "rank_gbyte_s"), "must be a positive rate".into()));
         }
         for (key, v) in [
             ("host_latency_us", t.host_latency_us),

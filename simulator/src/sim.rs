@@ -57,6 +57,14 @@ enum Ev {
         bytes: Bytes,
         phantom: usize,
     },
+    /// The receiving rank has processed a delivered message (only with `rank_gbyte_s`).
+    Processed {
+        from: u32,
+        to: u32,
+        epoch: u64,
+        bytes: Bytes,
+        phantom: usize,
+    },
     GroupTimer {
         rank: u32,
         epoch: u64,
@@ -94,6 +102,9 @@ impl Ev {
             Ev::FlowDone { flow, .. } => (1, *flow as u64, 0),
             Ev::Deliver { from, to, phantom, bytes, .. } => {
                 (2, (*from as u64) << 32 | *to as u64, (bytes.len() + phantom) as u64)
+            }
+            Ev::Processed { from, to, phantom, bytes, .. } => {
+                (11, (*from as u64) << 32 | *to as u64, (bytes.len() + phantom) as u64)
             }
             Ev::GroupTimer { rank, .. } => (3, *rank as u64, 0),
             Ev::Deadline { rank, op_seq, .. } => (4, *rank as u64, *op_seq),
@@ -172,6 +183,8 @@ struct RankSim {
     slowdown: f64,
     timer_at: Option<u64>,
     compute_started: u64,
+    /// With a per-rank processing rate: when the rank is done with what arrived so far.
+    busy_until: u64,
 }
 
 #[derive(Default)]
@@ -367,6 +380,7 @@ impl<'a> Sim<'a> {
                 slowdown: 1.0,
                 timer_at: None,
                 compute_started: 0,
+                busy_until: 0,
             })
             .collect();
         let mut sim = Sim {
@@ -1168,6 +1182,7 @@ impl<'a> Sim<'a> {
         let current = match &ev {
             Ev::FlowDone { flow, version } => self.fabric.share.version(*flow) == Some(*version),
             Ev::Deliver { epoch, .. }
+            | Ev::Processed { epoch, .. }
             | Ev::GroupTimer { epoch, .. }
             | Ev::Deadline { epoch, .. }
             | Ev::ComputeDone { epoch, .. }
@@ -1184,16 +1199,23 @@ impl<'a> Sim<'a> {
             Ev::FlowDone { flow, version } => {
                 self.flow_done(flow, version);
             }
-            Ev::Deliver { from, to, bytes, phantom, .. } => {
-                let (from, to) = (from as usize, to as usize);
-                if !self.ranks[to].alive {
+            Ev::Deliver { from, to, bytes, phantom, epoch } => {
+                let t = to as usize;
+                if !self.ranks[t].alive {
                     return;
                 }
-                if let Some(g) = self.ranks[to].group.as_mut() {
-                    g.handle_message_sized(from, vec![bytes], phantom, self.now);
-                    self.pump(to);
+                if let Some(rate) = self.sc.topology.rank_gbyte_s {
+                    // The rank handles what arrives one message at a time at its rate (copies,
+                    // checksums, reduction): the message is done when the rank gets to it.
+                    let cost = ((bytes.len() + phantom) as f64 / (rate * 1e9) * SEC).round() as u64;
+                    let done = self.now.max(self.ranks[t].busy_until) + cost;
+                    self.ranks[t].busy_until = done;
+                    self.push(done, Ev::Processed { from, to, epoch, bytes, phantom });
+                    return;
                 }
+                self.receive(from as usize, t, bytes, phantom);
             }
+            Ev::Processed { from, to, bytes, phantom, .. } => self.receive(from as usize, to as usize, bytes, phantom),
             Ev::GroupTimer { rank, .. } => {
                 let r = rank as usize;
                 self.ranks[r].timer_at = None;
@@ -1246,6 +1268,17 @@ impl<'a> Sim<'a> {
                     self.begin_step(r);
                 }
             }
+        }
+    }
+
+    /// Rank `to` takes in a message from `from`.
+    fn receive(&mut self, from: usize, to: usize, bytes: Bytes, phantom: usize) {
+        if !self.ranks[to].alive {
+            return;
+        }
+        if let Some(g) = self.ranks[to].group.as_mut() {
+            g.handle_message_sized(from, vec![bytes], phantom, self.now);
+            self.pump(to);
         }
     }
 

@@ -209,6 +209,20 @@ fn healthy_ring_all_reduce_takes_what_the_alpha_beta_formula_says() {
     }
 }
 
+#[test]
+fn a_per_rank_processing_rate_adds_its_time_to_every_step() {
+    // Segments are whole blocks, so each ring step is: send (S/nβ), latency (α), then the
+    // receiver processes the block (S/(n·r)) before it can forward it.
+    let (n, bytes, alpha_us, gbit, rate) = (8usize, 64u64 << 20, 5.0, 100.0, 4.0);
+    let mut s = alpha_beta_scenario(n, bytes, alpha_us, gbit);
+    s.topology.rank_gbyte_s = Some(rate);
+    let r = sim(&s, 1);
+    let (alpha, beta, block) = (alpha_us * 1e-6, gbit * 1e9 / 8.0, bytes as f64 / n as f64);
+    let formula = 2.0 * (n as f64 - 1.0) * (alpha + block / beta + block / (rate * 1e9));
+    let err = (r.sim_time_s - formula).abs() / formula;
+    assert!(err < 0.01, "simulated {} s, formula {formula} s", r.sim_time_s);
+}
+
 fn base(policy: &str, dcs: usize) -> Scenario {
     let text = format!(
         r#"name = "kind"
