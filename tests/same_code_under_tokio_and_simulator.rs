@@ -42,6 +42,7 @@ fn simulated(op: Op, count: usize) -> Vec<Vec<u8>> {
         wan_gbit_s: 10.0,
         wan_latency_ms: 5.0,
         rank_gbyte_s: None,
+        rank_work: None,
     };
     let world = DCS * PER_DC;
     let inputs = (0..world).map(|r| input(r, count)).collect();

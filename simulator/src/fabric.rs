@@ -109,6 +109,12 @@ impl Fabric {
         host / self.hosts_per_dc
     }
 
+    /// The resource of traffic inside `host` (also what processing draws on, with
+    /// `rank_work`).
+    pub fn host_bus(&self, host: usize) -> ResourceId {
+        self.host_bus[host]
+    }
+
     /// Number of hosts.
     pub fn hosts(&self) -> usize {
         self.host_tx.len()
@@ -277,6 +283,7 @@ mod tests {
             wan_gbit_s: 4.0,
             wan_latency_ms: 10.0,
             rank_gbyte_s: None,
+            rank_work: None,
         }
     }
 

@@ -153,6 +153,12 @@ pub struct TopologySpec {
     /// processing is free (the network alone sets the pace).
     #[serde(default)]
     pub rank_gbyte_s: Option<f64>,
+    /// Instead of a fixed rate: each received byte costs this many bytes of the host's
+    /// internal link (`host_gbit_s`) to process, so processing competes with the transfers
+    /// on that link (loopback, where both are work of the same cores). One message at a time
+    /// per rank.
+    #[serde(default)]
+    pub rank_work: Option<f64>,
 }
 
 fn one() -> usize {
@@ -478,6 +484,12 @@ impl Scenario {
             if !positive(v) {
                 return Err((f("topology", key), "must be a positive bandwidth".into()));
             }
+        }
+        if t.rank_work.is_some_and(|r| !positive(r)) {
+            return Err((f("topology", "rank_work"), "must be positive".into()));
+        }
+        if t.rank_work.is_some() && t.rank_gbyte_s.is_some() {
+            return Err((f("topology", "rank_work"), "give rank_work or rank_gbyte_s, not both".into()));
         }
         if t.rank_gbyte_s.is_some_and(|r| !positive(r)) {
             return Err((f("topology", "rank_gbyte_s"), "must be a positive rate".into()));

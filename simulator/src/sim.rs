@@ -185,6 +185,9 @@ struct RankSim {
     compute_started: u64,
     /// With a per-rank processing rate: when the rank is done with what arrived so far.
     busy_until: u64,
+    /// With `rank_work`: arrived messages waiting to be processed, and the one in progress.
+    proc_queue: VecDeque<(u32, Bytes, usize)>,
+    proc_active: Option<FlowId>,
 }
 
 #[derive(Default)]
@@ -281,7 +284,8 @@ struct Sim<'a> {
     fabric: Fabric,
     ranks: Vec<RankSim>,
     pairs: BTreeMap<(u32, u32), Pair>,
-    flow_pair: Vec<(u32, u32)>,
+    /// What each flow carries.
+    flow_owner: Vec<FlowOwner>,
     rng_compute: ChaCha8Rng,
     rng_net: ChaCha8Rng,
     hasher: Sha256,
@@ -319,6 +323,15 @@ struct Sim<'a> {
     last_progress: Instant,
     /// Set by [`run_collective`]: one given collective instead of the workload.
     given: Option<Given>,
+}
+
+/// What a flow carries.
+#[derive(Clone, Copy, Debug)]
+enum FlowOwner {
+    /// The head message of the stream `(from, to)`.
+    Pair((u32, u32)),
+    /// The processing of the head of this rank's queue of arrived messages.
+    Processing(u32),
 }
 
 /// One fault injection, resolved.
@@ -381,6 +394,8 @@ impl<'a> Sim<'a> {
                 timer_at: None,
                 compute_started: 0,
                 busy_until: 0,
+                proc_queue: VecDeque::new(),
+                proc_active: None,
             })
             .collect();
         let mut sim = Sim {
@@ -392,7 +407,7 @@ impl<'a> Sim<'a> {
             fabric,
             ranks,
             pairs: BTreeMap::new(),
-            flow_pair: Vec::new(),
+            flow_owner: Vec::new(),
             rng_compute: stream(seed, 1),
             rng_net: stream(seed, 2),
             hasher: Sha256::new(),
@@ -628,6 +643,10 @@ impl<'a> Sim<'a> {
         rk.carry = None;
         rk.group = None;
         rk.stage = Stage::Finished;
+        rk.proc_queue.clear();
+        if let Some(flow) = rk.proc_active.take() {
+            self.fabric.share.remove(self.now, flow);
+        }
         if let Some(op_seq) = open {
             self.op_closed((self.epoch, op_seq));
             if let Some(tr) = self.trace.as_mut() {
@@ -735,12 +754,28 @@ impl<'a> Sim<'a> {
         self.net.messages += 1;
         self.net.bytes += wire;
         let flow = self.fabric.share.start(self.now, route.resources, wire as f64);
-        if self.flow_pair.len() <= flow {
-            self.flow_pair.resize(flow + 1, (0, 0));
-        }
-        self.flow_pair[flow] = key;
+        self.set_owner(flow, FlowOwner::Pair(key));
         let p = self.pairs.get_mut(&key).expect("just used");
         p.active = Some((flow, route.latency_ns));
+    }
+
+    fn set_owner(&mut self, flow: FlowId, owner: FlowOwner) {
+        if self.flow_owner.len() <= flow {
+            self.flow_owner.resize(flow + 1, FlowOwner::Pair((0, 0)));
+        }
+        self.flow_owner[flow] = owner;
+    }
+
+    /// Rank `r` starts processing the first message of its queue: a flow over its host's
+    /// internal link, competing with the transfers there (`rank_work`).
+    fn start_processing(&mut self, r: usize) {
+        let Some(work) = self.sc.topology.rank_work else { return };
+        let Some((_, bytes, phantom)) = self.ranks[r].proc_queue.front() else { return };
+        let len = (bytes.len() + phantom) as f64 * work;
+        let bus = self.fabric.host_bus(self.fabric.host_of(r));
+        let flow = self.fabric.share.start(self.now, vec![bus], len);
+        self.set_owner(flow, FlowOwner::Processing(r as u32));
+        self.ranks[r].proc_active = Some(flow);
     }
 
     fn flow_done(&mut self, flow: FlowId, version: u64) -> bool {
@@ -748,7 +783,18 @@ impl<'a> Sim<'a> {
             return false;
         }
         self.fabric.share.remove(self.now, flow);
-        let key = self.flow_pair[flow];
+        let key = match self.flow_owner[flow] {
+            FlowOwner::Pair(key) => key,
+            FlowOwner::Processing(r) => {
+                let r = r as usize;
+                self.ranks[r].proc_active = None;
+                if let Some((from, bytes, phantom)) = self.ranks[r].proc_queue.pop_front() {
+                    self.receive(from as usize, r, bytes, phantom);
+                }
+                self.start_processing(r);
+                return true;
+            }
+        };
         let Some(p) = self.pairs.get_mut(&key) else { return true };
         let Some((_, latency)) = p.active.take() else { return true };
         let Some(m) = p.queue.pop_front() else { return true };
@@ -1100,6 +1146,10 @@ impl<'a> Sim<'a> {
             rk.carry_units = 0;
             rk.group = None;
             rk.stage = Stage::Idle;
+            rk.proc_queue.clear();
+            if let Some(flow) = rk.proc_active.take() {
+                self.fabric.share.remove(self.now, flow);
+            }
         }
         for (_, p) in std::mem::take(&mut self.pairs) {
             if let Some((flow, _)) = p.active {
@@ -1202,6 +1252,13 @@ impl<'a> Sim<'a> {
             Ev::Deliver { from, to, bytes, phantom, epoch } => {
                 let t = to as usize;
                 if !self.ranks[t].alive {
+                    return;
+                }
+                if self.sc.topology.rank_work.is_some() {
+                    self.ranks[t].proc_queue.push_back((from, bytes, phantom));
+                    if self.ranks[t].proc_active.is_none() {
+                        self.start_processing(t);
+                    }
                     return;
                 }
                 if let Some(rate) = self.sc.topology.rank_gbyte_s {

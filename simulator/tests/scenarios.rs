@@ -223,6 +223,23 @@ fn a_per_rank_processing_rate_adds_its_time_to_every_step() {
     assert!(err < 0.01, "simulated {} s, formula {formula} s", r.sim_time_s);
 }
 
+#[test]
+fn processing_on_the_host_link_competes_with_the_transfers() {
+    // Two ranks on one host (link capacity C), ring all-reduce of S in whole-block messages:
+    // each step both transfers share C (S/2 each: S/C), then both ranks process S/2·w sharing
+    // C (S·w/C), plus the latency α: two steps of S/C·(1 + w) + α.
+    let (bytes, c_gbit, alpha_us, w) = (64u64 << 20, 16.0, 100.0, 0.5);
+    let text = format!(
+        "name = \"w\"\n[topology]\nhosts_per_dc = 1\nranks_per_host = 2\nnic_gbit_s = 1\nhost_gbit_s = {c_gbit}\n\
+         host_latency_us = {alpha_us}\nrank_work = {w}\n[workload]\nkind = \"collective_loop\"\nbytes = {bytes}\n\
+         steps = 1\npayload = \"phantom\"\nalgorithm = \"ring\"\nsegment_bytes = {bytes}\n"
+    );
+    let r = sim(&Scenario::parse("w", &text).expect("valid"), 1);
+    let c = c_gbit * 1e9 / 8.0;
+    let formula = 2.0 * (bytes as f64 / c * (1.0 + w) + alpha_us * 1e-6);
+    assert!((r.sim_time_s - formula).abs() / formula < 0.01, "simulated {} s, formula {formula} s", r.sim_time_s);
+}
+
 fn base(policy: &str, dcs: usize) -> Scenario {
     let text = format!(
         r#"name = "kind"
