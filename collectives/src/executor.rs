@@ -413,12 +413,14 @@ impl Executor {
         }
     }
 
-    /// The units a segment of a send or receive of `blocks` covers.
-    fn op_units(&self, blocks: &std::ops::Range<usize>, seg: usize) -> Vec<usize> {
+    /// The units a segment of a send or receive of `blocks` covers: consecutive, since a
+    /// span's blocks have one segment (one unit) each. No allocation: this runs per message.
+    fn op_units(&self, blocks: &std::ops::Range<usize>, seg: usize) -> std::ops::Range<usize> {
+        let first = self.unit_base[blocks.start];
         if blocks.len() == 1 {
-            vec![self.unit_base[blocks.start] + seg]
+            first + seg..first + seg + 1
         } else {
-            blocks.clone().map(|b| self.unit_base[b]).collect()
+            first..first + blocks.len()
         }
     }
 
@@ -707,11 +709,6 @@ impl Executor {
         v.sort_unstable();
         v.dedup();
         v
-    }
-
-    /// Whether the buffer is phantom (a length only).
-    pub fn is_phantom(&self) -> bool {
-        self.phantom
     }
 
     /// The buffer (the result once [`Executor::is_done`]; empty for a phantom one).

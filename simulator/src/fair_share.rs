@@ -167,11 +167,6 @@ impl FairShare {
         self.flows[id].as_ref().map_or(0.0, |f| f.rate)
     }
 
-    /// Flows alive.
-    pub fn active(&self) -> usize {
-        self.flows.len() - self.free.len()
-    }
-
     /// Re-solves the rates of every component touched since the last call, at `now`; returns
     /// the new finish times of the flows whose rates were re-solved (earlier finish events of
     /// those flows are stale).

@@ -182,7 +182,6 @@ struct RankSim {
     carry_units: u64,
     slowdown: f64,
     timer_at: Option<u64>,
-    compute_started: u64,
     /// With a per-rank processing rate: when the rank is done with what arrived so far.
     busy_until: u64,
     /// With `rank_work`: arrived messages waiting to be processed, and the one in progress.
@@ -392,7 +391,6 @@ impl<'a> Sim<'a> {
                 carry_units: 0,
                 slowdown: 1.0,
                 timer_at: None,
-                compute_started: 0,
                 busy_until: 0,
                 proc_queue: VecDeque::new(),
                 proc_active: None,
@@ -672,9 +670,9 @@ impl<'a> Sim<'a> {
     /// the path that died).
     fn penalise_host(&mut self, host: usize) {
         let timeout = (self.sc.transport.link_timeout_ms * MS) as u64;
-        let ranks = self.fabric.ranks_of_host(host);
+        let fabric = &self.fabric;
         for ((a, b), p) in self.pairs.iter_mut() {
-            let (ha, hb) = (*a as usize / ranks.len(), *b as usize / ranks.len());
+            let (ha, hb) = (fabric.host_of(*a as usize), fabric.host_of(*b as usize));
             if p.active.is_some() && (ha == host || hb == host) && ha != hb {
                 p.penalty += timeout;
             }
@@ -882,7 +880,6 @@ impl<'a> Sim<'a> {
         };
         let rk = &mut self.ranks[r];
         rk.call_compute_ns = compute;
-        rk.compute_started = self.now;
         if compute == 0 {
             self.start_call(r);
         } else {
