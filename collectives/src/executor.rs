@@ -5,8 +5,9 @@
 //! [`Executor::handle_chunks`], repeat until [`Executor::is_done`]. A message that cannot belong
 //! to this collective is refused with an error naming the sender, and changes nothing.
 //!
-//! **Pipelining.** Every block a round sends is cut into segments of at most
-//! [`SEGMENT_BYTES`], each its own message. The executor runs on dataflow rather than in
+//! **Pipelining.** Every range of blocks a round sends is cut into segments of at most
+//! [`SEGMENT_BYTES`] (counted from the range's first element; a segment may span blocks), each
+//! its own message. The executor runs on dataflow rather than in
 //! lock-step rounds: a segment is sent as soon as its part of the block holds what the schedule
 //! says it holds at the start of that round (every receive into that part from earlier rounds is
 //! applied), and an arriving segment is combined as soon as the receives before it into that part
@@ -15,9 +16,10 @@
 //! overlaps the transfer. The result is the same as running the rounds in lock-step: each part
 //! of each block sees the same operations in the same order.
 //!
-//! Wire format of one message: `op_seq u64 | round u32 | block u32 | segment u32 | bytes`
-//! (little endian). `op_seq` numbers the collectives of a communicator (and their attempts) so
-//! that a late message from an earlier one is never mistaken for this one's.
+//! Wire format of one message: `op_seq u64 | round u32 | first block u32 | segment u32 | bytes`
+//! (little endian; the first block names the range). `op_seq` numbers the collectives of a
+//! communicator (and their attempts) so that a late message from an earlier one is never
+//! mistaken for this one's.
 //!
 //! **Phantom payloads.** An executor made with [`Executor::phantom`] runs the same schedule,
 //! dataflow and checks on a buffer that has a length but no bytes (the simulator uses it at
@@ -26,6 +28,7 @@
 //! [`Executor::handle_chunks_sized`]).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
@@ -107,36 +110,37 @@ impl Default for Layout {
     }
 }
 
-/// A send of the schedule, flattened: one block (cut into segments), or a *span* of
-/// consecutive one-segment blocks sent as one message.
-struct SendOp {
+/// A send or receive of the schedule: a range of blocks, cut into segments.
+struct Transfer {
     round: usize,
-    to: usize,
-    blocks: std::ops::Range<usize>,
+    /// Destination (send) or source (receive).
+    peer: usize,
+    blocks: Range<usize>,
+    /// Its elements, in schedule order (see [`Executor::position`]).
+    elems: Range<usize>,
+    /// Its segments: entries `first_seg..first_seg + segs` of the per-segment tables.
+    first_seg: usize,
+    segs: usize,
 }
 
-/// A receive of the schedule, flattened (one block, or a span, as [`SendOp`]).
+/// A receive: its transfer, how it combines, and its segments still to apply.
 struct RecvOp {
-    round: usize,
-    from: usize,
-    blocks: std::ops::Range<usize>,
-    /// Per block of the span.
-    combine: Vec<Combine>,
-    /// Segments applied.
-    applied: Vec<bool>,
+    t: Transfer,
+    combine: Combine,
     left: usize,
 }
 
-/// A segment of a send or receive that waits for units of the buffer to reach a version.
+/// A segment of a send or receive that waits for units of the buffer to reach a version:
+/// `(transfer index, segment)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Waiter {
     Send(u32, u32),
     Recv(u32, u32),
 }
 
-/// For every unit of the buffer (a segment of a block), the segments waiting on its count of
-/// receives applied (or of sends encoded), sorted by the count they need; stored flat (one
-/// list for all units, with offsets), since a rank of a large world has many units.
+/// For every unit of the buffer, the segments waiting on its count of receives applied (or of
+/// sends encoded), sorted by the count they need; stored flat (one list for all units, with
+/// offsets).
 #[derive(Default)]
 struct Waiters {
     /// Units' entries: `list[offsets[u]..offsets[u + 1]]`.
@@ -177,6 +181,12 @@ impl Waiters {
 }
 
 /// Runs one rank's schedule of one collective on its buffer.
+///
+/// **Units.** Dependencies are tracked per *unit*: the buffer cut at every boundary of every
+/// segment of the schedule (its common refinement), so each segment covers whole units. A
+/// schedule of block ranges (recursive halving over `n` ranks: `log₂ n` ranges) has few units
+/// however many blocks it has, and the executor's state and build time follow the number of
+/// segments, not of blocks.
 pub struct Executor {
     op_seq: u64,
     dtype: DType,
@@ -188,25 +198,28 @@ pub struct Executor {
     buf: Vec<u8>,
     /// Phantom: the buffer is a length only; messages carry no data bytes.
     phantom: bool,
-    /// `(blocks of the whole buffer, the real block of each schedule block)`, when the schedule
-    /// runs over a subset of the ranks (see [`Layout::block_map`]).
-    block_map: Option<(usize, Vec<usize>)>,
+    /// With a block map (see [`Layout::block_map`]): the buffer's block of each schedule block,
+    /// the number of buffer blocks, and where each schedule block starts in schedule order
+    /// (`blocks + 1` entries).
+    mapped: Option<Mapped>,
     /// Elements per segment.
     seg_elems: usize,
-    sends: Vec<SendOp>,
+    sends: Vec<Transfer>,
     recvs: Vec<RecvOp>,
     /// `(round, from, first block)` → index into `recvs`.
     recv_index: BTreeMap<(usize, usize, usize), usize>,
-    /// First unit of each block (a unit is one segment of one block).
-    unit_base: Vec<usize>,
+    /// Unit boundaries, in schedule order: unit `u` is `bounds[u]..bounds[u + 1]`.
+    bounds: Vec<usize>,
     /// Per unit: receives applied, and sends encoded.
     version: Vec<u32>,
     encoded: Vec<u32>,
     version_waiters: Waiters,
     encoded_waiters: Waiters,
-    /// Per send and receive, per segment: units not yet where they must be.
-    send_wait: Vec<Vec<u32>>,
-    recv_wait: Vec<Vec<u32>>,
+    /// Per segment of every send and receive: units not yet where they must be.
+    send_wait: Vec<u32>,
+    recv_wait: Vec<u32>,
+    /// Per segment of every receive: applied.
+    applied: Vec<bool>,
     /// Segments free to go (sends) or to be applied (receives whose data is here), in the
     /// order they became so.
     ready: VecDeque<Waiter>,
@@ -217,6 +230,14 @@ pub struct Executor {
     sends_left: usize,
     recvs_left: usize,
     finished: bool,
+}
+
+/// A schedule over a subset of the buffer's blocks (see [`Layout::block_map`]).
+struct Mapped {
+    space: usize,
+    map: Vec<usize>,
+    /// Start of each schedule block in schedule order, and the total (`blocks + 1` entries).
+    starts: Vec<usize>,
 }
 
 impl Executor {
@@ -269,14 +290,20 @@ impl Executor {
         layout: Layout,
     ) -> Executor {
         let Layout { block_map, segment_bytes } = layout;
-        if let Some((space, map)) = &block_map {
-            assert_eq!(map.len(), schedule.blocks, "one buffer block per schedule block");
-            assert!(map.iter().all(|b| b < space), "blocks within the buffer's {space}");
-        }
         let len = phantom.unwrap_or(buf.len());
         assert_eq!(len % dtype.size(), 0, "buffer is not whole elements");
         let count = len / dtype.size();
         let blocks = schedule.blocks;
+        let mapped = block_map.map(|(space, map)| {
+            assert_eq!(map.len(), blocks, "one buffer block per schedule block");
+            assert!(map.iter().all(|b| *b < space), "blocks within the buffer's {space}");
+            let mut starts = Vec::with_capacity(blocks + 1);
+            starts.push(0);
+            for b in &map {
+                starts.push(starts[starts.len() - 1] + block_range(count, space, *b).len());
+            }
+            Mapped { space, map, starts }
+        });
         let mut e = Executor {
             op_seq,
             dtype,
@@ -286,18 +313,19 @@ impl Executor {
             world,
             buf,
             phantom: phantom.is_some(),
-            block_map,
+            mapped,
             seg_elems: (segment_bytes / dtype.size()).max(1),
             sends: Vec::new(),
             recvs: Vec::new(),
             recv_index: BTreeMap::new(),
-            unit_base: Vec::new(),
+            bounds: Vec::new(),
             version: Vec::new(),
             encoded: Vec::new(),
             version_waiters: Waiters::default(),
             encoded_waiters: Waiters::default(),
             send_wait: Vec::new(),
             recv_wait: Vec::new(),
+            applied: Vec::new(),
             ready: VecDeque::new(),
             early: BTreeMap::new(),
             outbox: VecDeque::new(),
@@ -305,84 +333,87 @@ impl Executor {
             recvs_left: 0,
             finished: false,
         };
-        let segs: Vec<usize> = (0..blocks).map(|b| e.segments(b)).collect();
-        let mut next_unit = 0;
-        for n in &segs {
-            e.unit_base.push(next_unit);
-            next_unit += n;
+        // The transfers, in round order, and the unit boundaries they need.
+        let (mut send_segs, mut recv_segs) = (0, 0);
+        let mut bounds = vec![0, e.position(blocks)];
+        for (r, round) in schedule.rounds.iter().enumerate() {
+            for x in &round.sends {
+                let t = e.transfer(r, x.to, x.blocks.clone(), &mut send_segs);
+                bounds.extend((0..t.segs).map(|s| e.segment(&t, s).start));
+                bounds.push(t.elems.end);
+                e.sends.push(t);
+            }
+            for x in &round.recvs {
+                let t = e.transfer(r, x.from, x.blocks.clone(), &mut recv_segs);
+                bounds.extend((0..t.segs).map(|s| e.segment(&t, s).start));
+                bounds.push(t.elems.end);
+                e.recv_index.insert((r, x.from, x.blocks.start), e.recvs.len());
+                e.recvs.push(RecvOp { left: t.segs, t, combine: x.combine });
+            }
         }
-        e.version = vec![0; next_unit];
-        e.encoded = vec![0; next_unit];
+        bounds.sort_unstable();
+        bounds.dedup();
+        e.bounds = bounds;
+        let units = e.bounds.len() - 1;
+        e.version = vec![0; units];
+        e.encoded = vec![0; units];
+        e.send_wait = vec![0; send_segs];
+        e.recv_wait = vec![0; recv_segs];
+        e.applied = vec![false; recv_segs];
+        // What each segment waits for: per unit it covers, the receives into the unit from
+        // earlier rounds (sends and receives), and the sends of it up to its round (receives).
         let mut version_entries: Vec<(u32, u32, Waiter)> = Vec::new();
         let mut encoded_entries: Vec<(u32, u32, Waiter)> = Vec::new();
-        // Receives into each block before each round, and sends of it up to each round.
-        let mut recvs_into = vec![0u32; blocks];
-        let mut sends_of = vec![0u32; blocks];
-        for (r, round) in schedule.rounds.iter().enumerate() {
-            let mut sends: Vec<(usize, usize)> = round.sends.iter().map(|s| (s.to, s.block)).collect();
-            sends.sort_unstable();
-            for (to, span) in e.spans(&sends) {
-                let i = e.sends.len();
-                let n = e.op_segments(&span);
-                let mut wait = vec![0u32; n];
-                for (seg, w) in wait.iter_mut().enumerate() {
-                    for u in e.op_units(&span, seg) {
-                        let need = recvs_into[e.block_of_unit(u)];
-                        if need > 0 {
-                            version_entries.push((u as u32, need, Waiter::Send(i as u32, seg as u32)));
-                            *w += 1;
+        let mut recvs_into = vec![0u32; units];
+        let mut sends_of = vec![0u32; units];
+        let (mut si, mut ri) = (0, 0);
+        for r in 0..schedule.rounds.len() {
+            let first_recv = ri;
+            while si < e.sends.len() && e.sends[si].round == r {
+                let t = &e.sends[si];
+                for seg in 0..t.segs {
+                    for u in e.units(e.segment(t, seg)) {
+                        if recvs_into[u] > 0 {
+                            version_entries.push((u as u32, recvs_into[u], Waiter::Send(si as u32, seg as u32)));
+                            e.send_wait[t.first_seg + seg] += 1;
                         }
                     }
                 }
-                e.send_wait.push(wait);
-                e.sends.push(SendOp { round: r, to, blocks: span.clone() });
-                for b in span {
-                    sends_of[b] += 1;
+                for u in e.units(t.elems.clone()) {
+                    sends_of[u] += 1;
                 }
+                si += 1;
             }
-            let mut recvs: Vec<(usize, usize)> = round.recvs.iter().map(|v| (v.from, v.block)).collect();
-            recvs.sort_unstable();
-            let combine_of: BTreeMap<(usize, usize), Combine> =
-                round.recvs.iter().map(|v| ((v.from, v.block), v.combine)).collect();
-            for (from, span) in e.spans(&recvs) {
-                let j = e.recvs.len();
-                let n = e.op_segments(&span);
-                let mut wait = vec![0u32; n];
-                for (seg, w) in wait.iter_mut().enumerate() {
-                    for u in e.op_units(&span, seg) {
-                        let b = e.block_of_unit(u);
-                        if recvs_into[b] > 0 {
-                            version_entries.push((u as u32, recvs_into[b], Waiter::Recv(j as u32, seg as u32)));
-                            *w += 1;
+            while ri < e.recvs.len() && e.recvs[ri].t.round == r {
+                let t = &e.recvs[ri].t;
+                for seg in 0..t.segs {
+                    let w = Waiter::Recv(ri as u32, seg as u32);
+                    for u in e.units(e.segment(t, seg)) {
+                        if recvs_into[u] > 0 {
+                            version_entries.push((u as u32, recvs_into[u], w));
+                            e.recv_wait[t.first_seg + seg] += 1;
                         }
-                        if sends_of[b] > 0 {
-                            encoded_entries.push((u as u32, sends_of[b], Waiter::Recv(j as u32, seg as u32)));
-                            *w += 1;
+                        if sends_of[u] > 0 {
+                            encoded_entries.push((u as u32, sends_of[u], w));
+                            e.recv_wait[t.first_seg + seg] += 1;
                         }
                     }
                 }
-                e.recv_wait.push(wait);
-                e.recv_index.insert((r, from, span.start), j);
-                e.recvs.push(RecvOp {
-                    round: r,
-                    from,
-                    blocks: span.clone(),
-                    combine: span.clone().map(|b| combine_of[&(from, b)]).collect(),
-                    applied: vec![false; n],
-                    left: n,
-                });
+                ri += 1;
             }
-            for v in &round.recvs {
-                recvs_into[v.block] += 1;
+            for v in &e.recvs[first_recv..ri] {
+                for u in e.units(v.t.elems.clone()) {
+                    recvs_into[u] += 1;
+                }
             }
         }
-        e.version_waiters = Waiters::new(next_unit, version_entries);
-        e.encoded_waiters = Waiters::new(next_unit, encoded_entries);
-        e.sends_left = e.send_wait.iter().map(|w| w.len()).sum();
-        e.recvs_left = e.recvs.iter().map(|r| r.left).sum();
-        for (i, wait) in e.send_wait.iter().enumerate() {
-            for (seg, w) in wait.iter().enumerate() {
-                if *w == 0 {
+        e.version_waiters = Waiters::new(units, version_entries);
+        e.encoded_waiters = Waiters::new(units, encoded_entries);
+        e.sends_left = send_segs;
+        e.recvs_left = recv_segs;
+        for (i, t) in e.sends.iter().enumerate() {
+            for seg in 0..t.segs {
+                if e.send_wait[t.first_seg + seg] == 0 {
                     e.ready.push_back(Waiter::Send(i as u32, seg as u32));
                 }
             }
@@ -391,111 +422,104 @@ impl Executor {
         e
     }
 
-    /// Element range of schedule block `block`.
-    fn block_elems(&self, block: usize) -> std::ops::Range<usize> {
-        match &self.block_map {
-            Some((space, map)) => block_range(self.count, *space, map[block]),
-            None => block_range(self.count, self.blocks, block),
+    /// Where schedule block `b` starts when the schedule's blocks are laid end to end
+    /// (`b == blocks`: the end). Without a block map that is the buffer's own order.
+    fn position(&self, b: usize) -> usize {
+        match &self.mapped {
+            Some(m) => m.starts[b],
+            None if b == self.blocks => self.count,
+            None => block_range(self.count, self.blocks, b).start,
         }
     }
 
-    /// Segments of `block` (at least one, so that empty blocks still synchronise).
-    fn segments(&self, block: usize) -> usize {
-        self.block_elems(block).len().div_ceil(self.seg_elems).max(1)
+    /// A transfer of `blocks` in `round`, its segments numbered from `*segs` on.
+    fn transfer(&self, round: usize, peer: usize, blocks: Range<usize>, segs: &mut usize) -> Transfer {
+        assert!(blocks.start < blocks.end && blocks.end <= self.blocks, "blocks {blocks:?} of {}", self.blocks);
+        let elems = self.position(blocks.start)..self.position(blocks.end);
+        // At least one segment, so that empty blocks still synchronise.
+        let n = elems.len().div_ceil(self.seg_elems).max(1);
+        let t = Transfer { round, peer, blocks, elems, first_seg: *segs, segs: n };
+        *segs += n;
+        t
     }
 
-    /// Segments (messages) of a send or receive of `blocks`.
-    fn op_segments(&self, blocks: &std::ops::Range<usize>) -> usize {
-        if blocks.len() == 1 {
-            self.segments(blocks.start)
-        } else {
-            1
+    /// Elements (in schedule order) of segment `seg` of `t`.
+    fn segment(&self, t: &Transfer, seg: usize) -> Range<usize> {
+        let start = (t.elems.start + seg * self.seg_elems).min(t.elems.end);
+        start..(start + self.seg_elems).min(t.elems.end)
+    }
+
+    /// The units `elems` (a union of whole units) covers. No allocation: this runs per message.
+    fn units(&self, elems: Range<usize>) -> Range<usize> {
+        if elems.is_empty() {
+            return 0..0;
         }
+        self.bounds.partition_point(|b| *b < elems.start)..self.bounds.partition_point(|b| *b < elems.end)
     }
 
-    /// The units a segment of a send or receive of `blocks` covers: consecutive, since a
-    /// span's blocks have one segment (one unit) each. No allocation: this runs per message.
-    fn op_units(&self, blocks: &std::ops::Range<usize>, seg: usize) -> std::ops::Range<usize> {
-        let first = self.unit_base[blocks.start];
-        if blocks.len() == 1 {
-            first + seg..first + seg + 1
-        } else {
-            first..first + blocks.len()
-        }
-    }
-
-    /// The block unit `u` belongs to.
-    fn block_of_unit(&self, u: usize) -> usize {
-        self.unit_base.partition_point(|base| *base <= u) - 1
-    }
-
-    /// Cuts one round's `(peer, block)` pairs (sorted) into messages: runs of consecutive
-    /// blocks to the same peer, each block of one segment, together at most a segment's worth
-    /// of elements, go as one span; any other block on its own. Sender and receiver cut alike
-    /// (the schedules match pair by pair and every rank has the same layout).
-    fn spans(&self, pairs: &[(usize, usize)]) -> Vec<(usize, std::ops::Range<usize>)> {
-        let mut out: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
-        let mut elems = 0usize;
-        for &(peer, b) in pairs {
-            let len = self.block_elems(b).len();
-            let single = self.segments(b) == 1;
-            if let Some((p, span)) = out.last_mut() {
-                let joinable = *p == peer && span.end == b && single && self.segments(span.start) == 1;
-                if joinable && elems + len <= self.seg_elems {
-                    span.end = b + 1;
-                    elems += len;
-                    continue;
-                }
+    /// The buffer's element ranges holding `elems` (in schedule order), in order.
+    fn pieces(&self, elems: Range<usize>) -> Vec<Range<usize>> {
+        let Some(m) = &self.mapped else { return vec![elems] };
+        let mut out = Vec::new();
+        let mut b = m.starts.partition_point(|s| *s <= elems.start).saturating_sub(1);
+        let mut at = elems.start;
+        while at < elems.end {
+            let real = block_range(self.count, m.space, m.map[b]);
+            let (lo, hi) = (m.starts[b], m.starts[b + 1]);
+            let end = hi.min(elems.end);
+            if end > at {
+                out.push(real.start + (at - lo)..real.start + (end - lo));
+                at = end;
             }
-            out.push((peer, b..b + 1));
-            elems = len;
+            b += 1;
         }
         out
     }
 
-    /// Byte range of segment `seg` of `block`.
-    fn segment_bytes(&self, block: usize, seg: usize) -> std::ops::Range<usize> {
-        let r = self.block_elems(block);
-        let start = (r.start + seg * self.seg_elems).min(r.end);
-        let end = (start + self.seg_elems).min(r.end);
-        start * self.dtype.size()..end * self.dtype.size()
-    }
-
-    /// Bytes of segment `seg` of a send or receive of `blocks` (a span's blocks, in order).
-    fn op_ranges(&self, blocks: &std::ops::Range<usize>, seg: usize) -> Vec<std::ops::Range<usize>> {
-        if blocks.len() == 1 {
-            vec![self.segment_bytes(blocks.start, seg)]
-        } else {
-            blocks.clone().map(|b| self.segment_bytes(b, 0)).collect()
-        }
-    }
-
-    /// The message of segment `seg` of `blocks` in `round`, and its phantom length.
-    fn encode(&self, round: usize, blocks: &std::ops::Range<usize>, seg: usize) -> (Bytes, usize) {
-        let ranges = self.op_ranges(blocks, seg);
-        let len: usize = ranges.iter().map(|r| r.len()).sum();
+    /// The message of segment `seg` of send `i`, and its phantom length.
+    fn encode(&self, i: usize, seg: usize) -> (Bytes, usize) {
+        let t = &self.sends[i];
+        let elems = self.segment(t, seg);
+        let len = elems.len() * self.dtype.size();
         let data = if self.phantom { 0 } else { len };
         let mut m = BytesMut::with_capacity(MESSAGE_HEADER + data);
         m.put_u64_le(self.op_seq);
-        m.put_u32_le(round as u32);
-        m.put_u32_le(blocks.start as u32);
+        m.put_u32_le(t.round as u32);
+        m.put_u32_le(t.blocks.start as u32);
         m.put_u32_le(seg as u32);
         if self.phantom {
             return (m.freeze(), len);
         }
-        for r in ranges {
-            m.put_slice(&self.buf[r]);
+        let size = self.dtype.size();
+        for r in self.pieces(elems) {
+            m.put_slice(&self.buf[r.start * size..r.end * size]);
         }
         (m.freeze(), 0)
     }
 
     /// Combines a received segment, given as consecutive chunks (the transport's frame
-    /// buffers, uncopied), into the local one. Chunk boundaries may split an element.
-    fn apply(&mut self, block: usize, seg: usize, combine: Combine, data: &[Bytes]) {
+    /// buffers, uncopied), into the elements `elems` (schedule order).
+    fn apply(&mut self, elems: Range<usize>, combine: Combine, data: &[Bytes]) {
         if self.phantom {
             return;
         }
-        let range = self.segment_bytes(block, seg);
+        let size = self.dtype.size();
+        let pieces = self.pieces(elems);
+        if let [only] = &pieces[..] {
+            return self.apply_contiguous(only.start * size..only.end * size, combine, data);
+        }
+        let mut off = 0;
+        for r in pieces {
+            let len = (r.end - r.start) * size;
+            let part = slice_chunks(data, off, len);
+            off += len;
+            self.apply_contiguous(r.start * size..r.end * size, combine, &part);
+        }
+    }
+
+    /// Combines `data` (chunks whose boundaries may split an element) into the buffer's bytes
+    /// `range`.
+    fn apply_contiguous(&mut self, range: Range<usize>, combine: Combine, data: &[Bytes]) {
         let dst = &mut self.buf[range];
         let size = self.dtype.size();
         // Bytes of the segment consumed so far, and the start of an element split across chunks.
@@ -536,16 +560,16 @@ impl Executor {
             let Some(w) = ws.next(u, value) else { return };
             match w {
                 Waiter::Send(i, seg) => {
-                    let (i, seg) = (i as usize, seg as usize);
-                    self.send_wait[i][seg] -= 1;
-                    if self.send_wait[i][seg] == 0 {
+                    let at = self.sends[i as usize].first_seg + seg as usize;
+                    self.send_wait[at] -= 1;
+                    if self.send_wait[at] == 0 {
                         self.ready.push_back(w);
                     }
                 }
                 Waiter::Recv(j, seg) => {
-                    let (j, seg) = (j as usize, seg as usize);
-                    self.recv_wait[j][seg] -= 1;
-                    if self.recv_wait[j][seg] == 0 && self.early.contains_key(&(j, seg)) {
+                    let at = self.recvs[j as usize].t.first_seg + seg as usize;
+                    self.recv_wait[at] -= 1;
+                    if self.recv_wait[at] == 0 && self.early.contains_key(&(j as usize, seg as usize)) {
                         self.ready.push_back(w);
                     }
                 }
@@ -555,17 +579,16 @@ impl Executor {
 
     /// Sends and applies whatever is ready, and whatever that frees, until nothing more can
     /// move. Each segment waits on a counter per unit it covers, so the work per message is
-    /// proportional to its size, not to the schedule's.
+    /// proportional to the units it covers, not to the schedule's size.
     fn advance(&mut self) {
         while let Some(w) = self.ready.pop_front() {
             match w {
                 Waiter::Send(i, seg) => {
                     let (i, seg) = (i as usize, seg as usize);
-                    let blocks = self.sends[i].blocks.clone();
-                    let (m, phantom) = self.encode(self.sends[i].round, &blocks, seg);
-                    self.outbox.push_back((self.sends[i].to, m, phantom));
+                    let (m, phantom) = self.encode(i, seg);
+                    self.outbox.push_back((self.sends[i].peer, m, phantom));
                     self.sends_left -= 1;
-                    for u in self.op_units(&blocks, seg) {
+                    for u in self.units(self.segment(&self.sends[i], seg)) {
                         self.encoded[u] += 1;
                         self.release(u, self.encoded[u], false);
                     }
@@ -586,26 +609,14 @@ impl Executor {
     }
 
     fn apply_recv(&mut self, j: usize, seg: usize, data: &[Bytes]) {
-        let blocks = self.recvs[j].blocks.clone();
-        if blocks.len() == 1 {
-            let combine = self.recvs[j].combine[0];
-            self.apply(blocks.start, seg, combine, data);
-        } else {
-            // A span: each block's bytes, in order, cut from the chunks without copying.
-            let mut off = 0;
-            for (k, b) in blocks.clone().enumerate() {
-                let len = self.segment_bytes(b, 0).len();
-                let part = slice_chunks(data, off, len);
-                off += len;
-                let combine = self.recvs[j].combine[k];
-                self.apply(b, 0, combine, &part);
-            }
-        }
-        for u in self.op_units(&blocks, seg) {
+        let elems = self.segment(&self.recvs[j].t, seg);
+        self.apply(elems.clone(), self.recvs[j].combine, data);
+        for u in self.units(elems) {
             self.version[u] += 1;
             self.release(u, self.version[u], true);
         }
-        self.recvs[j].applied[seg] = true;
+        let at = self.recvs[j].t.first_seg + seg;
+        self.applied[at] = true;
         self.recvs[j].left -= 1;
         self.recvs_left -= 1;
     }
@@ -666,19 +677,20 @@ impl Executor {
         let Some(&j) = self.recv_index.get(&(round as usize, from, block as usize)) else {
             return Err(unexpected);
         };
-        if seg >= self.recvs[j].applied.len() || self.recvs[j].applied[seg] || self.early.contains_key(&(j, seg)) {
+        let t = &self.recvs[j].t;
+        if seg >= t.segs || self.applied[t.first_seg + seg] || self.early.contains_key(&(j, seg)) {
             return Err(unexpected);
         }
-        let blocks = self.recvs[j].blocks.clone();
-        let expected: usize = self.op_ranges(&blocks, seg).iter().map(|r| r.len()).sum();
+        let expected = self.segment(t, seg).len() * self.dtype.size();
         let data_len = len - MESSAGE_HEADER;
         let (wrong_kind, right_kind) = if self.phantom { (data_len, phantom) } else { (phantom, data_len) };
         if wrong_kind != 0 || right_kind != expected {
             let len = if wrong_kind != 0 { wrong_kind } else { right_kind };
             return Err(ExecError::WrongLength { from, block, len, expected });
         }
+        let ready = self.recv_wait[t.first_seg + seg] == 0;
         self.early.insert((j, seg), data);
-        if self.recv_wait[j][seg] == 0 {
+        if ready {
             self.ready.push_back(Waiter::Recv(j as u32, seg as u32));
             self.advance();
         }
@@ -697,15 +709,11 @@ impl Executor {
 
     /// The ranks whose messages the earliest unfinished round still waits for.
     pub fn waiting_on(&self) -> Vec<usize> {
-        let Some(round) = self.recvs.iter().filter(|r| r.left > 0).map(|r| r.round).min() else {
+        let Some(round) = self.recvs.iter().filter(|r| r.left > 0).map(|r| r.t.round).min() else {
             return Vec::new();
         };
-        let mut v: Vec<usize> = self
-            .recvs
-            .iter()
-            .filter(|r| r.round == round && r.left > 0 && (0..r.applied.len()).any(|s| !r.applied[s]))
-            .map(|r| r.from)
-            .collect();
+        let mut v: Vec<usize> =
+            self.recvs.iter().filter(|r| r.t.round == round && r.left > 0).map(|r| r.t.peer).collect();
         v.sort_unstable();
         v.dedup();
         v

@@ -676,6 +676,7 @@ impl Group {
     }
 
     fn set_running(&mut self, attempt: u32, participants: Vec<usize>, exec: Executor) {
+        debug_assert!(participants.windows(2).all(|w| w[0] < w[1]), "participants ascending");
         let Some(call) = self.running.as_mut() else { return };
         call.phase = Phase::Running { attempt, participants, exec: Box::new(exec) };
         let op_seq = call.op_seq;
@@ -803,7 +804,7 @@ impl Group {
         if tag & CONTROL != 0 {
             let mut body = concat(chunks);
             body.advance(8);
-            match decode_control(body) {
+            match decode_control(body, self.world) {
                 Some(Control::Report(r)) => self.handle_report(from, r),
                 Some(Control::Decision(op_seq, d)) => self.handle_decision(op_seq, d),
                 None => self.counters.stale_messages += 1,
@@ -839,9 +840,10 @@ impl Group {
     fn deliver(&mut self, from: usize, chunks: Vec<Bytes>, phantom: usize) {
         let Some(call) = self.running.as_mut() else { return };
         let result: Result<(), ExecError> = match &mut call.phase {
-            Phase::Running { exec, participants, .. } => match participants.iter().position(|p| *p == from) {
-                Some(v) => exec.handle_chunks_sized(v, &chunks, phantom),
-                None => Err(ExecError::Unexpected { from, round: 0, block: 0 }),
+            // Participant lists are ascending (plans are built so, and decoded ones checked).
+            Phase::Running { exec, participants, .. } => match participants.binary_search(&from) {
+                Ok(v) => exec.handle_chunks_sized(v, &chunks, phantom),
+                Err(_) => Err(ExecError::Unexpected { from, round: 0, block: 0 }),
             },
             Phase::AllToAll(_) if phantom != 0 => Err(ExecError::Unexpected { from, round: 0, block: 0 }),
             Phase::AllToAll(a) => a.handle_message(from, concat(chunks)),
@@ -1085,10 +1087,6 @@ impl Group {
 
     // ---- coordinator ----
 
-    fn live(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.world).filter(|r| !self.lost.contains(r))
-    }
-
     fn handle_report(&mut self, from: usize, r: Report) {
         self.reports.insert(from, r.clone());
         // A rank that is not (yet) the coordinator in its own view keeps the report for when it
@@ -1190,10 +1188,16 @@ impl Group {
                                 c.planned_by_me = false;
                                 c.done.clear();
                                 if let MemberState::Done { hash, .. } = state {
-                                    c.done.insert(m, *hash);
+                                    if participants.binary_search(&m).is_ok() {
+                                        c.done.insert(m, *hash);
+                                    }
                                 }
                             }
-                            MemberState::Done { attempt, hash, .. } if *attempt == c.attempt => {
+                            // Only members of the plan count as done (`coordinate` relies on it).
+                            MemberState::Done { attempt, hash, .. }
+                                if *attempt == c.attempt
+                                    && c.plan.as_ref().is_some_and(|p| p.binary_search(&m).is_ok()) =>
+                            {
                                 c.done.insert(m, *hash);
                             }
                             MemberState::Running { attempt, .. } | MemberState::Done { attempt, .. }
@@ -1231,62 +1235,87 @@ impl Group {
         }
     }
 
-    /// Decides what collective `op_seq` does next, if anything can be decided now.
+    /// Decides what collective `op_seq` does next, if anything can be decided now. The
+    /// coordinator runs this on every report, so it counts through the (few) lost and departed
+    /// ranks instead of walking the world; lists of ranks are built only for a decision.
     fn coordinate(&mut self, op_seq: u64) {
-        let live: Vec<usize> = self.live().collect();
         let now = self.now;
         let Some(c) = self.coord.get(&op_seq) else { return };
         if c.terminal() {
             return;
         }
-        let gone = |r: &usize| self.lost.contains(r) || c.departed.contains(r);
+        let lost = &self.lost;
+        let gone = |r: &usize| lost.contains(r) || c.departed.contains(r);
+        // Every gone rank once: the lost, then the departed that are not lost.
+        let gone_ranks = || lost.iter().chain(c.departed.iter().filter(|r| !lost.contains(r)));
+        let live = self.world - lost.len();
         let decision = match &c.plan {
             None => {
-                let ready: Vec<usize> = c.ready.iter().copied().filter(|r| !gone(r)).collect();
-                let present = live.iter().filter(|r| !c.departed.contains(r)).count();
-                let all_in = ready.len() == present;
+                let ready = c.ready.len() - gone_ranks().filter(|r| c.ready.contains(r)).count();
+                let present = live - c.departed.iter().filter(|r| !lost.contains(r)).count();
+                let all_in = ready == present;
+                let ready_list = || c.ready.iter().copied().filter(|r| !gone(r)).collect::<Vec<usize>>();
                 match c.options.policy {
                     FaultPolicy::Quorum { min, .. } if present < min => {
-                        Some(Decision::Fail(GroupError::QuorumNotMet { op_seq, contributed: ready.len(), min }))
+                        Some(Decision::Fail(GroupError::QuorumNotMet { op_seq, contributed: ready, min }))
                     }
                     FaultPolicy::Quorum { min, wait } => {
                         let due = now >= c.since.saturating_add(wait.as_nanos() as u64);
-                        ((all_in || due) && ready.len() >= min && !ready.is_empty())
-                            .then_some(Decision::Plan { attempt: c.attempt, participants: ready })
+                        ((all_in || due) && ready >= min && ready > 0)
+                            .then(|| Decision::Plan { attempt: c.attempt, participants: ready_list() })
                     }
-                    _ => (all_in && !ready.is_empty())
-                        .then_some(Decision::Plan { attempt: c.attempt, participants: ready }),
+                    _ => {
+                        (all_in && ready > 0).then(|| Decision::Plan { attempt: c.attempt, participants: ready_list() })
+                    }
                 }
             }
             Some(plan) => {
-                let alive: Vec<usize> = plan.iter().copied().filter(|r| !gone(r)).collect();
-                let all_done = !alive.is_empty() && alive.iter().all(|r| c.done.contains_key(r));
-                let lost_one = plan.iter().copied().find(|r| gone(r));
+                // `done` holds members of the plan only (see `note`).
+                let in_plan = |r: &&usize| plan.binary_search(r).is_ok();
+                let alive = plan.len() - gone_ranks().filter(in_plan).count();
+                let done_alive = c.done.len() - gone_ranks().filter(|r| c.done.contains_key(r)).count();
+                let all_done = alive > 0 && done_alive == alive;
+                let lost_one = gone_ranks().filter(in_plan).min().copied();
+                let alive_list = || plan.iter().copied().filter(|r| !gone(r)).collect::<Vec<usize>>();
                 if all_done {
-                    Some(match mismatch(&c.done, &alive) {
+                    Some(match mismatch(&c.done, &alive_list()) {
                         Some(ranks) => Decision::Fail(GroupError::ResultMismatch { op_seq, ranks }),
                         None => Decision::Commit { attempt: c.attempt },
                     })
                 } else if let Some(rank) = lost_one {
-                    let informed = c.planned_by_me || live.iter().all(|r| c.heard.contains(r));
-                    let survivors: Vec<usize> = if c.planned_by_me {
-                        alive
-                    } else {
-                        alive.into_iter().filter(|r| c.at_op.contains(r)).collect()
+                    // Heard from every live rank (`heard` holds ranks of the world only).
+                    let heard_live = c.heard.len() - lost.iter().filter(|r| c.heard.contains(r)).count();
+                    let informed = c.planned_by_me || heard_live == live;
+                    let survivors = || -> Vec<usize> {
+                        if c.planned_by_me {
+                            alive_list()
+                        } else {
+                            alive_list().into_iter().filter(|r| c.at_op.contains(r)).collect()
+                        }
                     };
                     match c.options.policy {
                         FaultPolicy::Abort => {
                             Some(Decision::Fail(GroupError::PeerLost { op_seq, rank, epoch: self.epoch }))
                         }
                         _ if !informed => None,
-                        FaultPolicy::Quorum { min, .. } if survivors.len() < min => {
-                            Some(Decision::Fail(GroupError::QuorumNotMet { op_seq, contributed: survivors.len(), min }))
+                        policy => {
+                            let survivors = survivors();
+                            match policy {
+                                FaultPolicy::Quorum { min, .. } if survivors.len() < min => {
+                                    Some(Decision::Fail(GroupError::QuorumNotMet {
+                                        op_seq,
+                                        contributed: survivors.len(),
+                                        min,
+                                    }))
+                                }
+                                _ if survivors.is_empty() => None,
+                                _ if c.attempt >= MAX_ATTEMPT => Some(Decision::Fail(GroupError::TooManyAttempts {
+                                    op_seq,
+                                    attempts: c.attempt + 1,
+                                })),
+                                _ => Some(Decision::Plan { attempt: c.attempt + 1, participants: survivors }),
+                            }
                         }
-                        _ if survivors.is_empty() => None,
-                        _ if c.attempt >= MAX_ATTEMPT => {
-                            Some(Decision::Fail(GroupError::TooManyAttempts { op_seq, attempts: c.attempt + 1 }))
-                        }
-                        _ => Some(Decision::Plan { attempt: c.attempt + 1, participants: survivors }),
                     }
                 } else {
                     None
@@ -1306,10 +1335,20 @@ impl Group {
         self.broadcast(op_seq, d);
     }
 
+    /// Sends `d` to every live rank (encoded once).
     fn broadcast(&mut self, op_seq: u64, d: Decision) {
-        let live: Vec<usize> = self.live().collect();
-        for r in live {
-            self.send_decision(r, op_seq, d.clone());
+        let message = encode_decision(op_seq, &d);
+        let lost = self.lost.clone();
+        for r in 0..self.world {
+            if lost.contains(&r) {
+                continue;
+            }
+            if r == self.rank {
+                self.handle_decision(op_seq, d.clone());
+                self.pump();
+            } else {
+                self.outbox.push_back((r, message.clone()));
+            }
         }
     }
 
@@ -1401,19 +1440,36 @@ fn concat(chunks: Vec<Bytes>) -> Bytes {
 //
 // `tag u64 (CONTROL) | kind u8 | body`, little endian. Report (kind 1):
 // `has_current u8 [op u64 | policy u8 | min u32 | wait_ns u64 | verify u8 | state u8 |
-// attempt u32 | hash u64 | n u32 | n × rank u32] | m u8 | m × (op u64 | outcome u8 | attempt u32)`.
-// Decision (kind 2): `op u64 | what u8 | attempt u32 | n u32 | n × rank u32 | error`, the error
-// (what = 2): `code u8 | op u64 | a u64 | b u64`.
+// attempt u32 | hash u64 | ranks] | m u8 | m × (op u64 | outcome u8 | attempt u32)`.
+// Decision (kind 2): `op u64 | what u8 | attempt u32 | ranks | error`, the error
+// (what = 2): `code u8 | op u64 | a u64 | b u64`. `ranks`: a list of ranks as runs of
+// consecutive ranks, `runs u32 | runs × (first u32 | len u32)` (see `put_ranks`).
 
 enum Control {
     Report(Report),
     Decision(u64, Decision),
 }
 
+/// A list of ranks (ascending) as runs of consecutive ranks: `runs u32 | runs × (first u32 |
+/// len u32)`. A plan over a large group with a few ranks missing is a few runs, not a rank
+/// per member (the coordinator sends one to every member).
 fn put_ranks(m: &mut BytesMut, ranks: &[usize]) {
-    m.put_u32_le(ranks.len() as u32);
-    for r in ranks {
-        m.put_u32_le(*r as u32);
+    let runs = 1 + ranks.windows(2).filter(|w| w[1] != w[0] + 1).count();
+    if ranks.is_empty() {
+        m.put_u32_le(0);
+        return;
+    }
+    m.put_u32_le(runs as u32);
+    let mut first = ranks[0];
+    for (i, r) in ranks.iter().enumerate() {
+        let last = i + 1 == ranks.len();
+        if last || ranks[i + 1] != r + 1 {
+            m.put_u32_le(first as u32);
+            m.put_u32_le((r + 1 - first) as u32);
+            if !last {
+                first = ranks[i + 1];
+            }
+        }
     }
 }
 
@@ -1512,18 +1568,27 @@ impl Reader {
     fn u64(&mut self) -> Option<u64> {
         (self.0.remaining() >= 8).then(|| self.0.get_u64_le())
     }
-    fn ranks(&mut self) -> Option<Vec<usize>> {
-        let n = self.u32()? as usize;
-        if n > self.0.remaining() / 4 {
+    /// Ranks as [`put_ranks`] writes them: runs ascending and apart, non-empty, every rank
+    /// below `world` (so a message can never make the reader hold more than `world` ranks).
+    fn ranks(&mut self, world: usize) -> Option<Vec<usize>> {
+        let runs = self.u32()? as usize;
+        if runs > self.0.remaining() / 8 {
             return None;
         }
-        let v: Vec<usize> = (0..n).map(|_| self.0.get_u32_le() as usize).collect();
-        // Participant lists are strictly ascending.
-        v.windows(2).all(|w| w[0] < w[1]).then_some(v)
+        let mut v: Vec<usize> = Vec::new();
+        for _ in 0..runs {
+            let (first, len) = (self.0.get_u32_le() as usize, self.0.get_u32_le() as usize);
+            let apart = v.last().is_none_or(|last| first > last + 1);
+            if len == 0 || !apart || first.checked_add(len)? > world {
+                return None;
+            }
+            v.extend(first..first + len);
+        }
+        Some(v)
     }
 }
 
-fn decode_control(body: Bytes) -> Option<Control> {
+fn decode_control(body: Bytes, world: usize) -> Option<Control> {
     let mut r = Reader(body);
     let c = match r.u8()? {
         1 => {
@@ -1539,7 +1604,7 @@ fn decode_control(body: Bytes) -> Option<Control> {
                         _ => return None,
                     };
                     let verify = r.u8()? != 0;
-                    let (s, attempt, hash, participants) = (r.u8()?, r.u32()?, r.u64()?, r.ranks()?);
+                    let (s, attempt, hash, participants) = (r.u8()?, r.u32()?, r.u64()?, r.ranks(world)?);
                     let state = match s {
                         0 => MemberState::Ready,
                         1 => MemberState::Running { attempt, participants },
@@ -1568,7 +1633,7 @@ fn decode_control(body: Bytes) -> Option<Control> {
         }
         2 => {
             let op_seq = r.u64()?;
-            let (what, attempt, ranks) = (r.u8()?, r.u32()?, r.ranks()?);
+            let (what, attempt, ranks) = (r.u8()?, r.u32()?, r.ranks(world)?);
             let d = match what {
                 0 if attempt <= MAX_ATTEMPT => Decision::Plan { attempt, participants: ranks },
                 1 => Decision::Commit { attempt },

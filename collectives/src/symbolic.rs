@@ -4,6 +4,7 @@
 //! must pass for every world size before it touches a network.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use crate::schedule::{owned_block, Collective, Combine, Schedule};
 
@@ -15,7 +16,7 @@ pub type Contributions = BTreeMap<usize, u32>;
 pub enum ScheduleError {
     /// Ranks disagree on the number of blocks or rounds, or there is one schedule too few.
     Shape(String),
-    /// A send has no matching receive in the same round (or the reverse).
+    /// A send has no receive of the same range in the same round (or the reverse).
     Unmatched {
         /// Round index.
         round: usize,
@@ -23,8 +24,8 @@ pub enum ScheduleError {
         from: usize,
         /// Receiver.
         to: usize,
-        /// Block.
-        block: usize,
+        /// Blocks.
+        blocks: Range<usize>,
     },
     /// A block ended with the wrong contributions.
     WrongResult {
@@ -61,33 +62,50 @@ pub fn check(collective: Collective, world: usize, schedules: &[Schedule]) -> Re
                 .collect()
         })
         .collect();
+    let bad_range = |r: &Range<usize>| r.is_empty() || r.end > blocks;
+    for (r, s) in schedules.iter().enumerate() {
+        for (round, x) in s.rounds.iter().enumerate() {
+            let ranges = x.sends.iter().map(|m| &m.blocks).chain(x.recvs.iter().map(|m| &m.blocks));
+            if let Some(b) = ranges.into_iter().find(|b| bad_range(b)) {
+                return Err(ScheduleError::Shape(format!("rank {r} round {round}: blocks {b:?} of {blocks}")));
+            }
+        }
+    }
     for round in 0..rounds {
-        // Messages in flight this round: (from, to, block) → content at the start of the round.
-        let mut wire: BTreeMap<(usize, usize, usize), Vec<Contributions>> = BTreeMap::new();
+        // Messages in flight this round: (from, to, first block, end) → the blocks' content at
+        // the start of the round.
+        let mut wire: BTreeMap<(usize, usize, usize, usize), Vec<Vec<Contributions>>> = BTreeMap::new();
         for (r, s) in schedules.iter().enumerate() {
             for send in s.rounds.get(round).map_or(&[][..], |x| &x.sends) {
-                wire.entry((r, send.to, send.block)).or_default().push(state[r][send.block].clone());
+                let content = state[r][send.blocks.clone()].to_vec();
+                wire.entry((r, send.to, send.blocks.start, send.blocks.end)).or_default().push(content);
             }
         }
         for (r, s) in schedules.iter().enumerate() {
             for recv in s.rounds.get(round).map_or(&[][..], |x| &x.recvs) {
-                let key = (recv.from, r, recv.block);
+                let key = (recv.from, r, recv.blocks.start, recv.blocks.end);
                 let Some(content) = wire.get_mut(&key).and_then(|v| v.pop()) else {
-                    return Err(ScheduleError::Unmatched { round, from: recv.from, to: r, block: recv.block });
+                    return Err(ScheduleError::Unmatched {
+                        round,
+                        from: recv.from,
+                        to: r,
+                        blocks: recv.blocks.clone(),
+                    });
                 };
-                let local = &mut state[r][recv.block];
-                match recv.combine {
-                    Combine::Copy => *local = content,
-                    Combine::Reduce => {
-                        for (k, v) in content {
-                            *local.entry(k).or_default() += v;
+                for (local, content) in state[r][recv.blocks.clone()].iter_mut().zip(content) {
+                    match recv.combine {
+                        Combine::Copy => *local = content,
+                        Combine::Reduce => {
+                            for (k, v) in content {
+                                *local.entry(k).or_default() += v;
+                            }
                         }
                     }
                 }
             }
         }
-        if let Some(((from, to, block), _)) = wire.iter().find(|(_, v)| !v.is_empty()) {
-            return Err(ScheduleError::Unmatched { round, from: *from, to: *to, block: *block });
+        if let Some(((from, to, start, end), _)) = wire.iter().find(|(_, v)| !v.is_empty()) {
+            return Err(ScheduleError::Unmatched { round, from: *from, to: *to, blocks: *start..*end });
         }
     }
     let all: Contributions = (0..world).map(|r| (r, 1)).collect();
@@ -176,13 +194,39 @@ mod tests {
     fn the_checker_catches_a_send_nobody_receives() {
         let world = 2;
         let mut s = ring_all(Collective::AllGather, world);
-        s[0].rounds.push(Round { sends: vec![Send { to: 1, block: 0 }], recvs: vec![] });
+        s[0].rounds.push(Round { sends: vec![Send::block(1, 0)], recvs: vec![] });
         assert_eq!(
             check(Collective::AllGather, world, &s),
-            Err(ScheduleError::Unmatched { round: 1, from: 0, to: 1, block: 0 })
+            Err(ScheduleError::Unmatched { round: 1, from: 0, to: 1, blocks: 0..1 })
         );
         let mut s = ring_all(Collective::AllGather, world);
-        s[1].rounds[0].recvs.push(Recv { from: 0, block: 1, combine: Combine::Copy });
+        s[1].rounds[0].recvs.push(Recv::block(0, 1, Combine::Copy));
         assert!(matches!(check(Collective::AllGather, world, &s), Err(ScheduleError::Unmatched { .. })));
+    }
+
+    #[test]
+    fn the_checker_requires_ranges_to_match_exactly_and_lie_within_the_buffer() {
+        // Rank 0 sends blocks 0..2 as one range; rank 1 receives them as two: the executor
+        // could not match those messages, so neither may the checker.
+        let s = vec![
+            Schedule { blocks: 2, rounds: vec![Round { sends: vec![Send { to: 1, blocks: 0..2 }], recvs: vec![] }] },
+            Schedule {
+                blocks: 2,
+                rounds: vec![Round {
+                    sends: vec![],
+                    recvs: vec![Recv::block(0, 0, Combine::Copy), Recv::block(0, 1, Combine::Copy)],
+                }],
+            },
+        ];
+        assert_eq!(
+            check(Collective::Broadcast { root: 0 }, 2, &s),
+            Err(ScheduleError::Unmatched { round: 0, from: 0, to: 1, blocks: 0..1 })
+        );
+        let mut whole = s.clone();
+        whole[1].rounds[0].recvs = vec![Recv { from: 0, blocks: 0..2, combine: Combine::Copy }];
+        assert_eq!(check(Collective::Broadcast { root: 0 }, 2, &whole), Ok(()));
+        let mut outside = whole.clone();
+        outside[0].rounds[0].sends[0].blocks = 1..3;
+        assert!(matches!(check(Collective::Broadcast { root: 0 }, 2, &outside), Err(ScheduleError::Shape(_))));
     }
 }

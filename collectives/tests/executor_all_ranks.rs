@@ -138,3 +138,60 @@ fn messages_from_another_collective_or_out_of_schedule_are_refused_without_effec
     assert_eq!(e.buffer(), &before[..]);
     assert!(!e.is_done());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Ranges of blocks over a block map: the range's blocks lie scattered in the buffer, and
+    /// segments (a few elements) straddle them. Recursive halving then doubling over the map
+    /// must all-reduce exactly the mapped blocks and leave every other element alone.
+    #[test]
+    fn block_ranges_over_a_block_map_reduce_exactly_the_mapped_blocks(
+        log_world in 0u32..=3,
+        spare in 0usize..5,
+        count in 0usize..200,
+        order in proptest::collection::vec(any::<u32>(), 12),
+        seg in prop_oneof![Just(4usize), Just(12), 13usize..40, Just(1 << 20)],
+        picks in proptest::collection::vec(any::<usize>(), 0..300),
+    ) {
+        let world = 1usize << log_world;
+        let space = world + spare;
+        // A scattered injective map of the world's schedule blocks into the buffer's blocks.
+        let mut all: Vec<usize> = (0..space).collect();
+        all.sort_by_key(|b| order[*b % order.len()].wrapping_mul(*b as u32 + 1));
+        let map: Vec<usize> = all[..world].to_vec();
+        let dtype = DType::I64;
+        let layout = || Layout { block_map: Some((space, map.clone())), segment_bytes: seg };
+        let phase = |ex: Vec<Executor>| run(ex, &picks);
+        let rs = phase(
+            (0..world)
+                .map(|r| {
+                    let s = halving_doubling::reduce_scatter(r, world).expect("power of two");
+                    Executor::with_layout(s, 3, dtype, ReduceOp::Sum, world, input(dtype, r, count), layout())
+                })
+                .collect(),
+        );
+        let out = phase(
+            rs.into_iter()
+                .enumerate()
+                .map(|(r, buf)| {
+                    let s = halving_doubling::all_gather(r, world).expect("power of two");
+                    Executor::with_layout(s, 4, dtype, ReduceOp::Sum, world, buf, layout())
+                })
+                .collect(),
+        );
+        let ranks: Vec<usize> = (0..world).collect();
+        for (r, buf) in out.iter().enumerate() {
+            for b in 0..space {
+                for i in phalanx_collectives::schedule::block_range(count, space, b) {
+                    let want = if map.contains(&b) {
+                        reference::expected(dtype, ReduceOp::Sum, &ranks, count, i)
+                    } else {
+                        element_f64(dtype, &input(dtype, r, count), i)
+                    };
+                    prop_assert_eq!(element_f64(dtype, buf, i), want, "rank {} block {} element {}", r, b, i);
+                }
+            }
+        }
+    }
+}

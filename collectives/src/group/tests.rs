@@ -560,7 +560,7 @@ fn control_messages_round_trip() {
     for r in reports {
         let mut b = encode_report(&r);
         b.advance(8);
-        assert!(matches!(decode_control(b), Some(Control::Report(x)) if x == r));
+        assert!(matches!(decode_control(b, 8), Some(Control::Report(x)) if x == r));
     }
     let decisions = [
         Decision::Plan { attempt: 3, participants: vec![0, 1, 4] },
@@ -575,7 +575,47 @@ fn control_messages_round_trip() {
     for d in decisions {
         let mut b = encode_decision(12, &d);
         b.advance(8);
-        assert!(matches!(decode_control(b), Some(Control::Decision(12, x)) if x == d));
+        assert!(matches!(decode_control(b, 8), Some(Control::Decision(12, x)) if x == d));
+    }
+}
+
+proptest! {
+    #[test]
+    fn rank_lists_round_trip_as_runs_and_bad_runs_are_refused(
+        members in proptest::collection::btree_set(0usize..200, 0..120),
+        first in any::<u32>(),
+        len in any::<u32>(),
+    ) {
+        let ranks: Vec<usize> = members.into_iter().collect();
+        let d = Decision::Plan { attempt: 1, participants: ranks.clone() };
+        let mut b = encode_decision(3, &d);
+        b.advance(8);
+        let runs = 1 + ranks.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        // Header (kind, op, what, attempt, run count) then 8 bytes per run.
+        prop_assert_eq!(b.len(), 1 + 8 + 1 + 4 + 4 + 8 * if ranks.is_empty() { 0 } else { runs });
+        prop_assert!(matches!(decode_control(b.clone(), 200), Some(Control::Decision(3, x)) if x == d));
+        // A world too small for the highest rank refuses the message.
+        if let Some(top) = ranks.last() {
+            prop_assert!(decode_control(b, *top).is_none());
+        }
+        // An arbitrary run: accepted only if non-empty and within the world, and then whole.
+        let mut m = BytesMut::new();
+        m.put_u8(2);
+        m.put_u64_le(3);
+        m.put_u8(0);
+        m.put_u32_le(1);
+        m.put_u32_le(1);
+        m.put_u32_le(first);
+        m.put_u32_le(len);
+        let ok = len > 0 && u64::from(first) + u64::from(len) <= 1000;
+        match decode_control(m.freeze(), 1000) {
+            Some(Control::Decision(3, Decision::Plan { participants, .. })) => {
+                prop_assert!(ok);
+                prop_assert_eq!(participants, (first as usize..(first + len) as usize).collect::<Vec<_>>());
+            }
+            None => prop_assert!(!ok),
+            Some(_) => prop_assert!(false, "not a plan"),
+        }
     }
 }
 
@@ -669,7 +709,7 @@ fn executors_refuse_data_of_the_wrong_kind() {
     assert_eq!((m.len(), ph), (MESSAGE_HEADER, 32), "a header and a phantom half");
     assert_eq!(real.poll_send_sized().map(|(_, m, ph)| (m.len(), ph)), Some((MESSAGE_HEADER + 32, 0)));
     // What rank 1 sends rank 0 in round 0: op 7, round 0, the block rank 0 expects, segment 0.
-    let block = schedule().rounds[0].recvs[0].block as u32;
+    let block = schedule().rounds[0].recvs[0].blocks.start as u32;
     let mut header = Vec::new();
     header.extend_from_slice(&7u64.to_le_bytes());
     header.extend_from_slice(&0u32.to_le_bytes());

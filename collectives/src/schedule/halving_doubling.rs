@@ -28,11 +28,11 @@ pub fn all_reduce(rank: usize, world: usize) -> Schedule {
     let p = 1usize << (usize::BITS - 1 - world.leading_zeros());
     let extra = world - p;
     let mut rounds = Vec::new();
-    let reduce = |from| Recv { from, block: 0, combine: Combine::Reduce };
+    let reduce = |from| Recv::block(from, 0, Combine::Reduce);
     let folded_away = rank < 2 * extra && rank % 2 == 1;
     if extra > 0 {
         rounds.push(match (rank < 2 * extra, folded_away) {
-            (true, true) => Round { sends: vec![Send { to: rank - 1, block: 0 }], recvs: vec![] },
+            (true, true) => Round { sends: vec![Send::block(rank - 1, 0)], recvs: vec![] },
             (true, false) => Round { sends: vec![], recvs: vec![reduce(rank + 1)] },
             (false, _) => Round::default(),
         });
@@ -44,16 +44,14 @@ pub fn all_reduce(rank: usize, world: usize) -> Schedule {
             Round::default()
         } else {
             let peer = real_rank(v ^ mask, extra);
-            Round { sends: vec![Send { to: peer, block: 0 }], recvs: vec![reduce(peer)] }
+            Round { sends: vec![Send::block(peer, 0)], recvs: vec![reduce(peer)] }
         });
         mask <<= 1;
     }
     if extra > 0 {
         rounds.push(match (rank < 2 * extra, folded_away) {
-            (true, true) => {
-                Round { sends: vec![], recvs: vec![Recv { from: rank - 1, block: 0, combine: Combine::Copy }] }
-            }
-            (true, false) => Round { sends: vec![Send { to: rank + 1, block: 0 }], recvs: vec![] },
+            (true, true) => Round { sends: vec![], recvs: vec![Recv::block(rank - 1, 0, Combine::Copy)] },
+            (true, false) => Round { sends: vec![Send::block(rank + 1, 0)], recvs: vec![] },
             (false, _) => Round::default(),
         });
     }
@@ -64,8 +62,8 @@ pub fn all_reduce(rank: usize, world: usize) -> Schedule {
 /// rounds; in the round of distance `d` (from `n/2` down to 1) rank `r` exchanges with
 /// `r XOR d` half of the blocks it still holds, keeping the half that contains block `r`.
 /// Afterwards it holds block `r` reduced over all ranks. Bytes per rank: `(n − 1)·S/n`, as the
-/// ring, in `log₂ n` rounds instead of `n − 1` (each round's blocks are contiguous, so the
-/// executor sends them as one message).
+/// ring, in `log₂ n` rounds instead of `n − 1`; each round is one range of blocks, so the
+/// schedule has `log₂ n` entries per rank whatever `n`.
 pub fn reduce_scatter(rank: usize, world: usize) -> Option<Schedule> {
     assert!(rank < world, "rank {rank} outside world {world}");
     if !world.is_power_of_two() {
@@ -79,8 +77,8 @@ pub fn reduce_scatter(rank: usize, world: usize) -> Option<Schedule> {
         let mid = lo + (hi - lo) / 2;
         let (keep, give) = if rank & d == 0 { (lo..mid, mid..hi) } else { (mid..hi, lo..mid) };
         rounds.push(Round {
-            sends: give.map(|block| Send { to: peer, block }).collect(),
-            recvs: keep.clone().map(|block| Recv { from: peer, block, combine: Combine::Reduce }).collect(),
+            sends: vec![Send { to: peer, blocks: give }],
+            recvs: vec![Recv { from: peer, blocks: keep.clone(), combine: Combine::Reduce }],
         });
         (lo, hi) = (keep.start, keep.end);
         d /= 2;
@@ -103,8 +101,8 @@ pub fn all_gather(rank: usize, world: usize) -> Option<Schedule> {
         let mine = rank & !(d - 1)..(rank & !(d - 1)) + d;
         let theirs = peer & !(d - 1)..(peer & !(d - 1)) + d;
         rounds.push(Round {
-            sends: mine.map(|block| Send { to: peer, block }).collect(),
-            recvs: theirs.map(|block| Recv { from: peer, block, combine: Combine::Copy }).collect(),
+            sends: vec![Send { to: peer, blocks: mine }],
+            recvs: vec![Recv { from: peer, blocks: theirs, combine: Combine::Copy }],
         });
         d *= 2;
     }
@@ -136,7 +134,8 @@ mod tests {
                 symbolic::check(c, world, &s).unwrap_or_else(|e| panic!("{c:?} over {world}: {e:?}"));
                 if c != Collective::AllReduce {
                     assert_eq!(s[0].rounds.len(), world.trailing_zeros() as usize, "log₂ n rounds");
-                    let sent: usize = s[0].rounds.iter().map(|r| r.sends.len()).sum();
+                    let sent: usize = s[0].rounds.iter().flat_map(|r| &r.sends).map(|x| x.blocks.len()).sum();
+                    assert!(s[0].rounds.iter().all(|r| r.sends.len() == 1), "one range per round");
                     assert_eq!(sent, world - 1, "(n − 1)/n of the buffer, as the ring");
                 }
             }

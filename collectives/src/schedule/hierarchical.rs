@@ -18,78 +18,110 @@
 //! tree broadcast back. Every phase is padded to the same number of rounds on every rank, so
 //! rounds stay globally numbered (what the executor and the symbolic checker require).
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use super::{halving_doubling, ring, tree, Collective, Recv, Round, Schedule, Send};
 
-/// Which data centre each rank is in.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Which data centre each rank is in. Cheap to clone (shared), so every rank of a large group
+/// can hold the same one; what the schedules ask of it (the data centres, where a rank sits in
+/// its own) is computed once, when it is made.
+#[derive(Clone, Debug)]
 pub struct Topology {
-    dc_of: Vec<usize>,
+    inner: Arc<Layout>,
 }
+
+#[derive(Debug)]
+struct Layout {
+    dc_of: Vec<usize>,
+    /// The data centres, each its ranks ascending, ordered by their lowest rank.
+    dcs: Vec<Vec<usize>>,
+    /// Per rank: `(index of its data centre in dcs, its index there)`.
+    place: Vec<(usize, usize)>,
+}
+
+impl PartialEq for Topology {
+    fn eq(&self, other: &Topology) -> bool {
+        self.inner.dc_of == other.inner.dc_of
+    }
+}
+
+impl Eq for Topology {}
 
 impl Topology {
     /// One data centre of `world` ranks.
     pub fn flat(world: usize) -> Topology {
-        Topology { dc_of: vec![0; world] }
+        Topology::new(vec![0; world])
     }
 
     /// `dc_of[r]` labels rank `r`'s data centre (any numbers; equal labels, same DC).
     pub fn new(dc_of: Vec<usize>) -> Topology {
-        Topology { dc_of }
+        // Labels seen, in order of first appearance (a handful), and the last one looked up
+        // (ranks of a data centre are usually consecutive).
+        let mut labels: Vec<usize> = Vec::new();
+        let mut last: Option<(usize, usize)> = None;
+        let mut dcs: Vec<Vec<usize>> = Vec::new();
+        let mut place = Vec::with_capacity(dc_of.len());
+        for (r, dc) in dc_of.iter().enumerate() {
+            let d = match last {
+                Some((label, d)) if label == *dc => d,
+                _ => match labels.iter().position(|l| l == dc) {
+                    Some(d) => d,
+                    None => {
+                        labels.push(*dc);
+                        dcs.push(Vec::new());
+                        dcs.len() - 1
+                    }
+                },
+            };
+            last = Some((*dc, d));
+            place.push((d, dcs[d].len()));
+            dcs[d].push(r);
+        }
+        Topology { inner: Arc::new(Layout { dc_of, dcs, place }) }
     }
 
     /// `dcs` data centres of `per_dc` consecutive ranks each.
     pub fn uniform(dcs: usize, per_dc: usize) -> Topology {
-        Topology { dc_of: (0..dcs * per_dc).map(|r| r / per_dc.max(1)).collect() }
+        Topology::new((0..dcs * per_dc).map(|r| r / per_dc.max(1)).collect())
     }
 
     /// Number of ranks.
     pub fn world(&self) -> usize {
-        self.dc_of.len()
+        self.inner.dc_of.len()
     }
 
     /// The data centres, each its ranks ascending, ordered by their lowest rank.
-    pub fn dcs(&self) -> Vec<Vec<usize>> {
-        let mut out: Vec<(usize, Vec<usize>)> = Vec::new();
-        for (r, dc) in self.dc_of.iter().enumerate() {
-            match out.iter_mut().find(|(d, _)| d == dc) {
-                Some((_, v)) => v.push(r),
-                None => out.push((*dc, vec![r])),
-            }
-        }
-        out.into_iter().map(|(_, v)| v).collect()
+    pub fn dcs(&self) -> &[Vec<usize>] {
+        &self.inner.dcs
     }
 
     /// Whether the ranks span more than one data centre.
     pub fn is_multi_dc(&self) -> bool {
-        self.dc_of.windows(2).any(|w| w[0] != w[1])
+        self.inner.dcs.len() > 1
     }
 
-    /// The topology of `ranks` (ascending) alone, renumbered `0..ranks.len()`.
+    /// The topology of `ranks` (ascending, each below [`Topology::world`]) alone, renumbered
+    /// `0..ranks.len()`; all the ranks: this one, shared.
     pub fn restrict(&self, ranks: &[usize]) -> Topology {
-        Topology { dc_of: ranks.iter().map(|r| self.dc_of[*r]).collect() }
+        if ranks.len() == self.world() {
+            return self.clone();
+        }
+        Topology::new(ranks.iter().map(|r| self.inner.dc_of[*r]).collect())
     }
 }
 
-/// Rounds of `s` with its ranks renamed by `ranks` and each of its blocks replaced by `blocks`.
-fn embed(s: &Schedule, ranks: &[usize], blocks: &dyn Fn(usize) -> Vec<usize>) -> Vec<Round> {
+/// Rounds of `s` with its ranks renamed by `ranks` and each of its block ranges replaced by
+/// `blocks(range)` (a contiguous range of this schedule's blocks).
+fn embed(s: &Schedule, ranks: &[usize], blocks: &dyn Fn(Range<usize>) -> Range<usize>) -> Vec<Round> {
     s.rounds
         .iter()
         .map(|r| Round {
-            sends: r
-                .sends
-                .iter()
-                .flat_map(|x| blocks(x.block).into_iter().map(move |block| Send { to: ranks[x.to], block }))
-                .collect(),
+            sends: r.sends.iter().map(|x| Send { to: ranks[x.to], blocks: blocks(x.blocks.clone()) }).collect(),
             recvs: r
                 .recvs
                 .iter()
-                .flat_map(|x| {
-                    blocks(x.block).into_iter().map(move |block| Recv {
-                        from: ranks[x.from],
-                        block,
-                        combine: x.combine,
-                    })
-                })
+                .map(|x| Recv { from: ranks[x.from], blocks: blocks(x.blocks.clone()), combine: x.combine })
                 .collect(),
         })
         .collect()
@@ -113,14 +145,13 @@ pub fn all_reduce(rank: usize, topology: &Topology) -> Schedule {
     assert!(rank < world, "rank {rank} outside world {world}");
     let dcs = topology.dcs();
     let d = dcs.len();
-    let my_dc = dcs.iter().position(|m| m.contains(&rank)).expect("every rank is in a data centre");
+    let (my_dc, li) = topology.inner.place[rank];
     let members = &dcs[my_dc];
-    let li = members.iter().position(|r| *r == rank).expect("a member");
     let ring_sched = |c, r, n| ring::schedule(c, r, n).expect("the ring implements all-reduce family");
     let mut rounds = Vec::new();
     let l = members.len();
     if dcs.iter().all(|m| m.len() == l) {
-        let group = |b: usize| (b * d..b * d + d).collect::<Vec<_>>();
+        let group = |b: Range<usize>| b.start * d..b.end * d;
         // Inside a data centre: recursive halving and doubling when its size is a power of two
         // (log₂ L rounds, each one message per rank), else the ring (L − 1 rounds).
         let (rs, ag) = match (halving_doubling::reduce_scatter(li, l), halving_doubling::all_gather(li, l)) {
@@ -130,17 +161,16 @@ pub fn all_reduce(rank: usize, topology: &Topology) -> Schedule {
         let local_rounds = rs.rounds.len();
         push_phase(&mut rounds, embed(&rs, members, &group), local_rounds);
         let peers: Vec<usize> = dcs.iter().map(|m| m[li]).collect();
-        let wan = embed(&ring_sched(Collective::AllReduce, my_dc, d), &peers, &|b| vec![li * d + b]);
+        let wan = embed(&ring_sched(Collective::AllReduce, my_dc, d), &peers, &|b| li * d + b.start..li * d + b.end);
         push_phase(&mut rounds, wan, 2 * (d - 1));
         push_phase(&mut rounds, embed(&ag, members, &group), local_rounds);
         return Schedule { blocks: l * d, rounds };
     }
-    let all = |_: usize| (0..d).collect::<Vec<_>>();
+    let all = |_: Range<usize>| 0..d;
     let depth = dcs.iter().map(|m| tree_rounds(m.len())).max().unwrap_or(0);
     push_phase(&mut rounds, embed(&tree::reduce(0, li, l), members, &all), depth);
     let leaders: Vec<usize> = dcs.iter().map(|m| m[0]).collect();
-    let wan =
-        if li == 0 { embed(&ring_sched(Collective::AllReduce, my_dc, d), &leaders, &|b| vec![b]) } else { vec![] };
+    let wan = if li == 0 { embed(&ring_sched(Collective::AllReduce, my_dc, d), &leaders, &|b| b) } else { vec![] };
     push_phase(&mut rounds, wan, 2 * (d - 1));
     push_phase(&mut rounds, embed(&tree::broadcast(0, li, l), members, &all), depth);
     Schedule { blocks: d, rounds }
@@ -163,7 +193,8 @@ mod tests {
             .enumerate()
             .flat_map(|(r, x)| x.rounds.iter().flat_map(move |rd| rd.sends.iter().map(move |m| (r, m))))
             .filter(|(r, m)| r / 4 != m.to / 4)
-            .count();
+            .map(|(_, m)| m.blocks.len())
+            .sum();
         // Each of the 8 ranks sends 2(D−1) = 2 blocks of S/8 over the WAN.
         assert_eq!(wan_blocks, 16);
     }

@@ -5,13 +5,18 @@
 //! number of blocks). A schedule is a list of [`Round`]s. In a round a rank posts its sends
 //! (each carries the block's content as it was at the start of the round) and its receives
 //! (each combines the arriving block into its own: [`Combine::Reduce`] or [`Combine::Copy`]),
-//! then waits for all of them. Sends and receives of one round must match across ranks
-//! one-to-one: `(from, to, block)`.
+//! then waits for all of them. A send or receive names a contiguous *range* of blocks (one
+//! message stream; the executor cuts it into segments), so a schedule that moves half of the
+//! buffer in a round is one entry, not `n/2`: recursive halving is `O(log n)` entries per rank.
+//! Sends and receives of one round must match across ranks one-to-one, range for range:
+//! `(from, to, blocks)`.
 
 pub mod halving_doubling;
 pub mod hierarchical;
 pub mod ring;
 pub mod tree;
+
+use std::ops::Range;
 
 /// Which collective a schedule implements (what the symbolic checker expects at the end).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,24 +48,39 @@ pub enum Combine {
     Copy,
 }
 
-/// A block sent to a peer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Blocks sent to a peer: a non-empty range of consecutive block indices.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Send {
     /// Destination rank.
     pub to: usize,
-    /// Block index.
-    pub block: usize,
+    /// Block indices.
+    pub blocks: Range<usize>,
 }
 
-/// A block received from a peer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+impl Send {
+    /// Block `block` alone to `to`.
+    pub fn block(to: usize, block: usize) -> Send {
+        Send { to, blocks: block..block + 1 }
+    }
+}
+
+/// Blocks received from a peer: a non-empty range of consecutive block indices, matching the
+/// peer's [`Send`] of the same round exactly.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recv {
     /// Source rank.
     pub from: usize,
-    /// Block index.
-    pub block: usize,
-    /// How it is combined into the local block.
+    /// Block indices.
+    pub blocks: Range<usize>,
+    /// How they are combined into the local blocks.
     pub combine: Combine,
+}
+
+impl Recv {
+    /// Block `block` alone from `from`.
+    pub fn block(from: usize, block: usize, combine: Combine) -> Recv {
+        Recv { from, blocks: block..block + 1, combine }
+    }
 }
 
 /// One round of a rank's schedule.
@@ -83,7 +103,7 @@ pub struct Schedule {
 
 /// The element range `[start, end)` of block `b` of `blocks` over `count` elements: the first
 /// `count % blocks` blocks get one element more than the rest.
-pub fn block_range(count: usize, blocks: usize, b: usize) -> std::ops::Range<usize> {
+pub fn block_range(count: usize, blocks: usize, b: usize) -> Range<usize> {
     assert!(b < blocks, "block {b} of {blocks}");
     let base = count / blocks;
     let extra = count % blocks;

@@ -23,8 +23,8 @@ fn reduce_scatter_rounds(rank: usize, world: usize) -> Vec<Round> {
     let (r, n) = (rank as isize, world);
     (0..world.saturating_sub(1) as isize)
         .map(|k| Round {
-            sends: vec![Send { to: wrap(r + 1, n), block: wrap(r - k - 1, n) }],
-            recvs: vec![Recv { from: wrap(r - 1, n), block: wrap(r - k - 2, n), combine: Combine::Reduce }],
+            sends: vec![Send::block(wrap(r + 1, n), wrap(r - k - 1, n))],
+            recvs: vec![Recv::block(wrap(r - 1, n), wrap(r - k - 2, n), Combine::Reduce)],
         })
         .collect()
 }
@@ -33,8 +33,8 @@ fn all_gather_rounds(rank: usize, world: usize) -> Vec<Round> {
     let (r, n) = (rank as isize, world);
     (0..world.saturating_sub(1) as isize)
         .map(|k| Round {
-            sends: vec![Send { to: wrap(r + 1, n), block: wrap(r - k, n) }],
-            recvs: vec![Recv { from: wrap(r - 1, n), block: wrap(r - k - 1, n), combine: Combine::Copy }],
+            sends: vec![Send::block(wrap(r + 1, n), wrap(r - k, n))],
+            recvs: vec![Recv::block(wrap(r - 1, n), wrap(r - k - 1, n), Combine::Copy)],
         })
         .collect()
 }

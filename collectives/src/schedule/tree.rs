@@ -25,9 +25,9 @@ pub fn broadcast(root: usize, rank: usize, world: usize) -> Schedule {
         .map(|k| {
             let step = 1usize << k;
             if v < step && v + step < world {
-                Round { sends: vec![Send { to: real(v + step), block: 0 }], recvs: vec![] }
+                Round { sends: vec![Send::block(real(v + step), 0)], recvs: vec![] }
             } else if (step..2 * step).contains(&v) {
-                Round { sends: vec![], recvs: vec![Recv { from: real(v - step), block: 0, combine: Combine::Copy }] }
+                Round { sends: vec![], recvs: vec![Recv::block(real(v - step), 0, Combine::Copy)] }
             } else {
                 Round::default()
             }
@@ -46,9 +46,9 @@ pub fn reduce(root: usize, rank: usize, world: usize) -> Schedule {
         .map(|k| {
             let step = 1usize << k;
             if v < step && v + step < world {
-                Round { sends: vec![], recvs: vec![Recv { from: real(v + step), block: 0, combine: Combine::Reduce }] }
+                Round { sends: vec![], recvs: vec![Recv::block(real(v + step), 0, Combine::Reduce)] }
             } else if (step..2 * step).contains(&v) {
-                Round { sends: vec![Send { to: real(v - step), block: 0 }], recvs: vec![] }
+                Round { sends: vec![Send::block(real(v - step), 0)], recvs: vec![] }
             } else {
                 Round::default()
             }
