@@ -23,6 +23,9 @@ pub struct Route {
     pub corruption: f64,
     /// Relayed through another data centre.
     pub relayed: bool,
+    /// Probability that a packet (a frame, at frame level) on this route is lost (the largest
+    /// of its links').
+    pub loss: f64,
 }
 
 /// Link-level fault state of one resource group (a host's NICs or a WAN link).
@@ -59,6 +62,9 @@ pub struct Fabric {
     /// Active partitions: each gives every host a side; hosts on different sides of any
     /// partition cannot reach each other.
     partitions: Vec<(u64, Vec<u32>)>,
+    /// Loss costs capacity (message level: what the transport's retransmissions take); at
+    /// frame level the transport's own retransmissions pay for it instead.
+    loss_costs_capacity: bool,
 }
 
 fn gbit(g: f64) -> f64 {
@@ -96,7 +102,24 @@ impl Fabric {
             host_link: vec![LinkState::default(); hosts],
             wan_link: vec![LinkState::default(); t.dcs * t.dcs],
             partitions: Vec::new(),
+            loss_costs_capacity: true,
         }
+    }
+
+    /// Frame level: lost frames are dropped one by one (see [`Route::loss`]) and cost no
+    /// capacity up front.
+    pub fn set_frame_level(&mut self) {
+        self.loss_costs_capacity = false;
+    }
+
+    /// Whether NIC `nic` of `host` is up.
+    pub fn nic_is_up(&self, host: usize, nic: usize) -> bool {
+        self.nic_up[host][nic.min(self.nics_per_host - 1)]
+    }
+
+    /// NICs per host.
+    pub fn nics_per_host(&self) -> usize {
+        self.nics_per_host
     }
 
     /// Host of `rank`.
@@ -134,14 +157,16 @@ impl Fabric {
     }
 
     fn refresh_host(&mut self, host: usize) {
-        let cap = self.nic_bps * self.nics_up(host) as f64 * (1.0 - self.host_link[host].loss);
+        let kept = if self.loss_costs_capacity { 1.0 - self.host_link[host].loss } else { 1.0 };
+        let cap = self.nic_bps * self.nics_up(host) as f64 * kept;
         self.share.set_capacity(self.host_tx[host], cap);
         self.share.set_capacity(self.host_rx[host], cap);
     }
 
     fn refresh_wan(&mut self, a: usize, b: usize) {
         let i = self.wan_index(a, b);
-        let cap = if self.wan_down[i] > 0 { 0.0 } else { self.wan_bps * (1.0 - self.wan_link[i].loss) };
+        let kept = if self.loss_costs_capacity { 1.0 - self.wan_link[i].loss } else { 1.0 };
+        let cap = if self.wan_down[i] > 0 { 0.0 } else { self.wan_bps * kept };
         self.share.set_capacity(self.wan[a * self.dcs + b], cap);
         self.share.set_capacity(self.wan[b * self.dcs + a], cap);
     }
@@ -220,6 +245,7 @@ impl Fabric {
                 latency_ns: self.host_latency_ns,
                 corruption: 0.0,
                 relayed: false,
+                loss: 0.0,
             });
         }
         if self.separated(a, b) || self.nics_up(a) == 0 || self.nics_up(b) == 0 {
@@ -228,6 +254,7 @@ impl Fabric {
         let (la, lb) = (&self.host_link[a], &self.host_link[b]);
         let mut latency = self.dc_latency_ns + la.extra_latency_ns + lb.extra_latency_ns;
         let mut corruption = la.corruption.max(lb.corruption);
+        let mut loss = la.loss.max(lb.loss);
         let (da, db) = (self.dc_of_host(a), self.dc_of_host(b));
         if da == db {
             return Some(Route {
@@ -235,6 +262,7 @@ impl Fabric {
                 latency_ns: latency,
                 corruption,
                 relayed: false,
+                loss,
             });
         }
         let wan_ok = |x: usize, y: usize| self.wan_down[self.wan_index(x, y)] == 0;
@@ -243,8 +271,9 @@ impl Fabric {
             let w = wan_state(da, db);
             latency += self.wan_latency_ns + w.extra_latency_ns;
             corruption = corruption.max(w.corruption);
+            loss = loss.max(w.loss);
             let resources = vec![self.host_tx[a], self.wan[da * self.dcs + db], self.host_rx[b]];
-            return Some(Route { resources, latency_ns: latency, corruption, relayed: false });
+            return Some(Route { resources, latency_ns: latency, corruption, relayed: false, loss });
         }
         // One-hop relay through the lowest data centre that reaches both (a host there
         // forwards; its NICs are not modelled as a bottleneck).
@@ -260,9 +289,10 @@ impl Fabric {
         let (w1, w2) = (wan_state(da, k), wan_state(k, db));
         latency += 2 * self.wan_latency_ns + w1.extra_latency_ns + w2.extra_latency_ns;
         corruption = corruption.max(w1.corruption).max(w2.corruption);
+        loss = loss.max(w1.loss).max(w2.loss);
         let resources =
             vec![self.host_tx[a], self.wan[da * self.dcs + k], self.wan[k * self.dcs + db], self.host_rx[b]];
-        Some(Route { resources, latency_ns: latency, corruption, relayed: true })
+        Some(Route { resources, latency_ns: latency, corruption, relayed: true, loss })
     }
 }
 

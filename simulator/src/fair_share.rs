@@ -48,6 +48,34 @@ pub struct Finish {
     pub version: u64,
 }
 
+/// A heap entry of the progressive filling: a resource's fair share when pushed.
+struct Share {
+    share: f64,
+    index: usize,
+    changed: u32,
+}
+
+impl PartialEq for Share {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for Share {}
+
+impl PartialOrd for Share {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for Share {
+    /// A max-heap pops the least share first, and of equal shares the lowest index.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.share.total_cmp(&self.share).then(o.index.cmp(&self.index))
+    }
+}
+
 /// Resources and the flows over them.
 #[derive(Default)]
 pub struct FairShare {
@@ -59,6 +87,11 @@ pub struct FairShare {
     seen_resource: Vec<u64>,
     seen_flow: Vec<u64>,
     stamp: u64,
+    /// Per resource: its index in the component being solved (scratch).
+    slot: Vec<usize>,
+    /// Per flow: the solve that froze its rate (scratch), and that solve's number.
+    frozen_in: Vec<u64>,
+    solves: u64,
     /// Last version handed out.
     versions: u64,
     /// Flows solved so far (a cost measure).
@@ -75,6 +108,7 @@ impl FairShare {
     pub fn add_resource(&mut self, capacity: f64) -> ResourceId {
         self.resources.push(Resource { capacity: capacity.max(0.0), flows: Vec::new() });
         self.seen_resource.push(0);
+        self.slot.push(0);
         self.resources.len() - 1
     }
 
@@ -104,6 +138,7 @@ impl FairShare {
             None => {
                 self.flows.push(Some(flow));
                 self.seen_flow.push(0);
+                self.frozen_in.push(0);
                 self.flows.len() - 1
             }
         };
@@ -167,9 +202,10 @@ impl FairShare {
         self.flows[id].as_ref().map_or(0.0, |f| f.rate)
     }
 
-    /// Re-solves the rates of every component touched since the last call, at `now`; returns
-    /// the new finish times of the flows whose rates were re-solved (earlier finish events of
-    /// those flows are stale).
+    /// Re-solves the rates of every component touched since the last call, at `now`; returns,
+    /// per component re-solved, the flows that finish first and when (earlier finish events of
+    /// every flow re-solved are stale; the others get theirs when their component is re-solved
+    /// at that finish).
     pub fn settle(&mut self, now: u64) -> Vec<Finish> {
         let mut out = Vec::new();
         let dirty = std::mem::take(&mut self.dirty);
@@ -221,45 +257,72 @@ impl FairShare {
         // Per resource of the component: capacity left and flows not yet frozen.
         let mut left: Vec<f64> = res.iter().map(|r| self.resources[*r].capacity).collect();
         let mut count: Vec<usize> = res.iter().map(|r| self.resources[*r].flows.len()).collect();
-        let mut index: std::collections::BTreeMap<ResourceId, usize> = std::collections::BTreeMap::new();
         for (i, r) in res.iter().enumerate() {
-            index.insert(*r, i);
+            self.slot[*r] = i;
         }
-        let mut frozen: std::collections::BTreeSet<FlowId> = std::collections::BTreeSet::new();
-        loop {
-            let mut best: Option<(usize, f64)> = None;
-            for i in 0..res.len() {
-                if count[i] == 0 {
-                    continue;
-                }
-                let share = left[i].max(0.0) / count[i] as f64;
-                if best.is_none_or(|(_, s)| share < s) {
-                    best = Some((i, share));
-                }
+        self.solves += 1;
+        let solve = self.solves;
+        // The resource of least fair share next (ties: the lowest index), from a heap whose
+        // entries go stale when their resource's share changes (`changed[i]` counts changes).
+        let mut changed = vec![0u32; res.len()];
+        let mut heap: std::collections::BinaryHeap<Share> = (0..res.len())
+            .filter(|i| count[*i] > 0)
+            .map(|i| Share { share: left[i].max(0.0) / count[i] as f64, index: i, changed: 0 })
+            .collect();
+        while let Some(Share { share, index: i, changed: c }) = heap.pop() {
+            if c != changed[i] || count[i] == 0 {
+                continue;
             }
-            let Some((i, share)) = best else { break };
             let r = res[i];
             for k in 0..self.resources[r].flows.len() {
                 let f = self.resources[r].flows[k];
-                if !frozen.insert(f) {
+                if self.frozen_in[f] == solve {
                     continue;
                 }
+                self.frozen_in[f] = solve;
                 let flow = self.flows[f].as_mut().expect("live flow");
                 flow.rate = share;
                 for r2 in &flow.route {
-                    let j = index[r2];
+                    let j = self.slot[*r2];
                     left[j] -= share;
                     count[j] -= 1;
+                    changed[j] += 1;
+                    if count[j] > 0 && j != i {
+                        heap.push(Share { share: left[j].max(0.0) / count[j] as f64, index: j, changed: changed[j] });
+                    }
                 }
             }
         }
+        // Only the component's first finish is an event: rates hold until the component
+        // changes, and that flow's end changes it (re-solving it and scheduling the next).
+        // Scheduling every flow instead makes a component of F flows that end one by one push
+        // F² events (seen at 16,384 ranks). Earlier events of every flow here are stale now.
+        let mut first: Option<u64> = None;
+        let start = out.len();
         for &f in flows {
             self.versions += 1;
             let flow = self.flows[f].as_mut().expect("live flow");
             flow.version = self.versions;
             let at = (flow.rate > 0.0).then(|| now + (flow.remaining / flow.rate * 1e9).ceil() as u64);
+            if let Some(t) = at {
+                first = Some(first.map_or(t, |m| m.min(t)));
+            }
             out.push(Finish { flow: f, at, version: flow.version });
         }
+        let mut k = start;
+        for i in start..out.len() {
+            if out[i].at.is_some() && out[i].at == first {
+                out.swap(k, i);
+                k += 1;
+            }
+        }
+        out.truncate(k);
+    }
+
+    /// When flow `f` ends at its current rate (ns), `None` if its rate is 0 or it is gone.
+    pub fn finish_time(&self, f: FlowId) -> Option<u64> {
+        let flow = self.flows.get(f)?.as_ref()?;
+        (flow.rate > 0.0).then(|| flow.updated + (flow.remaining / flow.rate * 1e9).ceil() as u64)
     }
 }
 

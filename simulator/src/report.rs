@@ -71,6 +71,30 @@ pub struct NetworkStats {
     pub flows_solved: u64,
 }
 
+/// What a frame-level run (`transport.frames`) adds to the report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FrameStats {
+    /// Links between ranks (one per NIC between hosts, one inside a host).
+    pub links: u64,
+    /// Frames put on links (data, acknowledgements, heartbeats, relayed).
+    pub frames: u64,
+    /// Frames dropped: on a dead path (NIC, WAN link, partition, crashed rank) or lost.
+    pub dropped: u64,
+    /// Frames delivered with a failing checksum.
+    pub corrupted: u64,
+    /// Frames the endpoints sent again (summed over the live ones at the end, as all of
+    /// `failovers` and `relayed_bytes`).
+    pub retransmits: u64,
+    /// Times an endpoint moved traffic off a dead link.
+    pub failovers: u64,
+    /// Bytes endpoints relayed for other ranks.
+    pub relayed_bytes: u64,
+    /// Links the endpoints declared dead.
+    pub links_failed: u64,
+    /// Peers the endpoints reported unreachable (each report, by each endpoint).
+    pub peers_unreachable: u64,
+}
+
 /// One completed step.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct StepPoint {
@@ -117,6 +141,11 @@ pub struct Report {
     pub recovery_s: Recovery,
     /// Network figures.
     pub network: NetworkStats,
+    /// Steps not simulated but repeated at the last measured period (`fast_forward`).
+    pub fast_forwarded_steps: u64,
+    /// Frame level only: what the transport endpoints did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frames: Option<FrameStats>,
     /// Peak resident memory of this process, MiB (Linux; `None` elsewhere).
     pub peak_rss_mb: Option<f64>,
     /// Every completed step (not in the JSON; the plot draws it).
@@ -150,7 +179,7 @@ impl Report {
         let rows = [
             ("scenario", format!("{} (seed {}, {} ranks)", self.scenario, self.seed, self.ranks)),
             ("simulated", format!("{:.3} s in {:.2} s wall, {} events ({:.0}/s)", self.sim_time_s, self.wall_time_s, self.events, self.events_per_s)),
-            ("steps", format!("{} of {}", self.steps_completed, self.steps_target)),
+            ("steps", format!("{} of {} ({} fast-forwarded)", self.steps_completed, self.steps_target, self.fast_forwarded_steps)),
             ("collectives", format!("{} completed, {} failed, {} hung, {} wrong, {} in flight", c.completed, c.failed, c.hung, c.wrong_results, c.in_flight)),
             ("contributions", format!("{} offered: {} applied, {} late, {} dropped (reported), {} pending, {} died with their rank, {} lost", k.offered, k.applied, k.late, k.dropped_reported, k.pending, k.died_with_rank, k.lost)),
             ("faults", if faults.is_empty() { "none".into() } else { faults.join(", ") }),

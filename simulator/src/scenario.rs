@@ -202,7 +202,16 @@ pub struct TransportSpec {
     pub unreachable_after_ms: f64,
     /// Frame payload size: the unit of framing overhead and of retransmission.
     pub chunk_bytes: ByteSize,
+    /// Run every rank's real transport endpoint (`phalanx_proto::Endpoint`): frames cross
+    /// the network model per path, and loss, corruption, link, NIC and rank failures reach the
+    /// transport's own acknowledgements, retransmission, failover, relaying and unreachability
+    /// verdicts. Small scale: real payloads, at most [`MAX_FRAME_RANKS`] ranks, `on_failure =
+    /// "continue"`, no fast-forward.
+    pub frames: bool,
 }
+
+/// Most ranks a frame-level run may have (every pair of ranks has a link per NIC).
+pub const MAX_FRAME_RANKS: usize = 64;
 
 impl Default for TransportSpec {
     fn default() -> Self {
@@ -211,6 +220,7 @@ impl Default for TransportSpec {
             link_timeout_ms: c.link_timeout.as_secs_f64() * 1e3,
             unreachable_after_ms: c.unreachable_after.as_secs_f64() * 1e3,
             chunk_bytes: ByteSize(c.chunk_bytes as u64),
+            frames: false,
         }
     }
 }
@@ -345,6 +355,11 @@ pub struct WorkloadSpec {
     /// `restart`: time from the failure to the job running again, s.
     #[serde(default = "default_restart")]
     pub restart_s: f64,
+    /// Skip through quiet stretches: when every live rank is computing, nothing is on the
+    /// network and no fault is due for a while, the last step is repeated at its measured
+    /// period instead of simulated again (for long runs; see `docs/simulator.md`).
+    #[serde(default)]
+    pub fast_forward: bool,
 }
 
 fn default_quorum_wait() -> f64 {
@@ -514,6 +529,22 @@ impl Scenario {
             return Err((f("transport", "chunk_bytes"), "must be at least 1024".into()));
         }
         let w = &self.workload;
+        if tr.frames {
+            let why = if t.ranks() > MAX_FRAME_RANKS {
+                Some(format!("a frame-level run takes at most {MAX_FRAME_RANKS} ranks"))
+            } else if w.payload != PayloadKind::Real {
+                Some("a frame-level run needs payload = \"real\" (the transport carries bytes)".into())
+            } else if w.on_failure == OnFailure::Restart || w.fast_forward {
+                Some("a frame-level run takes neither on_failure = \"restart\" nor fast_forward".into())
+            } else if tr.link_timeout_ms <= 100.0 {
+                Some("a frame-level run needs link_timeout_ms above the 100 ms heartbeat interval".into())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err((f("transport", "frames"), why));
+            }
+        }
         if w.steps == 0 {
             return Err((f("workload", "steps"), "must be at least 1".into()));
         }

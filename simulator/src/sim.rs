@@ -22,6 +22,9 @@ use crate::report::{Collectives, Contributions, NetworkStats, Recovery, Report, 
 use crate::scenario::{AlgorithmKind, FaultKind, OnFailure, OpKind, PayloadKind, PolicyKind, Scenario};
 use crate::trace::Trace;
 
+mod frames;
+use frames::{FrameStats, Frames};
+
 const MS: f64 = 1e6;
 const SEC: f64 = 1e9;
 /// Per-frame header bytes on the wire (the transport's frame header).
@@ -94,6 +97,19 @@ enum Ev {
     JobResume {
         epoch: u64,
     },
+    /// Frame level: a frame reaches `to` on link `link` (`corrupt`: its checksum fails).
+    Frame {
+        to: u32,
+        link: u32,
+        epoch: u64,
+        frame: Box<phalanx_proto::Frame>,
+        corrupt: bool,
+    },
+    /// Frame level: rank `rank`'s endpoint timer is due.
+    EndpointTimer {
+        rank: u32,
+        epoch: u64,
+    },
 }
 
 impl Ev {
@@ -114,6 +130,10 @@ impl Ev {
             Ev::FaultStart(i) => (8, *i as u64, 0),
             Ev::FaultEnd(i) => (9, *i as u64, 0),
             Ev::JobResume { epoch } => (10, *epoch, 0),
+            Ev::Frame { to, link, frame, corrupt, .. } => {
+                (13, (*to as u64) << 32 | *link as u64, frame.wire_len() as u64 | u64::from(*corrupt) << 63)
+            }
+            Ev::EndpointTimer { rank, .. } => (14, *rank as u64, 0),
         }
     }
 }
@@ -201,6 +221,9 @@ struct OpRecord {
     open: usize,
     /// The reference result for a participant set, computed once.
     expected: Option<(Vec<usize>, Option<Vec<u8>>)>,
+    /// Useful rank-time its applied contributions carried, and how much of it by its commit.
+    useful: f64,
+    useful_at_commit: f64,
 }
 
 /// Runs `scenario` with `seed`.
@@ -256,6 +279,7 @@ pub fn run_collective(
             on_failure: OnFailure::Continue,
             checkpoint_every: 1,
             restart_s: 0.0,
+            fast_forward: false,
         },
         faults: Vec::new(),
     };
@@ -322,6 +346,33 @@ struct Sim<'a> {
     last_progress: Instant,
     /// Set by [`run_collective`]: one given collective instead of the workload.
     given: Option<Given>,
+    // Fast-forward (`workload.fast_forward`).
+    /// Live ranks, and those of them computing.
+    alive_count: usize,
+    computing: usize,
+    /// Every live rank is computing: try to skip ahead once the current instant is handled.
+    quiet: bool,
+    /// Start and end times of every planned fault, ascending.
+    fault_times: Vec<u64>,
+    /// The last two steps committed: time, participants, network messages and bytes by then.
+    commits: [Option<Commit>; 2],
+    /// Useful rank-time of the last collective all of whose ranks are done with it: by its
+    /// commit (the checkpoint a commit may take includes only that), and in all.
+    last_step_useful: (f64, f64),
+    fast_forwarded: u64,
+    /// Frame level (`transport.frames`): the endpoints and links.
+    frames: Option<Frames>,
+    stats_frames: FrameStats,
+}
+
+/// A committed step, as fast-forward measures the period.
+#[derive(Clone, Copy, Debug)]
+struct Commit {
+    at: u64,
+    participants: usize,
+    step_s: f64,
+    messages: u64,
+    bytes: u64,
 }
 
 /// What a flow carries.
@@ -331,6 +382,8 @@ enum FlowOwner {
     Pair((u32, u32)),
     /// The processing of the head of this rank's queue of arrived messages.
     Processing(u32),
+    /// The head frame of a link's direction (frame level).
+    Link(u32, u8),
 }
 
 /// One fault injection, resolved.
@@ -435,7 +488,21 @@ impl<'a> Sim<'a> {
             options,
             last_progress: Instant::now(),
             given: None,
+            alive_count: world,
+            computing: 0,
+            quiet: false,
+            fault_times: Vec::new(),
+            commits: [None; 2],
+            last_step_useful: (0.0, 0.0),
+            fast_forwarded: 0,
+            frames: None,
+            stats_frames: FrameStats::default(),
         };
+        if sc.transport.frames {
+            let config = frames::transport_config(&sc.transport);
+            sim.frames = Some(Frames::new(world, t.ranks_per_host, t.nics_per_host, &config));
+            sim.fabric.set_frame_level();
+        }
         sim.plan_faults();
         sim
     }
@@ -544,12 +611,15 @@ impl<'a> Sim<'a> {
         }
         for (i, p) in planned.iter().enumerate() {
             self.push(p.at, Ev::FaultStart(i));
+            self.fault_times.push(p.at);
             if let Some(d) = p.duration {
                 if p.kind != FaultKind::Crash {
                     self.push(p.at + d, Ev::FaultEnd(i));
+                    self.fault_times.push(p.at + d);
                 }
             }
         }
+        self.fault_times.sort_unstable();
         self.faults = planned;
     }
 
@@ -627,6 +697,10 @@ impl<'a> Sim<'a> {
         }
         let rk = &mut self.ranks[r];
         rk.alive = false;
+        self.alive_count -= 1;
+        if rk.stage == Stage::Computing {
+            self.computing -= 1;
+        }
         let open = match rk.stage {
             Stage::InCall { op_seq } => Some(op_seq),
             _ => None,
@@ -650,6 +724,10 @@ impl<'a> Sim<'a> {
             if let Some(tr) = self.trace.as_mut() {
                 tr.end(r, self.now, "crashed");
             }
+        }
+        if self.frames.is_some() {
+            // Its peers' endpoints notice the silence and report it unreachable themselves.
+            return self.frames_crash(r);
         }
         // Its streams stop; bytes in flight to or from it are gone.
         let keys: Vec<(u32, u32)> =
@@ -681,6 +759,10 @@ impl<'a> Sim<'a> {
 
     /// Links changed: re-route every stream, and watch host pairs that lost their route.
     fn topology_changed(&mut self) {
+        if self.frames.is_some() {
+            // The endpoints find out for themselves.
+            return self.frames_topology_changed();
+        }
         let keys: Vec<(u32, u32)> = self.pairs.keys().copied().collect();
         for k in keys {
             let (ha, hb) = (self.fabric.host_of(k.0 as usize), self.fabric.host_of(k.1 as usize));
@@ -717,6 +799,10 @@ impl<'a> Sim<'a> {
     // ---- network ----
 
     fn send(&mut self, from: usize, to: usize, bytes: Bytes, phantom: usize) {
+        if self.frames.is_some() {
+            self.net.messages += 1;
+            return self.frames_send(from, to, bytes);
+        }
         let key = (from as u32, to as u32);
         let p = self.pairs.entry(key).or_default();
         p.queue.push_back(Msg { bytes, phantom });
@@ -783,6 +869,10 @@ impl<'a> Sim<'a> {
         self.fabric.share.remove(self.now, flow);
         let key = match self.flow_owner[flow] {
             FlowOwner::Pair(key) => key,
+            FlowOwner::Link(link, dir) => {
+                self.frame_sent((link, dir));
+                return true;
+            }
             FlowOwner::Processing(r) => {
                 let r = r as usize;
                 self.ranks[r].proc_active = None;
@@ -841,6 +931,8 @@ impl<'a> Sim<'a> {
 
     /// Fresh groups for every rank (start of the run, or a job restart with spares).
     fn form_groups(&mut self) {
+        self.alive_count = self.world;
+        self.computing = 0;
         let t = &self.sc.topology;
         let per_dc = t.hosts_per_dc * t.ranks_per_host;
         let topology = Topology::uniform(t.dcs, per_dc);
@@ -886,6 +978,8 @@ impl<'a> Sim<'a> {
             rk.stage = Stage::Computing;
             let epoch = self.epoch;
             self.push(self.now + compute, Ev::ComputeDone { rank: r as u32, epoch });
+            self.computing += 1;
+            self.quiet = self.computing == self.alive_count && self.sc.workload.fast_forward;
         }
     }
 
@@ -975,6 +1069,9 @@ impl<'a> Sim<'a> {
                     self.send(r, to, bytes, phantom);
                 }
             }
+            if self.frames.is_some() {
+                self.frames_drain(r);
+            }
             if let Some(t) = timeout {
                 let rk = &mut self.ranks[r];
                 if rk.timer_at.is_none_or(|at| t < at || at < self.now) {
@@ -1011,6 +1108,7 @@ impl<'a> Sim<'a> {
                 self.contrib.applied += units;
                 self.useful_since_checkpoint += useful;
                 let rec = self.ops.get_mut(&key).expect("started");
+                rec.useful += useful;
                 if self.sc.workload.payload == PayloadKind::Real && !rec.wrong {
                     if rec.expected.as_ref().is_none_or(|(p, _)| *p != participants) {
                         rec.expected = Some((participants.clone(), sum_of(&rec.offered, &participants)));
@@ -1024,6 +1122,7 @@ impl<'a> Sim<'a> {
                 }
                 if !rec.completed {
                     rec.completed = true;
+                    rec.useful_at_commit = rec.useful;
                     self.coll.completed += 1;
                     self.step_committed(rec_started(&self.ops, key), participants.len());
                 }
@@ -1094,6 +1193,9 @@ impl<'a> Sim<'a> {
             if !rec.completed && rec.failed {
                 self.coll.failed += 1;
             }
+            if rec.completed {
+                self.last_step_useful = (rec.useful_at_commit, rec.useful);
+            }
             self.ops.remove(&key);
         }
     }
@@ -1108,11 +1210,100 @@ impl<'a> Sim<'a> {
         for t in self.open_faults.drain(..) {
             self.recoveries.push((self.now - t) as f64 / SEC);
         }
-        self.steps.push(StepPoint {
-            t_s: self.now as f64 / SEC,
-            step_s: (self.now - started) as f64 / SEC,
-            participants,
+        let step_s = (self.now - started) as f64 / SEC;
+        self.steps.push(StepPoint { t_s: self.now as f64 / SEC, step_s, participants });
+        let (messages, bytes) = (self.net.messages, self.net.bytes);
+        self.commits = [self.commits[1], Some(Commit { at: self.now, participants, step_s, messages, bytes })];
+    }
+
+    /// Fast-forward: every live rank is computing the next step. If the network is idle,
+    /// nothing but their compute is pending, and the last two steps were alike with no fault
+    /// between them, the steps up to one period before the next fault (or the end) are taken
+    /// as repeats of the last one: progress, checkpoints, useful time, contributions and
+    /// network totals advance by them, and every pending event moves later by their time.
+    fn fast_forward(&mut self) {
+        let [Some(a), Some(b)] = self.commits else { return };
+        let period = b.at - a.at;
+        let fault_between =
+            self.fault_times.partition_point(|t| *t <= a.at) != self.fault_times.partition_point(|t| *t <= self.now);
+        if self.restarting
+            || period == 0
+            || a.participants != b.participants
+            || fault_between
+            || !self.open_faults.is_empty()
+        {
+            return;
+        }
+        let busy_pair = self.pairs.values().any(|p| p.active.is_some() || !p.queue.is_empty());
+        let carrying = self.ranks.iter().any(|r| r.alive && r.carry_units > 0);
+        // Only compute (and stale or idle-group events) may be pending.
+        let pending_work = self.heap.iter().any(|e| match &e.ev {
+            Ev::ComputeDone { .. } | Ev::GroupTimer { .. } | Ev::Deadline { .. } => false,
+            Ev::FaultStart(_) | Ev::FaultEnd(_) => false,
+            Ev::FlowDone { flow, version } => self.fabric.share.version(*flow) == Some(*version),
+            Ev::Deliver { epoch, .. }
+            | Ev::Processed { epoch, .. }
+            | Ev::LostNotice { epoch, .. }
+            | Ev::JobResume { epoch } => *epoch == self.epoch,
+            Ev::HostsCut { .. } | Ev::Frame { .. } | Ev::EndpointTimer { .. } => true,
         });
+        if busy_pair || carrying || pending_work {
+            return;
+        }
+        let end = (self.sc.duration_s * SEC) as u64;
+        let next_fault = self.fault_times.get(self.fault_times.partition_point(|t| *t <= self.now)).copied();
+        let horizon = next_fault.unwrap_or(end).min(end);
+        let step = self.ranks.iter().filter(|r| r.alive).map(|r| r.step).max().unwrap_or(0);
+        // Keep a period of margin before the horizon, and simulate the last step for real.
+        let k = (horizon.saturating_sub(self.now) / period)
+            .saturating_sub(1)
+            .min(self.steps_target.saturating_sub(step + 1));
+        if k < 2 {
+            return;
+        }
+        let shift = k * period;
+        let entries: Vec<Entry> = std::mem::take(&mut self.heap).into_vec();
+        for mut e in entries {
+            match e.ev {
+                Ev::FaultStart(_) | Ev::FaultEnd(_) => {}
+                // Deadlines of collectives every rank is done with, and events that are stale
+                // already, would only pile up as they move on with every skip.
+                Ev::Deadline { .. } => continue,
+                Ev::FlowDone { flow, version } if self.fabric.share.version(flow) != Some(version) => continue,
+                Ev::ComputeDone { epoch, .. } | Ev::GroupTimer { epoch, .. } if epoch != self.epoch => continue,
+                _ => e.at += shift,
+            }
+            self.heap.push(e);
+        }
+        for rk in self.ranks.iter_mut().filter(|r| r.alive) {
+            rk.step += k;
+        }
+        let live = self.alive_count as u64;
+        self.contrib.offered += k * live;
+        self.contrib.applied += k * live;
+        self.coll.completed += k;
+        self.net.messages += k * (b.messages - a.messages);
+        self.net.bytes += k * (b.bytes - a.bytes);
+        for i in 1..=k {
+            // As a simulated step: the commit (and a checkpoint) comes with the first rank's
+            // result; the others' useful time counts after it.
+            let (by_commit, all) = self.last_step_useful;
+            self.progress += 1;
+            self.useful_since_checkpoint += by_commit;
+            if self.progress.is_multiple_of(self.sc.workload.checkpoint_every) {
+                self.checkpoint = self.progress;
+                self.useful_ns += std::mem::take(&mut self.useful_since_checkpoint);
+            }
+            self.useful_since_checkpoint += all - by_commit;
+            let t_s = (b.at + i * period) as f64 / SEC;
+            self.steps.push(StepPoint { t_s, step_s: b.step_s, participants: b.participants });
+        }
+        let at = b.at + k * period;
+        self.commits = [Some(Commit { at: at - period, ..b }), Some(Commit { at, ..b })];
+        self.fast_forwarded += k;
+        self.hash_buf.push(12);
+        self.hash_buf.extend_from_slice(&k.to_le_bytes());
+        self.hash_buf.extend_from_slice(&period.to_le_bytes());
     }
 
     /// Synchronous training's answer to a failure: stop everyone, lose the work since the last
@@ -1144,6 +1335,7 @@ impl<'a> Sim<'a> {
             rk.group = None;
             rk.stage = Stage::Idle;
             rk.proc_queue.clear();
+            self.computing = 0;
             if let Some(flow) = rk.proc_active.take() {
                 self.fabric.share.remove(self.now, flow);
             }
@@ -1179,6 +1371,9 @@ impl<'a> Sim<'a> {
 
     fn run(&mut self) {
         self.form_groups();
+        if self.frames.is_some() {
+            self.frames_start();
+        }
         for r in 0..self.world {
             self.begin_step(r);
         }
@@ -1198,6 +1393,9 @@ impl<'a> Sim<'a> {
                 self.handle(ev);
             }
             self.settle_network();
+            if std::mem::take(&mut self.quiet) && self.computing == self.alive_count {
+                self.fast_forward();
+            }
             if self.all_done() {
                 break;
             }
@@ -1234,6 +1432,8 @@ impl<'a> Sim<'a> {
             | Ev::Deadline { epoch, .. }
             | Ev::ComputeDone { epoch, .. }
             | Ev::LostNotice { epoch, .. }
+            | Ev::Frame { epoch, .. }
+            | Ev::EndpointTimer { epoch, .. }
             | Ev::JobResume { epoch } => *epoch == self.epoch,
             _ => true,
         };
@@ -1282,6 +1482,7 @@ impl<'a> Sim<'a> {
             Ev::ComputeDone { rank, .. } => {
                 let r = rank as usize;
                 if self.ranks[r].alive && self.ranks[r].stage == Stage::Computing {
+                    self.computing -= 1;
                     self.start_call(r);
                 }
             }
@@ -1315,6 +1516,16 @@ impl<'a> Sim<'a> {
             }
             Ev::FaultStart(i) => self.fault(i, true),
             Ev::FaultEnd(i) => self.fault(i, false),
+            Ev::Frame { to, link, frame, corrupt, .. } => {
+                if self.ranks[to as usize].alive {
+                    self.frame_arrived(to as usize, link, *frame, corrupt);
+                }
+            }
+            Ev::EndpointTimer { rank, .. } => {
+                if self.ranks[rank as usize].alive {
+                    self.frames_timer(rank as usize);
+                }
+            }
             Ev::JobResume { .. } => {
                 self.restarting = false;
                 self.form_groups();
@@ -1337,6 +1548,9 @@ impl<'a> Sim<'a> {
     }
 
     fn finish(mut self) -> RunOutput {
+        if self.frames.is_some() {
+            self.frames_finish();
+        }
         self.hasher.update(&self.hash_buf);
         let hash = self.hasher.clone().finalize();
         let trace_hash: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
@@ -1386,6 +1600,8 @@ impl<'a> Sim<'a> {
             goodput,
             recovery_s: Recovery { p50: rec.get(rec.len() / 2).copied(), max: rec.last().copied(), count: rec.len() },
             network: self.net.clone(),
+            fast_forwarded_steps: self.fast_forwarded,
+            frames: self.frames.is_some().then_some(self.stats_frames),
             peak_rss_mb: crate::report::peak_rss_mb(),
             steps: self.steps,
             fault_marks: self.fault_marks,

@@ -13,15 +13,18 @@
 //! Per rank that is `2(L−1)·S/L` bytes on the LAN, and `2(D−1)·S/(L·D)` bytes on the WAN —
 //! `1/L` of what a flat ring would put on the WAN links.
 //!
-//! When data centres differ in size the schedule falls back to leaders: a binomial-tree reduce
-//! to each data centre's lowest rank, a ring all-reduce among the leaders (`D` blocks), and a
-//! tree broadcast back. Every phase is padded to the same number of rounds on every rank, so
+//! When data centres differ in size (a rank lost), each one's extra ranks fold into a partner
+//! first and get the result back last, around the same grid over `p` ranks per data centre
+//! (`p` the largest power of two not above the smallest; see `folded_grid`). Only when some
+//! data centre has more than `2p` ranks does the schedule fall back to leaders: a binomial-tree
+//! reduce to each data centre's lowest rank, a ring all-reduce among the leaders (`D` blocks),
+//! and a tree broadcast back. Every phase is padded to the same number of rounds on every rank, so
 //! rounds stay globally numbered (what the executor and the symbolic checker require).
 
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::{halving_doubling, ring, tree, Collective, Recv, Round, Schedule, Send};
+use super::{halving_doubling, ring, tree, Collective, Combine, Recv, Round, Schedule, Send};
 
 /// Which data centre each rank is in. Cheap to clone (shared), so every rank of a large group
 /// can hold the same one; what the schedules ask of it (the data centres, where a rank sits in
@@ -111,6 +114,11 @@ impl Topology {
     }
 }
 
+/// Largest data centre (not a power of two) whose reduce-scatter and all-gather run as rings;
+/// larger ones fold to a power of two instead (see `folded_grid`): a ring's `2(L − 1)` steps of
+/// latency outgrow the one extra buffer each folded pair moves.
+pub const RING_WITHIN_DC_MAX: usize = 64;
+
 /// Rounds of `s` with its ranks renamed by `ranks` and each of its block ranges replaced by
 /// `blocks(range)` (a contiguous range of this schedule's blocks).
 fn embed(s: &Schedule, ranks: &[usize], blocks: &dyn Fn(Range<usize>) -> Range<usize>) -> Vec<Round> {
@@ -150,7 +158,11 @@ pub fn all_reduce(rank: usize, topology: &Topology) -> Schedule {
     let ring_sched = |c, r, n| ring::schedule(c, r, n).expect("the ring implements all-reduce family");
     let mut rounds = Vec::new();
     let l = members.len();
-    if dcs.iter().all(|m| m.len() == l) {
+    let uniform = dcs.iter().all(|m| m.len() == l);
+    if uniform && !l.is_power_of_two() && l > RING_WITHIN_DC_MAX {
+        return folded_grid(dcs, my_dc, li, 1 << (usize::BITS - 1 - l.leading_zeros()));
+    }
+    if uniform {
         let group = |b: Range<usize>| b.start * d..b.end * d;
         // Inside a data centre: recursive halving and doubling when its size is a power of two
         // (log₂ L rounds, each one message per rank), else the ring (L − 1 rounds).
@@ -166,6 +178,13 @@ pub fn all_reduce(rank: usize, topology: &Topology) -> Schedule {
         push_phase(&mut rounds, embed(&ag, members, &group), local_rounds);
         return Schedule { blocks: l * d, rounds };
     }
+    // Unequal data centres (a rank lost): fold the extra ranks of each into a partner, run the
+    // grid over `p` ranks per data centre, unfold — when one fold per rank is enough.
+    let smallest = dcs.iter().map(|m| m.len()).min().unwrap_or(0);
+    let p = 1usize << (usize::BITS - 1 - smallest.max(1).leading_zeros());
+    if dcs.iter().all(|m| m.len() <= 2 * p) {
+        return folded_grid(dcs, my_dc, li, p);
+    }
     let all = |_: Range<usize>| 0..d;
     let depth = dcs.iter().map(|m| tree_rounds(m.len())).max().unwrap_or(0);
     push_phase(&mut rounds, embed(&tree::reduce(0, li, l), members, &all), depth);
@@ -174,6 +193,63 @@ pub fn all_reduce(rank: usize, topology: &Topology) -> Schedule {
     push_phase(&mut rounds, wan, 2 * (d - 1));
     push_phase(&mut rounds, embed(&tree::broadcast(0, li, l), members, &all), depth);
     Schedule { blocks: d, rounds }
+}
+
+/// The hierarchical all-reduce over data centres of unequal sizes, each at most `2p` ranks
+/// (`p` a power of two no larger than the smallest): in each data centre of `L` ranks the first
+/// `2(L − p)` pair up and the odd one of each pair hands its whole buffer to the even one
+/// (one round), leaving `p` *core* ranks per data centre (as recursive doubling does for a
+/// world that is not a power of two); the cores run the uniform grid (recursive halving, WAN
+/// ring, recursive doubling over `p·D` blocks); then each pair's even rank copies the result
+/// back. Per core rank that is the uniform schedule's bytes plus, for paired ones, the whole
+/// buffer in and out once — instead of the leaders' binomial trees of the whole buffer.
+fn folded_grid(dcs: &[Vec<usize>], my_dc: usize, li: usize, p: usize) -> Schedule {
+    let d = dcs.len();
+    let extra = |m: &Vec<usize>| m.len() - p;
+    // The rank of core index `v` of data centre `m`.
+    let core = |m: &Vec<usize>, v: usize| if v < extra(m) { m[2 * v] } else { m[v + extra(m)] };
+    let members = &dcs[my_dc];
+    let e = extra(members);
+    let folds = dcs.iter().any(|m| extra(m) > 0);
+    let whole = 0..p * d;
+    let folded_away = li < 2 * e && li % 2 == 1;
+    let mut rounds = Vec::new();
+    if folds {
+        rounds.push(match (li < 2 * e, folded_away) {
+            (true, true) => Round { sends: vec![Send { to: members[li - 1], blocks: whole.clone() }], recvs: vec![] },
+            (true, false) => Round {
+                sends: vec![],
+                recvs: vec![Recv { from: members[li + 1], blocks: whole.clone(), combine: Combine::Reduce }],
+            },
+            (false, _) => Round::default(),
+        });
+    }
+    let local_rounds = p.trailing_zeros() as usize;
+    if folded_away {
+        rounds.resize(rounds.len() + 2 * local_rounds + 2 * (d - 1), Round::default());
+    } else {
+        let v = if li < 2 * e { li / 2 } else { li - e };
+        let cores: Vec<usize> = (0..p).map(|i| core(members, i)).collect();
+        let group = |b: Range<usize>| b.start * d..b.end * d;
+        let rs = halving_doubling::reduce_scatter(v, p).expect("p is a power of two");
+        let ag = halving_doubling::all_gather(v, p).expect("p is a power of two");
+        push_phase(&mut rounds, embed(&rs, &cores, &group), local_rounds);
+        let peers: Vec<usize> = dcs.iter().map(|m| core(m, v)).collect();
+        let ring = ring::schedule(Collective::AllReduce, my_dc, d).expect("the ring implements all-reduce");
+        push_phase(&mut rounds, embed(&ring, &peers, &|b| v * d + b.start..v * d + b.end), 2 * (d - 1));
+        push_phase(&mut rounds, embed(&ag, &cores, &group), local_rounds);
+    }
+    if folds {
+        rounds.push(match (li < 2 * e, folded_away) {
+            (true, true) => Round {
+                sends: vec![],
+                recvs: vec![Recv { from: members[li - 1], blocks: whole.clone(), combine: Combine::Copy }],
+            },
+            (true, false) => Round { sends: vec![Send { to: members[li + 1], blocks: whole }], recvs: vec![] },
+            (false, _) => Round::default(),
+        });
+    }
+    Schedule { blocks: p * d, rounds }
 }
 
 #[cfg(test)]
@@ -197,6 +273,36 @@ mod tests {
             .sum();
         // Each of the 8 ranks sends 2(D−1) = 2 blocks of S/8 over the WAN.
         assert_eq!(wan_blocks, 16);
+    }
+
+    #[test]
+    fn a_data_centre_one_rank_short_folds_instead_of_falling_back_to_trees() {
+        // 2 × 16 with rank 5 gone: 15 and 16 ranks, p = 8, one fold round before and after.
+        let mut labels = vec![0; 15];
+        labels.extend(vec![1; 16]);
+        let t = Topology::new(labels);
+        let s: Vec<Schedule> = (0..t.world()).map(|r| all_reduce(r, &t)).collect();
+        symbolic::check(Collective::AllReduce, t.world(), &s).unwrap();
+        assert_eq!(s[0].blocks, 16, "p · D blocks");
+        assert_eq!(s[0].rounds.len(), 1 + 3 + 2 + 3 + 1, "fold, halving, WAN ring, doubling, unfold");
+        // The most any rank sends is about twice the uniform schedule's, not log₂ L buffers.
+        let most =
+            s.iter().map(|x| x.rounds.iter().flat_map(|r| &r.sends).map(|m| m.blocks.len()).sum::<usize>()).max();
+        // Halving and doubling: 7 groups of D = 2 blocks each; the WAN ring 2(D − 1) blocks.
+        assert_eq!(most, Some(16 + 7 * 2 + 2 + 7 * 2), "unfold + halving + WAN + doubling (blocks of S/16)");
+    }
+
+    #[test]
+    fn large_data_centres_that_are_not_a_power_of_two_fold_instead_of_running_rings() {
+        let per = RING_WITHIN_DC_MAX + 3;
+        let t = Topology::uniform(2, per);
+        let s: Vec<Schedule> = (0..t.world()).map(|r| all_reduce(r, &t)).collect();
+        symbolic::check(Collective::AllReduce, t.world(), &s).unwrap();
+        let p = 64;
+        assert_eq!(s[0].rounds.len(), 1 + 6 + 2 + 6 + 1, "fold, log₂ p, WAN ring, log₂ p, unfold");
+        assert_eq!(s[0].blocks, p * 2);
+        let small = Topology::uniform(2, RING_WITHIN_DC_MAX - 1);
+        assert_eq!(all_reduce(0, &small).rounds.len(), 2 * (RING_WITHIN_DC_MAX - 2) + 2, "rings below the bound");
     }
 
     proptest! {
