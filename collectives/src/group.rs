@@ -1454,6 +1454,7 @@ enum Control {
 /// len u32)`. A plan over a large group with a few ranks missing is a few runs, not a rank
 /// per member (the coordinator sends one to every member).
 fn put_ranks(m: &mut BytesMut, ranks: &[usize]) {
+    debug_assert!(ranks.windows(2).all(|w| w[0] < w[1]), "rank lists are ascending");
     let runs = 1 + ranks.windows(2).filter(|w| w[1] != w[0] + 1).count();
     if ranks.is_empty() {
         m.put_u32_le(0);
