@@ -194,15 +194,18 @@ impl ClusterView {
     pub fn apply(&mut self, c: &Command) -> Result<Outcome, ViewError> {
         match c {
             Command::Join { dc, host, addrs, incarnation } => {
+                let mut same = self.ranks.iter().filter(|(_, m)| m.host == *host && m.addrs == *addrs);
                 // The same process again (a retried join): refused, it already has its rank.
-                let same = self.ranks.iter().find(|(_, m)| m.host == *host && m.addrs == *addrs);
-                let rank = match same {
-                    Some((r, m)) if m.incarnation == *incarnation && m.status != RankStatus::Failed => {
-                        return Err(ViewError::AlreadyJoined { rank: *r, incarnation: *incarnation });
-                    }
-                    // A restarted process rejoining: its old id, once the old one is out.
-                    Some((r, m)) if m.status == RankStatus::Failed && !self.members.contains(r) => *r,
-                    _ => self.free_id()?,
+                if let Some((r, _)) =
+                    same.clone().find(|(_, m)| m.incarnation == *incarnation && m.status != RankStatus::Failed)
+                {
+                    return Err(ViewError::AlreadyJoined { rank: *r, incarnation: *incarnation });
+                }
+                // A restarted process rejoining: its old id, once the old one is out.
+                let old = same.find(|(r, m)| m.status == RankStatus::Failed && !self.members.contains(r));
+                let rank = match old {
+                    Some((r, _)) => *r,
+                    None => self.free_id()?,
                 };
                 let member = Member {
                     dc: *dc,
@@ -338,6 +341,15 @@ mod tests {
             Ok(Outcome::EpochBegan { epoch: 3, members: vec![0, 1] })
         );
         assert_eq!(v.rank(1).map(|m| m.incarnation), Some(2));
+        // Failed and rejoining within one epoch (its old record still a member): a new id, and
+        // a retried join is refused instead of making another record.
+        v.apply(&Command::ReportFailure { rank: 0, reporter: 1, epoch: 3 }).unwrap();
+        assert_eq!(v.apply(&join("a", 2)), Ok(Outcome::Joined { rank: 2, from_epoch: 4 }));
+        assert_eq!(v.apply(&join("a", 2)), Err(ViewError::AlreadyJoined { rank: 2, incarnation: 2 }));
+        assert_eq!(
+            v.apply(&Command::BeginEpoch { expected: 3 }),
+            Ok(Outcome::EpochBegan { epoch: 4, members: vec![1, 2] })
+        );
     }
 
     fn command() -> impl Strategy<Value = Command> {
