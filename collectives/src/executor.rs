@@ -458,22 +458,30 @@ impl Executor {
     }
 
     /// The buffer's element ranges holding `elems` (in schedule order), in order.
-    fn pieces(&self, elems: Range<usize>) -> Vec<Range<usize>> {
-        let Some(m) = &self.mapped else { return vec![elems] };
-        let mut out = Vec::new();
-        let mut b = m.starts.partition_point(|s| *s <= elems.start).saturating_sub(1);
+    fn pieces(&self, elems: Range<usize>) -> impl Iterator<Item = Range<usize>> + '_ {
+        // Without a block map the schedule's order is the buffer's: one piece, no lookups.
+        let mut b =
+            self.mapped.as_ref().map_or(0, |m| m.starts.partition_point(|s| *s <= elems.start).saturating_sub(1));
         let mut at = elems.start;
-        while at < elems.end {
-            let real = block_range(self.count, m.space, m.map[b]);
-            let (lo, hi) = (m.starts[b], m.starts[b + 1]);
-            let end = hi.min(elems.end);
-            if end > at {
-                out.push(real.start + (at - lo)..real.start + (end - lo));
-                at = end;
+        std::iter::from_fn(move || {
+            if at >= elems.end {
+                return None;
             }
-            b += 1;
-        }
-        out
+            let Some(m) = &self.mapped else {
+                at = elems.end;
+                return Some(elems.clone());
+            };
+            loop {
+                let real = block_range(self.count, m.space, m.map[b]);
+                let (lo, end) = (m.starts[b], m.starts[b + 1].min(elems.end));
+                b += 1;
+                if end > at {
+                    let piece = real.start + (at - lo)..real.start + (end - lo);
+                    at = end;
+                    return Some(piece);
+                }
+            }
+        })
     }
 
     /// The message of segment `seg` of send `i`, and its phantom length.
@@ -504,10 +512,10 @@ impl Executor {
             return;
         }
         let size = self.dtype.size();
-        let pieces = self.pieces(elems);
-        if let [only] = &pieces[..] {
-            return self.apply_contiguous(only.start * size..only.end * size, combine, data);
+        if self.mapped.is_none() {
+            return self.apply_contiguous(elems.start * size..elems.end * size, combine, data);
         }
+        let pieces: Vec<Range<usize>> = self.pieces(elems).collect();
         let mut off = 0;
         for r in pieces {
             let len = (r.end - r.start) * size;

@@ -1455,23 +1455,19 @@ enum Control {
 /// per member (the coordinator sends one to every member).
 fn put_ranks(m: &mut BytesMut, ranks: &[usize]) {
     debug_assert!(ranks.windows(2).all(|w| w[0] < w[1]), "rank lists are ascending");
-    let runs = 1 + ranks.windows(2).filter(|w| w[1] != w[0] + 1).count();
-    if ranks.is_empty() {
-        m.put_u32_le(0);
-        return;
+    // One pass: the run count is written in front once the runs are known.
+    let count_at = m.len();
+    m.put_u32_le(0);
+    let mut runs = 0u32;
+    let mut rest = ranks;
+    while let Some(&first) = rest.first() {
+        let len = rest.iter().enumerate().take_while(|(i, r)| **r == first + i).count();
+        m.put_u32_le(first as u32);
+        m.put_u32_le(len as u32);
+        runs += 1;
+        rest = &rest[len..];
     }
-    m.put_u32_le(runs as u32);
-    let mut first = ranks[0];
-    for (i, r) in ranks.iter().enumerate() {
-        let last = i + 1 == ranks.len();
-        if last || ranks[i + 1] != r + 1 {
-            m.put_u32_le(first as u32);
-            m.put_u32_le((r + 1 - first) as u32);
-            if !last {
-                first = ranks[i + 1];
-            }
-        }
-    }
+    m[count_at..count_at + 4].copy_from_slice(&runs.to_le_bytes());
 }
 
 fn encode_report(r: &Report) -> Bytes {
