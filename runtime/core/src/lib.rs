@@ -1,6 +1,8 @@
-//! The runtime's sans-IO core (DESIGN.md: `runtime/core`). So far: the **cluster view** that
-//! the coordinators replicate — who is in the job, in which epoch — as a deterministic state
-//! machine over a log of [`membership::Command`]s, with its log-entry codec. The Raft group that
-//! orders the log (issue #5) drives it; nothing here touches a socket, a clock or a thread.
+//! The runtime's sans-IO core (DESIGN.md: `runtime/core`): the **cluster view** that the
+//! coordinators replicate — who is in the job, in which epoch — as a deterministic state
+//! machine over a log of [`membership::Command`]s, and the **coordinator group** that orders
+//! that log with Raft ([`coordinator`]). Nothing here touches a socket, a clock or a thread:
+//! time comes in as ticks, bytes as events, and the log reaches disk through a seam.
 
+pub mod coordinator;
 pub mod membership;

@@ -184,6 +184,12 @@ impl ClusterView {
         self.ranks.get(&rank)
     }
 
+    /// A view from its parts (the snapshot decoder; it checks that `members` are ascending
+    /// and known).
+    pub(super) fn from_parts(epoch: u64, ranks: BTreeMap<u32, Member>, members: Vec<u32>) -> ClusterView {
+        ClusterView { epoch, ranks, members }
+    }
+
     /// Whether beginning an epoch now would change the member list.
     pub fn change_pending(&self) -> bool {
         self.ranks.values().any(|m| m.status != RankStatus::Active)

@@ -1,0 +1,258 @@
+//! What clients (ranks, operators) and coordinators say to each other.
+//!
+//! Request: `version u8 | kind u8 | client u64 | request u64 | body` — kind 1 proposes a
+//! command (body: its log-entry encoding), kind 2 asks for a linearizable read of the view.
+//! Reply: `version u8 | kind u8 | request u64 | body` — 1 applied (`index u64 | result`),
+//! 2 view (`index u64 | view`), 3 not leader (`leader u64`, 0 when unknown), 4 refused (`reason
+//! str`). Decoding is total: bytes give a message or a [`DecodeError`], never a panic.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::coordinator::state::CommandResult;
+use crate::membership::{self, ClusterView, Command, DecodeError};
+
+const VERSION: u8 = 1;
+
+/// Largest request accepted (a command and its header).
+pub const MAX_REQUEST_BYTES: usize = membership::MAX_ENTRY_BYTES + 32;
+
+/// A client's request. `client` is the client's own random id (stable across retries, so a
+/// retried command is applied once); `request` grows with each new request of that client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientRequest {
+    /// The client.
+    pub client: u64,
+    /// The request number.
+    pub request: u64,
+    /// What it asks.
+    pub body: RequestBody,
+}
+
+/// What a client asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestBody {
+    /// Append this command to the log and apply it.
+    Propose(Command),
+    /// The current view, read linearizably (Raft ReadIndex through the leader).
+    Read,
+}
+
+/// A coordinator's answer to request `request`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientReply {
+    /// The request answered.
+    pub request: u64,
+    /// The answer.
+    pub body: ReplyBody,
+}
+
+/// The answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplyBody {
+    /// The command was committed at `index` and applied with this result.
+    Applied {
+        /// Its log index.
+        index: u64,
+        /// The result (a refusal such as a stale epoch is a result too: it is in the log).
+        result: CommandResult,
+    },
+    /// The view as of applied index `index`, at least as new as any write acknowledged before
+    /// the read was asked.
+    View {
+        /// The applied index it reflects.
+        index: u64,
+        /// The view.
+        view: ClusterView,
+    },
+    /// Ask the leader instead (`None`: no leader known right now; retry).
+    NotLeader {
+        /// The leader's coordinator id, if known.
+        leader: Option<u64>,
+    },
+    /// The request was malformed or cannot be served.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ClientRequest {
+    /// The request's bytes.
+    pub fn encode(&self) -> Bytes {
+        let mut m = BytesMut::with_capacity(32);
+        m.put_u8(VERSION);
+        match &self.body {
+            RequestBody::Propose(_) => m.put_u8(1),
+            RequestBody::Read => m.put_u8(2),
+        }
+        m.put_u64_le(self.client);
+        m.put_u64_le(self.request);
+        if let RequestBody::Propose(c) = &self.body {
+            m.put_slice(&membership::encode(c));
+        }
+        m.freeze()
+    }
+
+    /// The request in `bytes`.
+    pub fn decode(bytes: &[u8]) -> Result<ClientRequest, DecodeError> {
+        if bytes.len() > MAX_REQUEST_BYTES {
+            return Err(DecodeError::TooLong(bytes.len()));
+        }
+        let mut b = bytes;
+        let version = membership::codec_u8(&mut b, "version")?;
+        if version != VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let kind = membership::codec_u8(&mut b, "kind")?;
+        let client = membership::codec_u64(&mut b, "client")?;
+        let request = membership::codec_u64(&mut b, "request")?;
+        let body = match kind {
+            1 => RequestBody::Propose(membership::decode(b)?),
+            2 if b.is_empty() => RequestBody::Read,
+            2 => return Err(DecodeError::Trailing(b.len())),
+            k => return Err(DecodeError::Kind(k)),
+        };
+        Ok(ClientRequest { client, request, body })
+    }
+}
+
+impl ClientReply {
+    /// The reply's bytes.
+    pub fn encode(&self) -> Bytes {
+        let mut m = BytesMut::with_capacity(32);
+        m.put_u8(VERSION);
+        let kind = match &self.body {
+            ReplyBody::Applied { .. } => 1,
+            ReplyBody::View { .. } => 2,
+            ReplyBody::NotLeader { .. } => 3,
+            ReplyBody::Refused { .. } => 4,
+        };
+        m.put_u8(kind);
+        m.put_u64_le(self.request);
+        match &self.body {
+            ReplyBody::Applied { index, result } => {
+                m.put_u64_le(*index);
+                membership::put_result(&mut m, result);
+            }
+            ReplyBody::View { index, view } => {
+                m.put_u64_le(*index);
+                membership::put_view(&mut m, view);
+            }
+            ReplyBody::NotLeader { leader } => m.put_u64_le(leader.unwrap_or(0)),
+            ReplyBody::Refused { reason } => {
+                let r = &reason.as_bytes()[..reason.floor_char_boundary_compat(1024)];
+                m.put_u16_le(r.len() as u16);
+                m.put_slice(r);
+            }
+        }
+        m.freeze()
+    }
+
+    /// The reply in `bytes`.
+    pub fn decode(bytes: &[u8]) -> Result<ClientReply, DecodeError> {
+        if bytes.len() > membership::MAX_VIEW_BYTES + 32 {
+            return Err(DecodeError::TooLong(bytes.len()));
+        }
+        let mut b = bytes;
+        let version = membership::codec_u8(&mut b, "version")?;
+        if version != VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let kind = membership::codec_u8(&mut b, "kind")?;
+        let request = membership::codec_u64(&mut b, "request")?;
+        let body = match kind {
+            1 => {
+                let index = membership::codec_u64(&mut b, "index")?;
+                ReplyBody::Applied { index, result: membership::get_result(&mut b)? }
+            }
+            2 => {
+                let index = membership::codec_u64(&mut b, "index")?;
+                ReplyBody::View { index, view: membership::get_view(&mut b)? }
+            }
+            3 => {
+                let l = membership::codec_u64(&mut b, "leader")?;
+                ReplyBody::NotLeader { leader: (l != 0).then_some(l) }
+            }
+            4 => {
+                if b.remaining() < 2 {
+                    return Err(DecodeError::Truncated("reason"));
+                }
+                let n = b.get_u16_le() as usize;
+                if b.remaining() < n {
+                    return Err(DecodeError::Truncated("reason"));
+                }
+                let reason = std::str::from_utf8(&b[..n]).map_err(|_| DecodeError::Malformed("reason"))?.to_string();
+                b.advance(n);
+                ReplyBody::Refused { reason }
+            }
+            k => return Err(DecodeError::Kind(k)),
+        };
+        if !b.is_empty() {
+            return Err(DecodeError::Trailing(b.len()));
+        }
+        Ok(ClientReply { request, body })
+    }
+}
+
+trait FloorCharBoundary {
+    fn floor_char_boundary_compat(&self, max: usize) -> usize;
+}
+
+impl FloorCharBoundary for String {
+    fn floor_char_boundary_compat(&self, max: usize) -> usize {
+        let mut end = self.len().min(max);
+        while !self.is_char_boundary(end) {
+            end -= 1;
+        }
+        end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::{Outcome, ViewError};
+    use proptest::prelude::*;
+
+    #[test]
+    fn requests_and_replies_round_trip() {
+        let reqs = [
+            ClientRequest { client: 9, request: 3, body: RequestBody::Read },
+            ClientRequest {
+                client: u64::MAX,
+                request: 0,
+                body: RequestBody::Propose(Command::Leave { rank: 4, epoch: 2 }),
+            },
+        ];
+        for r in reqs {
+            assert_eq!(ClientRequest::decode(&r.encode()), Ok(r));
+        }
+        let mut view = ClusterView::new();
+        view.apply(&Command::Join { dc: 1, host: "h".into(), addrs: vec!["a:1".into()], incarnation: 5 })
+            .expect("join");
+        let replies = [
+            ReplyBody::Applied { index: 7, result: Ok(Outcome::Joined { rank: 0, from_epoch: 1 }) },
+            ReplyBody::Applied { index: 8, result: Err(ViewError::Fenced(3)) },
+            ReplyBody::View { index: 9, view },
+            ReplyBody::NotLeader { leader: Some(2) },
+            ReplyBody::NotLeader { leader: None },
+            ReplyBody::Refused { reason: "bad request: entry ends inside kind".into() },
+        ];
+        for body in replies {
+            let r = ClientReply { request: 12, body };
+            let bytes = r.encode();
+            assert_eq!(ClientReply::decode(&bytes), Ok(r));
+            for cut in 0..bytes.len() {
+                assert!(ClientReply::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = ClientRequest::decode(&bytes);
+            let _ = ClientReply::decode(&bytes);
+        }
+    }
+}
