@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_collective;
+mod coordinator_cmd;
 mod demo;
 mod node_cmd;
 mod sim_cmd;
@@ -45,6 +46,10 @@ enum Command {
     Sim(sim_cmd::SimArgs),
     /// Run one transport rank as a process, driven by stdin commands (JSON lines out).
     Node(node_cmd::NodeArgs),
+    /// Run one member of the Raft coordinator group (durable log in --data-dir).
+    Coordinator(coordinator_cmd::CoordinatorArgs),
+    /// Talk to the coordinator group: print the view, join, leave, report a failure, begin an epoch.
+    Membership(coordinator_cmd::MembershipArgs),
     /// One rank of a benchmark (spawned by `phalanx bench`).
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
@@ -100,6 +105,8 @@ fn main() {
             Command::Demo(a) => demo::run(a).await.map_err(CliError::from),
             Command::Bench(a) => bench::run(a).await,
             Command::Node(a) => node_cmd::run(a).await.map_err(CliError::from),
+            Command::Coordinator(a) => coordinator_cmd::run(a).await,
+            Command::Membership(a) => coordinator_cmd::membership(a).await,
             Command::BenchWorker(a) => bench::worker(a).await.map_err(CliError::from),
             Command::CollWorker(a) => bench_collective::worker(a).await.map_err(CliError::from),
             Command::Sim(_) => unreachable!("handled above"),

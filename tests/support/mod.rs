@@ -1,6 +1,7 @@
 //! Shared helpers of the cross-crate tests: nodes on loopback, payloads, bounded waiting.
 #![allow(dead_code)]
 
+pub mod linearizability;
 pub mod process;
 
 use std::future::Future;

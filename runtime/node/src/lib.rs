@@ -1,9 +1,12 @@
 //! The Phalanx runtime on tokio. So far: [`Communicator`], the async handle a trainer calls
 //! for collectives, which drives the sans-IO executors of `phalanx-collectives` over a
-//! `phalanx-net` node. Membership and the semi-synchronous loop (issues #5, #6) come here next.
+//! `phalanx-net` node; and the [`coordinator`] group (Raft over the transport, a durable log)
+//! with the client ranks use to join, leave and read the view. The semi-synchronous loop
+//! (issue #6) comes here next.
 #![warn(missing_docs)]
 
 mod communicator;
+pub mod coordinator;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 

@@ -17,7 +17,7 @@ use raft::eraftpb::{Entry, EntryType, Message};
 use raft::{RawNode, StateRole, Storage};
 use rand::{Rng, SeedableRng};
 use thiserror::Error;
-use tracing::{debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use super::log_store::{DurableLog, LogStore, Recovered};
 use super::state::{entry_context, ReplicatedState};
@@ -392,9 +392,8 @@ impl<L: DurableLog> Coordinator<L> {
     }
 
     fn on_role(&mut self, leader: u64, role: StateRole) {
-        let _span = info_span!("coordinator", id = self.id).entered();
         if leader != self.leader {
-            info!(term = self.raw.raft.term, leader, ?role, "leader changed");
+            info!(id = self.id, term = self.raw.raft.term, leader, ?role, "leader changed");
         }
         self.leader = leader;
         if role != StateRole::Leader {

@@ -1,0 +1,173 @@
+//! One coordinator process on tokio: the sans-IO [`Coordinator`] driven over a `phalanx-net`
+//! node (Raft messages between coordinators, client requests from ranks), with its log in a
+//! [`FileLog`]. The loop only moves bytes and reads the clock.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use phalanx_net::{LinkKind, Node, NodeConfig, NodeError, PathFaults, PathSpec};
+use phalanx_proto::{ChannelId, Event, RankId, TransportConfig};
+use phalanx_runtime::coordinator::{Coordinator, CoordinatorConfig, CoordinatorError};
+use thiserror::Error;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::file_log::{FileLog, FileLogError};
+
+/// Channel of Raft messages between coordinators.
+pub const RAFT_CHANNEL: ChannelId = ChannelId(2000);
+/// Channel of client requests and replies.
+pub const CLIENT_CHANNEL: ChannelId = ChannelId(2001);
+
+/// How to run one coordinator.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// This coordinator's id (one of `peers`).
+    pub id: u64,
+    /// Every voting coordinator: id and the TCP address it listens on.
+    pub peers: Vec<(u64, SocketAddr)>,
+    /// Where the log lives.
+    pub data_dir: PathBuf,
+    /// Cluster secret (coordinators and clients prove it on every link).
+    pub secret: Vec<u8>,
+    /// One Raft tick.
+    pub tick: Duration,
+    /// Ticks before a follower campaigns (plus seeded jitter of up to half as many).
+    pub election_ticks: usize,
+    /// Ticks between heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Applied entries between snapshots.
+    pub snapshot_after: u64,
+}
+
+impl ServerConfig {
+    /// Defaults: 50 ms ticks, elections after 10 ticks (0.5–0.75 s), heartbeats every 2 ticks.
+    pub fn new(id: u64, peers: Vec<(u64, SocketAddr)>, data_dir: PathBuf, secret: Vec<u8>) -> ServerConfig {
+        ServerConfig {
+            id,
+            peers,
+            data_dir,
+            secret,
+            tick: Duration::from_millis(50),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_after: 1024,
+        }
+    }
+}
+
+/// Why a coordinator process stopped.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// The configuration is unusable.
+    #[error("coordinator {id}: {reason}")]
+    Config {
+        /// The coordinator.
+        id: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    Log(#[from] FileLogError),
+    /// The transport could not start.
+    #[error("coordinator transport: {0}")]
+    Transport(#[from] NodeError),
+    /// The coordinator failed (storage, raft).
+    #[error(transparent)]
+    Coordinator(#[from] CoordinatorError),
+}
+
+/// Runs a coordinator until `shutdown` resolves or it fails. `on_listening` is called with the
+/// bound address once the transport listens.
+pub async fn run_coordinator(
+    config: ServerConfig,
+    on_listening: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let id = config.id;
+    let Some(listen) = config.peers.iter().find(|(p, _)| *p == id).map(|(_, a)| *a) else {
+        return Err(ServerError::Config { id, reason: "its id is not among --peers".into() });
+    };
+    if config.peers.iter().any(|(p, _)| *p == 0 || *p > u64::from(u32::MAX >> 1)) {
+        return Err(ServerError::Config { id, reason: "coordinator ids are 1..2^31".into() });
+    }
+    let (log, recovered) = FileLog::open(&config.data_dir)?;
+    let voters: Vec<u64> = config.peers.iter().map(|(p, _)| *p).collect();
+    let cconfig = CoordinatorConfig {
+        election_ticks: config.election_ticks,
+        heartbeat_ticks: config.heartbeat_ticks,
+        snapshot_after: config.snapshot_after,
+        // The jitter only has to differ between coordinators and restarts.
+        seed: id ^ recovered.hard_state.term.rotate_left(17) ^ recovered.entries.len() as u64,
+        ..CoordinatorConfig::new(id, voters)
+    };
+    let mut coordinator = Coordinator::new(cconfig, recovered, log)?;
+
+    let mut node_config = NodeConfig::new(RankId(id as u32), config.secret.clone());
+    node_config.tcp_listen = vec![listen];
+    node_config.transport = TransportConfig::default();
+    node_config.paths = config
+        .peers
+        .iter()
+        .filter(|(p, _)| *p != id)
+        .map(|(p, addr)| PathSpec {
+            peer: RankId(*p as u32),
+            kind: LinkKind::Tcp,
+            remote: *addr,
+            bind: None,
+            faults: PathFaults::new(),
+        })
+        .collect();
+    let mut node = Node::start(node_config).await?;
+    let handle = node.handle();
+    on_listening(node.tcp_addrs().first().copied().unwrap_or(listen));
+    let is_peer = |r: RankId| config.peers.iter().any(|(p, _)| *p == u64::from(r.0));
+
+    let span = info_span!("coordinator", id);
+    async move {
+        let mut ticker = tokio::time::interval(config.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => {
+                    info!("shutting down");
+                    return Ok(());
+                }
+                _ = ticker.tick() => coordinator.tick(),
+                ev = node.next_event() => match ev {
+                    None => return Err(ServerError::Transport(NodeError::Closed)),
+                    Some(Event::Message(m)) if m.channel == RAFT_CHANNEL && is_peer(m.from) => {
+                        if let Err(e) = coordinator.handle_peer(u64::from(m.from.0), &m.payload.to_bytes()) {
+                            warn!(error = %e, "raft message refused");
+                        }
+                    }
+                    Some(Event::Message(m)) if m.channel == CLIENT_CHANNEL => {
+                        coordinator.handle_client(u64::from(m.from.0), &m.payload.to_bytes());
+                    }
+                    Some(Event::Message(m)) => debug!(from = %m.from, channel = ?m.channel, "message on an unknown channel ignored"),
+                    Some(Event::PeerUnreachable { peer, .. }) if !is_peer(peer) => {
+                        // A client went away: drop what was queued for it.
+                        let _ = handle.abandon_peer(peer).await;
+                    }
+                    Some(_) => {}
+                },
+            }
+            coordinator.process()?;
+            while let Some((to, bytes)) = coordinator.poll_peer() {
+                if handle.send(RankId(to as u32), RAFT_CHANNEL, bytes).await.is_err() {
+                    return Err(ServerError::Transport(NodeError::Closed));
+                }
+            }
+            while let Some((to, bytes)) = coordinator.poll_client() {
+                if handle.send(RankId(to as u32), CLIENT_CHANNEL, bytes).await.is_err() {
+                    return Err(ServerError::Transport(NodeError::Closed));
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
