@@ -41,6 +41,9 @@ pub struct CoordinatorArgs {
     /// Applied entries between snapshots (log compaction).
     #[arg(long, default_value_t = 1024)]
     pub snapshot_after: u64,
+    /// A rank without heartbeat this long is declared failed (milliseconds; 0: never).
+    #[arg(long, default_value_t = 3000)]
+    pub failure_ms: u64,
 }
 
 /// `ID=ADDR`.
@@ -78,6 +81,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), CliError> {
     config.election_ticks = a.election_ticks;
     config.heartbeat_ticks = a.heartbeat_ticks;
     config.snapshot_after = a.snapshot_after;
+    config.failure_timeout = Duration::from_millis(a.failure_ms);
     let id = a.id;
     let shutdown = async {
         #[cfg(unix)]

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use super::log_store::{DurableLog, LogStore, Recovered};
 use super::state::{entry_context, ReplicatedState};
 use super::wire::{ClientReply, ClientRequest, ReplyBody, RequestBody};
-use crate::membership::{self, ClusterView, DecodeError};
+use crate::membership::{self, ClusterView, Command, DecodeError, RankStatus};
 
 /// How a coordinator runs.
 #[derive(Clone, Debug)]
@@ -41,13 +41,24 @@ pub struct CoordinatorConfig {
     pub snapshot_after: u64,
     /// Seed of the election jitter.
     pub seed: u64,
+    /// The leader's failure detector: a rank of the view not heard from (heartbeats) for this
+    /// many ticks is declared failed through the log. 0 turns the detector off.
+    pub failure_ticks: u64,
 }
 
 impl CoordinatorConfig {
     /// Defaults for a coordinator in a group of `voters`: election after 10 ticks (+0..5),
     /// heartbeat every 2, a snapshot every 1,024 entries.
     pub fn new(id: u64, voters: Vec<u64>) -> CoordinatorConfig {
-        CoordinatorConfig { id, voters, election_ticks: 10, heartbeat_ticks: 2, snapshot_after: 1024, seed: id }
+        CoordinatorConfig {
+            id,
+            voters,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_after: 1024,
+            seed: id,
+            failure_ticks: 0,
+        }
     }
 }
 
@@ -139,6 +150,20 @@ pub struct Coordinator<L: DurableLog> {
     ready_reads: Vec<(u64, u64, u64)>,
     out_peer: VecDeque<(u64, Bytes)>,
     out_client: VecDeque<(u64, Bytes)>,
+    detector: FailureDetector,
+}
+
+/// The leader's failure detector (soft state: a new leader starts it afresh, giving every rank
+/// a full timeout from its election).
+#[derive(Debug, Default)]
+struct FailureDetector {
+    timeout: u64,
+    ticks: u64,
+    /// When the detector (re)started: ranks never heard from count from here.
+    since: u64,
+    last_heard: BTreeMap<u32, u64>,
+    /// Ranks whose failure was proposed and not yet seen applied.
+    reported: BTreeMap<u32, u64>,
 }
 
 impl<L: DurableLog> Coordinator<L> {
@@ -204,6 +229,7 @@ impl<L: DurableLog> Coordinator<L> {
             ready_reads: Vec::new(),
             out_peer: VecDeque::new(),
             out_client: VecDeque::new(),
+            detector: FailureDetector { timeout: config.failure_ticks, ..Default::default() },
         })
     }
 
@@ -251,11 +277,46 @@ impl<L: DurableLog> Coordinator<L> {
     /// One tick of the driver's clock. A follower holds back a seeded random number of ticks
     /// per term before they count toward its election timeout.
     pub fn tick(&mut self) {
-        if self.raw.raft.state != StateRole::Leader && self.held_ticks > 0 {
-            self.held_ticks -= 1;
-            return;
+        self.detector.ticks += 1;
+        if self.raw.raft.state != StateRole::Leader {
+            if self.held_ticks > 0 {
+                self.held_ticks -= 1;
+                return;
+            }
+        } else {
+            self.detect_failures();
         }
         self.raw.tick();
+    }
+
+    /// Ranks silent past the timeout are proposed failed (`reporter == rank`: the detector's
+    /// verdict); a proposal lost with a leader change is made again by the next leader.
+    fn detect_failures(&mut self) {
+        let d = &mut self.detector;
+        if d.timeout == 0 {
+            return;
+        }
+        let view = self.state.view();
+        let epoch = view.epoch();
+        let mut silent = Vec::new();
+        for (rank, m) in view.ranks() {
+            if m.status == RankStatus::Failed {
+                d.reported.remove(&rank);
+                continue;
+            }
+            let last = d.last_heard.get(&rank).copied().unwrap_or(d.since).max(d.since);
+            let retry = d.reported.get(&rank).is_none_or(|at| d.ticks >= at + d.timeout);
+            if d.ticks.saturating_sub(last) > d.timeout && retry {
+                silent.push(rank);
+            }
+        }
+        for rank in silent {
+            warn!(id = self.id, rank, epoch, silent_ticks = self.detector.timeout, "rank silent: proposing it failed");
+            let data = membership::encode(&Command::ReportFailure { rank, reporter: rank, epoch }).to_vec();
+            if self.raw.propose(Vec::new(), data).is_ok() {
+                self.detector.reported.insert(rank, self.detector.ticks);
+            }
+        }
     }
 
     /// A Raft message from coordinator `from` (already authenticated by the transport).
@@ -298,6 +359,16 @@ impl<L: DurableLog> Coordinator<L> {
                         self.reply(peer, req.request, ReplyBody::NotLeader { leader: self.leader() });
                     }
                 }
+            }
+            RequestBody::Heartbeat { rank, incarnation, epoch: _ } => {
+                let view = self.state.view();
+                let fenced =
+                    view.rank(rank).is_none_or(|m| m.status == RankStatus::Failed || m.incarnation != incarnation);
+                if !fenced {
+                    self.detector.last_heard.insert(rank, self.detector.ticks);
+                }
+                let body = ReplyBody::Status { epoch: view.epoch(), fenced, change_pending: view.change_pending() };
+                self.reply(peer, req.request, body);
             }
             RequestBody::Read => {
                 self.next_read += 1;
@@ -396,7 +467,12 @@ impl<L: DurableLog> Coordinator<L> {
             info!(id = self.id, term = self.raw.raft.term, leader, ?role, "leader changed");
         }
         self.leader = leader;
-        if role != StateRole::Leader {
+        if role == StateRole::Leader {
+            // A new leader gives every rank a full timeout before judging it.
+            self.detector.since = self.detector.ticks;
+            self.detector.last_heard.clear();
+            self.detector.reported.clear();
+        } else {
             // Proposals and reads accepted as leader may never complete here: send the clients
             // to the new leader (a retried command is applied once, by its session).
             let hint = self.leader();

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::wire::{ClientReply, ClientRequest, ReplyBody, RequestBody};
 use super::*;
-use crate::membership::{Command, Outcome};
+use crate::membership::{self, Command, Outcome};
 
 /// The transport peer id clients use in these tests.
 const CLIENT_PEER: u64 = 1000;
@@ -22,6 +22,7 @@ struct Group {
     cut: BTreeSet<(u64, u64)>,
     replies: VecDeque<(u64, ClientReply)>,
     snapshot_after: u64,
+    failure_ticks: u64,
     ticks: u64,
 }
 
@@ -36,6 +37,7 @@ impl Group {
             cut: BTreeSet::new(),
             replies: VecDeque::new(),
             snapshot_after,
+            failure_ticks: 0,
             ticks: 0,
         };
         for id in voters {
@@ -46,7 +48,11 @@ impl Group {
     }
 
     fn config(&self, id: u64) -> CoordinatorConfig {
-        CoordinatorConfig { snapshot_after: self.snapshot_after, ..CoordinatorConfig::new(id, self.voters.clone()) }
+        CoordinatorConfig {
+            snapshot_after: self.snapshot_after,
+            failure_ticks: self.failure_ticks,
+            ..CoordinatorConfig::new(id, self.voters.clone())
+        }
     }
 
     fn start(&mut self, id: u64) {
@@ -314,4 +320,48 @@ fn malformed_client_and_peer_bytes_are_refused_cleanly() {
     assert!(matches!(c.handle_peer(2, b"\xff\xff\xff"), Err(PeerMessageError::Malformed { .. })));
     let bad_config = Coordinator::new(CoordinatorConfig::new(4, vec![1, 2, 3]), Recovered::default(), MemoryLog::new());
     assert!(matches!(bad_config, Err(CoordinatorError::Config { id: 4, .. })));
+}
+
+#[test]
+fn the_leader_declares_a_silent_rank_failed_and_tells_it_so_when_it_comes_back() {
+    let mut g = Group::new(3, 1024);
+    g.failure_ticks = 20;
+    for id in [1, 2, 3] {
+        g.crash(id);
+        g.start(id);
+    }
+    g.await_leader(&[1, 2, 3], 100);
+    let elected_at = g.ticks;
+    assert!(g.propose(7, 1, join("alive")).1.is_ok());
+    assert!(g.propose(7, 2, join("silent")).1.is_ok());
+    assert!(g.propose(7, 3, Command::BeginEpoch { expected: 0 }).1.is_ok());
+    let heartbeat = |request, rank| ClientRequest {
+        client: 8,
+        request,
+        body: RequestBody::Heartbeat { rank, incarnation: 1, epoch: 1 },
+    };
+    // Rank 0 heartbeats every tick, rank 1 never does.
+    let mut failed_after = None;
+    for t in 0..60u64 {
+        let leader = g.leaders()[0];
+        match g.ask(leader, heartbeat(100 + t, 0), 1) {
+            Some(ReplyBody::Status { fenced, .. }) => assert!(!fenced, "a live rank is never fenced"),
+            other => panic!("heartbeat answered {other:?}"),
+        }
+        g.step();
+        let leader = g.leaders()[0];
+        if g.nodes[&leader].view().rank(1).is_some_and(|m| m.status == membership::RankStatus::Failed) {
+            failed_after = Some(g.ticks - elected_at);
+            break;
+        }
+    }
+    let t = failed_after.expect("the silent rank was declared failed");
+    assert!(t > 20, "not before its timeout ({t} ticks after the leader's election)");
+    let leader = g.leaders()[0];
+    assert_eq!(g.nodes[&leader].view().rank(0).map(|m| m.status), Some(membership::RankStatus::Active));
+    // The silent rank comes back: its heartbeat is answered "fenced", it must rejoin.
+    match g.ask(leader, heartbeat(999, 1), 1) {
+        Some(ReplyBody::Status { fenced, change_pending, .. }) => assert!(fenced && change_pending),
+        other => panic!("heartbeat answered {other:?}"),
+    }
 }

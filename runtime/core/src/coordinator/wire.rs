@@ -1,10 +1,11 @@
 //! What clients (ranks, operators) and coordinators say to each other.
 //!
 //! Request: `version u8 | kind u8 | client u64 | request u64 | body` — kind 1 proposes a
-//! command (body: its log-entry encoding), kind 2 asks for a linearizable read of the view.
+//! command (body: its log-entry encoding), kind 2 asks for a linearizable read of the view,
+//! kind 3 is a rank's heartbeat (`rank u32 | incarnation u64 | epoch u64`).
 //! Reply: `version u8 | kind u8 | request u64 | body` — 1 applied (`index u64 | result`),
 //! 2 view (`index u64 | view`), 3 not leader (`leader u64`, 0 when unknown), 4 refused (`reason
-//! str`). Decoding is total: bytes give a message or a [`DecodeError`], never a panic.
+//! str`), 5 status (`epoch u64 | flags u8`: 1 fenced, 2 change pending). Decoding is total: bytes give a message or a [`DecodeError`], never a panic.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -35,6 +36,15 @@ pub enum RequestBody {
     Propose(Command),
     /// The current view, read linearizably (Raft ReadIndex through the leader).
     Read,
+    /// A rank is alive (the failure detector's input; not written to the log).
+    Heartbeat {
+        /// The rank.
+        rank: u32,
+        /// Its process incarnation.
+        incarnation: u64,
+        /// The epoch it is in.
+        epoch: u64,
+    },
 }
 
 /// A coordinator's answer to request `request`.
@@ -69,6 +79,16 @@ pub enum ReplyBody {
         /// The leader's coordinator id, if known.
         leader: Option<u64>,
     },
+    /// The answer to a heartbeat: where the view stands for this rank.
+    Status {
+        /// The view's epoch.
+        epoch: u64,
+        /// The rank was declared failed (or is unknown, or another incarnation holds its id):
+        /// it must stop and rejoin.
+        fenced: bool,
+        /// Joins, leaves or failures wait for the next epoch.
+        change_pending: bool,
+    },
     /// The request was malformed or cannot be served.
     Refused {
         /// Why.
@@ -84,11 +104,18 @@ impl ClientRequest {
         match &self.body {
             RequestBody::Propose(_) => m.put_u8(1),
             RequestBody::Read => m.put_u8(2),
+            RequestBody::Heartbeat { .. } => m.put_u8(3),
         }
         m.put_u64_le(self.client);
         m.put_u64_le(self.request);
-        if let RequestBody::Propose(c) = &self.body {
-            m.put_slice(&membership::encode(c));
+        match &self.body {
+            RequestBody::Propose(c) => m.put_slice(&membership::encode(c)),
+            RequestBody::Read => {}
+            RequestBody::Heartbeat { rank, incarnation, epoch } => {
+                m.put_u32_le(*rank);
+                m.put_u64_le(*incarnation);
+                m.put_u64_le(*epoch);
+            }
         }
         m.freeze()
     }
@@ -110,6 +137,15 @@ impl ClientRequest {
             1 => RequestBody::Propose(membership::decode(b)?),
             2 if b.is_empty() => RequestBody::Read,
             2 => return Err(DecodeError::Trailing(b.len())),
+            3 => {
+                let rank = membership::codec_u32(&mut b, "rank")?;
+                let incarnation = membership::codec_u64(&mut b, "incarnation")?;
+                let epoch = membership::codec_u64(&mut b, "epoch")?;
+                if !b.is_empty() {
+                    return Err(DecodeError::Trailing(b.len()));
+                }
+                RequestBody::Heartbeat { rank, incarnation, epoch }
+            }
             k => return Err(DecodeError::Kind(k)),
         };
         Ok(ClientRequest { client, request, body })
@@ -126,6 +162,7 @@ impl ClientReply {
             ReplyBody::View { .. } => 2,
             ReplyBody::NotLeader { .. } => 3,
             ReplyBody::Refused { .. } => 4,
+            ReplyBody::Status { .. } => 5,
         };
         m.put_u8(kind);
         m.put_u64_le(self.request);
@@ -139,6 +176,10 @@ impl ClientReply {
                 membership::put_view(&mut m, view);
             }
             ReplyBody::NotLeader { leader } => m.put_u64_le(leader.unwrap_or(0)),
+            ReplyBody::Status { epoch, fenced, change_pending } => {
+                m.put_u64_le(*epoch);
+                m.put_u8(u8::from(*fenced) | u8::from(*change_pending) << 1);
+            }
             ReplyBody::Refused { reason } => {
                 let r = &reason.as_bytes()[..reason.floor_char_boundary_compat(1024)];
                 m.put_u16_le(r.len() as u16);
@@ -185,6 +226,14 @@ impl ClientReply {
                 b.advance(n);
                 ReplyBody::Refused { reason }
             }
+            5 => {
+                let epoch = membership::codec_u64(&mut b, "epoch")?;
+                let flags = membership::codec_u8(&mut b, "flags")?;
+                if flags > 3 {
+                    return Err(DecodeError::Malformed("status flags"));
+                }
+                ReplyBody::Status { epoch, fenced: flags & 1 != 0, change_pending: flags & 2 != 0 }
+            }
             k => return Err(DecodeError::Kind(k)),
         };
         if !b.is_empty() {
@@ -218,6 +267,7 @@ mod tests {
     fn requests_and_replies_round_trip() {
         let reqs = [
             ClientRequest { client: 9, request: 3, body: RequestBody::Read },
+            ClientRequest { client: 9, request: 4, body: RequestBody::Heartbeat { rank: 3, incarnation: 8, epoch: 2 } },
             ClientRequest {
                 client: u64::MAX,
                 request: 0,
@@ -236,6 +286,8 @@ mod tests {
             ReplyBody::View { index: 9, view },
             ReplyBody::NotLeader { leader: Some(2) },
             ReplyBody::NotLeader { leader: None },
+            ReplyBody::Status { epoch: 4, fenced: true, change_pending: false },
+            ReplyBody::Status { epoch: 5, fenced: false, change_pending: true },
             ReplyBody::Refused { reason: "bad request: entry ends inside kind".into() },
         ];
         for body in replies {

@@ -54,6 +54,17 @@ pub enum ClientError {
     },
 }
 
+/// The leader's answer to a heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RankStatusReply {
+    /// The view's epoch.
+    pub epoch: u64,
+    /// Declared failed: stop and rejoin.
+    pub fenced: bool,
+    /// A membership change waits for the next epoch.
+    pub change_pending: bool,
+}
+
 /// A connection to the coordinator group.
 pub struct CoordinatorClient {
     node: Node,
@@ -133,6 +144,19 @@ impl CoordinatorClient {
         let request = self.new_request(RequestBody::Read);
         match self.call(request).await? {
             (_, ReplyBody::View { index, view }) => Ok((index, view)),
+            (coordinator, other) => Err(ClientError::Unexpected { coordinator, request, answer: format!("{other:?}") }),
+        }
+    }
+
+    /// Tells the leader this rank is alive; returns the view's epoch, whether this rank has
+    /// been fenced (declared failed: it must stop and rejoin) and whether a change waits for
+    /// the next epoch.
+    pub async fn heartbeat(&mut self, rank: u32, incarnation: u64, epoch: u64) -> Result<RankStatusReply, ClientError> {
+        let request = self.new_request(RequestBody::Heartbeat { rank, incarnation, epoch });
+        match self.call(request).await? {
+            (_, ReplyBody::Status { epoch, fenced, change_pending }) => {
+                Ok(RankStatusReply { epoch, fenced, change_pending })
+            }
             (coordinator, other) => Err(ClientError::Unexpected { coordinator, request, answer: format!("{other:?}") }),
         }
     }

@@ -6,6 +6,6 @@ mod client;
 mod file_log;
 mod server;
 
-pub use client::{ClientError, CoordinatorClient};
+pub use client::{ClientError, CoordinatorClient, RankStatusReply};
 pub use file_log::{FileLog, FileLogError};
 pub use server::{run_coordinator, ServerConfig, ServerError, CLIENT_CHANNEL, RAFT_CHANNEL};

@@ -39,10 +39,13 @@ pub struct ServerConfig {
     pub heartbeat_ticks: usize,
     /// Applied entries between snapshots.
     pub snapshot_after: u64,
+    /// A rank without heartbeat this long is declared failed by the leader (zero: never).
+    pub failure_timeout: Duration,
 }
 
 impl ServerConfig {
-    /// Defaults: 50 ms ticks, elections after 10 ticks (0.5–0.75 s), heartbeats every 2 ticks.
+    /// Defaults: 50 ms ticks, elections after 10 ticks (0.5–0.75 s), heartbeats every 2 ticks,
+    /// ranks declared failed after 3 s without a heartbeat.
     pub fn new(id: u64, peers: Vec<(u64, SocketAddr)>, data_dir: PathBuf, secret: Vec<u8>) -> ServerConfig {
         ServerConfig {
             id,
@@ -53,6 +56,7 @@ impl ServerConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             snapshot_after: 1024,
+            failure_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -99,6 +103,7 @@ pub async fn run_coordinator(
         election_ticks: config.election_ticks,
         heartbeat_ticks: config.heartbeat_ticks,
         snapshot_after: config.snapshot_after,
+        failure_ticks: (config.failure_timeout.as_nanos() / config.tick.as_nanos().max(1)) as u64,
         // The jitter only has to differ between coordinators and restarts.
         seed: id ^ recovered.hard_state.term.rotate_left(17) ^ recovered.entries.len() as u64,
         ..CoordinatorConfig::new(id, voters)
