@@ -9,6 +9,7 @@ mod communicator;
 pub mod coordinator;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod elastic;
 
 pub use communicator::{
     AllReduceAlgorithm, AllToAllResult, CallOptions, CommError, Communicator, Compression, ErrorFeedback, FaultPolicy,

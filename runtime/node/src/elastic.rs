@@ -1,0 +1,484 @@
+//! Elastic membership for a rank: join through the coordinators, build the communicator of
+//! each epoch from the committed view, heartbeat the leader, and move to a new epoch only at
+//! step boundaries, all members together.
+//!
+//! ## The step-boundary protocol
+//! Every `boundary_every` steps ([`ElasticMember::begin_step`]):
+//! 1. Read the view linearizably. If this rank is the lowest live member and a change is
+//!    pending (joiners, leavers, failed ranks), propose `BeginEpoch { expected: current }`
+//!    (refused harmlessly if someone moved it already) and read again.
+//! 2. **Agree**: all-reduce (max, `Shrink` policy) of the newest epoch each member has seen,
+//!    over the current communicator. Survivors get the same target; members that did not take
+//!    part are reported failed.
+//! 3. If the target is newer: read the view at that epoch, flush and drop the old
+//!    communicator, and build the new one (a fresh transport endpoint on this rank's fixed
+//!    address, stamped with the new epoch and **fenced** below it, so frames from an older
+//!    epoch — a zombie — are refused). A rank not in the new member list has departed.
+//! 4. **Sync**: all-reduce (max) of the step over the new communicator, so joiners, which
+//!    were admitted during the epoch change, start at the group's step.
+//!
+//! Only the lowest live member proposes an epoch change, and only before the agreement, so
+//! one boundary sees at most one change and every member reads the same view. A rank whose
+//! heartbeat comes back "fenced" (declared failed while paused or cut off) stops with
+//! [`ElasticError::Fenced`]; it must rejoin as a new incarnation.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use phalanx_collectives::reduce::{DType, ReduceOp};
+use phalanx_net::{LinkKind, Node, NodeConfig, NodeError, PathFaults, PathSpec};
+use phalanx_proto::{Epoch, RankId, TransportConfig};
+use phalanx_runtime::membership::{ClusterView, Command, Outcome, RankStatus, ViewError};
+use thiserror::Error;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::coordinator::{ClientError, CoordinatorClient};
+use crate::{AllReduceAlgorithm, CallOptions, CommError, Communicator, FaultPolicy, Op};
+
+/// How a rank takes part in an elastic job.
+#[derive(Clone, Debug)]
+pub struct ElasticConfig {
+    /// The coordinator group (id, address).
+    pub coordinators: Vec<(u64, SocketAddr)>,
+    /// Cluster secret (coordinators and ranks).
+    pub secret: Vec<u8>,
+    /// This rank's data centre.
+    pub dc: u32,
+    /// This rank's host name.
+    pub host: String,
+    /// The transport address this rank listens on in every epoch (a fixed port: peers find it
+    /// in the view).
+    pub listen: SocketAddr,
+    /// This process's incarnation (differs across restarts).
+    pub incarnation: u64,
+    /// Transport limits and timers of the per-epoch endpoints.
+    pub transport: TransportConfig,
+    /// Members this many before the first epoch begins (like torchrun's `--nnodes`).
+    pub start_world: usize,
+    /// Steps between boundaries.
+    pub boundary_every: u64,
+    /// Heartbeat period (the coordinators' failure timeout must be several of these).
+    pub heartbeat_every: Duration,
+    /// Deadline of the agreement and sync collectives.
+    pub sync_deadline: Duration,
+    /// How long to wait to be admitted into an epoch.
+    pub admission_timeout: Duration,
+}
+
+impl ElasticConfig {
+    /// A rank at `listen` joining the group at `coordinators`, with defaults: boundaries every
+    /// step, heartbeats every 500 ms, 30 s to be admitted, 10 s for agreement.
+    pub fn new(coordinators: Vec<(u64, SocketAddr)>, secret: &[u8], host: &str, listen: SocketAddr) -> ElasticConfig {
+        ElasticConfig {
+            coordinators,
+            secret: secret.to_vec(),
+            dc: 0,
+            host: host.to_string(),
+            listen,
+            incarnation: 1,
+            transport: TransportConfig::default(),
+            start_world: 1,
+            boundary_every: 1,
+            heartbeat_every: Duration::from_millis(500),
+            sync_deadline: Duration::from_secs(10),
+            admission_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a rank cannot go on.
+#[derive(Debug, Error)]
+pub enum ElasticError {
+    /// The coordinators could not be reached (no leader within the client's deadline).
+    #[error("coordinators: {0}")]
+    Coordinator(#[from] ClientError),
+    /// The coordinators refused a command (stale epoch, fenced, …).
+    #[error("rank {rank}: the coordinators refused: {source}")]
+    Refused {
+        /// This rank.
+        rank: u32,
+        /// Why.
+        #[source]
+        source: ViewError,
+    },
+    /// This rank was declared failed (it was silent past the failure timeout): stop and rejoin
+    /// as a new incarnation.
+    #[error("rank {rank} was declared failed in epoch {epoch}: fenced, must rejoin")]
+    Fenced {
+        /// This rank.
+        rank: u32,
+        /// The view's epoch when it learnt so.
+        epoch: u64,
+    },
+    /// Not admitted into an epoch in time (too few ranks joined to start, or nobody began one).
+    #[error("rank {rank} not admitted within {waited:?} (view at epoch {epoch})")]
+    NotAdmitted {
+        /// This rank.
+        rank: u32,
+        /// How long it waited.
+        waited: Duration,
+        /// The view's epoch then.
+        epoch: u64,
+    },
+    /// The transport endpoint of an epoch could not start.
+    #[error("rank {rank}, epoch {epoch}: transport: {source}")]
+    Transport {
+        /// This rank.
+        rank: u32,
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        #[source]
+        source: NodeError,
+    },
+    /// The agreement or sync collective failed (its deadline passed).
+    #[error("rank {rank}, epoch {epoch}: {source}")]
+    Collective {
+        /// This rank.
+        rank: u32,
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        #[source]
+        source: CommError,
+    },
+    /// The coordinators answered something that does not fit the request.
+    #[error("unexpected coordinator answer: {0}")]
+    Unexpected(String),
+    /// This rank departed (it is in no epoch any more).
+    #[error("rank {rank} departed")]
+    Departed {
+        /// This rank.
+        rank: u32,
+    },
+    /// A member's address in the view is not a socket address.
+    #[error("rank {rank} lists address {addr:?}, not host:port")]
+    BadAddress {
+        /// The member.
+        rank: u32,
+        /// The address.
+        addr: String,
+    },
+}
+
+/// What a step boundary did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Boundary {
+    /// Not a boundary step, or no change: same epoch, same communicator.
+    Continue,
+    /// A new epoch began: the communicator was rebuilt.
+    Rebuilt {
+        /// The new epoch.
+        epoch: u64,
+        /// Its members (view rank ids; communicator index = position).
+        members: Vec<u32>,
+    },
+    /// This rank is not a member of the new epoch (it left): it must stop.
+    Departed {
+        /// The epoch it is not part of.
+        epoch: u64,
+    },
+}
+
+/// One rank of an elastic job.
+pub struct ElasticMember {
+    config: ElasticConfig,
+    client: CoordinatorClient,
+    rank: u32,
+    epoch: u64,
+    members: Vec<u32>,
+    comm: Option<Communicator>,
+    step: u64,
+    boundary_done_for: Option<u64>,
+    shared_epoch: Arc<AtomicU64>,
+    fenced: Arc<AtomicBool>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ElasticMember {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+impl ElasticMember {
+    /// Joins the job: gets a rank id from the coordinators, starts heartbeating, waits to be
+    /// admitted into an epoch (beginning the first one when `start_world` ranks have joined),
+    /// builds the communicator and syncs the step with the group.
+    pub async fn join(config: ElasticConfig) -> Result<ElasticMember, ElasticError> {
+        let mut client = CoordinatorClient::connect(&config.coordinators, &config.secret).await?;
+        let command = Command::Join {
+            dc: config.dc,
+            host: config.host.clone(),
+            addrs: vec![config.listen.to_string()],
+            incarnation: config.incarnation,
+        };
+        let rank = match client.propose(command).await?.1 {
+            Ok(Outcome::Joined { rank, .. }) => rank,
+            Err(ViewError::AlreadyJoined { rank, .. }) => rank,
+            Ok(other) => return Err(ElasticError::Unexpected(format!("a join answered {other:?}"))),
+            Err(source) => return Err(ElasticError::Refused { rank: u32::MAX, source }),
+        };
+        let shared_epoch = Arc::new(AtomicU64::new(0));
+        let fenced = Arc::new(AtomicBool::new(false));
+        let heartbeat = tokio::spawn(
+            heartbeat_loop(config.clone(), rank, shared_epoch.clone(), fenced.clone())
+                .instrument(info_span!("heartbeat", rank)),
+        );
+        let mut me = ElasticMember {
+            config,
+            client,
+            rank,
+            epoch: 0,
+            members: Vec::new(),
+            comm: None,
+            step: 0,
+            boundary_done_for: None,
+            shared_epoch,
+            fenced,
+            heartbeat,
+        };
+        info!(rank, "joined; waiting to be admitted into an epoch");
+        let view = me.await_admission().await?;
+        me.rebuild(&view).await?;
+        me.sync_step().await?;
+        Ok(me)
+    }
+
+    /// This rank's id in the view (stable across epochs).
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Members of the current epoch (view rank ids; the communicator's index is the position).
+    pub fn members(&self) -> &[u32] {
+        &self.members
+    }
+
+    /// The step this rank is at (synced with the group at every epoch change).
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The communicator of the current epoch ([`ElasticError::Departed`] after this rank left).
+    pub fn communicator(&mut self) -> Result<&mut Communicator, ElasticError> {
+        let rank = self.rank;
+        self.comm.as_mut().ok_or(ElasticError::Departed { rank })
+    }
+
+    /// Asks to leave at the next epoch; the rank keeps training until a boundary reports
+    /// [`Boundary::Departed`].
+    pub async fn request_leave(&mut self) -> Result<(), ElasticError> {
+        match self.client.propose(Command::Leave { rank: self.rank, epoch: self.epoch }).await?.1 {
+            Ok(_) => Ok(()),
+            Err(source) => Err(ElasticError::Refused { rank: self.rank, source }),
+        }
+    }
+
+    /// Starts step [`ElasticMember::step`]: on boundary steps runs the boundary protocol (see
+    /// the module docs). Call [`ElasticMember::end_step`] after the step's collectives.
+    pub async fn begin_step(&mut self) -> Result<Boundary, ElasticError> {
+        if self.fenced.load(Ordering::Relaxed) {
+            return Err(ElasticError::Fenced { rank: self.rank, epoch: self.shared_epoch.load(Ordering::Relaxed) });
+        }
+        if !self.step.is_multiple_of(self.config.boundary_every.max(1)) || self.boundary_done_for == Some(self.step) {
+            return Ok(Boundary::Continue);
+        }
+        self.boundary_done_for = Some(self.step);
+        let span = info_span!("step_boundary", rank = self.rank, epoch = self.epoch, step = self.step);
+        self.boundary().instrument(span).await
+    }
+
+    /// Ends the current step.
+    pub fn end_step(&mut self) {
+        self.step += 1;
+    }
+
+    async fn boundary(&mut self) -> Result<Boundary, ElasticError> {
+        let (_, mut view) = self.client.read_view().await?;
+        if view.change_pending() && view.epoch() == self.epoch && self.is_proposer(&view) {
+            let r = self.client.propose(Command::BeginEpoch { expected: self.epoch }).await?.1;
+            if let Ok(Outcome::EpochBegan { epoch, ref members }) = r {
+                info!(epoch, ?members, "began a new epoch");
+            }
+            view = self.client.read_view().await?.1;
+        }
+        // Agree on the newest epoch any survivor has seen.
+        let seen = view.epoch() as i64;
+        let (target, participants) = self.agree_max(seen).await?;
+        self.report_missing(&participants).await;
+        let target = target as u64;
+        if target <= self.epoch {
+            return Ok(Boundary::Continue);
+        }
+        while view.epoch() < target {
+            view = self.client.read_view().await?.1;
+        }
+        if !view.members().contains(&self.rank) {
+            info!(epoch = view.epoch(), "not a member of the new epoch: departing");
+            if let Some(c) = self.comm.take() {
+                c.flush(Duration::from_secs(2)).await;
+            }
+            return Ok(Boundary::Departed { epoch: view.epoch() });
+        }
+        self.rebuild(&view).await?;
+        self.sync_step().await?;
+        Ok(Boundary::Rebuilt { epoch: self.epoch, members: self.members.clone() })
+    }
+
+    /// The lowest member of the current epoch not declared failed proposes epoch changes.
+    fn is_proposer(&self, view: &ClusterView) -> bool {
+        self.members
+            .iter()
+            .find(|r| view.rank(**r).is_some_and(|m| m.status != RankStatus::Failed))
+            .is_some_and(|r| *r == self.rank)
+    }
+
+    async fn agree_max(&mut self, value: i64) -> Result<(i64, Vec<usize>), ElasticError> {
+        let (rank, epoch, deadline) = (self.rank, self.epoch, self.config.sync_deadline);
+        let comm = self.communicator()?;
+        let options = CallOptions { policy: FaultPolicy::Shrink, verify: false };
+        let op = Op::AllReduce { algorithm: AllReduceAlgorithm::Auto, op: ReduceOp::Max };
+        match comm.collective(op, DType::I64, value.to_le_bytes().to_vec(), options, deadline).await {
+            Ok(crate::Outcome::Done { data, participants }) => {
+                let v = data.get(..8).and_then(|b| b.try_into().ok()).map(i64::from_le_bytes).unwrap_or(value);
+                Ok((v, participants))
+            }
+            Ok(crate::Outcome::Late { .. }) => {
+                Err(ElasticError::Collective { rank, epoch, source: CommError::Late { op_seq: 0 } })
+            }
+            Err(source) => Err(ElasticError::Collective { rank, epoch, source }),
+        }
+    }
+
+    /// Members that did not take part in a shrink-policy collective are reported failed.
+    async fn report_missing(&mut self, participants: &[usize]) {
+        let missing: Vec<u32> =
+            (0..self.members.len()).filter(|i| !participants.contains(i)).map(|i| self.members[i]).collect();
+        for rank in missing {
+            warn!(lost = rank, epoch = self.epoch, "member lost: reporting it failed");
+            let c = Command::ReportFailure { rank, reporter: self.rank, epoch: self.epoch };
+            if let Err(e) = self.client.propose(c).await {
+                warn!(lost = rank, error = %e, "failure report not delivered");
+            }
+        }
+    }
+
+    async fn sync_step(&mut self) -> Result<(), ElasticError> {
+        let (step, _) = self.agree_max(self.step as i64).await?;
+        self.step = step as u64;
+        self.boundary_done_for = Some(self.step);
+        Ok(())
+    }
+
+    async fn await_admission(&mut self) -> Result<ClusterView, ElasticError> {
+        let start = tokio::time::Instant::now();
+        loop {
+            let (_, view) = self.client.read_view().await?;
+            if view.members().contains(&self.rank) {
+                return Ok(view);
+            }
+            // Nobody is running yet: the lowest joiner begins the first epoch once enough ranks
+            // have joined.
+            let joining: Vec<u32> =
+                view.ranks().filter(|(_, m)| m.status == RankStatus::Joining).map(|(r, _)| r).collect();
+            if view.members().is_empty()
+                && joining.len() >= self.config.start_world
+                && joining.first() == Some(&self.rank)
+            {
+                let _ = self.client.propose(Command::BeginEpoch { expected: view.epoch() }).await?;
+                continue;
+            }
+            if start.elapsed() > self.config.admission_timeout {
+                return Err(ElasticError::NotAdmitted {
+                    rank: self.rank,
+                    waited: start.elapsed(),
+                    epoch: view.epoch(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Drops the old communicator and builds the one of `view`'s epoch.
+    async fn rebuild(&mut self, view: &ClusterView) -> Result<(), ElasticError> {
+        let epoch = view.epoch();
+        let members = view.members().to_vec();
+        let index = members.iter().position(|r| *r == self.rank).unwrap_or(0);
+        if let Some(old) = self.comm.take() {
+            old.flush(Duration::from_secs(2)).await;
+            drop(old);
+        }
+        let mut config = NodeConfig::new(RankId(index as u32), self.config.secret.clone());
+        config.epoch = Epoch(epoch);
+        config.transport = self.config.transport.clone();
+        config.tcp_listen = vec![self.config.listen];
+        config.redial_initial = Duration::from_millis(20);
+        config.redial_max = Duration::from_millis(200);
+        // Lower indices dial higher ones: one link per pair.
+        for (i, r) in members.iter().enumerate().skip(index + 1) {
+            let m = view.rank(*r).expect("members are ranks of the view");
+            let addr = m.addrs.first().cloned().unwrap_or_default();
+            let remote: SocketAddr =
+                addr.parse().map_err(|_| ElasticError::BadAddress { rank: *r, addr: addr.clone() })?;
+            config.paths.push(PathSpec {
+                peer: RankId(i as u32),
+                kind: LinkKind::Tcp,
+                remote,
+                bind: None,
+                faults: PathFaults::new(),
+            });
+        }
+        // The old endpoint's listener may still be closing: retry the bind for a moment.
+        let mut tries = 0;
+        let node = loop {
+            match Node::start(config.clone()).await {
+                Ok(n) => break n,
+                Err(NodeError::Bind { .. }) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(source) => return Err(ElasticError::Transport { rank: self.rank, epoch, source }),
+            }
+        };
+        // Frames from an older epoch (a zombie's) are refused from now on.
+        node.handle().set_fence(Epoch(epoch));
+        self.comm = Some(Communicator::new(node, index, members.len()));
+        info!(rank = self.rank, epoch, index, world = members.len(), "communicator built for the epoch");
+        self.epoch = epoch;
+        self.members = members;
+        self.shared_epoch.store(epoch, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+async fn heartbeat_loop(config: ElasticConfig, rank: u32, epoch: Arc<AtomicU64>, fenced: Arc<AtomicBool>) {
+    let mut client = match CoordinatorClient::connect(&config.coordinators, &config.secret).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "heartbeat client did not start");
+            return;
+        }
+    };
+    client.deadline = config.heartbeat_every * 4;
+    client.try_timeout = config.heartbeat_every;
+    loop {
+        match client.heartbeat(rank, config.incarnation, epoch.load(Ordering::Relaxed)).await {
+            Ok(s) if s.fenced => {
+                warn!(epoch = s.epoch, "the coordinators declared this rank failed: fenced");
+                fenced.store(true, Ordering::Relaxed);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "heartbeat not answered"),
+        }
+        tokio::time::sleep(config.heartbeat_every).await;
+    }
+}
