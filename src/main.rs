@@ -4,6 +4,7 @@ mod bench;
 mod bench_collective;
 mod coordinator_cmd;
 mod demo;
+mod launch_cmd;
 mod node_cmd;
 mod sim_cmd;
 mod size;
@@ -48,6 +49,8 @@ enum Command {
     Node(node_cmd::NodeArgs),
     /// Run one member of the Raft coordinator group (durable log in --data-dir).
     Coordinator(coordinator_cmd::CoordinatorArgs),
+    /// Start N local ranks of a training command, restarting ranks that die (like torchrun).
+    Launch(launch_cmd::LaunchArgs),
     /// Talk to the coordinator group: print the view, join, leave, report a failure, begin an epoch.
     Membership(coordinator_cmd::MembershipArgs),
     /// One rank of a benchmark (spawned by `phalanx bench`).
@@ -107,6 +110,7 @@ fn main() {
             Command::Node(a) => node_cmd::run(a).await.map_err(CliError::from),
             Command::Coordinator(a) => coordinator_cmd::run(a).await,
             Command::Membership(a) => coordinator_cmd::membership(a).await,
+            Command::Launch(a) => launch_cmd::run(a).await,
             Command::BenchWorker(a) => bench::worker(a).await.map_err(CliError::from),
             Command::CollWorker(a) => bench_collective::worker(a).await.map_err(CliError::from),
             Command::Sim(_) => unreachable!("handled above"),
