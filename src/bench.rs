@@ -62,6 +62,9 @@ pub enum BenchOp {
     Alltoall,
     /// Broadcast from rank 0.
     Broadcast,
+    /// The coordinator group: commit latency, leader failover, epoch rebuild of `--world`
+    /// elastic ranks (3 coordinator processes on loopback).
+    Membership,
 }
 
 /// Compression of an all-reduce's contributions.
@@ -214,11 +217,15 @@ fn op_column(op: BenchOp) -> &'static str {
         BenchOp::Reducescatter => "reducescatter",
         BenchOp::Alltoall => "alltoall",
         BenchOp::Broadcast => "broadcast",
+        BenchOp::Membership => "membership",
     }
 }
 
 /// Runs `phalanx bench`.
 pub async fn run(args: BenchArgs) -> Result<(), CliError> {
+    if args.op == BenchOp::Membership {
+        return crate::bench_membership::run(&args).await;
+    }
     if args.op == BenchOp::P2p && args.world != 2 {
         return Err(CliError::Usage("p2p runs between exactly 2 ranks (--world 2)".into()));
     }

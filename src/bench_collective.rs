@@ -57,7 +57,7 @@ pub fn bus_factor(op: BenchOp, n: usize) -> f64 {
     match op {
         BenchOp::Allreduce => 2.0 * (n - 1.0) / n,
         BenchOp::Allgather | BenchOp::Reducescatter | BenchOp::Alltoall => (n - 1.0) / n,
-        BenchOp::Broadcast | BenchOp::P2p => 1.0,
+        BenchOp::Broadcast | BenchOp::P2p | BenchOp::Membership => 1.0,
     }
 }
 
@@ -110,7 +110,7 @@ async fn one_op(
         BenchOp::Alltoall => {
             comm.all_to_all(send, DEADLINE).await.map_err(e)?;
         }
-        BenchOp::P2p => return Err("p2p is not a collective".into()),
+        BenchOp::P2p | BenchOp::Membership => return Err(format!("{op:?} is not a collective")),
     }
     Ok(t0.elapsed().as_secs_f64() * 1e6)
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_collective;
+mod bench_membership;
 mod coordinator_cmd;
 mod demo;
 mod launch_cmd;
