@@ -82,6 +82,8 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), CliError> {
     config.heartbeat_ticks = a.heartbeat_ticks;
     config.snapshot_after = a.snapshot_after;
     config.failure_timeout = Duration::from_millis(a.failure_ms);
+    // Test failpoint (docs/membership.md): die between writing the log and acknowledging it.
+    config.crash_at_sync = std::env::var("PHALANX_FAILPOINT_CRASH_AT_SYNC").ok().and_then(|v| v.parse().ok());
     let id = a.id;
     let shutdown = async {
         #[cfg(unix)]

@@ -54,18 +54,45 @@ impl Group {
     }
 
     fn start(&mut self, id: u64) {
+        self.start_with(id, None);
+    }
+
+    /// Starts coordinator `id`; with `crash_at_sync`, it aborts itself at that sync of its log
+    /// (records written, not yet durable or acknowledged).
+    fn start_with(&mut self, id: u64, crash_at_sync: Option<u64>) {
         let peers: Vec<String> = self.peers.iter().map(|(i, a)| format!("{i}={a}")).collect();
-        let child = Process::new(env!("CARGO_BIN_EXE_phalanx"))
+        let mut cmd = Process::new(env!("CARGO_BIN_EXE_phalanx"));
+        if let Some(n) = crash_at_sync {
+            cmd.env("PHALANX_FAILPOINT_CRASH_AT_SYNC", n.to_string());
+        }
+        let child = cmd
             .args(["coordinator", "--id", &id.to_string(), "--peers", &peers.join(",")])
             .arg("--data-dir")
             .arg(self.dir(id))
             .args(["--secret", std::str::from_utf8(SECRET).expect("utf-8")])
             .args(["--snapshot-after", &self.snapshot_after.to_string()])
+            // The clients here are not ranks and never heartbeat: no failure detector.
+            .args(["--failure-ms", "0"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("phalanx coordinator starts");
         self.children.insert(id, child);
+    }
+
+    /// Restarts (without failpoint) every coordinator that died by itself; returns how many.
+    fn reap(&mut self) -> u64 {
+        let mut dead = Vec::new();
+        for (id, c) in self.children.iter_mut() {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                dead.push(*id);
+            }
+        }
+        for id in &dead {
+            self.children.remove(id);
+            self.start(*id);
+        }
+        dead.len() as u64
     }
 
     fn kill9(&mut self, id: u64) {
@@ -93,7 +120,9 @@ impl Drop for Group {
         for id in 1..=3 {
             self.kill9(id);
         }
-        let _ = std::fs::remove_dir_all(&self.root);
+        if std::env::var_os("PHALANX_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }
 
@@ -217,6 +246,18 @@ async fn sigkill_the_leader_a_new_one_takes_over_nothing_acknowledged_is_lost_an
     assert!(logs[&old].hard_state.commit >= last);
 }
 
+/// Waits `total`, restarting (without failpoint) every coordinator that dies meanwhile, as a
+/// supervisor would; returns how many did.
+async fn reap_for(g: &mut Group, total: Duration) -> u64 {
+    let until = Instant::now() + total;
+    let mut n = 0;
+    while Instant::now() < until {
+        n += g.reap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    n
+}
+
 /// The cluster view as the checker's model.
 #[derive(Clone)]
 struct ViewModel(ClusterView);
@@ -306,9 +347,12 @@ async fn kill9_coordinators_twenty_times_under_load_loses_no_acknowledged_comman
             }
         }));
     }
-    // Twenty SIGKILLs: the leader on even rounds, a follower on odd ones, each restarted from
-    // its data directory after a moment.
+    // Twenty SIGKILLs — the leader on even rounds, a follower on odd ones — each coordinator
+    // restarted from its data directory with a failpoint that makes it abort itself a few
+    // syncs later, between writing log records and acknowledging them.
     let mut probe = g.client().await;
+    probe.deadline = Duration::from_secs(2);
+    let mut self_aborted = 0;
     for round in 0..20u64 {
         let leader = match probe.read_view().await {
             Ok(_) => probe.leader(),
@@ -317,10 +361,12 @@ async fn kill9_coordinators_twenty_times_under_load_loses_no_acknowledged_comman
         let victim = if round % 2 == 0 { leader } else { 1 + (leader + round) % 3 };
         let victim = if victim == 0 { 1 } else { victim };
         g.kill9(victim);
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        g.start(victim);
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        self_aborted += reap_for(&mut g, Duration::from_millis(150)).await;
+        g.start_with(victim, Some(3 + (round * 7) % 17));
+        self_aborted += reap_for(&mut g, Duration::from_millis(250)).await;
     }
+    self_aborted += reap_for(&mut g, Duration::from_millis(300)).await;
+    probe.deadline = Duration::from_secs(20);
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.await.expect("worker");
@@ -343,5 +389,7 @@ async fn kill9_coordinators_twenty_times_under_load_loses_no_acknowledged_comman
         final_view.epoch()
     );
     assert!(acked.len() >= 20, "the clients made progress through the chaos: {} commands", acked.len());
+    eprintln!("{self_aborted} coordinators died by failpoint between writing and acknowledging");
+    assert!(self_aborted >= 5, "the failpoint fired only {self_aborted} times");
     check(ViewModel(ClusterView::new()), &history).expect("the history is linearizable");
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use phalanx_net::{LinkKind, Node, NodeConfig, NodeError, PathFaults, PathSpec};
 use phalanx_proto::{ChannelId, Event, RankId, TransportConfig};
-use phalanx_runtime::coordinator::{Coordinator, CoordinatorConfig, CoordinatorError};
+use phalanx_runtime::coordinator::eraftpb::{Entry, HardState, Snapshot};
+use phalanx_runtime::coordinator::{Coordinator, CoordinatorConfig, CoordinatorError, DurableLog};
 use thiserror::Error;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -41,6 +42,45 @@ pub struct ServerConfig {
     pub snapshot_after: u64,
     /// A rank without heartbeat this long is declared failed by the leader (zero: never).
     pub failure_timeout: Duration,
+    /// Test failpoint: end the process at once (no destructors, no flush: what `kill -9`
+    /// leaves) at this sync of the log, after the records were written and before they are
+    /// made durable or acknowledged.
+    pub crash_at_sync: Option<u64>,
+}
+
+/// The log with the crash failpoint of [`ServerConfig::crash_at_sync`].
+struct CrashPoint {
+    inner: FileLog,
+    crash_at_sync: Option<u64>,
+    syncs: u64,
+}
+
+impl DurableLog for CrashPoint {
+    fn append(&mut self, entries: &[Entry]) -> std::io::Result<()> {
+        self.inner.append(entries)
+    }
+
+    fn save_hard_state(&mut self, hard_state: &HardState) -> std::io::Result<()> {
+        self.inner.save_hard_state(hard_state)
+    }
+
+    fn save_snapshot(&mut self, snapshot: &Snapshot) -> std::io::Result<()> {
+        self.inner.save_snapshot(snapshot)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.syncs += 1;
+        if self.crash_at_sync == Some(self.syncs) {
+            eprintln!(
+                "coordinator: failpoint: dying at sync {} (written, not yet durable or acknowledged)",
+                self.syncs
+            );
+            // No destructor runs, buffered records are lost, nothing is synced: what a kill -9
+            // leaves (exit rather than abort: no core dump).
+            std::process::exit(137);
+        }
+        self.inner.sync()
+    }
 }
 
 impl ServerConfig {
@@ -57,6 +97,7 @@ impl ServerConfig {
             heartbeat_ticks: 2,
             snapshot_after: 1024,
             failure_timeout: Duration::from_secs(3),
+            crash_at_sync: None,
         }
     }
 }
@@ -108,6 +149,7 @@ pub async fn run_coordinator(
         seed: id ^ recovered.hard_state.term.rotate_left(17) ^ recovered.entries.len() as u64,
         ..CoordinatorConfig::new(id, voters)
     };
+    let log = CrashPoint { inner: log, crash_at_sync: config.crash_at_sync, syncs: 0 };
     let mut coordinator = Coordinator::new(cconfig, recovered, log)?;
 
     let mut node_config = NodeConfig::new(RankId(id as u32), config.secret.clone());
