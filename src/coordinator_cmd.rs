@@ -23,6 +23,11 @@ pub struct CoordinatorArgs {
     /// on its own address).
     #[arg(long, value_delimiter = ',', value_parser = parse_peer, required = true)]
     pub peers: Vec<(u64, SocketAddr)>,
+    /// Non-voting coordinators as `ID=ADDR`, comma-separated: they replicate the log and never
+    /// vote (a standby, or a replica near a far data centre). Every coordinator gets the same
+    /// --peers and --learners.
+    #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+    pub learners: Vec<(u64, SocketAddr)>,
     /// Directory of the durable log (created if missing; one process per directory).
     #[arg(long)]
     pub data_dir: PathBuf,
@@ -62,21 +67,23 @@ fn check_peers(peers: &[(u64, SocketAddr)]) -> Result<(), CliError> {
     ids.sort_unstable();
     ids.dedup();
     if ids.len() != peers.len() {
-        return Err(CliError::Usage("--peers lists a coordinator id twice".into()));
+        return Err(CliError::Usage("a coordinator id is listed twice".into()));
     }
     Ok(())
 }
 
 /// Runs `phalanx coordinator` until SIGTERM or Ctrl-C.
 pub async fn run(a: CoordinatorArgs) -> Result<(), CliError> {
-    check_peers(&a.peers)?;
-    if !a.peers.iter().any(|(p, _)| *p == a.id) {
-        return Err(CliError::Usage(format!("--id {} is not among --peers", a.id)));
+    let everyone: Vec<(u64, SocketAddr)> = a.peers.iter().chain(&a.learners).copied().collect();
+    check_peers(&everyone)?;
+    if !everyone.iter().any(|(p, _)| *p == a.id) {
+        return Err(CliError::Usage(format!("--id {} is not among --peers or --learners", a.id)));
     }
     if a.tick_ms == 0 || a.election_ticks <= a.heartbeat_ticks {
         return Err(CliError::Usage("need --tick-ms > 0 and --election-ticks > --heartbeat-ticks".into()));
     }
     let mut config = ServerConfig::new(a.id, a.peers.clone(), a.data_dir.clone(), a.secret.into_bytes());
+    config.learners = a.learners.clone();
     config.tick = Duration::from_millis(a.tick_ms);
     config.election_ticks = a.election_ticks;
     config.heartbeat_ticks = a.heartbeat_ticks;

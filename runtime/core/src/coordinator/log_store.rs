@@ -139,16 +139,19 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    /// A store holding what was recovered; `voters` is the group's membership when no snapshot
-    /// says otherwise.
-    pub fn new(recovered: &Recovered, voters: &[u64]) -> LogStore {
+    /// A store holding what was recovered; `voters` and `learners` are the group's membership
+    /// when no snapshot says otherwise.
+    pub fn new(recovered: &Recovered, voters: &[u64], learners: &[u64]) -> LogStore {
         let mut s = LogStore::default();
         match &recovered.snapshot {
             Some(snap) => {
                 s.conf_state = snap.get_metadata().get_conf_state().clone();
                 s.snapshot = snap.clone();
             }
-            None => s.conf_state.voters = voters.to_vec(),
+            None => {
+                s.conf_state.voters = voters.to_vec();
+                s.conf_state.learners = learners.to_vec();
+            }
         }
         s.entries = recovered.entries.clone();
         s.hard_state = recovered.hard_state.clone();
@@ -289,7 +292,7 @@ mod tests {
     fn a_snapshot_drops_what_it_covers_and_keeps_what_follows() {
         let mut r = Recovered::default();
         r.append(&[e(1, 1), e(2, 1), e(3, 1)]);
-        let store = LogStore::new(&r, &[1]);
+        let store = LogStore::new(&r, &[1], &[]);
         let snap = store.snapshot_at(2, b"state".to_vec()).expect("index 2 is held");
         r.install(&snap);
         assert_eq!(r.entries, vec![e(3, 1)]);
@@ -297,7 +300,7 @@ mod tests {
         // Entries the snapshot covers are ignored when replayed again.
         r.append(&[e(2, 1)]);
         assert_eq!(r.entries, vec![e(3, 1)]);
-        let s = LogStore::new(&r, &[1]);
+        let s = LogStore::new(&r, &[1], &[]);
         assert_eq!(s.first_index(), Ok(3));
         assert_eq!(s.term(2), Ok(1));
         assert!(s.entries(2, 4, None, GetEntriesContext::empty(false)).is_err(), "compacted");

@@ -32,6 +32,9 @@ pub struct CoordinatorConfig {
     /// The voting coordinators (1, 3 or 5), this one among them, when the log holds no
     /// snapshot that says otherwise.
     pub voters: Vec<u64>,
+    /// Non-voting coordinators: they receive and apply the log (a warm standby, or a replica
+    /// near a far data centre) but neither vote nor count toward a majority.
+    pub learners: Vec<u64>,
     /// Ticks without a leader before a follower campaigns; each term adds a seeded random
     /// 0..election_ticks/2 on top, so two followers rarely campaign together.
     pub election_ticks: usize,
@@ -53,6 +56,7 @@ impl CoordinatorConfig {
         CoordinatorConfig {
             id,
             voters,
+            learners: Vec::new(),
             election_ticks: 10,
             heartbeat_ticks: 2,
             snapshot_after: 1024,
@@ -170,12 +174,14 @@ impl<L: DurableLog> Coordinator<L> {
     /// A coordinator resuming from `recovered` (empty for a new one), writing to `log`.
     pub fn new(config: CoordinatorConfig, recovered: Recovered, log: L) -> Result<Coordinator<L>, CoordinatorError> {
         let id = config.id;
-        if id == 0 || !config.voters.contains(&id) || config.election_ticks <= config.heartbeat_ticks {
+        let member = config.voters.contains(&id) || config.learners.contains(&id);
+        let overlap = config.learners.iter().any(|l| config.voters.contains(l));
+        if id == 0 || !member || overlap || config.election_ticks <= config.heartbeat_ticks {
             return Err(CoordinatorError::Config {
                 id,
                 reason: format!(
-                    "id must be non-zero and among the voters {:?}; election ticks ({}) must exceed heartbeat ticks ({})",
-                    config.voters, config.election_ticks, config.heartbeat_ticks
+                    "id must be non-zero and among the voters {:?} or learners {:?} (not both); election ticks ({}) must exceed heartbeat ticks ({})",
+                    config.voters, config.learners, config.election_ticks, config.heartbeat_ticks
                 ),
             });
         }
@@ -191,7 +197,7 @@ impl<L: DurableLog> Coordinator<L> {
             }
             None => (ReplicatedState::new(), 0),
         };
-        let store = LogStore::new(&recovered, &config.voters);
+        let store = LogStore::new(&recovered, &config.voters, &config.learners);
         let raft_config = raft::Config {
             id,
             election_tick: config.election_ticks,

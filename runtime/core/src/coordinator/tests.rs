@@ -14,6 +14,7 @@ const CLIENT_PEER: u64 = 1000;
 
 struct Group {
     voters: Vec<u64>,
+    learners: Vec<u64>,
     nodes: BTreeMap<u64, Coordinator<MemoryLog>>,
     /// Disks of crashed coordinators.
     disks: BTreeMap<u64, MemoryLog>,
@@ -31,6 +32,7 @@ impl Group {
         let voters: Vec<u64> = (1..=n).collect();
         let mut g = Group {
             voters: voters.clone(),
+            learners: Vec::new(),
             nodes: BTreeMap::new(),
             disks: BTreeMap::new(),
             net: VecDeque::new(),
@@ -51,6 +53,7 @@ impl Group {
         CoordinatorConfig {
             snapshot_after: self.snapshot_after,
             failure_ticks: self.failure_ticks,
+            learners: self.learners.clone(),
             ..CoordinatorConfig::new(id, self.voters.clone())
         }
     }
@@ -69,7 +72,7 @@ impl Group {
     }
 
     fn isolate(&mut self, id: u64) {
-        for other in self.voters.clone() {
+        for other in self.voters.iter().chain(&self.learners).copied().collect::<Vec<_>>() {
             if other != id {
                 self.cut.insert((id, other));
                 self.cut.insert((other, id));
@@ -364,4 +367,33 @@ fn the_leader_declares_a_silent_rank_failed_and_tells_it_so_when_it_comes_back()
         Some(ReplyBody::Status { fenced, change_pending, .. }) => assert!(fenced && change_pending),
         other => panic!("heartbeat answered {other:?}"),
     }
+}
+
+#[test]
+fn a_learner_follows_the_log_but_never_counts_toward_a_majority() {
+    let mut g = Group::new(3, 1024);
+    g.learners = vec![4];
+    for id in [1, 2, 3] {
+        g.crash(id);
+        g.start(id);
+    }
+    g.disks.insert(4, MemoryLog::new());
+    g.start(4);
+    let (leader, _) = g.await_leader(&[1, 2, 3], 100);
+    for r in 1..=5u64 {
+        assert!(g.propose(7, r, join(&format!("h{r}"))).1.is_ok());
+    }
+    for _ in 0..5 {
+        g.step();
+    }
+    assert_eq!(g.nodes[&4].view(), g.nodes[&leader].view(), "the learner applied the same log");
+    assert!(!g.nodes[&4].is_leader());
+    // With two voters gone, the learner does not make a majority: nothing commits, nobody leads.
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|i| *i != leader).collect();
+    g.crash(leader);
+    g.crash(others[0]);
+    for _ in 0..100 {
+        g.step();
+    }
+    assert!(g.leaders().is_empty(), "no leader without a majority of voters: {:?}", g.leaders());
 }

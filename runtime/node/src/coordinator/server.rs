@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub id: u64,
     /// Every voting coordinator: id and the TCP address it listens on.
     pub peers: Vec<(u64, SocketAddr)>,
+    /// Non-voting coordinators (learners): they replicate and apply the log, never vote.
+    pub learners: Vec<(u64, SocketAddr)>,
     /// Where the log lives.
     pub data_dir: PathBuf,
     /// Cluster secret (coordinators and clients prove it on every link).
@@ -90,6 +92,7 @@ impl ServerConfig {
         ServerConfig {
             id,
             peers,
+            learners: Vec::new(),
             data_dir,
             secret,
             tick: Duration::from_millis(50),
@@ -132,10 +135,11 @@ pub async fn run_coordinator(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let id = config.id;
-    let Some(listen) = config.peers.iter().find(|(p, _)| *p == id).map(|(_, a)| *a) else {
-        return Err(ServerError::Config { id, reason: "its id is not among --peers".into() });
+    let everyone: Vec<(u64, SocketAddr)> = config.peers.iter().chain(&config.learners).copied().collect();
+    let Some(listen) = everyone.iter().find(|(p, _)| *p == id).map(|(_, a)| *a) else {
+        return Err(ServerError::Config { id, reason: "its id is not among --peers or --learners".into() });
     };
-    if config.peers.iter().any(|(p, _)| *p == 0 || *p > u64::from(u32::MAX >> 1)) {
+    if everyone.iter().any(|(p, _)| *p == 0 || *p > u64::from(u32::MAX >> 1)) {
         return Err(ServerError::Config { id, reason: "coordinator ids are 1..2^31".into() });
     }
     let (log, recovered) = FileLog::open(&config.data_dir)?;
@@ -147,6 +151,7 @@ pub async fn run_coordinator(
         failure_ticks: (config.failure_timeout.as_nanos() / config.tick.as_nanos().max(1)) as u64,
         // The jitter only has to differ between coordinators and restarts.
         seed: id ^ recovered.hard_state.term.rotate_left(17) ^ recovered.entries.len() as u64,
+        learners: config.learners.iter().map(|(p, _)| *p).collect(),
         ..CoordinatorConfig::new(id, voters)
     };
     let log = CrashPoint { inner: log, crash_at_sync: config.crash_at_sync, syncs: 0 };
@@ -155,8 +160,7 @@ pub async fn run_coordinator(
     let mut node_config = NodeConfig::new(RankId(id as u32), config.secret.clone());
     node_config.tcp_listen = vec![listen];
     node_config.transport = TransportConfig::default();
-    node_config.paths = config
-        .peers
+    node_config.paths = everyone
         .iter()
         .filter(|(p, _)| *p != id)
         .map(|(p, addr)| PathSpec {
@@ -170,7 +174,7 @@ pub async fn run_coordinator(
     let mut node = Node::start(node_config).await?;
     let handle = node.handle();
     on_listening(node.tcp_addrs().first().copied().unwrap_or(listen));
-    let is_peer = |r: RankId| config.peers.iter().any(|(p, _)| *p == u64::from(r.0));
+    let is_peer = |r: RankId| everyone.iter().any(|(p, _)| *p == u64::from(r.0));
 
     let span = info_span!("coordinator", id);
     async move {
