@@ -1,7 +1,8 @@
 //! The Phalanx runtime on tokio. So far: [`Communicator`], the async handle a trainer calls
 //! for collectives, which drives the sans-IO executors of `phalanx-collectives` over a
 //! `phalanx-net` node; and the [`coordinator`] group (Raft over the transport, a durable log)
-//! with the client ranks use to join, leave and read the view. The semi-synchronous loop
+//! with the client ranks use to join, leave and read the view; and [`recovery`], live recovery
+//! of a rank's training state from healthy peers. The semi-synchronous loop
 //! (issue #6) comes here next.
 #![warn(missing_docs)]
 
@@ -10,6 +11,7 @@ pub mod coordinator;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod elastic;
+pub mod semisync;
 
 pub use communicator::{
     AllReduceAlgorithm, AllToAllResult, CallOptions, CommError, Communicator, Compression, ErrorFeedback, FaultPolicy,
