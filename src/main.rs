@@ -7,6 +7,7 @@ mod coordinator_cmd;
 mod demo;
 mod launch_cmd;
 mod node_cmd;
+mod recovery_cmd;
 mod sim_cmd;
 mod size;
 
@@ -60,6 +61,9 @@ enum Command {
     /// One rank of a collective benchmark (spawned by `phalanx bench`).
     #[command(hide = true)]
     CollWorker(bench_collective::CollWorkerArgs),
+    /// One healthy rank serving a deterministic training state to recovering ranks (tests).
+    #[command(hide = true)]
+    StateSource(recovery_cmd::StateSourceArgs),
 }
 
 /// Keeps freed memory in the process instead of handing it back to the kernel at once.
@@ -114,6 +118,7 @@ fn main() {
             Command::Launch(a) => launch_cmd::run(a).await,
             Command::BenchWorker(a) => bench::worker(a).await.map_err(CliError::from),
             Command::CollWorker(a) => bench_collective::worker(a).await.map_err(CliError::from),
+            Command::StateSource(a) => recovery_cmd::run(a).await.map_err(CliError::from),
             Command::Sim(_) => unreachable!("handled above"),
         }
     });

@@ -205,7 +205,7 @@ impl SemiSync {
             )
             .await
         };
-        let sent = (delta.len() * 4).min(usize::MAX);
+        let sent = delta.len() * 4;
         match outcome {
             Ok(Outcome::Done { data, participants }) => {
                 let mut avg = vec![0.0f32; delta.len()];
