@@ -3,7 +3,10 @@
 //! direct paths cut → relay through rank 2; paths restored → back on the direct route; bit
 //! flips → detected and repaired. Every message is checked (length and CRC32C) on arrival.
 //!
-//! (The semi-synchronous training demo replaces this once the runtime exists.)
+//! Then a second part (`demo_membership`): an embedded coordinator and elastic ranks, with a
+//! join, a leave and a crash changing the world size at step boundaries.
+//!
+//! (The semi-synchronous training demo of issue #6 replaces this once it exists.)
 
 use std::time::{Duration, Instant};
 
@@ -145,7 +148,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         total as f64 / (1 << 20) as f64,
         summary.len().saturating_sub(1)
     );
-    Ok(())
+    crate::demo_membership::run(args.quick, !args.no_faults).await
 }
 
 /// The fault a demo phase starts with.

@@ -5,6 +5,7 @@ mod bench_collective;
 mod bench_membership;
 mod coordinator_cmd;
 mod demo;
+mod demo_membership;
 mod launch_cmd;
 mod node_cmd;
 mod recovery_cmd;
@@ -41,7 +42,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Three ranks on loopback streaming data while paths fail, relay and heal.
+    /// Three ranks on loopback streaming data while paths fail, relay and heal; then elastic ranks with an embedded coordinator.
     Demo(demo::DemoArgs),
     /// Benchmarks in the baselines' format: p2p and the collectives.
     Bench(bench::BenchArgs),

@@ -324,7 +324,11 @@ impl ElasticMember {
         if !view.members().contains(&self.rank) {
             info!(epoch = view.epoch(), "not a member of the new epoch: departing");
             if let Some(c) = self.comm.take() {
-                c.flush(Duration::from_secs(2)).await;
+                for (i, r) in self.members.iter().enumerate() {
+                    if *r != self.rank && view.members().contains(r) {
+                        c.handle().flush(RankId(i as u32), Duration::from_secs(2)).await;
+                    }
+                }
             }
             return Ok(Boundary::Departed { epoch: view.epoch() });
         }
@@ -358,8 +362,16 @@ impl ElasticMember {
         }
     }
 
-    /// Members that did not take part in a shrink-policy collective are reported failed.
+    /// Members that did not take part in a shrink-policy collective are reported failed — only
+    /// by a rank on the majority side: a rank that finished with half the group or less is more
+    /// likely cut off itself, and leaves the verdict to the coordinators' failure detector.
     async fn report_missing(&mut self, participants: &[usize]) {
+        if participants.len() * 2 <= self.members.len() {
+            if participants.len() < self.members.len() {
+                warn!(epoch = self.epoch, ?participants, "agreement with a minority: not reporting anyone");
+            }
+            return;
+        }
         let missing: Vec<u32> =
             (0..self.members.len()).filter(|i| !participants.contains(i)).map(|i| self.members[i]).collect();
         for rank in missing {
@@ -413,7 +425,13 @@ impl ElasticMember {
         let members = view.members().to_vec();
         let index = members.iter().position(|r| *r == self.rank).unwrap_or(0);
         if let Some(old) = self.comm.take() {
-            old.flush(Duration::from_secs(2)).await;
+            // Let the members that stay get our last messages of the old epoch (the agreement's
+            // result may still be on its way to them); members that are gone are not waited for.
+            for (i, r) in self.members.iter().enumerate() {
+                if *r != self.rank && members.contains(r) {
+                    old.handle().flush(RankId(i as u32), Duration::from_secs(2)).await;
+                }
+            }
             drop(old);
         }
         let mut config = NodeConfig::new(RankId(index as u32), self.config.secret.clone());
