@@ -57,6 +57,15 @@ pub enum LinkFailure {
     Closed,
     /// The peer sent bytes that cannot be framed.
     Protocol(DecodeError),
+    /// The peer's handshake announced an epoch below the fence: a zombie, or an endpoint of an
+    /// earlier epoch still listening at the address. Refused before it could touch the
+    /// session (so it is not mistaken for a restart of the peer).
+    StaleEpoch {
+        /// The epoch it announced.
+        epoch: Epoch,
+        /// The fence in force.
+        fence: Epoch,
+    },
 }
 
 /// What the endpoint tells the application and the driver.
@@ -284,6 +293,22 @@ impl Endpoint {
     /// A link to `peer` finished its handshake and is ready for frames.
     pub fn handle_link_up(&mut self, now: Instant, link: LinkId, peer: LinkIdentity) {
         self.advance(now);
+        if peer.epoch < self.fence {
+            // Refused before the session sees its incarnation: an endpoint of an older epoch
+            // (a zombie, or the previous endpoint still listening at the peer's address) must
+            // not make the session believe the peer restarted and drop what is queued for it.
+            self.counters.stale_epoch_refused += 1;
+            warn!(rank = %self.local, %link, peer = %peer.rank, epoch = %peer.epoch, fence = %self.fence, "link from a stale epoch refused");
+            self.events.push_back(Event::StaleEpochRefused {
+                from: peer.rank,
+                link,
+                epoch: peer.epoch,
+                fence: self.fence,
+            });
+            let reason = LinkFailure::StaleEpoch { epoch: peer.epoch, fence: self.fence };
+            self.events.push_back(Event::LinkFailed { link, peer: peer.rank, reason });
+            return;
+        }
         info!(rank = %self.local, %link, peer = %peer.rank, "link up");
         let restarted = {
             let s = self.session(peer.rank);

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use phalanx_proto::harness::{pattern, Harness};
-use phalanx_proto::{ChannelId, Endpoint, Epoch, Event, Instant, RankId, TransportConfig};
+use phalanx_proto::{
+    ChannelId, Endpoint, Epoch, Event, Instant, LinkFailure, LinkId, LinkIdentity, RankId, TransportConfig,
+};
 use proptest::prelude::*;
 
 const A: RankId = RankId(0);
@@ -184,6 +186,28 @@ fn frames_from_a_fenced_epoch_are_refused_and_reported_once() {
     // Once the sender moves to the new epoch, its (retransmitted) frames get through.
     h.endpoints.get_mut(&A).unwrap().set_epoch(Epoch(2));
     assert!(h.run_until(secs(5.0), 1_000_000, |h| h.delivered.get(&B).is_some_and(|d| d.len() == 1)));
+}
+
+#[test]
+fn a_link_from_below_the_fence_is_refused_at_link_up_and_does_not_reset_the_session() {
+    let mut b = Endpoint::new(RankId(1), 11, Epoch(5), small_config());
+    b.set_fence(Epoch(5));
+    let t = Instant(0);
+    // The peer's endpoint of the previous epoch, still listening at its address.
+    b.handle_link_up(t, LinkId(1), LinkIdentity { rank: RankId(0), incarnation: 100, epoch: Epoch(4) });
+    let evs: Vec<Event> = std::iter::from_fn(|| b.poll_event()).collect();
+    assert!(evs.iter().any(|e| matches!(e, Event::StaleEpochRefused { epoch: Epoch(4), .. })), "{evs:?}");
+    assert!(
+        evs.iter().any(|e| matches!(e, Event::LinkFailed { reason: LinkFailure::StaleEpoch { .. }, .. })),
+        "the driver is told to close it: {evs:?}"
+    );
+    assert!(!evs.iter().any(|e| matches!(e, Event::LinkUp { .. })));
+    assert_eq!(b.counters().stale_epoch_refused, 1);
+    // Its endpoint of the current epoch (another incarnation) is not taken for a restart.
+    b.handle_link_up(t, LinkId(2), LinkIdentity { rank: RankId(0), incarnation: 200, epoch: Epoch(5) });
+    let evs: Vec<Event> = std::iter::from_fn(|| b.poll_event()).collect();
+    assert!(evs.iter().any(|e| matches!(e, Event::LinkUp { .. })), "{evs:?}");
+    assert!(!evs.iter().any(|e| matches!(e, Event::PeerRestarted { .. })), "{evs:?}");
 }
 
 #[derive(Clone, Debug)]
