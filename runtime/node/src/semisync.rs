@@ -11,9 +11,15 @@
 //! Under faults: with `Shrink` a lost rank is left out and the survivors' average is used; with
 //! `Quorum` a rank whose contribution was late gets it back and **carries** it into its next
 //! round for that fragment (counted `pending` in the [`Ledger`], never silently lost); a failed
-//! round is counted `dropped` and returned as an error. A late rank keeps its own anchor for that
-//! round (it did not receive the result); it must be brought back in line by live recovery from
-//! a healthy peer before its next round — not wired yet (see docs/semisync.md).
+//! round is counted `dropped` and returned as an error.
+//!
+//! **Healing.** A late rank did not receive the round's result, so its anchor lags the
+//! group's. It re-anchors on its own parameters (its progress so far rides in the carried
+//! contribution, its later progress in the next delta: counted once), and every `heal_every`
+//! rounds of a fragment — a fixed schedule, so every rank runs the same sequence of
+//! collectives whatever happened — the lowest participant of the round broadcasts the
+//! fragment's anchor and momentum: a lagging rank adopts them and shifts its parameters by the
+//! same amount (keeping its local progress); the others are unchanged.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -41,6 +47,10 @@ pub struct SemiSyncConfig {
     pub policy: FaultPolicy,
     /// Deadline of one round.
     pub deadline: Duration,
+    /// Every this many rounds of a fragment, the round is followed by a broadcast of its anchor
+    /// and momentum from the round's lowest participant, bringing ranks that missed rounds back
+    /// in line (0: never; then a late rank's anchor stays its own).
+    pub heal_every: u64,
 }
 
 impl SemiSyncConfig {
@@ -54,6 +64,7 @@ impl SemiSyncConfig {
             compression: Compression::None,
             policy: FaultPolicy::Shrink,
             deadline: Duration::from_secs(30),
+            heal_every: 4,
         }
     }
 }
@@ -81,6 +92,11 @@ pub struct SemiSync {
     feedback: Vec<ErrorFeedback>,
     carry: Vec<Vec<f32>>,
     carried: Vec<u64>,
+    /// Rounds run per fragment, and the last round's participants.
+    rounds: Vec<u64>,
+    last_participants: Vec<Vec<usize>>,
+    /// Fragments whose anchor may lag the group's (this rank missed a round since a heal).
+    lagging: Vec<bool>,
     ledger: Ledger,
     step: u64,
     bytes_sent: u64,
@@ -101,6 +117,9 @@ impl SemiSync {
             feedback: vec![ErrorFeedback::new(); ranges.len()],
             carry: ranges.iter().map(|r| vec![0.0; r.len()]).collect(),
             carried: vec![0; ranges.len()],
+            rounds: vec![0; ranges.len()],
+            last_participants: vec![Vec::new(); ranges.len()],
+            lagging: vec![false; ranges.len()],
             anchor: params.to_vec(),
             outer,
             ranges,
@@ -129,6 +148,23 @@ impl SemiSync {
     /// The parameters as of the last sync of each fragment.
     pub fn anchor(&self) -> &[f32] {
         &self.anchor
+    }
+
+    /// Whether this rank's anchor of any fragment may lag the group's (it missed a round
+    /// since the last heal).
+    pub fn lagging(&self) -> bool {
+        self.lagging.iter().any(|l| *l)
+    }
+
+    /// Heals every fragment now (every rank calls it at the same point, e.g. before
+    /// evaluation or a checkpoint): the lowest participant of each fragment's last round
+    /// broadcasts its anchor and momentum under `Shrink`.
+    pub async fn resync(&mut self, comm: &mut Communicator, params: &mut [f32]) -> Result<(), CommError> {
+        for f in 0..self.ranges.len() {
+            let root = self.last_participants[f].first().copied().unwrap_or(0);
+            self.heal(comm, params, f, root, FaultPolicy::Shrink).await?;
+        }
+        Ok(())
     }
 
     /// Synchronous data parallel: replaces `grads` by their average over the round's
@@ -206,7 +242,7 @@ impl SemiSync {
             .await
         };
         let sent = delta.len() * 4;
-        match outcome {
+        let report = match outcome {
             Ok(Outcome::Done { data, participants }) => {
                 let mut avg = vec![0.0f32; delta.len()];
                 read_f32(&data, &mut avg);
@@ -218,9 +254,13 @@ impl SemiSync {
                 Ok(RoundReport { fragment: f, participants, late: false, bytes: sent })
             }
             Ok(Outcome::Late { participants, .. }) => {
+                // Carry the contribution; re-anchor on our own parameters so the progress it
+                // holds is not counted again in the next delta.
                 self.carry[f] = delta;
                 self.carried[f] = riding;
                 self.ledger.carried(riding);
+                self.anchor[r.clone()].copy_from_slice(&params[r]);
+                self.lagging[f] = true;
                 Ok(RoundReport { fragment: f, participants, late: true, bytes: sent })
             }
             Err(e) => {
@@ -228,7 +268,55 @@ impl SemiSync {
                 self.ledger.dropped(riding);
                 Err(e)
             }
+        }?;
+        self.rounds[f] += 1;
+        self.last_participants[f] = report.participants.clone();
+        if self.config.heal_every > 0 && self.rounds[f].is_multiple_of(self.config.heal_every) {
+            let root = report.participants.first().copied().unwrap_or(0);
+            self.heal(comm, params, f, root, self.config.policy).await?;
         }
+        Ok(report)
+    }
+
+    /// Broadcasts fragment `f`'s anchor and momentum from `root`; a lagging rank adopts them
+    /// and shifts its parameters by the same amount. A rank late for the broadcast stays
+    /// lagging until the next heal.
+    async fn heal(
+        &mut self,
+        comm: &mut Communicator,
+        params: &mut [f32],
+        f: usize,
+        root: usize,
+        policy: FaultPolicy,
+    ) -> Result<(), CommError> {
+        let r = self.ranges[f].clone();
+        let n = r.len();
+        let payload = if comm.rank() == root {
+            let mut v = self.anchor[r.clone()].to_vec();
+            let vel = self.outer[f].velocity();
+            v.extend(if vel.len() == n { vel.to_vec() } else { vec![0.0; n] });
+            f32_bytes(&v)
+        } else {
+            vec![0u8; n * 8]
+        };
+        let options = CallOptions { policy, verify: false };
+        if comm.rank() == root {
+            self.bytes_sent += payload.len() as u64;
+        }
+        match comm.collective(Op::Broadcast { root }, DType::U8, payload, options, self.config.deadline).await? {
+            Outcome::Done { data, .. } => {
+                let mut v = vec![0.0f32; 2 * n];
+                read_f32(&data, &mut v);
+                for (k, i) in r.clone().enumerate() {
+                    params[i] += v[k] - self.anchor[i];
+                    self.anchor[i] = v[k];
+                }
+                self.outer[f].set_velocity(&v[n..]);
+                self.lagging[f] = false;
+            }
+            Outcome::Late { .. } => {}
+        }
+        Ok(())
     }
 }
 

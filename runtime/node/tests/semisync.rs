@@ -2,14 +2,14 @@
 //! least-squares problem whose optimum is known; synchronous DP, local SGD, DiLoCo and
 //! streaming DiLoCo (int8 outer gradients) all reach it. Quorum rounds with a straggler and a
 //! crashed rank keep the accounting identity `offered = applied + pending + dropped` on every
-//! rank after every round.
+//! rank after every round, and a heal brings the straggler's anchors back to the group's.
 
 use std::time::Duration;
 
 use phalanx_net::{LinkKind, Node, NodeConfig, PathFaults, PathSpec};
 use phalanx_node::semisync::{SemiSync, SemiSyncConfig};
 use phalanx_node::{Communicator, Compression, FaultPolicy};
-use phalanx_proto::RankId;
+use phalanx_proto::{RankId, TransportConfig};
 use phalanx_runtime::semisync::SyncMode;
 
 const SECRET: &[u8] = b"semisync-test";
@@ -21,6 +21,13 @@ async fn nodes(world: usize) -> Vec<Node> {
     let mut addrs = Vec::new();
     for r in (0..world).rev() {
         let mut c = NodeConfig::new(RankId(r as u32), SECRET);
+        // A crashed rank is declared lost after a second (the heal waits for that verdict).
+        c.transport = TransportConfig {
+            heartbeat_interval: Duration::from_millis(25),
+            link_timeout: Duration::from_millis(300),
+            unreachable_after: Duration::from_secs(1),
+            ..TransportConfig::default()
+        };
         c.tcp_listen = vec!["127.0.0.1:0".parse().expect("address")];
         for (peer, addr) in &addrs {
             c.paths.push(PathSpec {
@@ -177,7 +184,7 @@ async fn quorum_rounds_with_a_straggler_and_a_crash_account_for_every_contributi
             for step in 1..=40u64 {
                 // Rank 2 crashes after step 10; rank 3 straggles on every third step.
                 if rank == 2 && step > 10 {
-                    return (rank, sync.ledger(), late, applied_rounds);
+                    return (rank, sync.ledger(), late, applied_rounds, Vec::new());
                 }
                 if rank == 3 && step % 3 == 0 {
                     tokio::time::sleep(Duration::from_millis(120)).await; // a slow inner step
@@ -195,12 +202,23 @@ async fn quorum_rounds_with_a_straggler_and_a_crash_account_for_every_contributi
                 }
                 assert!(sync.ledger().balanced(), "rank {rank} after step {step}: {:?}", sync.ledger());
             }
-            (rank, sync.ledger(), late, applied_rounds)
+            // Every survivor heals now: the straggler adopts the group's anchors.
+            sync.resync(&mut comm, &mut x).await.expect("resync over the survivors");
+            assert!(!sync.lagging(), "rank {rank} is back in line");
+            // Let the other survivors get our last messages before this endpoint goes.
+            for peer in [0u32, 1, 3].into_iter().filter(|p| *p as usize != rank) {
+                comm.handle().flush(RankId(peer), Duration::from_secs(5)).await;
+            }
+            (rank, sync.ledger(), late, applied_rounds, sync.anchor().to_vec())
         }));
     }
     let mut late_total = 0;
+    let mut anchors = Vec::new();
     for t in tasks {
-        let (rank, ledger, late, applied) = t.await.expect("rank");
+        let (rank, ledger, late, applied, anchor) = t.await.expect("rank");
+        if rank != 2 {
+            anchors.push(anchor);
+        }
         assert!(ledger.balanced(), "rank {rank}: {ledger:?}");
         assert!(applied > 0, "rank {rank} took part in rounds");
         assert_eq!(ledger.dropped, 0, "rank {rank}: nothing dropped under a quorum");
@@ -210,4 +228,7 @@ async fn quorum_rounds_with_a_straggler_and_a_crash_account_for_every_contributi
         }
     }
     assert!(late_total > 0, "the straggler missed some rounds and carried its contribution");
+    for a in &anchors[1..] {
+        assert_eq!(a, &anchors[0], "after the heal every survivor holds the same anchors");
+    }
 }

@@ -43,6 +43,11 @@ impl OuterOptimizer {
         &self.velocity
     }
 
+    /// Replaces the momentum buffer (a rank that missed rounds adopting a healthy peer's).
+    pub fn set_velocity(&mut self, velocity: &[f32]) {
+        self.velocity = velocity.to_vec();
+    }
+
     /// Applies the averaged outer gradient `delta` to `anchor` in place (same length; a new
     /// length restarts the momentum). Deterministic: the same inputs give the same bits on
     /// every rank.
