@@ -6,7 +6,9 @@ mod bench_membership;
 mod coordinator_cmd;
 mod demo;
 mod demo_membership;
+mod experiment_cmd;
 mod launch_cmd;
+mod mlp;
 mod node_cmd;
 mod recovery_cmd;
 mod sim_cmd;
@@ -52,6 +54,8 @@ enum Command {
     Node(node_cmd::NodeArgs),
     /// Run one member of the Raft coordinator group (durable log in --data-dir).
     Coordinator(coordinator_cmd::CoordinatorArgs),
+    /// Experiments with figures: `semisync` compares synchronous DP, DiLoCo and streaming DiLoCo.
+    Experiment(experiment_cmd::ExperimentArgs),
     /// Start N local ranks of a training command, restarting ranks that die (like torchrun).
     Launch(launch_cmd::LaunchArgs),
     /// Talk to the coordinator group: print the view, join, leave, report a failure, begin an epoch.
@@ -117,6 +121,7 @@ fn main() {
             Command::Coordinator(a) => coordinator_cmd::run(a).await,
             Command::Membership(a) => coordinator_cmd::membership(a).await,
             Command::Launch(a) => launch_cmd::run(a).await,
+            Command::Experiment(a) => experiment_cmd::run(a).await,
             Command::BenchWorker(a) => bench::worker(a).await.map_err(CliError::from),
             Command::CollWorker(a) => bench_collective::worker(a).await.map_err(CliError::from),
             Command::StateSource(a) => recovery_cmd::run(a).await.map_err(CliError::from),

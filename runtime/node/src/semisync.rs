@@ -329,3 +329,108 @@ fn read_f32(bytes: &[u8], out: &mut [f32]) {
         *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
     }
 }
+
+/// Semi-synchronous across data centres (issue #6): inside a data centre, synchronous data
+/// parallel every step (an all-reduce of gradients over the DC's communicator); across data
+/// centres, the DC's leader (index 0 of its DC communicator) runs the outer rounds (DiLoCo,
+/// streaming DiLoCo, local SGD) with the other DCs' leaders, then broadcasts the synced
+/// fragments inside its DC. Only the leaders' rounds cross the WAN.
+///
+/// Under faults: the leaders' rounds have the outer policy (a DC late under `Quorum` carries its
+/// outer gradient and is healed); the DC's rounds have the inner policy (a lost rank inside a DC
+/// is left out under `Shrink`). A DC whose leader is lost stops syncing across DCs until the
+/// membership layer gives it a new one (not automatic yet).
+pub struct CrossDcSemiSync {
+    dc: Communicator,
+    leaders: Option<Communicator>,
+    inner: SemiSync,
+    outer: SemiSync,
+    ranges: Vec<Range<usize>>,
+    step: u64,
+}
+
+impl CrossDcSemiSync {
+    /// `dc` is this rank's DC communicator (index 0 is the DC's leader); `leaders` the
+    /// communicator of the DC leaders (`Some` exactly on leaders). `inner` is the policy and
+    /// deadline of the in-DC gradient rounds; `outer` the cross-DC configuration.
+    pub fn new(
+        dc: Communicator,
+        leaders: Option<Communicator>,
+        params: &[f32],
+        inner: SemiSyncConfig,
+        outer: SemiSyncConfig,
+    ) -> CrossDcSemiSync {
+        let inner = SemiSync::new(params, SemiSyncConfig { mode: SyncMode::Synchronous, ..inner });
+        let ranges = fragment_ranges(params.len(), outer.mode.fragments());
+        CrossDcSemiSync { dc, leaders, inner, outer: SemiSync::new(params, outer), ranges, step: 0 }
+    }
+
+    /// The DC communicator.
+    pub fn dc(&mut self) -> &mut Communicator {
+        &mut self.dc
+    }
+
+    /// The leaders' communicator (on leaders).
+    pub fn leaders(&mut self) -> Option<&mut Communicator> {
+        self.leaders.as_mut()
+    }
+
+    /// The accounting of the in-DC gradient rounds and of the cross-DC outer rounds (the
+    /// latter only counts on leaders).
+    pub fn ledgers(&self) -> (Ledger, Ledger) {
+        (self.inner.ledger(), self.outer.ledger())
+    }
+
+    /// Averages `grads` over the DC (call before the inner optimizer's step).
+    pub async fn sync_gradients(&mut self, grads: &mut [f32]) -> Result<RoundReport, CommError> {
+        self.inner.sync_gradients(&mut self.dc, grads).await
+    }
+
+    /// After an inner step: the leaders sync the due fragments across DCs, then every DC
+    /// broadcasts them from its leader.
+    pub async fn after_inner_step(&mut self, params: &mut [f32]) -> Result<Vec<RoundReport>, CommError> {
+        self.step += 1;
+        let due = self.outer.config.mode.due(self.step);
+        let reports = match self.leaders.as_mut() {
+            Some(l) => self.outer.after_inner_step(l, params).await?,
+            None => Vec::new(),
+        };
+        if !due.is_empty() {
+            self.broadcast_fragments(params, &due).await?;
+        }
+        Ok(reports)
+    }
+
+    /// Heals the leaders' anchors and gives every rank the synced model: the leaders' common
+    /// anchors (before evaluation or a checkpoint; every rank calls it at the same point).
+    pub async fn resync(&mut self, params: &mut [f32]) -> Result<(), CommError> {
+        if let Some(l) = self.leaders.as_mut() {
+            self.outer.resync(l, params).await?;
+            // The model is the synced one: progress since each fragment's last sync is not in
+            // it (as DiLoCo evaluates its outer parameters).
+            params.copy_from_slice(self.outer.anchor());
+        }
+        let all: Vec<usize> = (0..self.ranges.len()).collect();
+        self.broadcast_fragments(params, &all).await
+    }
+
+    async fn broadcast_fragments(&mut self, params: &mut [f32], fragments: &[usize]) -> Result<(), CommError> {
+        let mut buf = Vec::new();
+        for f in fragments {
+            buf.extend(f32_bytes(&params[self.ranges[*f].clone()]));
+        }
+        let options = CallOptions { policy: FaultPolicy::Shrink, verify: false };
+        let deadline = self.outer.config.deadline;
+        if let Outcome::Done { data, .. } =
+            self.dc.collective(Op::Broadcast { root: 0 }, DType::U8, buf, options, deadline).await?
+        {
+            let mut at = 0;
+            for f in fragments {
+                let r = self.ranges[*f].clone();
+                read_f32(&data[at..at + r.len() * 4], &mut params[r.clone()]);
+                at += r.len() * 4;
+            }
+        }
+        Ok(())
+    }
+}
