@@ -296,3 +296,83 @@ async fn a_zombie_declared_failed_cannot_get_a_message_accepted_in_the_new_epoch
         assert!(!matches!(ev, Event::Message(_)), "the zombie got a message: {ev:?}");
     }
 }
+
+/// The state every member holds at `step` (what a trainer would register: here a function of
+/// the step, identical on every member).
+fn state_at(step: u64) -> Vec<u8> {
+    // 12 MB: three 4 MiB pieces, striped over the sources.
+    let mut v = Vec::with_capacity(12 << 20);
+    for i in 0..(3u32 << 20) {
+        v.extend_from_slice(&(step as f32 * 0.5 + i as f32).to_le_bytes());
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_rank_recovers_the_training_state_from_its_peers_before_its_first_step() {
+    support::init_log();
+    let (coordinators, _stop) = coordinator("recover").await;
+    let last_step = 10u64;
+    let config = |host: &str| {
+        let mut c = member_config(&coordinators, host, 3);
+        c.state_listen = Some(free_addr());
+        c
+    };
+    // Each member publishes its state, then all-reduces, every step.
+    async fn run(
+        mut m: ElasticMember,
+        last_step: u64,
+        at: Option<(u64, tokio::sync::mpsc::UnboundedSender<()>)>,
+    ) -> u32 {
+        loop {
+            if let Boundary::Departed { .. } = m.begin_step().await.expect("boundary") {
+                panic!("nobody leaves here");
+            }
+            if m.step() >= last_step {
+                return m.rank();
+            }
+            m.publish_state(m.step(), vec![("params".into(), Bytes::from(state_at(m.step())))]);
+            if let Some((s, tx)) = &at {
+                if m.step() == *s {
+                    let _ = tx.send(());
+                }
+            }
+            let buf = 1.0f64.to_le_bytes().to_vec();
+            m.communicator()
+                .expect("member")
+                .all_reduce(buf, DType::F64, ReduceOp::Sum, AllReduceAlgorithm::Auto, Duration::from_secs(10))
+                .await
+                .expect("all-reduce");
+            m.end_step();
+        }
+    }
+    let mut joins = Vec::new();
+    for i in 0..3 {
+        joins.push(tokio::spawn(ElasticMember::join(config(&format!("s-{i}")))));
+    }
+    let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for (i, j) in joins.into_iter().enumerate() {
+        let m = j.await.expect("join task").expect("admitted");
+        let at = (i == 0).then(|| (3, tx.clone()));
+        tasks.push(tokio::spawn(run(m, last_step, at)));
+    }
+    started.recv().await.expect("the group reaches step 3");
+    let joiner = ElasticMember::join(config("late")).await.expect("the joiner is admitted");
+    let step = joiner.step();
+    assert!(step >= 3 && step < last_step, "admitted at step {step}");
+    let state = joiner.recover_state(Duration::from_secs(20)).await.expect("the state arrives from the peers");
+    assert_eq!(state.step, step);
+    assert_eq!(state.buffers.len(), 1);
+    assert!(state.buffers[0].1 == state_at(step), "the peers' state at the joiner's first step, intact");
+    assert!(
+        state.bytes_per_source.iter().filter(|(_, b)| *b > 0).count() >= 2,
+        "striped: {:?}",
+        state.bytes_per_source
+    );
+    joiner.publish_state(step, vec![("params".into(), Bytes::from(state.buffers[0].1.clone()))]);
+    tasks.push(tokio::spawn(run(joiner, last_step, None)));
+    for t in tasks {
+        t.await.expect("member");
+    }
+}

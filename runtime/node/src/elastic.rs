@@ -29,12 +29,14 @@ use std::time::Duration;
 
 use phalanx_collectives::reduce::{DType, ReduceOp};
 use phalanx_net::{LinkKind, Node, NodeConfig, NodeError, PathFaults, PathSpec};
-use phalanx_proto::{Epoch, RankId, TransportConfig};
+use phalanx_proto::{Epoch, Event, RankId, TransportConfig};
 use phalanx_runtime::membership::{ClusterView, Command, Outcome, RankStatus, ViewError};
+use phalanx_runtime::recovery::StateServer;
 use thiserror::Error;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::coordinator::{ClientError, CoordinatorClient};
+use crate::recovery::{fetch_state, FetchOptions, FetchedState, RECOVERY_CHANNEL};
 use crate::{AllReduceAlgorithm, CallOptions, CommError, Communicator, FaultPolicy, Op};
 
 /// How a rank takes part in an elastic job.
@@ -65,6 +67,10 @@ pub struct ElasticConfig {
     pub sync_deadline: Duration,
     /// How long to wait to be admitted into an epoch.
     pub admission_timeout: Duration,
+    /// Where this rank serves its training state to recovering ranks (live recovery), if it
+    /// does; published with [`ElasticMember::publish_state`], fetched by joiners with
+    /// [`ElasticMember::recover_state`]. Announced as the second address of its join.
+    pub state_listen: Option<SocketAddr>,
 }
 
 impl ElasticConfig {
@@ -84,6 +90,7 @@ impl ElasticConfig {
             heartbeat_every: Duration::from_millis(500),
             sync_deadline: Duration::from_secs(10),
             admission_timeout: Duration::from_secs(30),
+            state_listen: None,
         }
     }
 }
@@ -195,11 +202,16 @@ pub struct ElasticMember {
     shared_epoch: Arc<AtomicU64>,
     fenced: Arc<AtomicBool>,
     heartbeat: tokio::task::JoinHandle<()>,
+    /// The state this rank serves (live recovery) and the task serving it.
+    state: Option<(tokio::sync::watch::Sender<Option<StateServer>>, tokio::task::JoinHandle<()>)>,
 }
 
 impl Drop for ElasticMember {
     fn drop(&mut self) {
         self.heartbeat.abort();
+        if let Some((_, task)) = &self.state {
+            task.abort();
+        }
     }
 }
 
@@ -212,7 +224,7 @@ impl ElasticMember {
         let command = Command::Join {
             dc: config.dc,
             host: config.host.clone(),
-            addrs: vec![config.listen.to_string()],
+            addrs: std::iter::once(config.listen).chain(config.state_listen).map(|a| a.to_string()).collect(),
             incarnation: config.incarnation,
         };
         let rank = match client.propose(command).await?.1 {
@@ -227,7 +239,19 @@ impl ElasticMember {
             heartbeat_loop(config.clone(), rank, shared_epoch.clone(), fenced.clone())
                 .instrument(info_span!("heartbeat", rank)),
         );
+        let state = match config.state_listen {
+            Some(addr) => {
+                let mut c = NodeConfig::new(RankId(rank), config.secret.clone());
+                c.tcp_listen = vec![addr];
+                c.transport = config.transport.clone();
+                let node = Node::start(c).await.map_err(|source| ElasticError::Transport { rank, epoch: 0, source })?;
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                Some((tx, tokio::spawn(serve_published(node, rx).instrument(info_span!("state_server", rank)))))
+            }
+            None => None,
+        };
         let mut me = ElasticMember {
+            state,
             config,
             client,
             rank,
@@ -271,6 +295,74 @@ impl ElasticMember {
     pub fn communicator(&mut self) -> Result<&mut Communicator, ElasticError> {
         let rank = self.rank;
         self.comm.as_mut().ok_or(ElasticError::Departed { rank })
+    }
+
+    /// Makes `buffers` at `step` the training state this rank serves to recovering ranks
+    /// (replacing what it served). Does nothing without [`ElasticConfig::state_listen`].
+    pub fn publish_state(&self, step: u64, buffers: Vec<(String, bytes::Bytes)>) {
+        if let Some((tx, _)) = &self.state {
+            match StateServer::new(step, buffers) {
+                Ok(server) => {
+                    let _ = tx.send(Some(server));
+                }
+                Err(e) => warn!(step, error = %e, "state not published"),
+            }
+        }
+    }
+
+    /// Live recovery: fetches the training state at this rank's current step from the other
+    /// members of its epoch (striped over them, checksummed, resumed elsewhere if a source
+    /// dies), waiting up to `timeout` for them to serve that step. For a rank that just joined
+    /// (its step is the group's) before it takes part in its first step.
+    pub async fn recover_state(&self, timeout: Duration) -> Result<FetchedState, ElasticError> {
+        let (rank, epoch, step) = (self.rank, self.epoch, self.step);
+        let (_, view) = {
+            let mut client = CoordinatorClient::connect(&self.config.coordinators, &self.config.secret).await?;
+            client.read_view().await?
+        };
+        let mut config = NodeConfig::new(RankId(rank), self.config.secret.clone());
+        config.transport = self.config.transport.clone();
+        let mut sources = Vec::new();
+        for r in self.members.iter().filter(|r| **r != rank) {
+            let Some(addr) = view.rank(*r).and_then(|m| m.addrs.get(1)) else { continue };
+            let remote: SocketAddr =
+                addr.parse().map_err(|_| ElasticError::BadAddress { rank: *r, addr: addr.clone() })?;
+            config.paths.push(PathSpec {
+                peer: RankId(*r),
+                kind: LinkKind::Tcp,
+                remote,
+                bind: None,
+                faults: PathFaults::new(),
+            });
+            sources.push(RankId(*r));
+        }
+        if sources.is_empty() {
+            return Err(ElasticError::Unexpected(format!("rank {rank}: no member serves state in epoch {epoch}")));
+        }
+        let mut node = Node::start(config).await.map_err(|source| ElasticError::Transport { rank, epoch, source })?;
+        let start = tokio::time::Instant::now();
+        let span = info_span!("live_recovery", rank, epoch, step);
+        async {
+            loop {
+                let options = FetchOptions { manifest_deadline: timeout, ..FetchOptions::default() };
+                match fetch_state(&mut node, &sources, options).await {
+                    Ok(s) if s.step == step => {
+                        info!(bytes = s.buffers.iter().map(|(_, b)| b.len()).sum::<usize>(), elapsed = ?s.elapsed, "state recovered from peers");
+                        return Ok(s);
+                    }
+                    Ok(s) => debug!(served = s.step, want = step, "sources serve another step; asking again"),
+                    Err(e) => debug!(error = %e, "recovery attempt failed; asking again"),
+                }
+                if start.elapsed() > timeout {
+                    return Err(ElasticError::Unexpected(format!(
+                        "rank {rank}: no member served the state of step {step} within {timeout:?}"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        .instrument(span)
+        .await
     }
 
     /// Asks to leave at the next epoch; the rank keeps training until a boundary reports
@@ -498,5 +590,36 @@ async fn heartbeat_loop(config: ElasticConfig, rank: u32, epoch: Arc<AtomicU64>,
             Err(e) => warn!(error = %e, "heartbeat not answered"),
         }
         tokio::time::sleep(config.heartbeat_every).await;
+    }
+}
+
+/// Serves the latest published state on `node` until the member goes away.
+async fn serve_published(mut node: Node, mut published: tokio::sync::watch::Receiver<Option<StateServer>>) {
+    let handle = node.handle();
+    let mut server: Option<StateServer> = None;
+    loop {
+        tokio::select! {
+            changed = published.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                server = published.borrow_and_update().clone();
+            }
+            ev = node.next_event() => match ev {
+                None => return,
+                Some(Event::Message(m)) if m.channel == RECOVERY_CHANNEL => {
+                    let reply = server.as_mut().and_then(|s| s.handle(u64::from(m.from.0), &m.payload.to_bytes()));
+                    if let Some(reply) = reply {
+                        if handle.send(m.from, RECOVERY_CHANNEL, reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Some(Event::PeerUnreachable { peer, .. }) => {
+                    let _ = handle.abandon_peer(peer).await;
+                }
+                Some(_) => {}
+            },
+        }
     }
 }
