@@ -348,7 +348,10 @@ async fn a_joining_rank_recovers_the_training_state_from_its_peers_before_its_fi
     }
     let mut joins = Vec::new();
     for i in 0..3 {
-        joins.push(tokio::spawn(ElasticMember::join(config(&format!("s-{i}")))));
+        // Two data centres: the communicators are built with that topology from the view.
+        let mut c = config(&format!("s-{i}"));
+        c.dc = i % 2;
+        joins.push(tokio::spawn(ElasticMember::join(c)));
     }
     let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();

@@ -6,6 +6,8 @@
 //! accounting of semi-synchronous training. Nothing here touches a socket, a clock or a thread:
 //! time comes in as ticks, bytes as events, and the log reaches disk through a seam.
 
+#![warn(missing_docs)]
+
 pub mod coordinator;
 pub mod membership;
 pub mod recovery;

@@ -13,7 +13,8 @@
 //! 3. If the target is newer: read the view at that epoch, flush and drop the old
 //!    communicator, and build the new one (a fresh transport endpoint on this rank's fixed
 //!    address, stamped with the new epoch and **fenced** below it, so frames from an older
-//!    epoch — a zombie — are refused). A rank not in the new member list has departed.
+//!    epoch — a zombie — are refused; its topology is the members' data centres from the
+//!    view). A rank not in the new member list has departed.
 //! 4. **Sync**: all-reduce (max) of the step over the new communicator, so joiners, which
 //!    were admitted during the epoch change, start at the group's step.
 //!
@@ -37,7 +38,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::coordinator::{ClientError, CoordinatorClient};
 use crate::recovery::{fetch_state, FetchOptions, FetchedState, RECOVERY_CHANNEL};
-use crate::{AllReduceAlgorithm, CallOptions, CommError, Communicator, FaultPolicy, Op};
+use crate::{AllReduceAlgorithm, CallOptions, CommError, Communicator, FaultPolicy, Op, Topology};
 
 /// How a rank takes part in an elastic job.
 #[derive(Clone, Debug)]
@@ -560,7 +561,10 @@ impl ElasticMember {
         };
         // Frames from an older epoch (a zombie's) are refused from now on.
         node.handle().set_fence(Epoch(epoch));
-        self.comm = Some(Communicator::new(node, index, members.len()));
+        // The members' data centres, from the view: large all-reduces then run hierarchically
+        // (inside each DC, then across DCs, then inside again).
+        let dc_of = members.iter().map(|r| view.rank(*r).map_or(0, |m| m.dc as usize)).collect();
+        self.comm = Some(Communicator::with_topology(node, index, Topology::new(dc_of)));
         info!(rank = self.rank, epoch, index, world = members.len(), "communicator built for the epoch");
         self.epoch = epoch;
         self.members = members;

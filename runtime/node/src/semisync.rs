@@ -24,6 +24,8 @@
 use std::ops::Range;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use phalanx_collectives::reduce::{DType, ReduceOp};
 use phalanx_runtime::semisync::{fragment_ranges, Ledger, OuterOptimizer, SyncMode};
 use tracing::{debug, info_span, Instrument};
@@ -148,6 +150,51 @@ impl SemiSync {
     /// The parameters as of the last sync of each fragment.
     pub fn anchor(&self) -> &[f32] {
         &self.anchor
+    }
+
+    /// The state a recovering rank needs to take this rank's place in the next round (what
+    /// to publish for live recovery): the anchors and the outer momentum, as named buffers.
+    pub fn export(&self) -> Vec<(String, Bytes)> {
+        let mut velocity = Vec::with_capacity(self.anchor.len());
+        for (f, r) in self.ranges.iter().enumerate() {
+            let v = self.outer[f].velocity();
+            if v.len() == r.len() {
+                velocity.extend_from_slice(v);
+            } else {
+                velocity.extend(std::iter::repeat_n(0.0, r.len()));
+            }
+        }
+        vec![
+            ("anchor".into(), Bytes::from(f32_bytes(&self.anchor))),
+            ("velocity".into(), Bytes::from(f32_bytes(&velocity))),
+        ]
+    }
+
+    /// A rank's state rebuilt from what a healthy peer exported at inner step `step` (live
+    /// recovery): its anchors and momentum, the schedule at that step, nothing carried. The
+    /// trainer's parameters restart from [`SemiSync::anchor`].
+    pub fn import(config: SemiSyncConfig, step: u64, buffers: &[(String, Vec<u8>)]) -> Result<SemiSync, String> {
+        let get = |name: &str| {
+            buffers.iter().find(|(n, _)| n == name).map(|(_, b)| b).ok_or_else(|| format!("no {name:?} buffer"))
+        };
+        let (anchor_bytes, velocity_bytes) = (get("anchor")?, get("velocity")?);
+        if anchor_bytes.len() % 4 != 0 || velocity_bytes.len() != anchor_bytes.len() {
+            return Err(format!(
+                "anchor of {} bytes and velocity of {} bytes do not make f32 vectors of one length",
+                anchor_bytes.len(),
+                velocity_bytes.len()
+            ));
+        }
+        let mut anchor = vec![0.0f32; anchor_bytes.len() / 4];
+        read_f32(anchor_bytes, &mut anchor);
+        let mut velocity = vec![0.0f32; anchor.len()];
+        read_f32(velocity_bytes, &mut velocity);
+        let mut s = SemiSync::new(&anchor, config);
+        for (f, r) in s.ranges.clone().into_iter().enumerate() {
+            s.outer[f].set_velocity(&velocity[r]);
+        }
+        s.step = step;
+        Ok(s)
     }
 
     /// Whether this rank's anchor of any fragment may lag the group's (it missed a round
@@ -432,5 +479,31 @@ impl CrossDcSemiSync {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exported_state_imports_to_the_same_anchors_momentum_and_schedule() {
+        let config = SemiSyncConfig::new(SyncMode::StreamingDiloco { every: 4, fragments: 3 });
+        let mut s = SemiSync::new(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], config);
+        for (f, r) in s.ranges.clone().into_iter().enumerate() {
+            let delta: Vec<f32> = r.clone().map(|i| i as f32 * 0.1).collect();
+            s.outer[f].step(&mut s.anchor[r], &delta);
+        }
+        s.step = 9;
+        let exported: Vec<(String, Vec<u8>)> = s.export().into_iter().map(|(n, b)| (n, b.to_vec())).collect();
+        let t = SemiSync::import(config, 9, &exported).expect("imports");
+        assert_eq!(t.anchor(), s.anchor());
+        for f in 0..3 {
+            assert_eq!(t.outer[f].velocity(), s.outer[f].velocity());
+        }
+        assert_eq!(t.step(), 9);
+        let bad = vec![("anchor".to_string(), vec![0u8; 8]), ("velocity".to_string(), vec![0u8; 4])];
+        assert!(SemiSync::import(config, 0, &bad).is_err());
+        assert!(SemiSync::import(config, 0, &[]).is_err());
     }
 }
