@@ -146,7 +146,12 @@ pub async fn run(args: &BenchArgs) -> Result<(), CliError> {
     }
     let mut rebuilds = Vec::new();
     for cycle in 0..args.iters.clamp(3, 10) {
-        let joiner = tokio::spawn(ElasticMember::join(config(format!("extra-{cycle}"))?));
+        let extra_config = config(format!("extra-{cycle}"))?;
+        let joiner = tokio::spawn(async move {
+            let mut m = ElasticMember::join(extra_config).await?;
+            m.enter().await?;
+            Ok::<_, phalanx_node::elastic::ElasticError>(m)
+        });
         loop {
             let (_, v) = client.read_view().await.map_err(failed)?;
             if v.ranks().any(|(_, m)| m.status == RankStatus::Joining) {

@@ -4,9 +4,9 @@
 //! flips → detected and repaired. Every message is checked (length and CRC32C) on arrival.
 //!
 //! Then a second part (`demo_membership`): an embedded coordinator and elastic ranks, with a
-//! join, a leave and a crash changing the world size at step boundaries.
-//!
-//! (The semi-synchronous training demo of issue #6 replaces this once it exists.)
+//! join, a leave and a crash changing the world size at step boundaries. Then the third
+//! (`demo_training`): rank processes in two data centres training a small model with streaming
+//! DiLoCo while a rank is killed and restarted, one straggles and the WAN is cut.
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,24 @@ pub struct DemoArgs {
     /// A shorter run (for CI).
     #[arg(long)]
     pub quick: bool,
+    /// Training part: rank processes (two data centres).
+    #[arg(long, default_value_t = 8)]
+    pub ranks: usize,
+    /// Training part: inner steps (default 400; quick 150).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Training part: inner steps between syncs of one fragment (H).
+    #[arg(long, default_value_t = 20)]
+    pub every: u64,
+    /// Training part: fragments of streaming DiLoCo (1: plain DiLoCo).
+    #[arg(long, default_value_t = 4)]
+    pub fragments: usize,
+    /// Training part: where to write the SVG plot of loss and events.
+    #[arg(long, default_value = "phalanx-demo.svg")]
+    pub plot: std::path::PathBuf,
+    /// Run only the training part.
+    #[arg(long)]
+    pub training_only: bool,
 }
 
 struct Phase {
@@ -47,6 +65,20 @@ struct Phase {
 
 /// Runs the demo; returns an error if any message arrived wrong or not at all.
 pub async fn run(args: DemoArgs) -> Result<(), String> {
+    if args.ranks < 4 || args.every == 0 || args.fragments == 0 {
+        return Err("--ranks must be at least 4, --every and --fragments at least 1".into());
+    }
+    let training = crate::demo_training::TrainingDemo {
+        ranks: args.ranks,
+        steps: args.steps.unwrap_or(if args.quick { 150 } else { 400 }),
+        every: args.every,
+        fragments: args.fragments,
+        faults: !args.no_faults,
+        plot: args.plot.clone(),
+    };
+    if args.training_only {
+        return crate::demo_training::run(training).await;
+    }
     let (bytes, messages) =
         if args.quick { (args.bytes.min(4 << 20), args.messages.min(4)) } else { (args.bytes, args.messages) };
     let transport = TransportConfig {
@@ -148,7 +180,8 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         total as f64 / (1 << 20) as f64,
         summary.len().saturating_sub(1)
     );
-    crate::demo_membership::run(args.quick, !args.no_faults).await
+    crate::demo_membership::run(args.quick, !args.no_faults).await?;
+    crate::demo_training::run(training).await
 }
 
 /// The fault a demo phase starts with.

@@ -6,6 +6,7 @@ mod bench_membership;
 mod coordinator_cmd;
 mod demo;
 mod demo_membership;
+mod demo_training;
 mod experiment_cmd;
 mod launch_cmd;
 mod mlp;
@@ -13,6 +14,7 @@ mod node_cmd;
 mod recovery_cmd;
 mod sim_cmd;
 mod size;
+mod train_worker;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -66,6 +68,9 @@ enum Command {
     /// One rank of a collective benchmark (spawned by `phalanx bench`).
     #[command(hide = true)]
     CollWorker(bench_collective::CollWorkerArgs),
+    /// One rank of the training demo (spawned by `phalanx demo`).
+    #[command(hide = true)]
+    TrainWorker(train_worker::TrainWorkerArgs),
     /// One healthy rank serving a deterministic training state to recovering ranks (tests).
     #[command(hide = true)]
     StateSource(recovery_cmd::StateSourceArgs),
@@ -124,6 +129,7 @@ fn main() {
             Command::Experiment(a) => experiment_cmd::run(a).await,
             Command::BenchWorker(a) => bench::worker(a).await.map_err(CliError::from),
             Command::CollWorker(a) => bench_collective::worker(a).await.map_err(CliError::from),
+            Command::TrainWorker(a) => train_worker::run(a).await.map_err(CliError::from),
             Command::StateSource(a) => recovery_cmd::run(a).await.map_err(CliError::from),
             Command::Sim(_) => unreachable!("handled above"),
         }

@@ -318,12 +318,14 @@ async fn a_joining_rank_recovers_the_training_state_from_its_peers_before_its_fi
         c.state_listen = Some(free_addr());
         c
     };
-    // Each member publishes its state, then all-reduces, every step.
+    // Each member all-reduces every step and publishes the state of the next step before its
+    // boundary (what a recovering rank entering at that boundary fetches).
     async fn run(
         mut m: ElasticMember,
         last_step: u64,
         at: Option<(u64, tokio::sync::mpsc::UnboundedSender<()>)>,
     ) -> u32 {
+        m.publish_state(m.step(), vec![("params".into(), Bytes::from(state_at(m.step())))]);
         loop {
             if let Boundary::Departed { .. } = m.begin_step().await.expect("boundary") {
                 panic!("nobody leaves here");
@@ -331,7 +333,6 @@ async fn a_joining_rank_recovers_the_training_state_from_its_peers_before_its_fi
             if m.step() >= last_step {
                 return m.rank();
             }
-            m.publish_state(m.step(), vec![("params".into(), Bytes::from(state_at(m.step())))]);
             if let Some((s, tx)) = &at {
                 if m.step() == *s {
                     let _ = tx.send(());
@@ -344,6 +345,7 @@ async fn a_joining_rank_recovers_the_training_state_from_its_peers_before_its_fi
                 .await
                 .expect("all-reduce");
             m.end_step();
+            m.publish_state(m.step(), vec![("params".into(), Bytes::from(state_at(m.step())))]);
         }
     }
     let mut joins = Vec::new();
@@ -361,7 +363,7 @@ async fn a_joining_rank_recovers_the_training_state_from_its_peers_before_its_fi
         tasks.push(tokio::spawn(run(m, last_step, at)));
     }
     started.recv().await.expect("the group reaches step 3");
-    let joiner = ElasticMember::join(config("late")).await.expect("the joiner is admitted");
+    let mut joiner = ElasticMember::join(config("late")).await.expect("the joiner is admitted");
     let step = joiner.step();
     assert!(step >= 3 && step < last_step, "admitted at step {step}");
     let state = joiner.recover_state(Duration::from_secs(20)).await.expect("the state arrives from the peers");
@@ -373,7 +375,6 @@ async fn a_joining_rank_recovers_the_training_state_from_its_peers_before_its_fi
         "striped: {:?}",
         state.bytes_per_source
     );
-    joiner.publish_state(step, vec![("params".into(), Bytes::from(state.buffers[0].1.clone()))]);
     tasks.push(tokio::spawn(run(joiner, last_step, None)));
     for t in tasks {
         t.await.expect("member");

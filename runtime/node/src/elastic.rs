@@ -17,6 +17,9 @@
 //!    view). A rank not in the new member list has departed.
 //! 4. **Sync**: all-reduce (max) of the step over the new communicator, so joiners, which
 //!    were admitted during the epoch change, start at the group's step.
+//! 5. **Admission barrier**: the members wait until the joiners have recovered the training
+//!    state of that step from them ([`ElasticMember::recover_state`]) or entered without it
+//!    ([`ElasticMember::enter`]); members publish each step's state before its boundary.
 //!
 //! Only the lowest live member proposes an epoch change, and only before the agreement, so
 //! one boundary sees at most one change and every member reads the same view. A rank whose
@@ -72,6 +75,9 @@ pub struct ElasticConfig {
     /// does; published with [`ElasticMember::publish_state`], fetched by joiners with
     /// [`ElasticMember::recover_state`]. Announced as the second address of its join.
     pub state_listen: Option<SocketAddr>,
+    /// Fault controls shared by every path this rank dials to a member in another data centre
+    /// (tests and the demo cut "the WAN" with it).
+    pub wan_faults: PathFaults,
 }
 
 impl ElasticConfig {
@@ -92,6 +98,7 @@ impl ElasticConfig {
             sync_deadline: Duration::from_secs(10),
             admission_timeout: Duration::from_secs(30),
             state_listen: None,
+            wan_faults: PathFaults::new(),
         }
     }
 }
@@ -197,9 +204,13 @@ pub struct ElasticMember {
     rank: u32,
     epoch: u64,
     members: Vec<u32>,
+    /// The data centre of each member (by communicator index).
+    dcs: Vec<u32>,
     comm: Option<Communicator>,
     step: u64,
     boundary_done_for: Option<u64>,
+    /// Admitted, not yet through the admission barrier.
+    owes_barrier: bool,
     shared_epoch: Arc<AtomicU64>,
     fenced: Arc<AtomicBool>,
     heartbeat: tokio::task::JoinHandle<()>,
@@ -258,9 +269,11 @@ impl ElasticMember {
             rank,
             epoch: 0,
             members: Vec::new(),
+            dcs: Vec::new(),
             comm: None,
             step: 0,
             boundary_done_for: None,
+            owes_barrier: false,
             shared_epoch,
             fenced,
             heartbeat,
@@ -269,6 +282,9 @@ impl ElasticMember {
         let view = me.await_admission().await?;
         me.rebuild(&view).await?;
         me.sync_step().await?;
+        // It enters the epoch's training with the admission barrier: in
+        // [`ElasticMember::recover_state`] once it has the state, or [`ElasticMember::enter`].
+        me.owes_barrier = true;
         Ok(me)
     }
 
@@ -285,6 +301,16 @@ impl ElasticMember {
     /// Members of the current epoch (view rank ids; the communicator's index is the position).
     pub fn members(&self) -> &[u32] {
         &self.members
+    }
+
+    /// The data centre of each member of the current epoch, by communicator index.
+    pub fn member_dcs(&self) -> &[u32] {
+        &self.dcs
+    }
+
+    /// This rank's data centre.
+    pub fn dc(&self) -> u32 {
+        self.config.dc
     }
 
     /// The step this rank is at (synced with the group at every epoch change).
@@ -313,9 +339,11 @@ impl ElasticMember {
 
     /// Live recovery: fetches the training state at this rank's current step from the other
     /// members of its epoch (striped over them, checksummed, resumed elsewhere if a source
-    /// dies), waiting up to `timeout` for them to serve that step. For a rank that just joined
-    /// (its step is the group's) before it takes part in its first step.
-    pub async fn recover_state(&self, timeout: Duration) -> Result<FetchedState, ElasticError> {
+    /// dies), waiting up to `timeout` for them to serve that step, then enters the epoch (the
+    /// admission barrier the others wait at). For a rank that just joined, before its first
+    /// step. Members publish the state of a step before its boundary (at the end of the step
+    /// before), so it is served while they wait.
+    pub async fn recover_state(&mut self, timeout: Duration) -> Result<FetchedState, ElasticError> {
         let (rank, epoch, step) = (self.rank, self.epoch, self.step);
         let (_, view) = {
             let mut client = CoordinatorClient::connect(&self.config.coordinators, &self.config.secret).await?;
@@ -343,19 +371,19 @@ impl ElasticMember {
         let mut node = Node::start(config).await.map_err(|source| ElasticError::Transport { rank, epoch, source })?;
         let start = tokio::time::Instant::now();
         let span = info_span!("live_recovery", rank, epoch, step);
-        async {
+        let fetched: Result<FetchedState, ElasticError> = async {
             loop {
                 let options = FetchOptions { manifest_deadline: timeout, ..FetchOptions::default() };
                 match fetch_state(&mut node, &sources, options).await {
                     Ok(s) if s.step == step => {
                         info!(bytes = s.buffers.iter().map(|(_, b)| b.len()).sum::<usize>(), elapsed = ?s.elapsed, "state recovered from peers");
-                        return Ok(s);
+                        break Ok(s);
                     }
                     Ok(s) => debug!(served = s.step, want = step, "sources serve another step; asking again"),
                     Err(e) => debug!(error = %e, "recovery attempt failed; asking again"),
                 }
                 if start.elapsed() > timeout {
-                    return Err(ElasticError::Unexpected(format!(
+                    break Err(ElasticError::Unexpected(format!(
                         "rank {rank}: no member served the state of step {step} within {timeout:?}"
                     )));
                 }
@@ -363,7 +391,10 @@ impl ElasticMember {
             }
         }
         .instrument(span)
-        .await
+        .await;
+        let state = fetched?;
+        self.enter().await?;
+        Ok(state)
     }
 
     /// Asks to leave at the next epoch; the rank keeps training until a boundary reports
@@ -381,6 +412,7 @@ impl ElasticMember {
         if self.fenced.load(Ordering::Relaxed) {
             return Err(ElasticError::Fenced { rank: self.rank, epoch: self.shared_epoch.load(Ordering::Relaxed) });
         }
+        self.enter().await?;
         if !self.step.is_multiple_of(self.config.boundary_every.max(1)) || self.boundary_done_for == Some(self.step) {
             return Ok(Boundary::Continue);
         }
@@ -427,7 +459,34 @@ impl ElasticMember {
         }
         self.rebuild(&view).await?;
         self.sync_step().await?;
+        // Wait for this epoch's joiners to have recovered their state (they serve nothing and
+        // take part in nothing before): the admission barrier.
+        self.barrier().await?;
         Ok(Boundary::Rebuilt { epoch: self.epoch, members: self.members.clone() })
+    }
+
+    /// The admission barrier: every member of a new epoch takes part once, after the step sync;
+    /// joiners after they recovered the training state, so the others do not move on (and stop
+    /// serving the state of that step) before.
+    async fn barrier(&mut self) -> Result<(), ElasticError> {
+        let (rank, epoch, deadline) = (self.rank, self.epoch, self.config.admission_timeout);
+        let comm = self.communicator()?;
+        let options = CallOptions { policy: FaultPolicy::Shrink, verify: false };
+        comm.collective(Op::Barrier, DType::U8, Vec::new(), options, deadline)
+            .await
+            .map_err(|source| ElasticError::Collective { rank, epoch, source })?;
+        self.owes_barrier = false;
+        Ok(())
+    }
+
+    /// Enters the epoch this rank was admitted into without recovering any state (the
+    /// admission barrier; [`ElasticMember::recover_state`] does it too, and the first
+    /// [`ElasticMember::begin_step`] if neither was called).
+    pub async fn enter(&mut self) -> Result<(), ElasticError> {
+        if self.owes_barrier {
+            self.barrier().await?;
+        }
+        Ok(())
     }
 
     /// The lowest member of the current epoch not declared failed proposes epoch changes.
@@ -539,13 +598,9 @@ impl ElasticMember {
             let addr = m.addrs.first().cloned().unwrap_or_default();
             let remote: SocketAddr =
                 addr.parse().map_err(|_| ElasticError::BadAddress { rank: *r, addr: addr.clone() })?;
-            config.paths.push(PathSpec {
-                peer: RankId(i as u32),
-                kind: LinkKind::Tcp,
-                remote,
-                bind: None,
-                faults: PathFaults::new(),
-            });
+            let my_dc = view.rank(self.rank).map_or(self.config.dc, |me| me.dc);
+            let faults = if m.dc != my_dc { self.config.wan_faults.clone() } else { PathFaults::new() };
+            config.paths.push(PathSpec { peer: RankId(i as u32), kind: LinkKind::Tcp, remote, bind: None, faults });
         }
         // The old endpoint's listener may still be closing: retry the bind for a moment.
         let mut tries = 0;
@@ -563,7 +618,8 @@ impl ElasticMember {
         node.handle().set_fence(Epoch(epoch));
         // The members' data centres, from the view: large all-reduces then run hierarchically
         // (inside each DC, then across DCs, then inside again).
-        let dc_of = members.iter().map(|r| view.rank(*r).map_or(0, |m| m.dc as usize)).collect();
+        self.dcs = members.iter().map(|r| view.rank(*r).map_or(0, |m| m.dc)).collect();
+        let dc_of = self.dcs.iter().map(|d| *d as usize).collect();
         self.comm = Some(Communicator::with_topology(node, index, Topology::new(dc_of)));
         info!(rank = self.rank, epoch, index, world = members.len(), "communicator built for the epoch");
         self.epoch = epoch;

@@ -94,8 +94,7 @@ pub struct SemiSync {
     feedback: Vec<ErrorFeedback>,
     carry: Vec<Vec<f32>>,
     carried: Vec<u64>,
-    /// Rounds run per fragment, and the last round's participants.
-    rounds: Vec<u64>,
+    /// The last round's participants, per fragment.
     last_participants: Vec<Vec<usize>>,
     /// Fragments whose anchor may lag the group's (this rank missed a round since a heal).
     lagging: Vec<bool>,
@@ -119,7 +118,6 @@ impl SemiSync {
             feedback: vec![ErrorFeedback::new(); ranges.len()],
             carry: ranges.iter().map(|r| vec![0.0; r.len()]).collect(),
             carried: vec![0; ranges.len()],
-            rounds: vec![0; ranges.len()],
             last_participants: vec![Vec::new(); ranges.len()],
             lagging: vec![false; ranges.len()],
             anchor: params.to_vec(),
@@ -316,9 +314,11 @@ impl SemiSync {
                 Err(e)
             }
         }?;
-        self.rounds[f] += 1;
         self.last_participants[f] = report.participants.clone();
-        if self.config.heal_every > 0 && self.rounds[f].is_multiple_of(self.config.heal_every) {
+        // The heal schedule is a function of the step, so a rank that rejoined with recovered
+        // state runs the same sequence of collectives as the others.
+        let round = self.config.mode.round_index(self.step, f);
+        if self.config.heal_every > 0 && round.is_multiple_of(self.config.heal_every) {
             let root = report.participants.first().copied().unwrap_or(0);
             self.heal(comm, params, f, root, self.config.policy).await?;
         }

@@ -53,6 +53,13 @@ impl SyncMode {
         }
     }
 
+    /// Which round of `fragment` a sync due at `step` is (counting from 1): a function of the
+    /// step alone, so every rank agrees on it — a rank that rejoined with recovered state too.
+    pub fn round_index(self, step: u64, fragment: usize) -> u64 {
+        let (every, k) = (self.every(), self.fragments() as u64);
+        (step + fragment as u64 * every / k) / every
+    }
+
     /// The fragments whose sync is due after inner step `step` (counting from 1), ascending.
     pub fn due(self, step: u64) -> Vec<usize> {
         let (every, k) = (self.every(), self.fragments() as u64);
@@ -101,6 +108,14 @@ mod tests {
         }
         // Fragment 0 at 6 and 12, fragment 1 two steps earlier, fragment 2 four steps earlier.
         assert_eq!(at, vec![(2, 2), (4, 1), (6, 0), (8, 2), (10, 1), (12, 0)]);
+    }
+
+    #[test]
+    fn round_indices_count_each_fragments_syncs() {
+        let m = SyncMode::StreamingDiloco { every: 6, fragments: 3 };
+        // Fragment 2 syncs at 2, 8, 14: its rounds 1, 2, 3.
+        assert_eq!([2, 8, 14].map(|s| m.round_index(s, 2)), [1, 2, 3]);
+        assert_eq!([6, 12].map(|s| m.round_index(s, 0)), [1, 2]);
     }
 
     proptest! {

@@ -1,0 +1,211 @@
+//! `phalanx train-worker` (hidden): one rank of the training demo. It joins the job through the
+//! coordinators, builds its communicator per epoch, trains the small model of [`crate::mlp`]
+//! on its own shard with streaming DiLoCo across all ranks (quorum rounds, healed), publishes
+//! its state every step for live recovery, and — when it is a restarted process joining a
+//! running job — recovers the state from its peers first. It reports JSON lines on stdout:
+//! `joined`, `recovered`, `step` (every `--report-every` steps), `epoch`, `wan_cut`, `done`.
+//!
+//! SIGUSR1 cuts every path it dialed to the other data centre for `--cut-ms` (the demo sends it
+//! to every worker, so the two DCs are partitioned for that long).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use phalanx_node::elastic::{Boundary, ElasticConfig, ElasticError, ElasticMember};
+use phalanx_node::semisync::{SemiSync, SemiSyncConfig};
+use phalanx_node::{Compression, FaultPolicy};
+use phalanx_proto::TransportConfig;
+use phalanx_runtime::semisync::SyncMode;
+use serde_json::json;
+
+use crate::coordinator_cmd::parse_peer;
+use crate::mlp;
+
+/// Arguments of `phalanx train-worker`.
+#[derive(Args, Debug)]
+pub struct TrainWorkerArgs {
+    /// The coordinators, `ID=ADDR,...`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_peer, required = true)]
+    pub coordinators: Vec<(u64, SocketAddr)>,
+    /// Cluster secret.
+    #[arg(long, default_value = "phalanx-dev-secret")]
+    pub secret: String,
+    /// Data centre.
+    #[arg(long)]
+    pub dc: u32,
+    /// Host name (the same across restarts: a restarted process gets its rank id back).
+    #[arg(long)]
+    pub host: String,
+    /// Transport address (fixed across epochs and restarts).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Address serving the training state to recovering ranks.
+    #[arg(long)]
+    pub state_listen: SocketAddr,
+    /// Process incarnation (differs at every start).
+    #[arg(long, default_value_t = 1)]
+    pub incarnation: u64,
+    /// Ranks before the first epoch begins.
+    #[arg(long)]
+    pub start_world: usize,
+    /// Inner steps to train.
+    #[arg(long)]
+    pub steps: u64,
+    /// Inner steps between syncs of one fragment (H).
+    #[arg(long, default_value_t = 20)]
+    pub every: u64,
+    /// Parameter fragments of streaming DiLoCo (1: plain DiLoCo).
+    #[arg(long, default_value_t = 4)]
+    pub fragments: usize,
+    /// Outer gradients as int8 (else fp32).
+    #[arg(long)]
+    pub int8: bool,
+    /// Sleep this long on every third step (a straggler).
+    #[arg(long, default_value_t = 0)]
+    pub straggle_ms: u64,
+    /// How long SIGUSR1 cuts the WAN paths.
+    #[arg(long, default_value_t = 1500)]
+    pub cut_ms: u64,
+    /// Report every this many steps.
+    #[arg(long, default_value_t = 10)]
+    pub report_every: u64,
+}
+
+fn emit(v: serde_json::Value) {
+    println!("{v}");
+}
+
+/// Runs one worker until the job's last step.
+pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
+    let mut config = ElasticConfig::new(a.coordinators.clone(), a.secret.as_bytes(), &a.host, a.listen);
+    config.dc = a.dc;
+    config.incarnation = a.incarnation;
+    config.start_world = a.start_world;
+    config.boundary_every = 2;
+    config.heartbeat_every = Duration::from_millis(250);
+    config.sync_deadline = Duration::from_secs(30);
+    config.admission_timeout = Duration::from_secs(60);
+    config.state_listen = Some(a.state_listen);
+    config.transport = TransportConfig {
+        heartbeat_interval: Duration::from_millis(50),
+        link_timeout: Duration::from_millis(500),
+        unreachable_after: Duration::from_secs(4),
+        ..TransportConfig::default()
+    };
+    let wan = config.wan_faults.clone();
+    let cut = Duration::from_millis(a.cut_ms);
+    #[cfg(unix)]
+    if let Ok(mut usr1) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+        let wan = wan.clone();
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                wan.cut();
+                emit(json!({"event": "wan_cut", "ms": cut.as_millis() as u64}));
+                tokio::time::sleep(cut).await;
+                wan.restore();
+                emit(json!({"event": "wan_restored"}));
+            }
+        });
+    }
+
+    let mut m = ElasticMember::join(config).await.map_err(|e| e.to_string())?;
+    let rank = m.rank();
+    emit(
+        json!({"event": "joined", "rank": rank, "dc": a.dc, "epoch": m.epoch(), "step": m.step(), "world": m.members().len()}),
+    );
+    let sync_config = SemiSyncConfig {
+        compression: if a.int8 { Compression::Int8 } else { Compression::None },
+        policy: FaultPolicy::Quorum { min: (a.start_world / 2).max(1), wait: Duration::from_millis(300) },
+        deadline: Duration::from_secs(30),
+        heal_every: 2,
+        ..SemiSyncConfig::new(SyncMode::StreamingDiloco { every: a.every, fragments: a.fragments.max(1) })
+    };
+    let (mut sync, mut params) = if m.step() > 0 {
+        // Joined a running job: the state comes from the peers, not from a checkpoint.
+        let state = m.recover_state(Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        let sync = SemiSync::import(sync_config, state.step, &state.buffers)?;
+        let params = sync.anchor().to_vec();
+        emit(
+            json!({"event": "recovered", "rank": rank, "step": state.step, "bytes": state.buffers.iter().map(|(_, b)| b.len()).sum::<usize>(),
+                    "sources": state.bytes_per_source.iter().filter(|(_, b)| *b > 0).count(), "ms": state.elapsed.as_millis() as u64}),
+        );
+        (sync, params)
+    } else {
+        let params = mlp::init(7, 1.0);
+        (SemiSync::new(&params, sync_config), params)
+    };
+    m.publish_state(m.step(), sync.export());
+    let shard = mlp::dataset(42, 100 + u64::from(rank), 1024);
+    let mut rng = mlp::Rng::new(u64::from(rank) ^ a.incarnation);
+    let mut last_loss = f32::NAN;
+    // Byte counters are per epoch (a new endpoint each time): carry the earlier epochs'.
+    let (mut bytes_before, mut wan_before, mut bytes_now, mut wan_now) = (0u64, 0u64, 0u64, 0u64);
+    // Per link ever seen in this epoch (a link that died leaves the counters, its bytes stay).
+    let mut wan_links: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    loop {
+        match m.begin_step().await {
+            Ok(Boundary::Departed { .. }) => return Ok(()),
+            Ok(Boundary::Rebuilt { epoch, members }) => {
+                bytes_before += std::mem::take(&mut bytes_now);
+                wan_before += std::mem::take(&mut wan_now);
+                wan_links.clear();
+                emit(json!({"event": "epoch", "rank": rank, "epoch": epoch, "world": members.len(), "step": m.step()}));
+            }
+            Ok(Boundary::Continue) => {}
+            Err(ElasticError::Fenced { epoch, .. }) => {
+                emit(json!({"event": "fenced", "rank": rank, "epoch": epoch}));
+                return Err(format!("rank {rank} was declared failed: restart to rejoin"));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        let step = m.step();
+        if step >= a.steps {
+            break;
+        }
+        if a.straggle_ms > 0 && step % 3 == 0 {
+            tokio::time::sleep(Duration::from_millis(a.straggle_ms)).await;
+        }
+        let batch: Vec<usize> = (0..32).map(|_| rng.below(shard.x.len())).collect();
+        let g = mlp::gradient(&params, &shard, &batch);
+        params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= 0.1 * gi);
+        if let Err(e) = sync.after_inner_step(m.communicator().map_err(|e| e.to_string())?, &mut params).await {
+            // A round that failed (its deadline passed) is reported and counted dropped; the
+            // next boundary sorts out who is still there.
+            emit(json!({"event": "round_failed", "rank": rank, "step": step, "error": e.to_string()}));
+        }
+        if step % a.report_every == 0 {
+            last_loss = mlp::loss(&params, &shard);
+            let (totals, links) =
+                m.communicator().map_err(|e| e.to_string())?.handle().counters().await.map_err(|e| e.to_string())?;
+            let dcs = m.member_dcs().to_vec();
+            for (link, peer, c) in &links {
+                if dcs.get(peer.0 as usize).is_some_and(|d| *d != a.dc) {
+                    wan_links.insert(link.0, c.bytes_sent);
+                }
+            }
+            let wan_bytes: u64 = wan_links.values().sum();
+            let world = dcs.len();
+            (bytes_now, wan_now) = (totals.bytes_sent, wan_bytes);
+            let l = sync.ledger();
+            emit(json!({"event": "step", "rank": rank, "dc": a.dc, "step": step, "epoch": m.epoch(), "world": world,
+                        "loss": last_loss, "bytes": bytes_before + bytes_now, "wan_bytes": wan_before + wan_now, "offered": l.offered,
+                        "applied": l.applied, "pending": l.pending, "dropped": l.dropped}));
+        }
+        m.end_step();
+        // The state of the next step, served before its boundary (a rank admitted there
+        // recovers it while the others wait at the admission barrier).
+        m.publish_state(m.step(), sync.export());
+    }
+    let comm = m.communicator().map_err(|e| e.to_string())?;
+    sync.resync(comm, &mut params).await.map_err(|e| format!("final resync: {e}"))?;
+    let eval = mlp::dataset(42, 999, 2048);
+    let l = sync.ledger();
+    emit(
+        json!({"event": "done", "rank": rank, "step": m.step(), "epoch": m.epoch(), "eval_loss": mlp::loss(sync.anchor(), &eval),
+                "train_loss": last_loss, "offered": l.offered, "applied": l.applied, "pending": l.pending, "dropped": l.dropped}),
+    );
+    // Let the others get our last messages before the endpoint goes.
+    m.communicator().map_err(|e| e.to_string())?.flush(Duration::from_secs(5)).await;
+    Ok(())
+}
