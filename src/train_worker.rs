@@ -176,8 +176,11 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
         }
         if step % a.report_every == 0 {
             last_loss = mlp::loss(&params, &shard);
-            let (totals, links) =
-                m.communicator().map_err(|e| e.to_string())?.handle().counters().await.map_err(|e| e.to_string())?;
+            // (The endpoint may be shut down: a fenced rank learns why at its next boundary.)
+            let Ok((totals, links)) = m.communicator().map_err(|e| e.to_string())?.handle().counters().await else {
+                m.end_step();
+                continue;
+            };
             let dcs = m.member_dcs().to_vec();
             for (link, peer, c) in &links {
                 if dcs.get(peer.0 as usize).is_some_and(|d| *d != a.dc) {

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use phalanx_collectives::reduce::{DType, ReduceOp};
-use phalanx_net::{LinkKind, Node, NodeConfig, NodeError, PathFaults, PathSpec};
+use phalanx_net::{LinkKind, Node, NodeConfig, NodeError, NodeHandle, PathFaults, PathSpec};
 use phalanx_proto::{Epoch, Event, RankId, TransportConfig};
 use phalanx_runtime::membership::{ClusterView, Command, Outcome, RankStatus, ViewError};
 use phalanx_runtime::recovery::StateServer;
@@ -213,6 +213,8 @@ pub struct ElasticMember {
     owes_barrier: bool,
     shared_epoch: Arc<AtomicU64>,
     fenced: Arc<AtomicBool>,
+    /// The current epoch's endpoint, for the heartbeat task to shut down when fenced.
+    endpoint: Arc<std::sync::Mutex<Option<NodeHandle>>>,
     heartbeat: tokio::task::JoinHandle<()>,
     /// The state this rank serves (live recovery) and the task serving it.
     state: Option<(tokio::sync::watch::Sender<Option<StateServer>>, tokio::task::JoinHandle<()>)>,
@@ -246,9 +248,10 @@ impl ElasticMember {
             Err(source) => return Err(ElasticError::Refused { rank: u32::MAX, source }),
         };
         let shared_epoch = Arc::new(AtomicU64::new(0));
+        let endpoint: Arc<std::sync::Mutex<Option<NodeHandle>>> = Arc::default();
         let fenced = Arc::new(AtomicBool::new(false));
         let heartbeat = tokio::spawn(
-            heartbeat_loop(config.clone(), rank, shared_epoch.clone(), fenced.clone())
+            heartbeat_loop(config.clone(), rank, shared_epoch.clone(), fenced.clone(), endpoint.clone())
                 .instrument(info_span!("heartbeat", rank)),
         );
         let state = match config.state_listen {
@@ -276,6 +279,7 @@ impl ElasticMember {
             owes_barrier: false,
             shared_epoch,
             fenced,
+            endpoint,
             heartbeat,
         };
         info!(rank, "joined; waiting to be admitted into an epoch");
@@ -418,7 +422,12 @@ impl ElasticMember {
         }
         self.boundary_done_for = Some(self.step);
         let span = info_span!("step_boundary", rank = self.rank, epoch = self.epoch, step = self.step);
-        self.boundary().instrument(span).await
+        let result = self.boundary().instrument(span).await;
+        if self.fenced.load(Ordering::Relaxed) {
+            // Whatever failed meanwhile (the endpoint was shut down), this is why.
+            return Err(ElasticError::Fenced { rank: self.rank, epoch: self.shared_epoch.load(Ordering::Relaxed) });
+        }
+        result
     }
 
     /// Ends the current step.
@@ -594,7 +603,9 @@ impl ElasticMember {
         config.redial_max = Duration::from_millis(200);
         // Lower indices dial higher ones: one link per pair.
         for (i, r) in members.iter().enumerate().skip(index + 1) {
-            let m = view.rank(*r).expect("members are ranks of the view");
+            let Some(m) = view.rank(*r) else {
+                return Err(ElasticError::Unexpected(format!("member {r} of epoch {epoch} has no record in the view")));
+            };
             let addr = m.addrs.first().cloned().unwrap_or_default();
             let remote: SocketAddr =
                 addr.parse().map_err(|_| ElasticError::BadAddress { rank: *r, addr: addr.clone() })?;
@@ -616,6 +627,7 @@ impl ElasticMember {
         };
         // Frames from an older epoch (a zombie's) are refused from now on.
         node.handle().set_fence(Epoch(epoch));
+        *self.endpoint.lock().unwrap_or_else(|e| e.into_inner()) = Some(node.handle());
         // The members' data centres, from the view: large all-reduces then run hierarchically
         // (inside each DC, then across DCs, then inside again).
         self.dcs = members.iter().map(|r| view.rank(*r).map_or(0, |m| m.dc)).collect();
@@ -629,7 +641,16 @@ impl ElasticMember {
     }
 }
 
-async fn heartbeat_loop(config: ElasticConfig, rank: u32, epoch: Arc<AtomicU64>, fenced: Arc<AtomicBool>) {
+/// Heartbeats the leader; when told this rank was declared failed, marks it fenced and shuts
+/// its current endpoint down, so a collective it is in (with peers that moved on) ends at once
+/// instead of at its deadline.
+async fn heartbeat_loop(
+    config: ElasticConfig,
+    rank: u32,
+    epoch: Arc<AtomicU64>,
+    fenced: Arc<AtomicBool>,
+    endpoint: Arc<std::sync::Mutex<Option<NodeHandle>>>,
+) {
     let mut client = match CoordinatorClient::connect(&config.coordinators, &config.secret).await {
         Ok(c) => c,
         Err(e) => {
@@ -644,6 +665,9 @@ async fn heartbeat_loop(config: ElasticConfig, rank: u32, epoch: Arc<AtomicU64>,
             Ok(s) if s.fenced => {
                 warn!(epoch = s.epoch, "the coordinators declared this rank failed: fenced");
                 fenced.store(true, Ordering::Relaxed);
+                if let Some(h) = endpoint.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    h.shutdown();
+                }
                 return;
             }
             Ok(_) => {}
