@@ -32,6 +32,24 @@ impl Drop for Worker {
     }
 }
 
+/// Waits for a line from `lines` matching `pred`; fails the test after `limit`.
+fn wait_for(
+    lines: &mpsc::Receiver<(usize, Value)>,
+    limit: Duration,
+    what: &str,
+    mut pred: impl FnMut(usize, &Value) -> bool,
+) -> (usize, Value) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok((i, v)) if pred(i, &v) => return (i, v),
+            Ok(_) => {}
+            Err(_) => panic!("no {what} within {limit:?}"),
+        }
+    }
+}
+
 fn signal(child: &Child, sig: libc::c_int) {
     // SAFETY: kill(2) on our own child's pid; no memory is shared.
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
@@ -78,18 +96,6 @@ async fn a_rank_paused_past_its_failure_timeout_is_fenced_when_it_resumes() {
         });
         workers.push(Worker { child });
     }
-    let wait_for = |limit: Duration, what: &str, mut pred: Box<dyn FnMut(usize, &Value) -> bool + '_>| {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok((i, v)) if pred(i, &v) => return (i, v),
-                Ok(_) => {}
-                Err(_) => panic!("no {what} within {limit:?}"),
-            }
-        }
-    };
-
     // Training runs; then worker 2 is paused.
     wait_for(
         Duration::from_secs(60),
@@ -98,11 +104,9 @@ async fn a_rank_paused_past_its_failure_timeout_is_fenced_when_it_resumes() {
     );
     signal(&workers[2].child, libc::SIGSTOP);
     // The others move to an epoch without it.
-    let (_, ev) = wait_for(
-        Duration::from_secs(60),
-        "an epoch without the paused rank",
-        Box::new(|i, v| i != 2 && v["event"] == "epoch" && v["world"] == 2),
-    );
+    let (_, ev) = wait_for(&lines, Duration::from_secs(60), "an epoch without the paused rank", |i, v| {
+        i != 2 && v["event"] == "epoch" && v["world"] == 2
+    });
     let new_epoch = ev["epoch"].as_u64().expect("epoch");
     signal(&workers[2].child, libc::SIGCONT);
     // Resumed, the zombie learns it was fenced and stops; it never reports a step of the new
