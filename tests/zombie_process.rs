@@ -97,11 +97,9 @@ async fn a_rank_paused_past_its_failure_timeout_is_fenced_when_it_resumes() {
         workers.push(Worker { child });
     }
     // Training runs; then worker 2 is paused.
-    wait_for(
-        Duration::from_secs(60),
-        "progress",
-        Box::new(|i, v| i == 2 && v["event"] == "step" && v["step"].as_u64() >= Some(20)),
-    );
+    wait_for(&lines, Duration::from_secs(60), "progress", |i, v| {
+        i == 2 && v["event"] == "step" && v["step"].as_u64() >= Some(20)
+    });
     signal(&workers[2].child, libc::SIGSTOP);
     // The others move to an epoch without it.
     let (_, ev) = wait_for(&lines, Duration::from_secs(60), "an epoch without the paused rank", |i, v| {
