@@ -699,9 +699,6 @@ async fn serve_published(mut node: Node, mut published: tokio::sync::watch::Rece
                         }
                     }
                 }
-                Some(Event::PeerUnreachable { peer, .. }) => {
-                    let _ = handle.abandon_peer(peer).await;
-                }
                 Some(_) => {}
             },
         }

@@ -309,7 +309,11 @@ impl SemiSync {
                 Ok(RoundReport { fragment: f, participants, late: true, bytes: sent })
             }
             Err(e) => {
+                // Given up and reported: re-anchor on our own parameters so the dropped progress
+                // is not sent again in the next delta; the anchor lags until the next heal.
                 self.carry[f].iter_mut().for_each(|c| *c = 0.0);
+                self.anchor[r.clone()].copy_from_slice(&params[r]);
+                self.lagging[f] = true;
                 self.ledger.dropped(riding);
                 Err(e)
             }

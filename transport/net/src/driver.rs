@@ -245,7 +245,10 @@ impl NodeHandle {
         let _ = self.shared.commands.send(Command::SetFence(fence));
     }
 
-    /// Drops everything queued for `peer`; returns the number of messages dropped.
+    /// Drops everything queued for `peer`; returns the number of messages dropped. Only for a
+    /// peer gone for good or restarted: the session numbers from zero again, so a peer that
+    /// comes back with the same incarnation misses what is sent to it afterwards (see
+    /// [`phalanx_proto::Endpoint::abandon_peer`]).
     pub async fn abandon_peer(&self, peer: RankId) -> Result<u64, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.shared.commands.send(Command::Abandon(peer, tx)).map_err(|_| NodeError::Closed)?;

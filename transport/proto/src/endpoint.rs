@@ -268,7 +268,10 @@ impl Endpoint {
     }
 
     /// Drops everything queued for `peer` (the layer above declared it gone). Returns how many
-    /// messages were dropped undelivered.
+    /// messages were dropped undelivered. The send side numbers from zero again, which a peer
+    /// learns only from a new incarnation: call it for a peer that is gone for good or has
+    /// restarted, not for one that may come back as it was (its receive side would take the
+    /// new messages for duplicates).
     pub fn abandon_peer(&mut self, peer: RankId) -> u64 {
         for p in self.paths.values_mut() {
             p.forget_dst(peer);

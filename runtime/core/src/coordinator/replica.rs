@@ -338,6 +338,12 @@ impl<L: DurableLog> Coordinator<L> {
         Ok(())
     }
 
+    /// The transport has no route to coordinator `id`: Raft stops streaming entries to it and
+    /// probes until it answers again.
+    pub fn report_unreachable(&mut self, id: u64) {
+        self.raw.report_unreachable(id);
+    }
+
     /// A client request arriving from transport peer `peer`; the answer goes back to `peer`
     /// through [`Coordinator::poll_client`].
     pub fn handle_client(&mut self, peer: u64, bytes: &[u8]) {

@@ -82,6 +82,9 @@ pub struct CoordinatorClient {
 impl CoordinatorClient {
     /// A client of the group at `coordinators` (id, address), proving `secret` on its links.
     pub async fn connect(coordinators: &[(u64, SocketAddr)], secret: &[u8]) -> Result<CoordinatorClient, ClientError> {
+        if coordinators.is_empty() {
+            return Err(ClientError::Transport(NodeError::Config("no coordinator to talk to".into())));
+        }
         let mut seed = [0u8; 12];
         rand::rngs::OsRng.try_fill_bytes(&mut seed).map_err(|e| NodeError::Config(format!("no OS randomness: {e}")))?;
         let client = u64::from_le_bytes([seed[0], seed[1], seed[2], seed[3], seed[4], seed[5], seed[6], seed[7]]);

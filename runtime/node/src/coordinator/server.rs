@@ -199,9 +199,12 @@ pub async fn run_coordinator(
                         coordinator.handle_client(u64::from(m.from.0), &m.payload.to_bytes());
                     }
                     Some(Event::Message(m)) => debug!(from = %m.from, channel = ?m.channel, "message on an unknown channel ignored"),
-                    Some(Event::PeerUnreachable { peer, .. }) if !is_peer(peer) => {
-                        // A client went away: drop what was queued for it.
-                        let _ = handle.abandon_peer(peer).await;
+                    Some(Event::PeerUnreachable { peer, .. }) if is_peer(peer) => {
+                        // Raft stops streaming to it and probes. (Nothing queued is abandoned:
+                        // a peer that comes back with the same incarnation would miss what is
+                        // sent after an abandon — the session numbers from zero again. What
+                        // stays queued for a client that is gone for good is one small reply.)
+                        coordinator.report_unreachable(u64::from(peer.0));
                     }
                     Some(_) => {}
                 },
