@@ -177,6 +177,12 @@ pub enum MembershipAction {
         #[arg(long)]
         epoch: u64,
     },
+    /// Add a running coordinator to the group as a learner (started with itself in --learners).
+    AddLearner {
+        /// Its id.
+        #[arg(long)]
+        id: u64,
+    },
     /// Start the next epoch (refused unless the view is at --expected).
     BeginEpoch {
         /// The epoch the caller saw.
@@ -199,6 +205,11 @@ pub async fn membership(a: MembershipArgs) -> Result<(), CliError> {
                 "{}",
                 json!({"event": "view", "index": index, "leader": client.leader(), "view": view_json(&view)})
             );
+            return Ok(());
+        }
+        MembershipAction::AddLearner { id } => {
+            let (voters, learners) = client.add_learner(id).await.map_err(|e| CliError::Failed(e.to_string()))?;
+            println!("{}", json!({"event": "configured", "voters": voters, "learners": learners}));
             return Ok(());
         }
         MembershipAction::Join { dc, host, addrs, incarnation } => Command::Join { dc, host, addrs, incarnation },

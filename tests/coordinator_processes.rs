@@ -393,3 +393,44 @@ async fn kill9_coordinators_twenty_times_under_load_loses_no_acknowledged_comman
     assert!(self_aborted >= 5, "the failpoint fired only {self_aborted} times");
     check(ViewModel(ClusterView::new()), &history).expect("the history is linearizable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_added_as_a_learner_at_run_time_catches_up_and_follows_the_log() {
+    support::init_log();
+    let g = Group::new("learner", 16);
+    let mut client = g.client().await;
+    for i in 0..40 {
+        assert!(client.propose(join(format!("early-{i}"))).await.expect("the group commits").1.is_ok());
+    }
+    // A fourth coordinator, started knowing the voters and itself as a learner.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("bound");
+    let dir = g.root.join("c4");
+    let peers: Vec<String> = g.peers.iter().map(|(i, a)| format!("{i}={a}")).collect();
+    let mut learner = Process::new(env!("CARGO_BIN_EXE_phalanx"))
+        .args(["coordinator", "--id", "4", "--peers", &peers.join(","), "--learners", &format!("4={addr}")])
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--secret", std::str::from_utf8(SECRET).expect("utf-8"), "--failure-ms", "0"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the learner starts");
+    let (voters, learners) = client.add_learner(4).await.expect("the group adds it");
+    assert_eq!((voters, learners), (vec![1, 2, 3], vec![4]));
+    let mut last = 0;
+    for i in 0..5 {
+        last = client.propose(join(format!("late-{i}"))).await.expect("the group commits").0;
+    }
+    // It catches up (from a snapshot: the voters compacted) and follows what comes next.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = FileLog::read(&dir).expect("a readable log");
+        if log.hard_state.commit >= last && log.entry(last).is_some() {
+            assert!(log.snapshot.is_some(), "it was brought up to date by a snapshot");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the learner did not catch up: {:?}", log.hard_state);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = learner.kill();
+    let _ = learner.wait();
+}

@@ -176,6 +176,12 @@ impl LogStore {
         self.hard_state = hs;
     }
 
+    /// The group's membership after a configuration change (snapshots taken from now on carry
+    /// it).
+    pub fn set_conf_state(&mut self, cs: ConfState) {
+        self.conf_state = cs;
+    }
+
     /// Moves the commit index forward.
     pub fn set_commit(&mut self, commit: u64) {
         self.hard_state.commit = commit;

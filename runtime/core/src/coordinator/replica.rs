@@ -11,9 +11,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 
+use bytes::Buf;
 use bytes::Bytes;
 use protobuf::Message as _;
-use raft::eraftpb::{Entry, EntryType, Message};
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message};
 use raft::{RawNode, StateRole, Storage};
 use rand::{Rng, SeedableRng};
 use thiserror::Error;
@@ -155,6 +156,8 @@ pub struct Coordinator<L: DurableLog> {
     out_peer: VecDeque<(u64, Bytes)>,
     out_client: VecDeque<(u64, Bytes)>,
     detector: FailureDetector,
+    /// Take a snapshot at the next chance (the group's configuration changed).
+    snapshot_now: bool,
 }
 
 /// The leader's failure detector (soft state: a new leader starts it afresh, giving every rank
@@ -236,6 +239,7 @@ impl<L: DurableLog> Coordinator<L> {
             out_peer: VecDeque::new(),
             out_client: VecDeque::new(),
             detector: FailureDetector { timeout: config.failure_ticks, ..Default::default() },
+            snapshot_now: false,
         })
     }
 
@@ -382,6 +386,18 @@ impl<L: DurableLog> Coordinator<L> {
                 let body = ReplyBody::Status { epoch: view.epoch(), fenced, change_pending: view.change_pending() };
                 self.reply(peer, req.request, body);
             }
+            RequestBody::AddLearner { id } => {
+                let cc = ConfChange { change_type: ConfChangeType::AddLearnerNode, node_id: id, ..Default::default() };
+                match self.raw.propose_conf_change(entry_context(req.client, req.request), cc) {
+                    Ok(()) => {
+                        self.waiting.insert((req.client, req.request), peer);
+                    }
+                    Err(e) => {
+                        let reason = format!("configuration change refused: {e}");
+                        self.reply(peer, req.request, ReplyBody::Refused { reason });
+                    }
+                }
+            }
             RequestBody::Read => {
                 self.next_read += 1;
                 self.reads.insert(self.next_read, (peer, req.request));
@@ -517,6 +533,10 @@ impl<L: DurableLog> Coordinator<L> {
                 continue;
             }
             self.applied = e.index;
+            if e.get_entry_type() == EntryType::EntryConfChange {
+                self.apply_conf_change(&e);
+                continue;
+            }
             if e.get_entry_type() != EntryType::EntryNormal {
                 continue;
             }
@@ -525,6 +545,35 @@ impl<L: DurableLog> Coordinator<L> {
                     self.reply(peer, a.request, ReplyBody::Applied { index: e.index, result: a.result });
                 }
             }
+        }
+    }
+
+    /// A committed configuration change (a learner added): the group's membership changes
+    /// here, in log order, on every coordinator alike.
+    fn apply_conf_change(&mut self, e: &Entry) {
+        let cc = match ConfChange::parse_from_bytes(&e.data) {
+            Ok(cc) => cc,
+            Err(err) => {
+                warn!(id = self.id, index = e.index, error = %err, "undecodable configuration change: skipped");
+                return;
+            }
+        };
+        match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => {
+                info!(id = self.id, index = e.index, voters = ?cs.voters, learners = ?cs.learners, "group configuration changed");
+                self.raw.mut_store().set_conf_state(cs.clone());
+                // A snapshot sent to a new member must name it: take one now.
+                self.snapshot_now = true;
+                let mut c = &e.context[..];
+                if c.len() == 16 {
+                    let (client, request) = (c.get_u64_le(), c.get_u64_le());
+                    if let Some(peer) = self.waiting.remove(&(client, request)) {
+                        let body = ReplyBody::Configured { index: e.index, voters: cs.voters, learners: cs.learners };
+                        self.reply(peer, request, body);
+                    }
+                }
+            }
+            Err(err) => warn!(id = self.id, index = e.index, error = %err, "configuration change not applied"),
         }
     }
 
@@ -543,9 +592,10 @@ impl<L: DurableLog> Coordinator<L> {
     fn compact(&mut self) -> Result<(), CoordinatorError> {
         let id = self.id;
         let base = self.raw.store().snapshot_ref().get_metadata().index;
-        if self.applied < base + self.snapshot_after {
+        if self.applied <= base || (self.applied < base + self.snapshot_after && !self.snapshot_now) {
             return Ok(());
         }
+        self.snapshot_now = false;
         let Some(snap) = self.raw.store().snapshot_at(self.applied, self.state.encode()) else {
             return Ok(());
         };

@@ -397,3 +397,40 @@ fn a_learner_follows_the_log_but_never_counts_toward_a_majority() {
     }
     assert!(g.leaders().is_empty(), "no leader without a majority of voters: {:?}", g.leaders());
 }
+
+#[test]
+fn a_learner_added_at_run_time_catches_up_and_every_coordinator_records_it() {
+    let mut g = Group::new(3, 8);
+    let (leader, _) = g.await_leader(&[1, 2, 3], 100);
+    for r in 1..=12u64 {
+        assert!(g.propose(7, r, join(&format!("h{r}"))).1.is_ok());
+    }
+    // Coordinator 4 starts knowing the voters and itself as a learner; the voters do not know it.
+    let c = Coordinator::new(
+        CoordinatorConfig { learners: vec![4], ..CoordinatorConfig::new(4, vec![1, 2, 3]) },
+        Recovered::default(),
+        MemoryLog::new(),
+    )
+    .expect("a learner starts");
+    g.nodes.insert(4, c);
+    let req = ClientRequest { client: 9, request: 1, body: RequestBody::AddLearner { id: 4 } };
+    match g.ask(leader, req, 50) {
+        Some(ReplyBody::Configured { voters, learners, .. }) => {
+            assert_eq!(voters, vec![1, 2, 3]);
+            assert_eq!(learners, vec![4]);
+        }
+        other => panic!("add-learner answered {other:?}"),
+    }
+    for _ in 0..40 {
+        g.step();
+    }
+    // It caught up (through the snapshot: the leader compacted after 8 entries) and applies
+    // what comes next.
+    assert_eq!(g.nodes[&4].view(), g.nodes[&leader].view());
+    assert!(g.propose(7, 13, join("h13")).1.is_ok());
+    for _ in 0..5 {
+        g.step();
+    }
+    assert_eq!(g.nodes[&4].view().ranks().count(), 13);
+    assert!(!g.nodes[&4].is_leader());
+}

@@ -36,6 +36,12 @@ pub enum RequestBody {
     Propose(Command),
     /// The current view, read linearizably (Raft ReadIndex through the leader).
     Read,
+    /// Add coordinator `id` to the group as a learner (it replicates the log, never votes);
+    /// it must be running and able to reach the others.
+    AddLearner {
+        /// The coordinator id.
+        id: u64,
+    },
     /// A rank is alive (the failure detector's input; not written to the log).
     Heartbeat {
         /// The rank.
@@ -79,6 +85,15 @@ pub enum ReplyBody {
         /// The leader's coordinator id, if known.
         leader: Option<u64>,
     },
+    /// A configuration change was committed at `index`; the group now has these members.
+    Configured {
+        /// Its log index.
+        index: u64,
+        /// Voting coordinators.
+        voters: Vec<u64>,
+        /// Learners.
+        learners: Vec<u64>,
+    },
     /// The answer to a heartbeat: where the view stands for this rank.
     Status {
         /// The view's epoch.
@@ -105,6 +120,7 @@ impl ClientRequest {
             RequestBody::Propose(_) => m.put_u8(1),
             RequestBody::Read => m.put_u8(2),
             RequestBody::Heartbeat { .. } => m.put_u8(3),
+            RequestBody::AddLearner { .. } => m.put_u8(4),
         }
         m.put_u64_le(self.client);
         m.put_u64_le(self.request);
@@ -116,6 +132,7 @@ impl ClientRequest {
                 m.put_u64_le(*incarnation);
                 m.put_u64_le(*epoch);
             }
+            RequestBody::AddLearner { id } => m.put_u64_le(*id),
         }
         m.freeze()
     }
@@ -146,6 +163,13 @@ impl ClientRequest {
                 }
                 RequestBody::Heartbeat { rank, incarnation, epoch }
             }
+            4 => {
+                let id = membership::codec_u64(&mut b, "id")?;
+                if !b.is_empty() {
+                    return Err(DecodeError::Trailing(b.len()));
+                }
+                RequestBody::AddLearner { id }
+            }
             k => return Err(DecodeError::Kind(k)),
         };
         Ok(ClientRequest { client, request, body })
@@ -163,6 +187,7 @@ impl ClientReply {
             ReplyBody::NotLeader { .. } => 3,
             ReplyBody::Refused { .. } => 4,
             ReplyBody::Status { .. } => 5,
+            ReplyBody::Configured { .. } => 6,
         };
         m.put_u8(kind);
         m.put_u64_le(self.request);
@@ -179,6 +204,15 @@ impl ClientReply {
             ReplyBody::Status { epoch, fenced, change_pending } => {
                 m.put_u64_le(*epoch);
                 m.put_u8(u8::from(*fenced) | u8::from(*change_pending) << 1);
+            }
+            ReplyBody::Configured { index, voters, learners } => {
+                m.put_u64_le(*index);
+                for ids in [voters, learners] {
+                    m.put_u8(ids.len().min(u8::MAX as usize) as u8);
+                    for id in ids.iter().take(u8::MAX as usize) {
+                        m.put_u64_le(*id);
+                    }
+                }
             }
             ReplyBody::Refused { reason } => {
                 let r = &reason.as_bytes()[..reason.floor_char_boundary_compat(1024)];
@@ -234,6 +268,18 @@ impl ClientReply {
                 }
                 ReplyBody::Status { epoch, fenced: flags & 1 != 0, change_pending: flags & 2 != 0 }
             }
+            6 => {
+                let index = membership::codec_u64(&mut b, "index")?;
+                let mut lists = [Vec::new(), Vec::new()];
+                for list in &mut lists {
+                    let n = membership::codec_u8(&mut b, "member count")? as usize;
+                    for _ in 0..n {
+                        list.push(membership::codec_u64(&mut b, "member")?);
+                    }
+                }
+                let [voters, learners] = lists;
+                ReplyBody::Configured { index, voters, learners }
+            }
             k => return Err(DecodeError::Kind(k)),
         };
         if !b.is_empty() {
@@ -268,6 +314,7 @@ mod tests {
         let reqs = [
             ClientRequest { client: 9, request: 3, body: RequestBody::Read },
             ClientRequest { client: 9, request: 4, body: RequestBody::Heartbeat { rank: 3, incarnation: 8, epoch: 2 } },
+            ClientRequest { client: 9, request: 5, body: RequestBody::AddLearner { id: 4 } },
             ClientRequest {
                 client: u64::MAX,
                 request: 0,
@@ -288,6 +335,7 @@ mod tests {
             ReplyBody::NotLeader { leader: None },
             ReplyBody::Status { epoch: 4, fenced: true, change_pending: false },
             ReplyBody::Status { epoch: 5, fenced: false, change_pending: true },
+            ReplyBody::Configured { index: 44, voters: vec![1, 2, 3], learners: vec![4] },
             ReplyBody::Refused { reason: "bad request: entry ends inside kind".into() },
         ];
         for body in replies {

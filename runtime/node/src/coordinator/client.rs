@@ -151,6 +151,16 @@ impl CoordinatorClient {
         }
     }
 
+    /// Adds coordinator `id` (running, started with itself among its `--learners`) to the group
+    /// as a learner; returns the group's voters and learners after the change.
+    pub async fn add_learner(&mut self, id: u64) -> Result<(Vec<u64>, Vec<u64>), ClientError> {
+        let request = self.new_request(RequestBody::AddLearner { id });
+        match self.call(request).await? {
+            (_, ReplyBody::Configured { voters, learners, .. }) => Ok((voters, learners)),
+            (coordinator, other) => Err(ClientError::Unexpected { coordinator, request, answer: format!("{other:?}") }),
+        }
+    }
+
     /// Tells the leader this rank is alive; returns the view's epoch, whether this rank has
     /// been fenced (declared failed: it must stop and rejoin) and whether a change waits for
     /// the next epoch.

@@ -174,7 +174,9 @@ pub async fn run_coordinator(
     let mut node = Node::start(node_config).await?;
     let handle = node.handle();
     on_listening(node.tcp_addrs().first().copied().unwrap_or(listen));
-    let is_peer = |r: RankId| everyone.iter().any(|(p, _)| *p == u64::from(r.0));
+    // Coordinators have ids below 2^31 (clients above): one added at run time as a learner is
+    // not in the configuration this process started with, and dials in itself.
+    let is_peer = |r: RankId| r.0 < 0x8000_0000;
 
     let span = info_span!("coordinator", id);
     async move {
