@@ -11,6 +11,7 @@ pub mod coordinator;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod elastic;
+pub mod params;
 pub mod recovery;
 pub mod semisync;
 

@@ -30,6 +30,7 @@ use phalanx_collectives::reduce::{DType, ReduceOp};
 use phalanx_runtime::semisync::{fragment_ranges, Ledger, OuterOptimizer, SyncMode};
 use tracing::{debug, info_span, Instrument};
 
+use crate::params::ParamSet;
 use crate::{
     AllReduceAlgorithm, CallOptions, CommError, Communicator, Compression, ErrorFeedback, FaultPolicy, Op, Outcome,
 };
@@ -193,6 +194,36 @@ impl SemiSync {
         }
         s.step = step;
         Ok(s)
+    }
+
+    /// [`SemiSync::new`] for registered tensors of any floating type (anchors kept in f32).
+    pub fn for_params(params: &ParamSet, config: SemiSyncConfig) -> SemiSync {
+        SemiSync::new(&params.to_f32(), config)
+    }
+
+    /// [`SemiSync::after_inner_step`] on registered tensors: the synced fragments are written
+    /// back rounded to each tensor's type.
+    pub async fn after_inner_step_params(
+        &mut self,
+        comm: &mut Communicator,
+        params: &mut ParamSet,
+    ) -> Result<Vec<RoundReport>, CommError> {
+        let mut flat = params.to_f32();
+        let reports = self.after_inner_step(comm, &mut flat).await;
+        params.set_from_f32(&flat);
+        reports
+    }
+
+    /// [`SemiSync::sync_gradients`] on registered gradient tensors.
+    pub async fn sync_gradients_params(
+        &mut self,
+        comm: &mut Communicator,
+        grads: &mut ParamSet,
+    ) -> Result<RoundReport, CommError> {
+        let mut flat = grads.to_f32();
+        let report = self.sync_gradients(comm, &mut flat).await;
+        grads.set_from_f32(&flat);
+        report
     }
 
     /// Whether this rank's anchor of any fragment may lag the group's (it missed a round

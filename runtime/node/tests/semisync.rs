@@ -232,3 +232,37 @@ async fn quorum_rounds_with_a_straggler_and_a_crash_account_for_every_contributi
         assert_eq!(a, &anchors[0], "after the heal every survivor holds the same anchors");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_tensors_of_several_types_are_averaged_and_written_back_in_their_types() {
+    use phalanx_collectives::reduce::DType;
+    use phalanx_node::params::ParamSet;
+    let mut tasks = Vec::new();
+    for (rank, node) in nodes(2).await.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut comm = Communicator::new(node, rank, 2);
+            let r = rank as f32;
+            let mut p = ParamSet::new();
+            p.register("w", DType::F32, [r, 2.0 * r].iter().flat_map(|v| v.to_le_bytes()).collect()).expect("f32");
+            let b = half::bf16::from_f32(0.1 * r);
+            p.register("b", DType::BF16, b.to_le_bytes().to_vec()).expect("bf16");
+            // Every rank starts from the same model (zeros); its "inner step" got it to `p`.
+            let mut start = ParamSet::new();
+            start.register("w", DType::F32, vec![0; 8]).expect("f32");
+            start.register("b", DType::BF16, vec![0; 2]).expect("bf16");
+            let mut sync = SemiSync::for_params(&start, SemiSyncConfig::new(SyncMode::LocalSgd { every: 1 }));
+            sync.after_inner_step_params(&mut comm, &mut p).await.expect("a round");
+            comm.flush(Duration::from_secs(5)).await;
+            p
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.expect("rank"));
+    }
+    assert_eq!(results[0], results[1], "every rank holds the same tensors, bit for bit");
+    let flat = results[0].to_f32();
+    assert_eq!(&flat[..2], &[0.5, 1.0], "f32 tensor: the mean");
+    let want_b = half::bf16::from_f32((half::bf16::from_f32(0.1).to_f32()) / 2.0).to_f32();
+    assert_eq!(flat[2], want_b, "bf16 tensor: the mean, rounded to bf16");
+}
