@@ -92,24 +92,7 @@ pub async fn run(a: CoordinatorArgs) -> Result<(), CliError> {
     // Test failpoint (docs/membership.md): die between writing the log and acknowledging it.
     config.crash_at_sync = std::env::var("PHALANX_FAILPOINT_CRASH_AT_SYNC").ok().and_then(|v| v.parse().ok());
     let id = a.id;
-    let shutdown = async {
-        #[cfg(unix)]
-        {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let shutdown = crate::shutdown_requested();
     run_coordinator(
         config,
         |addr| println!("{}", json!({"event": "listening", "id": id, "addr": addr.to_string()})),

@@ -88,17 +88,7 @@ pub async fn run(a: LaunchArgs) -> Result<(), CliError> {
         let stop = stop_rx.clone();
         ranks.spawn(async move { supervise(program, args, env, max_restarts, backoff, stop).await });
     }
-    let interrupted = async {
-        #[cfg(unix)]
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let interrupted = crate::shutdown_requested();
     tokio::pin!(interrupted);
     let mut failure = None;
     loop {

@@ -139,6 +139,19 @@ fn main() {
     exit_with(result)
 }
 
+/// Resolves on SIGTERM or Ctrl-C (the long-running commands stop cleanly on either).
+pub async fn shutdown_requested() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// Exits with the status `result` calls for (0, 1 for a failure, 2 for bad usage).
 fn exit_with(result: Result<(), CliError>) -> ! {
     match result {

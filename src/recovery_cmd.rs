@@ -78,24 +78,7 @@ pub async fn run(a: StateSourceArgs) -> Result<(), String> {
         json!({"event": "listening", "addr": addr.to_string(), "rank": a.rank, "bytes": a.bytes, "generated_ms": generated_ms})
     );
     let _ = std::io::stdout().flush();
-    let shutdown = async {
-        #[cfg(unix)]
-        {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let shutdown = crate::shutdown_requested();
     let served = serve_state(&mut node, server, shutdown).await.map_err(|e| e.to_string())?;
     println!("{}", json!({"event": "stopped", "chunks": served.chunks, "bytes": served.bytes}));
     Ok(())

@@ -5,9 +5,9 @@
 //! kind 3 is a rank's heartbeat (`rank u32 | incarnation u64 | epoch u64`).
 //! Reply: `version u8 | kind u8 | request u64 | body` — 1 applied (`index u64 | result`),
 //! 2 view (`index u64 | view`), 3 not leader (`leader u64`, 0 when unknown), 4 refused (`reason
-//! str`), 5 status (`epoch u64 | flags u8`: 1 fenced, 2 change pending). Decoding is total: bytes give a message or a [`DecodeError`], never a panic.
+//! str`: `len u16 | UTF-8`), 5 status (`epoch u64 | flags u8`: 1 fenced, 2 change pending). Decoding is total: bytes give a message or a [`DecodeError`], never a panic.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::coordinator::state::CommandResult;
 use crate::membership::{self, ClusterView, Command, DecodeError};
@@ -214,11 +214,7 @@ impl ClientReply {
                     }
                 }
             }
-            ReplyBody::Refused { reason } => {
-                let r = &reason.as_bytes()[..reason.floor_char_boundary_compat(1024)];
-                m.put_u16_le(r.len() as u16);
-                m.put_slice(r);
-            }
+            ReplyBody::Refused { reason } => membership::codec_put_str(&mut m, reason),
         }
         m.freeze()
     }
@@ -248,18 +244,7 @@ impl ClientReply {
                 let l = membership::codec_u64(&mut b, "leader")?;
                 ReplyBody::NotLeader { leader: (l != 0).then_some(l) }
             }
-            4 => {
-                if b.remaining() < 2 {
-                    return Err(DecodeError::Truncated("reason"));
-                }
-                let n = b.get_u16_le() as usize;
-                if b.remaining() < n {
-                    return Err(DecodeError::Truncated("reason"));
-                }
-                let reason = std::str::from_utf8(&b[..n]).map_err(|_| DecodeError::Malformed("reason"))?.to_string();
-                b.advance(n);
-                ReplyBody::Refused { reason }
-            }
+            4 => ReplyBody::Refused { reason: membership::codec_str(&mut b, "reason")? },
             5 => {
                 let epoch = membership::codec_u64(&mut b, "epoch")?;
                 let flags = membership::codec_u8(&mut b, "flags")?;
@@ -286,20 +271,6 @@ impl ClientReply {
             return Err(DecodeError::Trailing(b.len()));
         }
         Ok(ClientReply { request, body })
-    }
-}
-
-trait FloorCharBoundary {
-    fn floor_char_boundary_compat(&self, max: usize) -> usize;
-}
-
-impl FloorCharBoundary for String {
-    fn floor_char_boundary_compat(&self, max: usize) -> usize {
-        let mut end = self.len().min(max);
-        while !self.is_char_boundary(end) {
-            end -= 1;
-        }
-        end
     }
 }
 

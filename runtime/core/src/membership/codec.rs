@@ -84,7 +84,7 @@ pub fn encode(c: &Command) -> Bytes {
 
 /// Strings longer than `u16::MAX` bytes are cut at a character boundary (hosts and addresses
 /// are short; the cut keeps the codec total).
-fn put_str(m: &mut BytesMut, s: &str) {
+pub(crate) fn put_str(m: &mut BytesMut, s: &str) {
     let mut end = s.len().min(u16::MAX as usize);
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -350,7 +350,7 @@ pub(crate) fn u64_of(b: &mut &[u8], what: &'static str) -> Result<u64, DecodeErr
     (b.remaining() >= 8).then(|| b.get_u64_le()).ok_or(DecodeError::Truncated(what))
 }
 
-fn str_of(b: &mut &[u8], what: &'static str) -> Result<String, DecodeError> {
+pub(crate) fn str_of(b: &mut &[u8], what: &'static str) -> Result<String, DecodeError> {
     if b.remaining() < 2 {
         return Err(DecodeError::Truncated(what));
     }

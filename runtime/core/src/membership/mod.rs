@@ -18,5 +18,7 @@ pub use codec::{
     decode, decode_view, encode, encode_view, get_result, get_view, put_result, put_view, DecodeError, MAX_ADDRS,
     MAX_ENTRY_BYTES, MAX_VIEW_BYTES,
 };
-pub(crate) use codec::{u32_of as codec_u32, u64_of as codec_u64, u8_of as codec_u8};
+pub(crate) use codec::{
+    put_str as codec_put_str, str_of as codec_str, u32_of as codec_u32, u64_of as codec_u64, u8_of as codec_u8,
+};
 pub use view::{ClusterView, Command, Member, Outcome, RankStatus, ViewError};
