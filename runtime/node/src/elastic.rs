@@ -215,6 +215,8 @@ pub struct ElasticMember {
     fenced: Arc<AtomicBool>,
     /// The current epoch's endpoint, for the heartbeat task to shut down when fenced.
     endpoint: Arc<std::sync::Mutex<Option<NodeHandle>>>,
+    /// It asked to leave: dropped from the view, it is departed, not fenced.
+    leaving: Arc<AtomicBool>,
     heartbeat: tokio::task::JoinHandle<()>,
     /// The state this rank serves (live recovery) and the task serving it.
     state: Option<(tokio::sync::watch::Sender<Option<StateServer>>, tokio::task::JoinHandle<()>)>,
@@ -249,10 +251,18 @@ impl ElasticMember {
         };
         let shared_epoch = Arc::new(AtomicU64::new(0));
         let endpoint: Arc<std::sync::Mutex<Option<NodeHandle>>> = Arc::default();
+        let leaving = Arc::new(AtomicBool::new(false));
         let fenced = Arc::new(AtomicBool::new(false));
         let heartbeat = tokio::spawn(
-            heartbeat_loop(config.clone(), rank, shared_epoch.clone(), fenced.clone(), endpoint.clone())
-                .instrument(info_span!("heartbeat", rank)),
+            heartbeat_loop(
+                config.clone(),
+                rank,
+                shared_epoch.clone(),
+                fenced.clone(),
+                endpoint.clone(),
+                leaving.clone(),
+            )
+            .instrument(info_span!("heartbeat", rank)),
         );
         let state = match config.state_listen {
             Some(addr) => {
@@ -280,6 +290,7 @@ impl ElasticMember {
             shared_epoch,
             fenced,
             endpoint,
+            leaving,
             heartbeat,
         };
         info!(rank, "joined; waiting to be admitted into an epoch");
@@ -404,6 +415,7 @@ impl ElasticMember {
     /// Asks to leave at the next epoch; the rank keeps training until a boundary reports
     /// [`Boundary::Departed`].
     pub async fn request_leave(&mut self) -> Result<(), ElasticError> {
+        self.leaving.store(true, Ordering::Relaxed);
         match self.client.propose(Command::Leave { rank: self.rank, epoch: self.epoch }).await?.1 {
             Ok(_) => Ok(()),
             Err(source) => Err(ElasticError::Refused { rank: self.rank, source }),
@@ -423,7 +435,7 @@ impl ElasticMember {
         self.boundary_done_for = Some(self.step);
         let span = info_span!("step_boundary", rank = self.rank, epoch = self.epoch, step = self.step);
         let result = self.boundary().instrument(span).await;
-        if self.fenced.load(Ordering::Relaxed) {
+        if result.is_err() && self.fenced.load(Ordering::Relaxed) {
             // Whatever failed meanwhile (the endpoint was shut down), this is why.
             return Err(ElasticError::Fenced { rank: self.rank, epoch: self.shared_epoch.load(Ordering::Relaxed) });
         }
@@ -650,6 +662,7 @@ async fn heartbeat_loop(
     epoch: Arc<AtomicU64>,
     fenced: Arc<AtomicBool>,
     endpoint: Arc<std::sync::Mutex<Option<NodeHandle>>>,
+    leaving: Arc<AtomicBool>,
 ) {
     let mut client = match CoordinatorClient::connect(&config.coordinators, &config.secret).await {
         Ok(c) => c,
@@ -662,6 +675,10 @@ async fn heartbeat_loop(
     client.try_timeout = config.heartbeat_every;
     loop {
         match client.heartbeat(rank, config.incarnation, epoch.load(Ordering::Relaxed)).await {
+            Ok(s) if s.fenced && leaving.load(Ordering::Relaxed) => {
+                // It asked to leave and is gone from the view: not a zombie, nothing to stop.
+                return;
+            }
             Ok(s) if s.fenced => {
                 warn!(epoch = s.epoch, "the coordinators declared this rank failed: fenced");
                 fenced.store(true, Ordering::Relaxed);
