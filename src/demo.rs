@@ -45,6 +45,9 @@ pub struct DemoArgs {
     /// Training part: fragments of streaming DiLoCo (1: plain DiLoCo).
     #[arg(long, default_value_t = 4)]
     pub fragments: usize,
+    /// Training part: what the data centres run between them.
+    #[arg(long, value_enum, default_value_t = crate::train_worker::OuterAlgorithm::StreamingDiloco)]
+    pub algorithm: crate::train_worker::OuterAlgorithm,
     /// Training part: where to write the SVG plot of loss and events.
     #[arg(long, default_value = "phalanx-demo.svg")]
     pub plot: std::path::PathBuf,
@@ -73,6 +76,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         steps: args.steps.unwrap_or(if args.quick { 150 } else { 400 }),
         every: args.every,
         fragments: args.fragments,
+        algorithm: args.algorithm,
         faults: !args.no_faults,
         plot: args.plot.clone(),
     };

@@ -1,6 +1,7 @@
 //! The training part of `phalanx demo` (issue #6): an embedded coordinator and `--ranks` local
 //! rank processes (`phalanx train-worker`) in two "data centres" on loopback train the small
-//! model of [`crate::mlp`] with streaming DiLoCo, while the demo injects faults: a straggler
+//! model of [`crate::mlp`] semi-synchronously — synchronous inside each data centre, streaming
+//! DiLoCo between the two (see [`crate::train_worker`]) — while the demo injects faults: a straggler
 //! from the start, a rank SIGKILLed and restarted (it rejoins and recovers the state from its
 //! peers), and the link between the data centres cut and restored. It shows progress every
 //! second and ends with a summary and an SVG plot of loss and events over time.
@@ -17,6 +18,8 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use crate::train_worker::OuterAlgorithm;
+
 const SECRET: &str = "phalanx-demo-training";
 
 /// How the training demo runs.
@@ -30,6 +33,8 @@ pub struct TrainingDemo {
     pub every: u64,
     /// Fragments of streaming DiLoCo.
     pub fragments: usize,
+    /// What runs across the data centres.
+    pub algorithm: OuterAlgorithm,
     /// Inject faults.
     pub faults: bool,
     /// Where to write the SVG plot.
@@ -85,9 +90,17 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
     }
     println!();
     println!(
-        "training: {} rank processes in 2 data centres, a two-layer perceptron (real gradients), streaming DiLoCo \
-         (H {}, {} fragments, int8 outer gradients, quorum rounds), embedded coordinator",
-        demo.ranks, demo.every, demo.fragments
+        "training: {} rank processes in 2 data centres, a two-layer perceptron (real gradients); inside each data \
+         centre synchronous data parallel (quorum rounds every step), between them {} by the DCs' leaders (H {}{}, \
+         int8 outer gradients, quorum rounds); embedded coordinator",
+        demo.ranks,
+        demo.algorithm.name(),
+        demo.every,
+        if demo.algorithm == OuterAlgorithm::StreamingDiloco {
+            format!(", {} fragments", demo.fragments)
+        } else {
+            String::new()
+        }
     );
     if demo.faults {
         println!("faults: rank process 1 straggles; one rank is SIGKILLed and restarted at ~30 %; the WAN is cut for 1.5 s at ~60 %");
@@ -103,6 +116,7 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
             .args(["--incarnation", &(u64::from(w.starts) * 1000 + i as u64).to_string()])
             .args(["--start-world", &demo.ranks.to_string(), "--steps", &demo.steps.to_string()])
             .args(["--every", &demo.every.to_string(), "--fragments", &demo.fragments.to_string(), "--int8"])
+            .args(["--algorithm", demo.algorithm.name()])
             .args(["--straggle-ms", &w.straggle_ms.to_string(), "--report-every", "10"])
             .stdout(Stdio::piped())
             .stderr(
@@ -249,12 +263,19 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
     let eval_loss = eval.first().copied().unwrap_or(f64::NAN);
     let agree = eval.iter().all(|e| (e - eval_loss).abs() < 1e-9);
     let sum = |k: &str| done.iter().filter_map(|v| v[k].as_u64()).sum::<u64>();
+    // Every rank's accounting: offered = applied + carried + dropped, inside its DC and across.
+    let balanced = done.iter().all(|v| {
+        let n = |k: &str| v[k].as_u64().unwrap_or(u64::MAX);
+        n("offered") == n("applied") + n("pending") + n("dropped")
+            && n("dc_offered") == n("dc_applied") + n("dc_pending") + n("dc_dropped")
+    });
     let bytes: u64 = latest.values().filter_map(|v| v["bytes"].as_u64()).sum();
     let wan: u64 = latest.values().filter_map(|v| v["wan_bytes"].as_u64()).sum();
     println!(
         "summary: {} ranks trained {} steps in {:.1} s; eval loss {:.4} (chance {:.4}), the same on every rank: {}; \
-         {} epochs; {:.1} MB sent, {:.2} MB across the WAN; outer contributions offered {}, applied {}, carried {}, \
-         dropped {}; failed rounds {}",
+         {} epochs; {:.1} MB sent, {:.2} MB across the WAN; cross-DC contributions (leaders) offered {}, applied {}, \
+         still carried at the end {}, dropped {}; in-DC gradient contributions offered {}, applied {}, dropped (late) {}; every ledger \
+         balanced: {}; failed rounds {}",
         done.len(),
         demo.steps,
         started.elapsed().as_secs_f64(),
@@ -268,6 +289,10 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
         sum("applied"),
         sum("pending"),
         sum("dropped"),
+        sum("dc_offered"),
+        sum("dc_applied"),
+        sum("dc_dropped"),
+        balanced,
         round_failures
     );
     if demo.faults {
@@ -275,15 +300,23 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
         println!(
             "faults survived: straggler (worker 1) — yes; SIGKILL + restart of worker {victim} — {}; WAN cut — {}",
             if rejoined { "rejoined with state recovered from peers, trained to the end" } else { "NO" },
-            if cut_at.is_some() { "rounds went on with a quorum, then healed" } else { "not reached" }
+            match (cut_at.is_some(), sum("late_rounds")) {
+                (false, _) => "not reached".to_string(),
+                (true, 0) => "the rounds waited for the link (the cut was shorter than failure detection); nothing \
+                              carried"
+                    .to_string(),
+                (true, n) =>
+                    format!("the leaders' rounds went on with a quorum; {n} late contributions carried, then applied"),
+            }
         );
         if !rejoined || cut_at.is_none() {
             return Err(format!("a fault was not survived; logs in {}", dir.display()));
         }
     }
-    if done.len() != demo.ranks || !agree || eval_loss.is_nan() || eval_loss > 0.9 * 4f64.ln() {
+    if done.len() != demo.ranks || !agree || !balanced || eval_loss.is_nan() || eval_loss > 0.9 * 4f64.ln() {
         return Err(format!(
-            "training did not end well: {} of {} ranks done, agree {agree}, eval loss {eval_loss}; logs in {}",
+            "training did not end well: {} of {} ranks done, agree {agree}, ledgers balanced {balanced}, eval loss \
+             {eval_loss}; logs in {}",
             done.len(),
             demo.ranks,
             dir.display()
@@ -321,8 +354,10 @@ fn plot(points: &[(f64, f64)], events: &[(f64, String)], demo: &TrainingDemo) ->
         let end = points.iter().map(|p| p.0).chain(events.iter().map(|e| e.0)).fold(1.0f64, f64::max);
         let top = points.iter().map(|p| p.1).fold(0.1f64, f64::max) * 1.1;
         let title = format!(
-            "phalanx demo: {} ranks, streaming DiLoCo (H {}, {} fragments)",
-            demo.ranks, demo.every, demo.fragments
+            "phalanx demo: {} ranks in 2 DCs, sync inside each, {} across (H {})",
+            demo.ranks,
+            demo.algorithm.name(),
+            demo.every
         );
         let mut c = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))

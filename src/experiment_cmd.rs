@@ -2,20 +2,24 @@
 //! four ways on loopback — synchronous data parallel, DiLoCo across two "data centres",
 //! streaming DiLoCo with int8 outer gradients, and the latter with faults (a straggler, a rank
 //! crash, a WAN cut) — printing one JSON line per run: `mode, eval_loss, wan_bytes,
-//! total_bytes, hangs, lost_contributions, wall_s` (docs/semisync.md).
+//! total_bytes, hangs, lost_contributions, wall_s` (docs/semisync.md). Every mode runs at each
+//! learning rate of a sweep (`--lrs`), and is then reported once more at its best
+//! (`best_of_sweep`), with its eval loss and WAN bytes as ratios to synchronous DP's best.
 //!
 //! Four ranks in one process, two per data centre, over real TCP on loopback; each rank has
 //! its own shard of the task ([`crate::mlp`]). Synchronous DP all-reduces gradients over all
-//! four every step; the DiLoCo modes all-reduce gradients inside each DC every step and sync
-//! across DCs through the DC leaders every `--every` steps. WAN bytes are the bytes sent on
-//! links between the two DCs (transport counters).
+//! four every step (hierarchically: inside each DC, then across); the DiLoCo modes all-reduce
+//! gradients inside each DC every step and sync across DCs through the DC leaders every
+//! `--every` steps. WAN bytes are the bytes sent on links between the two DCs (transport
+//! counters, read before any rank closes its links).
 
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
+use phalanx_collectives::reduce::DType;
 use phalanx_net::{LinkKind, Node, NodeConfig, PathFaults, PathSpec};
 use phalanx_node::semisync::{CrossDcSemiSync, SemiSync, SemiSyncConfig};
-use phalanx_node::{CommError, Communicator, Compression, FaultPolicy};
+use phalanx_node::{CallOptions, CommError, Communicator, Compression, FaultPolicy, Op, Topology};
 use phalanx_proto::{RankId, TransportConfig};
 use phalanx_runtime::semisync::{Ledger, SyncMode};
 use serde_json::json;
@@ -41,25 +45,40 @@ pub enum Experiment {
 /// Arguments of `phalanx experiment semisync`.
 #[derive(Args, Debug)]
 pub struct SemisyncArgs {
-    /// A shorter run (CI).
+    /// A shorter run (CI): 300 steps, H 50, one learning rate.
     #[arg(long)]
     pub quick: bool,
-    /// Inner steps per rank (default 600; quick 200).
+    /// Inner steps per rank (default 2000; quick 300).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Inner steps between cross-DC syncs (H; default 50; quick 25).
+    /// Inner steps between cross-DC syncs (H; default 100; quick 50).
     #[arg(long)]
     pub every: Option<u64>,
     /// Only these modes (comma-separated: sync, diloco, streaming_diloco, streaming_diloco_faults).
     #[arg(long, value_delimiter = ',')]
     pub modes: Vec<String>,
+    /// Peak learning rates of the inner optimizer (SGD) to sweep, every mode; each mode is
+    /// also reported at its best (default 0.8,1.2,1.6; quick 0.8).
+    #[arg(long, value_delimiter = ',')]
+    pub lrs: Vec<f32>,
+    /// Outer learning rate of the DiLoCo modes (tuned on this task; the paper's is 0.7).
+    #[arg(long, default_value_t = 0.9)]
+    pub outer_lr: f32,
+    /// Outer Nesterov momentum of the DiLoCo modes (tuned on this task; the paper's is 0.9).
+    #[arg(long, default_value_t = 0.5)]
+    pub outer_momentum: f32,
+    /// Keep the inner learning rate constant (default: cosine decay to 0 over the run).
+    #[arg(long)]
+    pub constant_lr: bool,
+    /// Training examples per rank.
+    #[arg(long, default_value_t = 8192)]
+    pub shard: usize,
 }
 
 const SECRET: &[u8] = b"phalanx-experiment";
 const WORLD: usize = 4;
 const PER_DC: usize = 2;
 const BATCH: usize = 32;
-const LR: f32 = 0.1;
 const TASK: u64 = 42;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,10 +103,20 @@ impl Mode {
 /// Runs `phalanx experiment`.
 pub async fn run(a: ExperimentArgs) -> Result<(), CliError> {
     let Experiment::Semisync(a) = a.which;
-    let steps = a.steps.unwrap_or(if a.quick { 200 } else { 600 });
-    let every = a.every.unwrap_or(if a.quick { 25 } else { 50 });
+    let steps = a.steps.unwrap_or(if a.quick { 300 } else { 2000 });
+    let every = a.every.unwrap_or(if a.quick { 50 } else { 100 });
     if steps == 0 || every == 0 {
         return Err(CliError::Usage("--steps and --every must be at least 1".into()));
+    }
+    let lrs = if !a.lrs.is_empty() {
+        a.lrs.clone()
+    } else if a.quick {
+        vec![0.8]
+    } else {
+        vec![0.8, 1.2, 1.6]
+    };
+    if lrs.iter().any(|lr| !(*lr > 0.0 && lr.is_finite())) {
+        return Err(CliError::Usage("--lrs must be positive".into()));
     }
     let all = [Mode::Sync, Mode::Diloco, Mode::Streaming, Mode::StreamingFaults];
     let modes: Vec<Mode> = if a.modes.is_empty() {
@@ -103,9 +132,39 @@ pub async fn run(a: ExperimentArgs) -> Result<(), CliError> {
             })
             .collect::<Result<_, _>>()?
     };
+    let mut best: Vec<serde_json::Value> = Vec::new();
     for mode in modes {
-        let row = run_mode(mode, steps, every).await.map_err(CliError::Failed)?;
-        println!("{row}");
+        let mut runs = Vec::new();
+        for lr in &lrs {
+            let budget = Budget {
+                steps,
+                every,
+                lr: *lr,
+                cosine: !a.constant_lr,
+                outer_lr: a.outer_lr,
+                outer_momentum: a.outer_momentum,
+                shard: a.shard.max(1),
+            };
+            let row = run_mode(mode, budget).await.map_err(CliError::Failed)?;
+            println!("{row}");
+            runs.push(row);
+        }
+        let loss = |v: &serde_json::Value| v["eval_loss"].as_f64().unwrap_or(f64::INFINITY);
+        if let Some(b) = runs.into_iter().min_by(|x, y| loss(x).total_cmp(&loss(y))) {
+            best.push(b);
+        }
+    }
+    // Each mode at its best learning rate, and its ratios to synchronous DP's best.
+    let sync = best.iter().find(|b| b["mode"] == "sync").cloned();
+    for mut b in best {
+        b["best_of_sweep"] = json!(true);
+        if let Some(s) = &sync {
+            let (l, sl) = (b["eval_loss"].as_f64().unwrap_or(f64::NAN), s["eval_loss"].as_f64().unwrap_or(f64::NAN));
+            let (w, sw) = (b["wan_bytes"].as_f64().unwrap_or(f64::NAN), s["wan_bytes"].as_f64().unwrap_or(f64::NAN));
+            b["eval_loss_vs_sync"] = json!((l / sl * 1e4).round() / 1e4);
+            b["wan_bytes_fewer_than_sync"] = json!((sw / w * 10.0).round() / 10.0);
+        }
+        println!("{b}");
     }
     Ok(())
 }
@@ -142,6 +201,13 @@ async fn group(n: usize) -> Result<(Vec<Node>, Vec<((usize, usize), PathFaults)>
     Ok((out, faults))
 }
 
+/// Waits until every live rank of `comm` has read its counters (they count live links only:
+/// a rank that dropped its node early would take its links' bytes with it).
+async fn counted(comm: &mut Communicator) {
+    let options = CallOptions { policy: FaultPolicy::Shrink, verify: false };
+    let _ = comm.collective(Op::Barrier, DType::U8, Vec::new(), options, Duration::from_secs(10)).await;
+}
+
 /// Bytes sent by `comm`'s node on links to peers `wan(peer)` says are across the WAN, and in all.
 async fn bytes_sent(comm: &Communicator, wan: impl Fn(usize) -> bool) -> Result<(u64, u64), String> {
     let (_, links) = comm.handle().counters().await.map_err(|e| e.to_string())?;
@@ -158,16 +224,41 @@ struct RankOutcome {
     ledgers: Vec<Ledger>,
 }
 
-async fn run_mode(mode: Mode, steps: u64, every: u64) -> Result<serde_json::Value, String> {
+/// What every mode gets: inner steps, the cross-DC period, the inner learning rate.
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    steps: u64,
+    every: u64,
+    lr: f32,
+    cosine: bool,
+    outer_lr: f32,
+    outer_momentum: f32,
+    shard: usize,
+}
+
+impl Budget {
+    /// The inner learning rate at step `step` (0-based).
+    fn lr_at(&self, step: u64) -> f32 {
+        if !self.cosine {
+            return self.lr;
+        }
+        let progress = step as f32 / self.steps.max(1) as f32;
+        self.lr * 0.5 * (1.0 + (std::f32::consts::PI * progress).cos())
+    }
+}
+
+async fn run_mode(mode: Mode, budget: Budget) -> Result<serde_json::Value, String> {
+    let Budget { steps, every, lr, .. } = budget;
     let started = Instant::now();
     let init = mlp::init(7, 1.0);
     let mut tasks = Vec::new();
     if mode == Mode::Sync {
         let (nodes, _) = group(WORLD).await?;
         for (rank, node) in nodes.into_iter().enumerate() {
-            let comm = Communicator::new(node, rank, WORLD);
+            // Topology-aware: the all-reduce runs hierarchically (inside each DC, then across).
+            let comm = Communicator::with_topology(node, rank, Topology::new((0..WORLD).map(|r| r / PER_DC).collect()));
             let init = init.clone();
-            tasks.push(tokio::spawn(async move { train_sync(rank, comm, init, steps).await }));
+            tasks.push(tokio::spawn(async move { train_sync(rank, comm, init, budget).await }));
         }
     } else {
         let mut dcs = Vec::new();
@@ -185,23 +276,40 @@ async fn run_mode(mode: Mode, steps: u64, every: u64) -> Result<serde_json::Valu
                 FaultPolicy::Shrink
             },
             deadline: Duration::from_secs(20),
+            catch_up_wait: Duration::from_secs(2),
+            outer_lr: budget.outer_lr,
+            outer_momentum: budget.outer_momentum,
             ..SemiSyncConfig::new(if mode == Mode::Diloco {
                 SyncMode::Diloco { every }
             } else {
                 SyncMode::StreamingDiloco { every, fragments: 4 }
             })
         };
-        let inner = SemiSyncConfig { deadline: Duration::from_secs(20), ..SemiSyncConfig::new(SyncMode::Synchronous) };
+        // With faults, rounds inside a DC wait 50 ms for a straggler (as the demo does: its
+        // 30 ms stalls are waited for), then would leave it out (its gradient reported dropped,
+        // its model realigned at the next outer round).
+        let inner = SemiSyncConfig {
+            policy: if mode == Mode::StreamingFaults {
+                FaultPolicy::Quorum { min: 1, wait: Duration::from_millis(50) }
+            } else {
+                FaultPolicy::Shrink
+            },
+            deadline: Duration::from_secs(20),
+            catch_up_wait: Duration::from_secs(2),
+            ..SemiSyncConfig::new(SyncMode::Synchronous)
+        };
         for (d, dc_nodes) in dcs.into_iter().enumerate() {
             for (i, node) in dc_nodes.into_iter().enumerate() {
                 let rank = d * PER_DC + i;
                 let dc = Communicator::new(node, i, PER_DC);
                 let lead =
                     if i == 0 { leaders[d].take().map(|n| Communicator::new(n, d, WORLD / PER_DC)) } else { None };
-                let sync = CrossDcSemiSync::new(dc, lead, &init, inner, outer);
+                let sync = CrossDcSemiSync::new(&init, inner, outer);
                 let faults = (mode == Mode::StreamingFaults).then(|| wan_cut.clone()).flatten();
                 let init = init.clone();
-                tasks.push(tokio::spawn(async move { train_cross_dc(rank, sync, init, steps, every, faults).await }));
+                tasks.push(tokio::spawn(
+                    async move { train_cross_dc(rank, sync, (dc, lead), init, budget, faults).await },
+                ));
             }
         }
     }
@@ -232,6 +340,11 @@ async fn run_mode(mode: Mode, steps: u64, every: u64) -> Result<serde_json::Valu
         "ranks_agree": same,
         "steps": steps,
         "every": every,
+        "lr": lr,
+        "cosine": budget.cosine,
+        "outer_lr": budget.outer_lr,
+        "outer_momentum": budget.outer_momentum,
+        "shard": budget.shard,
         "wall_s": (started.elapsed().as_secs_f64() * 100.0).round() / 100.0,
     }))
 }
@@ -244,43 +357,48 @@ async fn train_sync(
     rank: usize,
     mut comm: Communicator,
     mut params: Vec<f32>,
-    steps: u64,
+    budget: Budget,
 ) -> Result<RankOutcome, String> {
-    let shard = mlp::dataset(TASK, 100 + rank as u64, 1024);
+    let steps = budget.steps;
+    let shard = mlp::dataset(TASK, 100 + rank as u64, budget.shard);
     let mut r = mlp::Rng::new(rank as u64);
     let mut sync = SemiSync::new(
         &params,
         SemiSyncConfig { deadline: Duration::from_secs(20), ..SemiSyncConfig::new(SyncMode::Synchronous) },
     );
     let mut deadlines = 0;
-    for _ in 0..steps {
+    for step in 0..steps {
+        let lr = budget.lr_at(step);
         let mut g = mlp::gradient(&params, &shard, &sample(&mut r, shard.x.len()));
         match sync.sync_gradients(&mut comm, &mut g).await {
             Ok(_) => {}
             Err(CommError::Deadline { .. }) => deadlines += 1,
             Err(e) => return Err(format!("rank {rank}: {e}")),
         }
-        params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= LR * gi);
+        params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= lr * gi);
     }
     comm.flush(Duration::from_secs(5)).await;
     let dc = |p: usize| p / PER_DC;
     let (wan, total) = bytes_sent(&comm, |p| dc(p) != dc(rank)).await?;
+    counted(&mut comm).await;
     Ok(RankOutcome { params, wan, total, deadlines, ledgers: vec![sync.ledger()] })
 }
 
 async fn train_cross_dc(
     rank: usize,
     mut sync: CrossDcSemiSync,
+    (mut dc, mut leaders): (Communicator, Option<Communicator>),
     mut params: Vec<f32>,
-    steps: u64,
-    every: u64,
+    budget: Budget,
     faults: Option<PathFaults>,
 ) -> Result<RankOutcome, String> {
-    let shard = mlp::dataset(TASK, 100 + rank as u64, 1024);
+    let shard = mlp::dataset(TASK, 100 + rank as u64, budget.shard);
     let mut r = mlp::Rng::new(rank as u64);
     let mut deadlines = 0;
     let faulty = faults.is_some();
+    let (steps, every) = (budget.steps, budget.every);
     for step in 1..=steps {
+        let lr = budget.lr_at(step - 1);
         if faulty {
             // Rank 3 straggles; rank 1 crashes half-way; the WAN is cut around a sync.
             if rank == 3 && step % 5 == 0 {
@@ -308,33 +426,37 @@ async fn train_cross_dc(
             }
         }
         let mut g = mlp::gradient(&params, &shard, &sample(&mut r, shard.x.len()));
-        match sync.sync_gradients(&mut g).await {
+        match sync.sync_gradients(&mut dc, &mut g).await {
             Ok(_) => {}
             Err(CommError::Deadline { .. }) => deadlines += 1,
             Err(e) => return Err(format!("rank {rank}: {e}")),
         }
-        params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= LR * gi);
-        match sync.after_inner_step(&mut params).await {
+        params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= lr * gi);
+        match sync.after_inner_step(&mut dc, leaders.as_mut(), &mut params).await {
             Ok(_) => {}
             Err(CommError::Deadline { .. }) => deadlines += 1,
             Err(e) => return Err(format!("rank {rank}: {e}")),
         }
     }
-    sync.resync(&mut params).await.map_err(|e| format!("rank {rank}: resync: {e}"))?;
+    sync.resync(&mut dc, leaders.as_mut(), &mut params).await.map_err(|e| format!("rank {rank}: resync: {e}"))?;
     let dc_index = rank % PER_DC;
     let (mut wan, mut total) = (0, 0);
     for p in (0..PER_DC).filter(|p| *p != dc_index) {
-        sync.dc().handle().flush(RankId(p as u32), Duration::from_secs(5)).await;
+        dc.handle().flush(RankId(p as u32), Duration::from_secs(5)).await;
     }
-    let (_, dc_total) = bytes_sent(sync.dc(), |_| false).await?;
+    let (_, dc_total) = bytes_sent(&dc, |_| false).await?;
     total += dc_total;
-    if let Some(l) = sync.leaders() {
+    if let Some(l) = leaders.as_ref() {
         for p in 0..WORLD / PER_DC {
             l.handle().flush(RankId(p as u32), Duration::from_secs(5)).await;
         }
         let (w, t) = bytes_sent(l, |_| true).await?;
         wan += w;
         total += t;
+    }
+    counted(&mut dc).await;
+    if let Some(l) = leaders.as_mut() {
+        counted(l).await;
     }
     let (inner, outer) = sync.ledgers();
     Ok(RankOutcome { params, wan, total, deadlines, ledgers: vec![inner, outer] })

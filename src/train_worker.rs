@@ -1,9 +1,12 @@
 //! `phalanx train-worker` (hidden): one rank of the training demo. It joins the job through the
-//! coordinators, builds its communicator per epoch, trains the small model of [`crate::mlp`]
-//! on its own shard with streaming DiLoCo across all ranks (quorum rounds, healed), publishes
-//! its state every step for live recovery, and — when it is a restarted process joining a
-//! running job — recovers the state from its peers first. It reports JSON lines on stdout:
-//! `joined`, `recovered`, `step` (every `--report-every` steps), `epoch`, `wan_cut`, `done`.
+//! coordinators, builds its communicators per epoch, and trains the small model of
+//! [`crate::mlp`] on its own shard, semi-synchronously across data centres
+//! ([`CrossDcSemiSync`]): every step its gradient is averaged inside its data centre (quorum
+//! rounds), and every H steps the data centres' leaders run (streaming) DiLoCo across the WAN
+//! and realign their DCs. It publishes its state every step for live recovery and — when it is
+//! a restarted process joining a running job — recovers the state from its DC's peers first.
+//! It reports JSON lines on stdout: `joined`, `recovered`, `step` (every `--report-every`
+//! steps), `epoch`, `wan_cut`, `round_failed`, `done`.
 //!
 //! SIGUSR1 cuts every path it dialed to the other data centre for `--cut-ms` (the demo sends it
 //! to every worker, so the two DCs are partitioned for that long).
@@ -13,7 +16,7 @@ use std::time::Duration;
 
 use clap::Args;
 use phalanx_node::elastic::{Boundary, ElasticConfig, ElasticError, ElasticMember};
-use phalanx_node::semisync::{SemiSync, SemiSyncConfig};
+use phalanx_node::semisync::{CrossDcSemiSync, SemiSyncConfig};
 use phalanx_node::{Compression, FaultPolicy};
 use phalanx_proto::TransportConfig;
 use phalanx_runtime::semisync::SyncMode;
@@ -58,6 +61,9 @@ pub struct TrainWorkerArgs {
     /// Parameter fragments of streaming DiLoCo (1: plain DiLoCo).
     #[arg(long, default_value_t = 4)]
     pub fragments: usize,
+    /// What the data centres' leaders run across the WAN.
+    #[arg(long, value_enum, default_value_t = OuterAlgorithm::StreamingDiloco)]
+    pub algorithm: OuterAlgorithm,
     /// Outer gradients as int8 (else fp32).
     #[arg(long)]
     pub int8: bool,
@@ -72,6 +78,37 @@ pub struct TrainWorkerArgs {
     pub report_every: u64,
 }
 
+/// The cross-DC algorithm of the demo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OuterAlgorithm {
+    /// DiLoCo with the parameters in `--fragments` fragments synced on staggered schedules.
+    StreamingDiloco,
+    /// DiLoCo: every parameter every H steps.
+    Diloco,
+    /// Local SGD: the parameters averaged every H steps (no outer momentum).
+    LocalSgd,
+}
+
+impl OuterAlgorithm {
+    /// The schedule it runs.
+    pub fn mode(self, every: u64, fragments: usize) -> SyncMode {
+        match self {
+            OuterAlgorithm::StreamingDiloco => SyncMode::StreamingDiloco { every, fragments: fragments.max(1) },
+            OuterAlgorithm::Diloco => SyncMode::Diloco { every },
+            OuterAlgorithm::LocalSgd => SyncMode::LocalSgd { every },
+        }
+    }
+
+    /// Its command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            OuterAlgorithm::StreamingDiloco => "streaming-diloco",
+            OuterAlgorithm::Diloco => "diloco",
+            OuterAlgorithm::LocalSgd => "local-sgd",
+        }
+    }
+}
+
 fn emit(v: serde_json::Value) {
     println!("{v}");
 }
@@ -82,7 +119,7 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
     config.dc = a.dc;
     config.incarnation = a.incarnation;
     config.start_world = a.start_world;
-    config.boundary_every = 2;
+    config.boundary_every = 10;
     config.heartbeat_every = Duration::from_millis(250);
     config.sync_deadline = Duration::from_secs(30);
     config.admission_timeout = Duration::from_secs(60);
@@ -114,18 +151,26 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
     emit(
         json!({"event": "joined", "rank": rank, "dc": a.dc, "epoch": m.epoch(), "step": m.step(), "world": m.members().len()}),
     );
-    let sync_config = SemiSyncConfig {
+    // Inside a DC: quorum rounds every step (a straggler is waited for 300 ms at most).
+    let quorum = FaultPolicy::Quorum { min: 1, wait: Duration::from_millis(300) };
+    let inner = SemiSyncConfig {
+        policy: quorum,
+        deadline: Duration::from_secs(30),
+        ..SemiSyncConfig::new(SyncMode::Synchronous)
+    };
+    // Across DCs, between the leaders: quorum rounds, int8 outer gradients, healed.
+    let outer = SemiSyncConfig {
         compression: if a.int8 { Compression::Int8 } else { Compression::None },
-        policy: FaultPolicy::Quorum { min: (a.start_world / 2).max(1), wait: Duration::from_millis(300) },
+        policy: quorum,
         deadline: Duration::from_secs(30),
         heal_every: 2,
-        ..SemiSyncConfig::new(SyncMode::StreamingDiloco { every: a.every, fragments: a.fragments.max(1) })
+        ..SemiSyncConfig::new(a.algorithm.mode(a.every, a.fragments))
     };
     let (mut sync, mut params) = if m.step() > 0 {
-        // Joined a running job: the state comes from the peers, not from a checkpoint.
-        let state = m.recover_state(Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
-        let sync = SemiSync::import(sync_config, state.step, &state.buffers)?;
-        let params = sync.anchor().to_vec();
+        // Joined a running job: the state comes from its DC's peers (replicas of its model),
+        // not from a checkpoint.
+        let state = m.recover_state_within_dc(Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
+        let (sync, params) = CrossDcSemiSync::import(inner, outer, state.step, &state.buffers)?;
         emit(
             json!({"event": "recovered", "rank": rank, "step": state.step, "bytes": state.buffers.iter().map(|(_, b)| b.len()).sum::<usize>(),
                     "sources": state.bytes_per_source.iter().filter(|(_, b)| *b > 0).count(), "ms": state.elapsed.as_millis() as u64}),
@@ -133,12 +178,14 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
         (sync, params)
     } else {
         let params = mlp::init(7, 1.0);
-        (SemiSync::new(&params, sync_config), params)
+        (CrossDcSemiSync::new(&params, inner, outer), params)
     };
-    m.publish_state(m.step(), sync.export());
+    m.publish_state(m.step(), sync.export(&params));
     let shard = mlp::dataset(42, 100 + u64::from(rank), 1024);
     let mut rng = mlp::Rng::new(u64::from(rank) ^ a.incarnation);
     let mut last_loss = f32::NAN;
+    // Cross-DC rounds this rank (a leader) was late for: its contribution carried.
+    let mut late_rounds = 0u64;
     // Byte counters are per epoch (a new endpoint each time): carry the earlier epochs'.
     let (mut bytes_before, mut wan_before, mut bytes_now, mut wan_now) = (0u64, 0u64, 0u64, 0u64);
     // Per link ever seen in this epoch (a link that died leaves the counters, its bytes stay).
@@ -167,12 +214,19 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
             tokio::time::sleep(Duration::from_millis(a.straggle_ms)).await;
         }
         let batch: Vec<usize> = (0..32).map(|_| rng.below(shard.x.len())).collect();
-        let g = mlp::gradient(&params, &shard, &batch);
+        let mut g = mlp::gradient(&params, &shard, &batch);
+        let (dc, leaders) = m.dc_communicators().map_err(|e| e.to_string())?;
+        // A round that failed (its deadline passed) is reported and counted dropped; the next
+        // boundary sorts out who is still there.
+        if let Err(e) = sync.sync_gradients(dc, &mut g).await {
+            emit(json!({"event": "round_failed", "rank": rank, "step": step, "scope": "dc", "error": e.to_string()}));
+        }
         params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= 0.1 * gi);
-        if let Err(e) = sync.after_inner_step(m.communicator().map_err(|e| e.to_string())?, &mut params).await {
-            // A round that failed (its deadline passed) is reported and counted dropped; the
-            // next boundary sorts out who is still there.
-            emit(json!({"event": "round_failed", "rank": rank, "step": step, "error": e.to_string()}));
+        match sync.after_inner_step(dc, leaders, &mut params).await {
+            Ok(reports) => late_rounds += reports.iter().filter(|r| r.late).count() as u64,
+            Err(e) => emit(
+                json!({"event": "round_failed", "rank": rank, "step": step, "scope": "wan", "error": e.to_string()}),
+            ),
         }
         if step % a.report_every == 0 {
             last_loss = mlp::loss(&params, &shard);
@@ -190,7 +244,7 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
             let wan_bytes: u64 = wan_links.values().sum();
             let world = dcs.len();
             (bytes_now, wan_now) = (totals.bytes_sent, wan_bytes);
-            let l = sync.ledger();
+            let (_, l) = sync.ledgers();
             emit(json!({"event": "step", "rank": rank, "dc": a.dc, "step": step, "epoch": m.epoch(), "world": world,
                         "loss": last_loss, "bytes": bytes_before + bytes_now, "wan_bytes": wan_before + wan_now, "offered": l.offered,
                         "applied": l.applied, "pending": l.pending, "dropped": l.dropped}));
@@ -198,15 +252,16 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
         m.end_step();
         // The state of the next step, served before its boundary (a rank admitted there
         // recovers it while the others wait at the admission barrier).
-        m.publish_state(m.step(), sync.export());
+        m.publish_state(m.step(), sync.export(&params));
     }
-    let comm = m.communicator().map_err(|e| e.to_string())?;
-    sync.resync(comm, &mut params).await.map_err(|e| format!("final resync: {e}"))?;
+    let (dc, leaders) = m.dc_communicators().map_err(|e| e.to_string())?;
+    sync.resync(dc, leaders, &mut params).await.map_err(|e| format!("final resync: {e}"))?;
     let eval = mlp::dataset(42, 999, 2048);
-    let l = sync.ledger();
+    let (inner, l) = sync.ledgers();
     emit(
-        json!({"event": "done", "rank": rank, "step": m.step(), "epoch": m.epoch(), "eval_loss": mlp::loss(sync.anchor(), &eval),
-                "train_loss": last_loss, "offered": l.offered, "applied": l.applied, "pending": l.pending, "dropped": l.dropped}),
+        json!({"event": "done", "rank": rank, "dc": a.dc, "step": m.step(), "epoch": m.epoch(), "eval_loss": mlp::loss(&params, &eval),
+                "train_loss": last_loss, "offered": l.offered, "applied": l.applied, "pending": l.pending, "dropped": l.dropped,
+                "late_rounds": late_rounds, "dc_offered": inner.offered, "dc_applied": inner.applied, "dc_pending": inner.pending, "dc_dropped": inner.dropped}),
     );
     // Let the others get our last messages before the endpoint goes.
     m.communicator().map_err(|e| e.to_string())?.flush(Duration::from_secs(5)).await;

@@ -241,6 +241,12 @@ impl ErrorFeedback {
     pub fn residual(&self) -> &[f32] {
         &self.residual
     }
+
+    /// Error feedback carrying `residual` into the next call (as another rank's
+    /// [`ErrorFeedback::residual`], when that rank's role passes to this one).
+    pub fn with_residual(residual: Vec<f32>) -> ErrorFeedback {
+        ErrorFeedback { residual }
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! still waiting for. Calls with a [`FaultPolicy`] other than `Abort` (or with `verify`) are
 //! coordinated; see `phalanx_collectives::group` for how ranks agree on who took part.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -61,6 +62,14 @@ pub enum CommError {
     /// The buffer does not fit the call.
     #[error("bad buffer: {0}")]
     Buffer(String),
+    /// A subgroup given to [`Communicator::with_subgroups`] does not fit the world.
+    #[error("subgroup {index}: {reason}")]
+    Subgroup {
+        /// Its position in the list.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A device buffer could not be staged (feature `cuda`).
     #[error("GPU: {0}")]
     Gpu(String),
@@ -108,10 +117,22 @@ enum Start {
     AllToAll { send: Vec<Bytes>, policy: FaultPolicy },
 }
 
+/// One group over the node: its channel, the transport id of each of its ranks, and the
+/// sans-IO group.
+struct Slot {
+    channel: ChannelId,
+    /// Transport id of each group index.
+    ids: Vec<u32>,
+    /// Group index of each transport id.
+    index: HashMap<u32, usize>,
+    group: Group,
+}
+
 /// What the caller and the background task share: one drives at a time.
 struct Driver {
     node: Node,
-    group: Group,
+    /// The communicator's groups: the whole world first, then its subgroups.
+    slots: Vec<Slot>,
     /// The clock's zero (the group reads nanoseconds since it).
     epoch: tokio::time::Instant,
     /// The transport shut down.
@@ -130,23 +151,34 @@ impl Driver {
     /// Hands every queued message to the transport.
     async fn flush(&mut self) -> Result<(), NodeError> {
         let handle = self.node.handle();
-        while let Some((to, m)) = self.group.poll_send() {
-            handle.send(RankId(to as u32), COLLECTIVE_CHANNEL, m).await?;
+        for slot in &mut self.slots {
+            while let Some((to, m)) = slot.group.poll_send() {
+                handle.send(RankId(slot.ids[to]), slot.channel, m).await?;
+            }
         }
         Ok(())
     }
 
     /// Applies one transport event; returns false once the node has closed.
     fn apply(&mut self, ev: Option<Event>) -> bool {
+        let now = self.now();
         match ev {
-            Some(Event::Message(m)) if m.channel == COLLECTIVE_CHANNEL => {
-                let now = self.now();
-                self.group.handle_message(m.from.0 as usize, m.payload.chunks().to_vec(), now);
+            Some(Event::Message(m)) => {
+                // A message on no group's channel, or from a rank outside the group, is not
+                // for a collective: ignored.
+                if let Some(slot) = self.slots.iter_mut().find(|s| s.channel == m.channel) {
+                    if let Some(from) = slot.index.get(&m.from.0) {
+                        slot.group.handle_message(*from, m.payload.chunks().to_vec(), now);
+                    }
+                }
             }
             Some(Event::PeerUnreachable { peer, .. }) => {
-                warn!(rank = self.group.rank(), peer = peer.0, "peer unreachable: lost to the group");
-                let now = self.now();
-                self.group.handle_peer_lost(peer.0 as usize, now);
+                warn!(peer = peer.0, "peer unreachable: lost to the group");
+                for slot in &mut self.slots {
+                    if let Some(lost) = slot.index.get(&peer.0) {
+                        slot.group.handle_peer_lost(*lost, now);
+                    }
+                }
             }
             Some(_) => {}
             None => {
@@ -175,9 +207,17 @@ impl Driver {
         }
     }
 
-    /// The group's next timer as an instant.
+    /// The groups' next timer as an instant.
     fn timer(&self) -> Option<tokio::time::Instant> {
-        self.group.poll_timeout().map(|ns| self.epoch + Duration::from_nanos(ns))
+        self.slots.iter().filter_map(|s| s.group.poll_timeout()).min().map(|ns| self.epoch + Duration::from_nanos(ns))
+    }
+
+    /// The clock reached a timer: every group looks at its deadlines.
+    fn timeout(&mut self) {
+        let now = self.now();
+        for slot in &mut self.slots {
+            slot.group.handle_timeout(now);
+        }
     }
 
     /// Waits for one event (a message, a lost peer, or the group's timer) and applies it.
@@ -189,10 +229,7 @@ impl Driver {
         };
         tokio::select! {
             ev = self.node.next_event() => return self.apply(ev),
-            _ = sleep_until(wake), if wake.is_some() => {
-                let now = self.now();
-                self.group.handle_timeout(now);
-            }
+            _ = sleep_until(wake), if wake.is_some() => self.timeout(),
         }
         true
     }
@@ -204,15 +241,41 @@ impl Driver {
 /// calls a background task does, so this rank keeps answering and coordinating. The
 /// background task holds the group only while it applies events, never while it waits, so a
 /// call takes it without waking anyone.
+///
+/// [`Communicator::with_subgroups`] makes, over the same node, communicators of subsets of the
+/// ranks (e.g. the ranks of one data centre): each has its own channel, its own sequence of
+/// collectives and its own coordinator, so a subgroup's rounds go on while another subgroup —
+/// or the link to it — is slow or cut.
 pub struct Communicator {
     rank: usize,
     world: usize,
+    /// Which of the driver's groups this communicator calls.
+    slot: usize,
+    /// Transport id of each rank of the group.
+    ids: Vec<u32>,
     handle: NodeHandle,
     driver: Arc<Mutex<Driver>>,
     /// Tells the background task to re-arm its timer after a call changed the group's.
     call_ended: Arc<Notify>,
-    /// Dropped with the communicator: the background task ends.
-    _stop: oneshot::Sender<()>,
+    /// Dropped with the last communicator over the node: the background task ends.
+    _stop: Arc<oneshot::Sender<()>>,
+}
+
+/// A subset of a communicator's ranks that gets a communicator of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subgroup {
+    /// The members, as indices of the whole communicator; the subgroup's index of a member is
+    /// its position here.
+    pub members: Vec<usize>,
+    /// Which data centre each member is in (flat if `None`).
+    pub topology: Option<Topology>,
+}
+
+impl Subgroup {
+    /// A subgroup of `members` (indices of the whole communicator) in one data centre.
+    pub fn flat(members: Vec<usize>) -> Subgroup {
+        Subgroup { members, topology: None }
+    }
 }
 
 impl Communicator {
@@ -226,13 +289,66 @@ impl Communicator {
     /// must pass the same): large all-reduces with [`AllReduceAlgorithm::Auto`] then run
     /// hierarchically.
     pub fn with_topology(node: Node, rank: usize, topology: Topology) -> Communicator {
+        match Communicator::with_subgroups(node, rank, topology, &[]) {
+            Ok((c, _)) => c,
+            Err(e) => unreachable!("no subgroups to refuse: {e}"),
+        }
+    }
+
+    /// The communicator of all ranks (as [`Communicator::with_topology`]) and, over the same
+    /// node, one communicator per subgroup this rank is a member of (`None` for the others).
+    /// Every rank must pass the same subgroups in the same order (subgroup `k` runs on channel
+    /// `COLLECTIVE_CHANNEL + 1 + k`). The driver task ends when the last of them is dropped.
+    /// Refuses a subgroup with a member outside the world, a repeated member, no members, or a
+    /// topology of another size.
+    pub fn with_subgroups(
+        node: Node,
+        rank: usize,
+        topology: Topology,
+        subgroups: &[Subgroup],
+    ) -> Result<(Communicator, Vec<Option<Communicator>>), CommError> {
         let world = topology.world();
+        let mut slots = Vec::with_capacity(1 + subgroups.len());
+        let slot = |channel: ChannelId, ids: Vec<u32>, me: usize, topology: Topology| {
+            let mut group = Group::new(me, ids.len());
+            group.set_topology(topology);
+            let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+            Slot { channel, ids, index, group }
+        };
+        slots.push(slot(COLLECTIVE_CHANNEL, (0..world as u32).collect(), rank, topology));
+        let mut mine = Vec::with_capacity(subgroups.len());
+        for (k, sub) in subgroups.iter().enumerate() {
+            let bad = |reason: String| CommError::Subgroup { index: k, reason };
+            if sub.members.is_empty() {
+                return Err(bad("no members".into()));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for m in &sub.members {
+                if *m >= world {
+                    return Err(bad(format!("member {m} outside a world of {world}")));
+                }
+                if !seen.insert(*m) {
+                    return Err(bad(format!("member {m} named twice")));
+                }
+            }
+            let topology = sub.topology.clone().unwrap_or_else(|| Topology::flat(sub.members.len()));
+            if topology.world() != sub.members.len() {
+                return Err(bad(format!("a topology of {} ranks for {} members", topology.world(), sub.members.len())));
+            }
+            let channel = ChannelId(COLLECTIVE_CHANNEL.0 + 1 + k as u32);
+            let ids: Vec<u32> = sub.members.iter().map(|m| *m as u32).collect();
+            match sub.members.iter().position(|m| *m == rank) {
+                Some(me) => {
+                    mine.push(Some((slots.len(), me, ids.clone())));
+                    slots.push(slot(channel, ids, me, topology));
+                }
+                None => mine.push(None),
+            }
+        }
         let handle = node.handle();
-        let mut group = Group::new(rank, world);
-        group.set_topology(topology);
         let driver = Arc::new(Mutex::new(Driver {
             node,
-            group,
+            slots,
             epoch: tokio::time::Instant::now(),
             closed: false,
             background: None,
@@ -240,8 +356,20 @@ impl Communicator {
         }));
         let call_ended = Arc::new(Notify::new());
         let (stop, stopped) = oneshot::channel();
+        let stop = Arc::new(stop);
         tokio::spawn(background(driver.clone(), call_ended.clone(), stopped));
-        Communicator { rank, world, handle, driver, call_ended, _stop: stop }
+        let make = |slot: usize, rank: usize, ids: Vec<u32>| Communicator {
+            rank,
+            world: ids.len(),
+            slot,
+            ids,
+            handle: handle.clone(),
+            driver: driver.clone(),
+            call_ended: call_ended.clone(),
+            _stop: stop.clone(),
+        };
+        let subs = mine.into_iter().map(|m| m.map(|(slot, me, ids)| make(slot, me, ids))).collect();
+        Ok((make(0, rank, (0..world as u32).collect()), subs))
     }
 
     /// Takes the driver (the background task only holds it for a moment).
@@ -267,7 +395,7 @@ impl Communicator {
     /// What happened to this rank's contributions so far (`offered = applied + late +
     /// dropped` between calls).
     pub async fn counters(&self) -> Result<GroupCounters, CommError> {
-        Ok(self.take_driver().await.group.counters())
+        Ok(self.take_driver().await.slots[self.slot].group.counters())
     }
 
     /// Runs `op` on `buf` (whole elements of `dtype`) under `options`. Every rank must make the
@@ -446,8 +574,10 @@ impl Communicator {
     /// Returns whether every peer acknowledged everything.
     pub async fn flush(&self, timeout: Duration) -> bool {
         let mut all = true;
-        for peer in (0..self.world).filter(|p| *p != self.rank) {
-            all &= self.handle.flush(RankId(peer as u32), timeout).await;
+        for (i, id) in self.ids.iter().enumerate() {
+            if i != self.rank {
+                all &= self.handle.flush(RankId(*id), timeout).await;
+            }
         }
         all
     }
@@ -456,43 +586,48 @@ impl Communicator {
     /// abandoned: its contribution counted dropped, the coordinator told).
     async fn call(&mut self, start: Start, deadline: Duration) -> Result<(u64, Finished), CommError> {
         let mut d = self.take_driver().await;
-        let r = Self::drive_call(&mut d, start, deadline).await;
+        let r = Self::drive_call(&mut d, self.slot, start, deadline).await;
         if d.hand_back().await {
             self.call_ended.notify_one();
         }
         r
     }
 
-    async fn drive_call(d: &mut Driver, start: Start, deadline: Duration) -> Result<(u64, Finished), CommError> {
+    async fn drive_call(
+        d: &mut Driver,
+        slot: usize,
+        start: Start,
+        deadline: Duration,
+    ) -> Result<(u64, Finished), CommError> {
         let until = tokio::time::Instant::now() + deadline;
         if d.closed {
             return Err(NodeError::Closed.into());
         }
         let now = d.now();
         let op_seq = match start {
-            Start::Op { op, dtype, buf, options } => d.group.start(now, op, dtype, buf, options),
-            Start::AllToAll { send, policy } => d.group.start_all_to_all(now, send, policy),
+            Start::Op { op, dtype, buf, options } => d.slots[slot].group.start(now, op, dtype, buf, options),
+            Start::AllToAll { send, policy } => d.slots[slot].group.start_all_to_all(now, send, policy),
         };
         loop {
             if let Err(e) = d.flush().await {
                 let now = d.now();
-                d.group.abandon(now);
+                d.slots[slot].group.abandon(now);
                 return Err(e.into());
             }
-            if let Some(f) = d.group.finish() {
+            if let Some(f) = d.slots[slot].group.finish() {
                 return Ok((op_seq, f));
             }
             if tokio::time::Instant::now() >= until {
-                let waiting = d.group.waiting_on();
+                let waiting = d.slots[slot].group.waiting_on();
                 let now = d.now();
-                d.group.abandon(now);
+                d.slots[slot].group.abandon(now);
                 // Tell the coordinator now, not at the next call.
                 let _ = d.flush().await;
                 return Err(CommError::Deadline { op_seq, deadline, waiting });
             }
             if !d.step(Some(until)).await {
                 let now = d.now();
-                d.group.abandon(now);
+                d.slots[slot].group.abandon(now);
                 return Err(NodeError::Closed.into());
             }
         }
@@ -525,10 +660,7 @@ async fn background(driver: Arc<Mutex<Driver>>, call_ended: Arc<Notify>, mut sto
                         }
                     }
                     std::task::Poll::Pending => match d.timer() {
-                        Some(t) if t <= tokio::time::Instant::now() => {
-                            let now = d.now();
-                            d.group.handle_timeout(now);
-                        }
+                        Some(t) if t <= tokio::time::Instant::now() => d.timeout(),
                         t => {
                             d.armed = t;
                             break t;

@@ -41,7 +41,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::coordinator::{ClientError, CoordinatorClient};
 use crate::recovery::{fetch_state, FetchOptions, FetchedState, RECOVERY_CHANNEL};
-use crate::{AllReduceAlgorithm, CallOptions, CommError, Communicator, FaultPolicy, Op, Topology};
+use crate::{AllReduceAlgorithm, CallOptions, CommError, Communicator, FaultPolicy, Op, Subgroup, Topology};
 
 /// How a rank takes part in an elastic job.
 #[derive(Clone, Debug)]
@@ -197,6 +197,14 @@ pub enum Boundary {
     },
 }
 
+/// The communicators of one epoch, over one endpoint: all members, this rank's data centre,
+/// and — on the lowest member of each data centre — the data centres' leaders.
+struct EpochComms {
+    all: Communicator,
+    dc: Communicator,
+    leaders: Option<Communicator>,
+}
+
 /// One rank of an elastic job.
 pub struct ElasticMember {
     config: ElasticConfig,
@@ -206,7 +214,7 @@ pub struct ElasticMember {
     members: Vec<u32>,
     /// The data centre of each member (by communicator index).
     dcs: Vec<u32>,
-    comm: Option<Communicator>,
+    comm: Option<EpochComms>,
     step: u64,
     boundary_done_for: Option<u64>,
     /// Admitted, not yet through the admission barrier.
@@ -336,7 +344,19 @@ impl ElasticMember {
     /// The communicator of the current epoch ([`ElasticError::Departed`] after this rank left).
     pub fn communicator(&mut self) -> Result<&mut Communicator, ElasticError> {
         let rank = self.rank;
-        self.comm.as_mut().ok_or(ElasticError::Departed { rank })
+        self.comm.as_mut().map(|c| &mut c.all).ok_or(ElasticError::Departed { rank })
+    }
+
+    /// The current epoch's communicator of this rank's data centre (its members in view order;
+    /// index 0 is the DC's leader), and — on that leader only — the communicator of the
+    /// leaders of every data centre of the epoch (in DC order). Both share the epoch's endpoint
+    /// with [`ElasticMember::communicator`] but run their own collectives, so a DC's rounds go
+    /// on while the WAN is cut. When a leader is lost, the next epoch's lowest member of its DC
+    /// leads.
+    pub fn dc_communicators(&mut self) -> Result<(&mut Communicator, Option<&mut Communicator>), ElasticError> {
+        let rank = self.rank;
+        let c = self.comm.as_mut().ok_or(ElasticError::Departed { rank })?;
+        Ok((&mut c.dc, c.leaders.as_mut()))
     }
 
     /// Makes `buffers` at `step` the training state this rank serves to recovering ranks
@@ -359,6 +379,29 @@ impl ElasticMember {
     /// step. Members publish the state of a step before its boundary (at the end of the step
     /// before), so it is served while they wait.
     pub async fn recover_state(&mut self, timeout: Duration) -> Result<FetchedState, ElasticError> {
+        let others: Vec<u32> = self.members.iter().copied().filter(|r| *r != self.rank).collect();
+        self.recover_state_from(others, timeout).await
+    }
+
+    /// [`ElasticMember::recover_state`] from the other members of this rank's data centre only
+    /// — for trainers whose model differs between data centres between syncs (DiLoCo across
+    /// DCs: a DC's ranks are replicas, another DC's are not, and a striped fetch must not mix
+    /// them). With no other member in its DC, from the members of the lowest other DC.
+    pub async fn recover_state_within_dc(&mut self, timeout: Duration) -> Result<FetchedState, ElasticError> {
+        let my_dc = self.dc();
+        let of_dc = |dc: u32| -> Vec<u32> {
+            self.members.iter().zip(&self.dcs).filter(|(r, d)| **d == dc && **r != self.rank).map(|(r, _)| *r).collect()
+        };
+        let mut sources = of_dc(my_dc);
+        if sources.is_empty() {
+            if let Some(other) = self.dcs.iter().copied().filter(|d| *d != my_dc).min() {
+                sources = of_dc(other);
+            }
+        }
+        self.recover_state_from(sources, timeout).await
+    }
+
+    async fn recover_state_from(&mut self, members: Vec<u32>, timeout: Duration) -> Result<FetchedState, ElasticError> {
         let (rank, epoch, step) = (self.rank, self.epoch, self.step);
         let (_, view) = {
             let mut client = CoordinatorClient::connect(&self.config.coordinators, &self.config.secret).await?;
@@ -367,7 +410,7 @@ impl ElasticMember {
         let mut config = NodeConfig::new(RankId(rank), self.config.secret.clone());
         config.transport = self.config.transport.clone();
         let mut sources = Vec::new();
-        for r in self.members.iter().filter(|r| **r != rank) {
+        for r in members.iter().filter(|r| **r != rank) {
             let Some(addr) = view.rank(*r).and_then(|m| m.addrs.get(1)) else { continue };
             let remote: SocketAddr =
                 addr.parse().map_err(|_| ElasticError::BadAddress { rank: *r, addr: addr.clone() })?;
@@ -472,7 +515,7 @@ impl ElasticMember {
             if let Some(c) = self.comm.take() {
                 for (i, r) in self.members.iter().enumerate() {
                     if *r != self.rank && view.members().contains(r) {
-                        c.handle().flush(RankId(i as u32), Duration::from_secs(2)).await;
+                        c.all.handle().flush(RankId(i as u32), Duration::from_secs(2)).await;
                     }
                 }
             }
@@ -602,7 +645,7 @@ impl ElasticMember {
             // result may still be on its way to them); members that are gone are not waited for.
             for (i, r) in self.members.iter().enumerate() {
                 if *r != self.rank && members.contains(r) {
-                    old.handle().flush(RankId(i as u32), Duration::from_secs(2)).await;
+                    old.all.handle().flush(RankId(i as u32), Duration::from_secs(2)).await;
                 }
             }
             drop(old);
@@ -644,7 +687,24 @@ impl ElasticMember {
         // (inside each DC, then across DCs, then inside again).
         self.dcs = members.iter().map(|r| view.rank(*r).map_or(0, |m| m.dc)).collect();
         let dc_of = self.dcs.iter().map(|d| *d as usize).collect();
-        self.comm = Some(Communicator::with_topology(node, index, Topology::new(dc_of)));
+        // One subgroup per data centre (ascending DC id), then the DCs' lowest members.
+        let mut ids: Vec<u32> = self.dcs.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut subgroups: Vec<Subgroup> =
+            ids.iter().map(|dc| Subgroup::flat((0..members.len()).filter(|i| self.dcs[*i] == *dc).collect())).collect();
+        subgroups.push(Subgroup::flat(subgroups.iter().map(|g| g.members[0]).collect()));
+        let (all, subs) = Communicator::with_subgroups(node, index, Topology::new(dc_of), &subgroups)
+            .map_err(|e| ElasticError::Unexpected(format!("epoch {epoch}: {e}")))?;
+        let mut subs = subs.into_iter();
+        let mut dc = None;
+        for _ in 0..ids.len() {
+            dc = dc.or(subs.next().flatten());
+        }
+        let Some(dc) = dc else {
+            return Err(ElasticError::Unexpected(format!("epoch {epoch}: rank {} in no data centre", self.rank)));
+        };
+        self.comm = Some(EpochComms { all, dc, leaders: subs.next().flatten() });
         info!(rank = self.rank, epoch, index, world = members.len(), "communicator built for the epoch");
         self.epoch = epoch;
         self.members = members;

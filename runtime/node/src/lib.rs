@@ -2,8 +2,9 @@
 //! for collectives, which drives the sans-IO executors of `phalanx-collectives` over a
 //! `phalanx-net` node; and the [`coordinator`] group (Raft over the transport, a durable log)
 //! with the client ranks use to join, leave and read the view; and [`recovery`], live recovery
-//! of a rank's training state from healthy peers. The semi-synchronous loop
-//! (issue #6) comes here next.
+//! of a rank's training state from healthy peers; [`elastic`], a rank of an elastic job
+//! (epochs, fencing, admission); and [`semisync`], the semi-synchronous training loop (sync DP,
+//! local SGD, DiLoCo, streaming DiLoCo, and DiLoCo across data centres).
 #![warn(missing_docs)]
 
 mod communicator;
@@ -17,5 +18,5 @@ pub mod semisync;
 
 pub use communicator::{
     AllReduceAlgorithm, AllToAllResult, CallOptions, CommError, Communicator, Compression, ErrorFeedback, FaultPolicy,
-    GroupCounters, GroupError, Op, Outcome, Topology, COLLECTIVE_CHANNEL,
+    GroupCounters, GroupError, Op, Outcome, Subgroup, Topology, COLLECTIVE_CHANNEL,
 };

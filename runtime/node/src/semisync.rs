@@ -15,11 +15,13 @@
 //!
 //! **Healing.** A late rank did not receive the round's result, so its anchor lags the
 //! group's. It re-anchors on its own parameters (its progress so far rides in the carried
-//! contribution, its later progress in the next delta: counted once), and every `heal_every`
-//! rounds of a fragment — a fixed schedule, so every rank runs the same sequence of
-//! collectives whatever happened — the lowest participant of the round broadcasts the
-//! fragment's anchor and momentum: a lagging rank adopts them and shifts its parameters by the
-//! same amount (keeping its local progress); the others are unchanged.
+//! contribution, its later progress in the next delta: counted once). Every `heal_every`
+//! rounds of a fragment, if any round or heal of it since the last complete heal went without
+//! some rank, the lowest participant of the round broadcasts the fragment's anchor and
+//! momentum: a lagging rank adopts them and shifts its parameters by the same amount (keeping
+//! its local progress); the others are unchanged. The choice depends only on the step and on
+//! the participant lists every rank of a round receives alike (late ranks too), so every rank
+//! runs the same sequence of collectives; when nobody was missing, healing costs nothing.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -50,9 +52,16 @@ pub struct SemiSyncConfig {
     pub policy: FaultPolicy,
     /// Deadline of one round.
     pub deadline: Duration,
-    /// Every this many rounds of a fragment, the round is followed by a broadcast of its anchor
-    /// and momentum from the round's lowest participant, bringing ranks that missed rounds back
-    /// in line (0: never; then a late rank's anchor stays its own).
+    /// Under `Quorum`: after a round some rank missed, the next round (of the same fragment, or
+    /// the next gradient round) waits up to this long — instead of the policy's `wait` — for
+    /// everyone, so a rank that fell behind (a straggler's stall, a WAN cut) gets back in step
+    /// instead of arriving late to every later round. Lost ranks are not waited for. Every rank
+    /// saw the same participants, so they all choose the same wait.
+    pub catch_up_wait: Duration,
+    /// Every this many rounds of a fragment, if a rank was missing from one of its rounds since
+    /// the last complete heal, the round is followed by a broadcast of its anchor and momentum
+    /// from the round's lowest participant, bringing ranks that missed rounds back in line (0:
+    /// never; then a late rank's anchor stays its own).
     pub heal_every: u64,
 }
 
@@ -67,6 +76,7 @@ impl SemiSyncConfig {
             compression: Compression::None,
             policy: FaultPolicy::Shrink,
             deadline: Duration::from_secs(30),
+            catch_up_wait: Duration::from_secs(5),
             heal_every: 4,
         }
     }
@@ -97,8 +107,14 @@ pub struct SemiSync {
     carried: Vec<u64>,
     /// The last round's participants, per fragment.
     last_participants: Vec<Vec<usize>>,
+    /// The last gradient round's participants.
+    last_gradient_participants: Vec<usize>,
     /// Fragments whose anchor may lag the group's (this rank missed a round since a heal).
     lagging: Vec<bool>,
+    /// Fragments some rank may lag on: a round or heal since the last complete heal went
+    /// without someone. Every rank that saw the same outcomes holds the same flags, so they all
+    /// make the same choice of whether a heal is due.
+    unhealed: Vec<bool>,
     ledger: Ledger,
     step: u64,
     bytes_sent: u64,
@@ -120,7 +136,9 @@ impl SemiSync {
             carry: ranges.iter().map(|r| vec![0.0; r.len()]).collect(),
             carried: vec![0; ranges.len()],
             last_participants: vec![Vec::new(); ranges.len()],
+            last_gradient_participants: Vec::new(),
             lagging: vec![false; ranges.len()],
+            unhealed: vec![false; ranges.len()],
             anchor: params.to_vec(),
             outer,
             ranges,
@@ -166,6 +184,7 @@ impl SemiSync {
         vec![
             ("anchor".into(), Bytes::from(f32_bytes(&self.anchor))),
             ("velocity".into(), Bytes::from(f32_bytes(&velocity))),
+            ("unhealed".into(), Bytes::from(self.unhealed.iter().map(|u| u8::from(*u)).collect::<Vec<u8>>())),
         ]
     }
 
@@ -191,6 +210,12 @@ impl SemiSync {
         let mut s = SemiSync::new(&anchor, config);
         for (f, r) in s.ranges.clone().into_iter().enumerate() {
             s.outer[f].set_velocity(&velocity[r]);
+        }
+        if let Ok(flags) = get("unhealed") {
+            if flags.len() != s.unhealed.len() {
+                return Err(format!("{} heal flags for {} fragments", flags.len(), s.unhealed.len()));
+            }
+            s.unhealed = flags.iter().map(|f| *f != 0).collect();
         }
         s.step = step;
         Ok(s)
@@ -254,18 +279,21 @@ impl SemiSync {
         let riding = self.ledger.offer(0);
         let bytes = f32_bytes(grads);
         let n = bytes.len();
-        let options = CallOptions { policy: self.config.policy, verify: false };
+        let policy = self.policy_after(&self.last_gradient_participants, comm.world());
+        let options = CallOptions { policy, verify: false };
         let op = Op::AllReduce { algorithm: AllReduceAlgorithm::Auto, op: ReduceOp::Avg };
         self.bytes_sent += n as u64;
         match comm.collective(op, DType::F32, bytes, options, self.config.deadline).await {
             Ok(Outcome::Done { data, participants }) => {
                 read_f32(&data, grads);
                 self.ledger.applied(riding);
+                self.last_gradient_participants = participants.clone();
                 Ok(RoundReport { fragment: 0, participants, late: false, bytes: n })
             }
             Ok(Outcome::Late { participants, .. }) => {
                 // A late gradient is stale by the next step: reported dropped, not carried.
                 self.ledger.dropped(riding);
+                self.last_gradient_participants = participants.clone();
                 Ok(RoundReport { fragment: 0, participants, late: true, bytes: n })
             }
             Err(e) => {
@@ -297,7 +325,8 @@ impl SemiSync {
             r.clone().map(|i| self.anchor[i] - params[i]).zip(&self.carry[f]).map(|(d, c)| d + c).collect();
         let riding = self.ledger.offer(self.carried[f]);
         self.carried[f] = 0;
-        let options = CallOptions { policy: self.config.policy, verify: false };
+        let options =
+            CallOptions { policy: self.policy_after(&self.last_participants[f], comm.world()), verify: false };
         let bytes = f32_bytes(&delta);
         let outcome = if self.config.compression == Compression::None {
             self.bytes_sent += bytes.len() as u64;
@@ -350,14 +379,59 @@ impl SemiSync {
             }
         }?;
         self.last_participants[f] = report.participants.clone();
-        // The heal schedule is a function of the step, so a rank that rejoined with recovered
-        // state runs the same sequence of collectives as the others.
+        if report.participants.len() < comm.world() {
+            self.unhealed[f] = true;
+        }
+        // The heal schedule is a function of the step and of outcomes every rank saw alike, so
+        // a rank that rejoined with recovered state (the flags included) runs the same sequence
+        // of collectives as the others. Nobody missing since the last heal: no broadcast.
         let round = self.config.mode.round_index(self.step, f);
-        if self.config.heal_every > 0 && round.is_multiple_of(self.config.heal_every) {
+        if self.config.heal_every > 0 && round.is_multiple_of(self.config.heal_every) && self.unhealed[f] {
             let root = report.participants.first().copied().unwrap_or(0);
             self.heal(comm, params, f, root, self.config.policy).await?;
         }
         Ok(report)
+    }
+
+    /// The policy of a round after one with participants `last` (empty: none yet) in a group
+    /// of `world`: the configured one, with the catch-up wait if someone was missing.
+    fn policy_after(&self, last: &[usize], world: usize) -> FaultPolicy {
+        match self.config.policy {
+            FaultPolicy::Quorum { min, wait } if !last.is_empty() && last.len() < world => {
+                FaultPolicy::Quorum { min, wait: wait.max(self.config.catch_up_wait) }
+            }
+            p => p,
+        }
+    }
+
+    /// Fragment `f`'s outer state as one vector: anchor, momentum, carried outer gradient,
+    /// error-feedback residual (each the fragment's length; zeros where there is none yet), a
+    /// lagging flag and a heal-due flag.
+    fn fragment_state(&self, f: usize) -> Vec<f32> {
+        let r = self.ranges[f].clone();
+        let n = r.len();
+        let or_zeros = |v: &[f32]| if v.len() == n { v.to_vec() } else { vec![0.0; n] };
+        let mut v = Vec::with_capacity(FRAGMENT_STATE * n + FRAGMENT_FLAGS);
+        v.extend_from_slice(&self.anchor[r]);
+        v.extend(or_zeros(self.outer[f].velocity()));
+        v.extend_from_slice(&self.carry[f]);
+        v.extend(or_zeros(self.feedback[f].residual()));
+        v.push(if self.lagging[f] { 1.0 } else { 0.0 });
+        v.push(if self.unhealed[f] { 1.0 } else { 0.0 });
+        v
+    }
+
+    /// Adopts another rank's [`SemiSync::fragment_state`] of fragment `f` (the ledger stays
+    /// this rank's).
+    fn set_fragment_state(&mut self, f: usize, v: &[f32]) {
+        let r = self.ranges[f].clone();
+        let n = r.len();
+        self.anchor[r].copy_from_slice(&v[..n]);
+        self.outer[f].set_velocity(&v[n..2 * n]);
+        self.carry[f].copy_from_slice(&v[2 * n..3 * n]);
+        self.feedback[f] = ErrorFeedback::with_residual(v[3 * n..4 * n].to_vec());
+        self.lagging[f] = v[4 * n] != 0.0;
+        self.unhealed[f] = v[4 * n + 1] != 0.0;
     }
 
     /// Broadcasts fragment `f`'s anchor and momentum from `root`; a lagging rank adopts them
@@ -385,7 +459,13 @@ impl SemiSync {
         if comm.rank() == root {
             self.bytes_sent += payload.len() as u64;
         }
-        match comm.collective(Op::Broadcast { root }, DType::U8, payload, options, self.config.deadline).await? {
+        let outcome =
+            comm.collective(Op::Broadcast { root }, DType::U8, payload, options, self.config.deadline).await?;
+        let participants = match &outcome {
+            Outcome::Done { participants, .. } | Outcome::Late { participants, .. } => participants.len(),
+        };
+        self.unhealed[f] = participants < comm.world();
+        match outcome {
             Outcome::Done { data, .. } => {
                 let mut v = vec![0.0f32; 2 * n];
                 read_f32(&data, &mut v);
@@ -413,18 +493,27 @@ fn read_f32(bytes: &[u8], out: &mut [f32]) {
 }
 
 /// Semi-synchronous across data centres (issue #6): inside a data centre, synchronous data
-/// parallel every step (an all-reduce of gradients over the DC's communicator); across data
-/// centres, the DC's leader (index 0 of its DC communicator) runs the outer rounds (DiLoCo,
-/// streaming DiLoCo, local SGD) with the other DCs' leaders, then broadcasts the synced
-/// fragments inside its DC. Only the leaders' rounds cross the WAN.
+/// parallel every step (an all-reduce of gradients over the DC's communicator, so the DC's
+/// ranks are replicas of one model); across data centres, the DC's leader (index 0 of its DC
+/// communicator) runs the outer rounds (DiLoCo, streaming DiLoCo, local SGD) with the other
+/// DCs' leaders. Only the leaders' rounds cross the WAN: one contribution per DC, however many
+/// ranks it has.
+///
+/// **Realignment.** After every outer round the leader broadcasts inside its DC the whole
+/// model and, for the fragments just synced, its outer state (anchor, momentum, carried outer
+/// gradient, error-feedback residual). So every rank of a DC holds the leader's outer state —
+/// when the leader is lost, the next lowest rank of the DC leads from the same state (the next
+/// epoch's communicators make it index 0) — and a rank whose gradient missed an in-DC round
+/// (late under `Quorum`: it stepped on its own gradient and drifted) is a replica again. This
+/// costs one model-sized broadcast inside the DC per outer round (every `H / fragments` steps),
+/// against the model-sized all-reduce inside the DC every step.
 ///
 /// Under faults: the leaders' rounds have the outer policy (a DC late under `Quorum` carries its
 /// outer gradient and is healed); the DC's rounds have the inner policy (a lost rank inside a DC
-/// is left out under `Shrink`). A DC whose leader is lost stops syncing across DCs until the
-/// membership layer gives it a new one (not automatic yet).
+/// is left out under `Shrink`, a straggler under `Quorum`). The outer ledger counts on the
+/// leader only (a mirror's copy of a carried gradient is the same contribution, sent once, by
+/// whoever leads).
 pub struct CrossDcSemiSync {
-    dc: Communicator,
-    leaders: Option<Communicator>,
     inner: SemiSync,
     outer: SemiSync,
     ranges: Vec<Range<usize>>,
@@ -432,29 +521,12 @@ pub struct CrossDcSemiSync {
 }
 
 impl CrossDcSemiSync {
-    /// `dc` is this rank's DC communicator (index 0 is the DC's leader); `leaders` the
-    /// communicator of the DC leaders (`Some` exactly on leaders). `inner` is the policy and
-    /// deadline of the in-DC gradient rounds; `outer` the cross-DC configuration.
-    pub fn new(
-        dc: Communicator,
-        leaders: Option<Communicator>,
-        params: &[f32],
-        inner: SemiSyncConfig,
-        outer: SemiSyncConfig,
-    ) -> CrossDcSemiSync {
+    /// State for parameters `params` (identical on every rank at the start). `inner` is the
+    /// policy and deadline of the in-DC gradient rounds; `outer` the cross-DC configuration.
+    pub fn new(params: &[f32], inner: SemiSyncConfig, outer: SemiSyncConfig) -> CrossDcSemiSync {
         let inner = SemiSync::new(params, SemiSyncConfig { mode: SyncMode::Synchronous, ..inner });
         let ranges = fragment_ranges(params.len(), outer.mode.fragments());
-        CrossDcSemiSync { dc, leaders, inner, outer: SemiSync::new(params, outer), ranges, step: 0 }
-    }
-
-    /// The DC communicator.
-    pub fn dc(&mut self) -> &mut Communicator {
-        &mut self.dc
-    }
-
-    /// The leaders' communicator (on leaders).
-    pub fn leaders(&mut self) -> Option<&mut Communicator> {
-        self.leaders.as_mut()
+        CrossDcSemiSync { inner, outer: SemiSync::new(params, outer), ranges, step: 0 }
     }
 
     /// The accounting of the in-DC gradient rounds and of the cross-DC outer rounds (the
@@ -463,59 +535,153 @@ impl CrossDcSemiSync {
         (self.inner.ledger(), self.outer.ledger())
     }
 
-    /// Averages `grads` over the DC (call before the inner optimizer's step).
-    pub async fn sync_gradients(&mut self, grads: &mut [f32]) -> Result<RoundReport, CommError> {
-        self.inner.sync_gradients(&mut self.dc, grads).await
+    /// Inner steps taken.
+    pub fn step(&self) -> u64 {
+        self.step
     }
 
-    /// After an inner step: the leaders sync the due fragments across DCs, then every DC
-    /// broadcasts them from its leader.
-    pub async fn after_inner_step(&mut self, params: &mut [f32]) -> Result<Vec<RoundReport>, CommError> {
+    /// The outer parameters: each fragment as of its last cross-DC sync.
+    pub fn anchor(&self) -> &[f32] {
+        self.outer.anchor()
+    }
+
+    /// Bytes this rank put into in-DC rounds and into cross-DC rounds so far.
+    pub fn bytes_sent(&self) -> (u64, u64) {
+        (self.inner.bytes_sent(), self.outer.bytes_sent())
+    }
+
+    /// Averages `grads` over the DC (call before the inner optimizer's step). A rank late for
+    /// the round keeps its own gradient (counted dropped) and is realigned at the next outer
+    /// round.
+    pub async fn sync_gradients(&mut self, dc: &mut Communicator, grads: &mut [f32]) -> Result<RoundReport, CommError> {
+        self.inner.sync_gradients(dc, grads).await
+    }
+
+    /// After an inner step: the leaders (`leaders` is `Some` exactly on index 0 of each DC
+    /// communicator) sync the due fragments across DCs, then every DC is realigned on its
+    /// leader. The first error (the outer round's, else the realignment's) is returned after
+    /// both ran, so every rank of a DC runs the same collectives.
+    pub async fn after_inner_step(
+        &mut self,
+        dc: &mut Communicator,
+        leaders: Option<&mut Communicator>,
+        params: &mut [f32],
+    ) -> Result<Vec<RoundReport>, CommError> {
         self.step += 1;
         let due = self.outer.config.mode.due(self.step);
-        let reports = match self.leaders.as_mut() {
-            Some(l) => self.outer.after_inner_step(l, params).await?,
-            None => Vec::new(),
+        let (reports, outer_failed) = match leaders {
+            Some(l) => match self.outer.after_inner_step(l, params).await {
+                Ok(r) => (r, None),
+                Err(e) => (Vec::new(), Some(e)),
+            },
+            None => {
+                // A mirror: its outer schedule advances with the leader's.
+                self.outer.step = self.step;
+                (Vec::new(), None)
+            }
         };
-        if !due.is_empty() {
-            self.broadcast_fragments(params, &due).await?;
+        let realigned = if due.is_empty() { Ok(()) } else { self.realign(dc, params, &due).await };
+        match (outer_failed, realigned) {
+            (Some(e), _) | (None, Err(e)) => Err(e),
+            (None, Ok(())) => Ok(reports),
         }
-        Ok(reports)
     }
 
-    /// Heals the leaders' anchors and gives every rank the synced model: the leaders' common
+    /// Heals the leaders' anchors and gives every rank the synced model, the leaders' common
     /// anchors (before evaluation or a checkpoint; every rank calls it at the same point).
-    pub async fn resync(&mut self, params: &mut [f32]) -> Result<(), CommError> {
-        if let Some(l) = self.leaders.as_mut() {
+    pub async fn resync(
+        &mut self,
+        dc: &mut Communicator,
+        leaders: Option<&mut Communicator>,
+        params: &mut [f32],
+    ) -> Result<(), CommError> {
+        if let Some(l) = leaders {
             self.outer.resync(l, params).await?;
             // The model is the synced one: progress since each fragment's last sync is not in
             // it (as DiLoCo evaluates its outer parameters).
             params.copy_from_slice(self.outer.anchor());
         }
         let all: Vec<usize> = (0..self.ranges.len()).collect();
-        self.broadcast_fragments(params, &all).await
+        self.realign(dc, params, &all).await
     }
 
-    async fn broadcast_fragments(&mut self, params: &mut [f32], fragments: &[usize]) -> Result<(), CommError> {
-        let mut buf = Vec::new();
-        for f in fragments {
-            buf.extend(f32_bytes(&params[self.ranges[*f].clone()]));
+    /// What a recovering rank needs to take this rank's place: the model and the outer state.
+    pub fn export(&self, params: &[f32]) -> Vec<(String, Bytes)> {
+        let mut out = self.outer.export();
+        out.push(("params".into(), Bytes::from(f32_bytes(params))));
+        out
+    }
+
+    /// A rank's state rebuilt from what a healthy rank of its DC exported at inner step `step`
+    /// (live recovery); returns it and the model to continue from.
+    pub fn import(
+        inner: SemiSyncConfig,
+        outer: SemiSyncConfig,
+        step: u64,
+        buffers: &[(String, Vec<u8>)],
+    ) -> Result<(CrossDcSemiSync, Vec<f32>), String> {
+        let outer = SemiSync::import(outer, step, buffers)?;
+        let bytes = buffers.iter().find(|(n, _)| n == "params").map(|(_, b)| b).ok_or("no \"params\" buffer")?;
+        if bytes.len() != outer.anchor().len() * 4 {
+            return Err(format!("params of {} bytes for {} parameters", bytes.len(), outer.anchor().len()));
         }
-        let options = CallOptions { policy: FaultPolicy::Shrink, verify: false };
-        let deadline = self.outer.config.deadline;
-        if let Outcome::Done { data, .. } =
-            self.dc.collective(Op::Broadcast { root: 0 }, DType::U8, buf, options, deadline).await?
-        {
-            let mut at = 0;
+        let mut params = vec![0.0f32; outer.anchor().len()];
+        read_f32(bytes, &mut params);
+        let mut inner = SemiSync::new(&params, SemiSyncConfig { mode: SyncMode::Synchronous, ..inner });
+        inner.step = step;
+        let ranges = outer.ranges.clone();
+        Ok((CrossDcSemiSync { inner, outer, ranges, step }, params))
+    }
+
+    /// The leader (index 0) broadcasts the model and the outer state of `fragments` inside the
+    /// DC (under `Shrink`: every live rank of the DC takes part); the others adopt them.
+    async fn realign(
+        &mut self,
+        dc: &mut Communicator,
+        params: &mut [f32],
+        fragments: &[usize],
+    ) -> Result<(), CommError> {
+        let n = params.len()
+            + fragments.iter().map(|f| FRAGMENT_STATE * self.ranges[*f].len() + FRAGMENT_FLAGS).sum::<usize>();
+        let payload = if dc.rank() == 0 {
+            let mut v = Vec::with_capacity(n);
+            v.extend_from_slice(params);
             for f in fragments {
-                let r = self.ranges[*f].clone();
-                read_f32(&data[at..at + r.len() * 4], &mut params[r.clone()]);
-                at += r.len() * 4;
+                v.extend(self.outer.fragment_state(*f));
+            }
+            f32_bytes(&v)
+        } else {
+            vec![0u8; n * 4]
+        };
+        // `Shrink`: the leader must be in it (it comes from the cross-DC round, after the
+        // others), so it waits for every live rank of the DC — a straggler delays its DC's
+        // realignment by its own lag, once per outer round.
+        let options = CallOptions { policy: FaultPolicy::Shrink, verify: false };
+        let span = info_span!("realign", step = self.step, fragments = fragments.len());
+        let outcome = dc
+            .collective(Op::Broadcast { root: 0 }, DType::U8, payload, options, self.inner.config.deadline)
+            .instrument(span);
+        if let Outcome::Done { data, .. } = outcome.await? {
+            if dc.rank() != 0 {
+                let mut v = vec![0.0f32; n];
+                read_f32(&data, &mut v);
+                params.copy_from_slice(&v[..params.len()]);
+                let mut at = params.len();
+                for f in fragments {
+                    let len = FRAGMENT_STATE * self.ranges[*f].len() + FRAGMENT_FLAGS;
+                    self.outer.set_fragment_state(*f, &v[at..at + len]);
+                    at += len;
+                }
             }
         }
         Ok(())
     }
 }
+
+/// Vectors of a fragment's length in [`SemiSync::fragment_state`] (plus [`FRAGMENT_FLAGS`]).
+const FRAGMENT_STATE: usize = 4;
+/// Flags at the end of [`SemiSync::fragment_state`].
+const FRAGMENT_FLAGS: usize = 2;
 
 #[cfg(test)]
 mod tests {

@@ -222,3 +222,90 @@ async fn counters_after_a_large_all_reduce_account_for_it() {
         keep.push(comm);
     }
 }
+
+fn sum_of(bytes: &[u8]) -> Vec<f64> {
+    (0..bytes.len() / 4).map(|i| element_f64(DType::F32, bytes, i)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subgroups_over_one_node_run_their_own_collectives_and_do_not_wait_for_each_other() {
+    use phalanx_node::Subgroup;
+    let world = 4;
+    // Two "data centres" {0, 1} and {2, 3}, and their leaders {0, 2}.
+    let subgroups = [Subgroup::flat(vec![0, 1]), Subgroup::flat(vec![2, 3]), Subgroup::flat(vec![0, 2])];
+    // Data centre 1 starts only once data centre 0 has finished 20 rounds of its own: the
+    // rounds of a subgroup need nobody outside it.
+    let (dc0_done, dc0_done_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for (rank, node) in nodes(world).await.into_iter().enumerate() {
+        let (done, mut done_rx) = (dc0_done.clone(), dc0_done_rx.clone());
+        let subgroups = subgroups.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut all, subs) =
+                Communicator::with_subgroups(node, rank, phalanx_node::Topology::flat(world), &subgroups).unwrap();
+            let mut subs = subs.into_iter();
+            let (a, b, leaders) = (subs.next().unwrap(), subs.next().unwrap(), subs.next().unwrap());
+            let mut dc = a.or(b).expect("every rank is in one data centre");
+            assert_eq!((dc.rank(), dc.world()), (rank % 2, 2));
+            let d = Duration::from_secs(30);
+            let mut dc_sums = Vec::new();
+            if rank >= 2 {
+                while !*done_rx.borrow_and_update() {
+                    done_rx.changed().await.unwrap();
+                }
+            }
+            for round in 0..20 {
+                let x = f32s(std::iter::once((rank * 100 + round) as f64));
+                let r = dc.all_reduce(x, DType::F32, ReduceOp::Sum, AllReduceAlgorithm::Auto, d).await.unwrap();
+                dc_sums.push(sum_of(&r)[0]);
+            }
+            if rank == 1 {
+                done.send(true).unwrap();
+            }
+            let lead = match leaders {
+                Some(mut l) => {
+                    assert_eq!(l.rank(), rank / 2);
+                    let r = l
+                        .all_reduce(
+                            f32s(std::iter::once(rank as f64 + 1.0)),
+                            DType::F32,
+                            ReduceOp::Sum,
+                            AllReduceAlgorithm::Auto,
+                            d,
+                        )
+                        .await
+                        .unwrap();
+                    Some(sum_of(&r)[0])
+                }
+                None => None,
+            };
+            let whole =
+                all.all_reduce(f32s(std::iter::once(1.0)), DType::F32, ReduceOp::Sum, AllReduceAlgorithm::Auto, d);
+            let whole = sum_of(&whole.await.unwrap())[0];
+            let from_leader = dc.broadcast(f32s(std::iter::once(rank as f64)), 0, d).await.unwrap();
+            (rank, dc_sums, lead, whole, sum_of(&from_leader)[0])
+        }));
+    }
+    for t in tasks {
+        let (rank, dc_sums, lead, whole, from_leader) = t.await.unwrap();
+        let first = rank - rank % 2;
+        for (round, s) in dc_sums.iter().enumerate() {
+            assert_eq!(*s, ((first * 100 + round) + ((first + 1) * 100 + round)) as f64, "rank {rank} round {round}");
+        }
+        assert_eq!(lead, (rank % 2 == 0).then_some(1.0 + 3.0), "rank {rank}: leaders 0 and 2 add 1 and 3");
+        assert_eq!(whole, 4.0);
+        assert_eq!(from_leader, first as f64, "rank {rank} got its data centre's leader's buffer");
+    }
+}
+
+#[tokio::test]
+async fn a_subgroup_that_does_not_fit_the_world_is_refused_naming_it() {
+    use phalanx_node::Subgroup;
+    let node = nodes(1).await.remove(0);
+    let bad = [Subgroup::flat(vec![0]), Subgroup::flat(vec![0, 3])];
+    match Communicator::with_subgroups(node, 0, phalanx_node::Topology::flat(2), &bad) {
+        Err(CommError::Subgroup { index: 1, reason }) => assert!(reason.contains("member 3"), "{reason}"),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("a member outside the world was accepted"),
+    }
+}

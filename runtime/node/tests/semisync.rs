@@ -266,3 +266,108 @@ async fn registered_tensors_of_several_types_are_averaged_and_written_back_in_th
     let want_b = half::bf16::from_f32((half::bf16::from_f32(0.1).to_f32()) / 2.0).to_f32();
     assert_eq!(flat[2], want_b, "bf16 tensor: the mean, rounded to bf16");
 }
+
+/// The communicators of one epoch over fresh nodes: ranks labelled with data centres `dcs`
+/// (ascending label order), each rank's DC communicator and, on each DC's lowest rank, the
+/// leaders' communicator.
+async fn epoch(dcs: &[usize]) -> Vec<(Communicator, Option<Communicator>)> {
+    use phalanx_node::{Subgroup, Topology};
+    let mut labels = dcs.to_vec();
+    labels.sort_unstable();
+    labels.dedup();
+    let mut groups: Vec<Subgroup> =
+        labels.iter().map(|l| Subgroup::flat((0..dcs.len()).filter(|i| dcs[*i] == *l).collect())).collect();
+    groups.push(Subgroup::flat(groups.iter().map(|g| g.members[0]).collect()));
+    let mut out = Vec::new();
+    for (rank, node) in nodes(dcs.len()).await.into_iter().enumerate() {
+        let (_all, subs) =
+            Communicator::with_subgroups(node, rank, Topology::new(dcs.to_vec()), &groups).expect("subgroups fit");
+        let mut subs = subs.into_iter();
+        let mut dc = None;
+        for _ in 0..labels.len() {
+            dc = dc.or(subs.next().flatten());
+        }
+        out.push((dc.expect("a rank is in its DC"), subs.next().flatten()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_dcs_replicas_stay_identical_and_the_next_leader_continues_from_the_same_outer_state() {
+    use phalanx_node::semisync::CrossDcSemiSync;
+    let outer = SemiSyncConfig {
+        compression: Compression::Int8,
+        ..SemiSyncConfig::new(SyncMode::StreamingDiloco { every: 8, fragments: 2 })
+    };
+    let inner = SemiSyncConfig::new(SyncMode::Synchronous);
+    let lr = 0.3;
+    // Epoch 1: data centres {0, 1} and {2, 3}; leaders 0 and 2.
+    let mut tasks = Vec::new();
+    for (rank, (mut dc, mut leaders)) in epoch(&[0, 0, 1, 1]).await.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let (a, b) = shard(rank);
+            let mut x = vec![0.0f32; DIM];
+            let mut sync = CrossDcSemiSync::new(&x, inner, outer);
+            for _ in 0..40 {
+                let mut g = gradient(&a, &b, &x);
+                sync.sync_gradients(&mut dc, &mut g).await.expect("gradient round");
+                x.iter_mut().zip(&g).for_each(|(xi, gi)| *xi -= lr * gi);
+                sync.after_inner_step(&mut dc, leaders.as_mut(), &mut x).await.expect("outer round");
+            }
+            dc.flush(Duration::from_secs(5)).await;
+            if let Some(l) = &leaders {
+                l.flush(Duration::from_secs(5)).await;
+            }
+            (sync, x, (dc, leaders))
+        }));
+    }
+    let mut ranks = Vec::new();
+    for t in tasks {
+        ranks.push(t.await.expect("rank"));
+    }
+    // Replicas inside a DC: bit-identical models; the mirror holds its leader's outer state.
+    let state = |r: usize| ranks[r].0.export(&ranks[r].1);
+    assert_eq!(ranks[0].1, ranks[1].1, "DC 0's replicas differ");
+    assert_eq!(ranks[2].1, ranks[3].1, "DC 1's replicas differ");
+    assert_eq!(state(0), state(1), "DC 0's mirror does not hold its leader's outer state");
+    assert_eq!(state(2), state(3), "DC 1's mirror does not hold its leader's outer state");
+    let (l0, l1) = (ranks[0].0.ledgers(), ranks[2].0.ledgers());
+    assert!(l0.1.offered > 0 && l0.1.applied == l0.1.offered && l1.1.applied == l1.1.offered, "{l0:?} {l1:?}");
+    drop(ranks.remove(0)); // rank 0 (DC 0's leader) is gone
+
+    // Epoch 2: old ranks 1, 2, 3; rank 1 now leads DC 0 alone, from the outer state it mirrored.
+    let mut tasks = Vec::new();
+    for ((mut sync, mut x, old), (mut dc, mut leaders)) in ranks.into_iter().zip(epoch(&[0, 1, 1]).await) {
+        drop(old);
+        tasks.push(tokio::spawn(async move {
+            let rank = dc.rank() + if leaders.is_some() && dc.world() == 1 { 1 } else { 2 };
+            let (a, b) = shard(rank);
+            for _ in 0..300 {
+                let mut g = gradient(&a, &b, &x);
+                sync.sync_gradients(&mut dc, &mut g).await.expect("gradient round");
+                x.iter_mut().zip(&g).for_each(|(xi, gi)| *xi -= lr * gi);
+                sync.after_inner_step(&mut dc, leaders.as_mut(), &mut x).await.expect("outer round");
+            }
+            sync.resync(&mut dc, leaders.as_mut(), &mut x).await.expect("resync");
+            dc.flush(Duration::from_secs(5)).await;
+            if let Some(l) = &leaders {
+                l.flush(Duration::from_secs(5)).await;
+            }
+            (x, sync.ledgers())
+        }));
+    }
+    let mut finals = Vec::new();
+    for t in tasks {
+        finals.push(t.await.expect("rank"));
+    }
+    for (x, (inner, outer)) in &finals {
+        assert_eq!(x, &finals[0].0, "after the resync every rank holds the same model");
+        assert!(inner.balanced() && outer.balanced(), "{inner:?} {outer:?}");
+    }
+    assert!(
+        distance(&finals[0].0) < 2e-2,
+        "not at the optimum: {:?} (distance {})",
+        finals[0].0,
+        distance(&finals[0].0)
+    );
+}
