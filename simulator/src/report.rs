@@ -106,6 +106,48 @@ pub struct StepPoint {
     pub participants: usize,
 }
 
+/// What the coordinators and the elastic ranks did (runs with `[membership]`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MembershipReport {
+    /// Coordinator replicas.
+    pub coordinators: usize,
+    /// The view's epoch at the end (1: no change since the start).
+    pub epochs: u64,
+    /// Times a coordinator became leader.
+    pub leaders_elected: u64,
+    /// Times leadership passed to another coordinator.
+    pub leader_changes: u64,
+    /// Coordinator crashes injected, and restarts.
+    pub coordinator_crashes: u64,
+    /// Coordinator restarts.
+    pub coordinator_restarts: u64,
+    /// Raft messages between coordinators.
+    pub coordinator_messages: u64,
+    /// Requests ranks sent to coordinators (retries included), and retries.
+    pub client_requests: u64,
+    /// Requests sent again (silence, or no leader known).
+    pub client_retries: u64,
+    /// Failures reported into the log (status changed).
+    pub failures_reported: u64,
+    /// Joins committed (restarted processes).
+    pub joins_committed: u64,
+    /// Rank processes restarted.
+    pub ranks_restarted: u64,
+    /// Live processes left out of a new epoch (reported lost while they were not): fenced,
+    /// restarted, rejoining.
+    pub ranks_fenced: u64,
+    /// Restarted processes admitted into an epoch with their state recovered.
+    pub ranks_readmitted: u64,
+    /// Per readmitted process: restart to state recovered, s.
+    pub readmission_s: Vec<f64>,
+    /// Members of the last epoch.
+    pub members_at_end: usize,
+    /// The leader at the end (coordinator index), if any.
+    pub leader_at_end: Option<usize>,
+    /// Coordinators running at the end.
+    pub coordinators_up_at_end: usize,
+}
+
 /// The report of one run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -148,6 +190,9 @@ pub struct Report {
     pub frames: Option<FrameStats>,
     /// Peak resident memory of this process, MiB (Linux; `None` elsewhere).
     pub peak_rss_mb: Option<f64>,
+    /// Elastic membership (`[membership]`): coordinators, epochs, rejoined ranks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub membership: Option<MembershipReport>,
     /// Every completed step (not in the JSON; the plot draws it).
     #[serde(skip)]
     pub steps: Vec<StepPoint>,
@@ -189,6 +234,30 @@ impl Report {
             ("memory", self.peak_rss_mb.map_or("-".into(), |m| format!("{m:.0} MiB peak"))),
             ("trace_hash", self.trace_hash.clone()),
         ];
+        let mut rows = rows.to_vec();
+        if let Some(m) = &self.membership {
+            let readmission: Vec<String> = m.readmission_s.iter().map(|t| format!("{t:.2} s")).collect();
+            rows.insert(
+                rows.len() - 2,
+                (
+                    "membership",
+                    format!(
+                        "epoch {}, {} members; coordinators {}/{} up, {} leader changes, {} crashes; {} failures \
+                         reported; {} of {} restarted ranks readmitted ({})",
+                        m.epochs,
+                        m.members_at_end,
+                        m.coordinators_up_at_end,
+                        m.coordinators,
+                        m.leader_changes,
+                        m.coordinator_crashes,
+                        m.failures_reported,
+                        m.ranks_readmitted,
+                        m.ranks_restarted,
+                        readmission.join(", ")
+                    ),
+                ),
+            );
+        }
         let mut out = String::new();
         for (k, v) in rows {
             out.push_str(&format!("  {k:<14} {v}\n"));

@@ -107,6 +107,54 @@ pub struct Scenario {
     /// Faults, scheduled or drawn from rates.
     #[serde(default)]
     pub faults: Vec<FaultSpec>,
+    /// Elastic membership: coordinators (the real Raft replicas) that ranks report failures
+    /// to and rejoin through, and epochs that change at step boundaries. Absent: the group is
+    /// fixed (a crashed rank stays out).
+    #[serde(default)]
+    pub membership: Option<MembershipSpec>,
+}
+
+/// Elastic membership in a run.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembershipSpec {
+    /// Coordinator replicas (1, 3 or 5), on hosts spread over the data centres.
+    #[serde(default = "default_coordinators")]
+    pub coordinators: usize,
+    /// A coordinator's tick, ms (Raft heartbeats every 2 ticks).
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: f64,
+    /// Ticks without a leader before a coordinator campaigns.
+    #[serde(default = "default_election_ticks")]
+    pub election_ticks: usize,
+    /// Steps between epoch boundaries (where failures and joins take effect).
+    #[serde(default = "default_boundary_every")]
+    pub boundary_every: u64,
+    /// Training state a rejoining rank recovers from its peers before it takes part again.
+    #[serde(default = "default_state_bytes")]
+    pub state_bytes: ByteSize,
+    /// A rank waits this long for a coordinator's answer before asking the next one, ms.
+    #[serde(default = "default_client_retry_ms")]
+    pub client_retry_ms: f64,
+}
+
+fn default_coordinators() -> usize {
+    3
+}
+fn default_tick_ms() -> f64 {
+    50.0
+}
+fn default_election_ticks() -> usize {
+    10
+}
+fn default_boundary_every() -> u64 {
+    10
+}
+fn default_state_bytes() -> ByteSize {
+    ByteSize(0)
+}
+fn default_client_retry_ms() -> f64 {
+    500.0
 }
 
 fn default_seed() -> u64 {
@@ -396,6 +444,9 @@ pub enum FaultKind {
     /// A fraction `rate` of frames is corrupted on a link (`dcs` or `host`); the transport's
     /// checksum catches each one and the frame is sent again.
     Corruption,
+    /// A membership coordinator dies (`coordinator`, or the leader of the moment) and restarts
+    /// after `duration_s` from what its log had synced (needs `[membership]`).
+    CoordinatorCrash,
 }
 
 impl FaultKind {
@@ -410,6 +461,7 @@ impl FaultKind {
             FaultKind::Crash => "crash",
             FaultKind::Straggler => "straggler",
             FaultKind::Corruption => "corruption",
+            FaultKind::CoordinatorCrash => "coordinator_crash",
         }
     }
 }
@@ -429,6 +481,11 @@ pub struct FaultSpec {
     pub duration_s: Option<f64>,
     /// Crash: the rank.
     pub rank: Option<usize>,
+    /// Crash: the process is restarted this long after it died, as a new incarnation that
+    /// rejoins through the coordinators (needs `[membership]`).
+    pub restart_after_s: Option<f64>,
+    /// Coordinator crash: which coordinator (0-based; absent: the leader at that moment).
+    pub coordinator: Option<usize>,
     /// Straggler: the ranks.
     pub ranks: Option<Vec<usize>>,
     /// Straggler: a random fraction of the ranks instead.
@@ -449,6 +506,31 @@ pub struct FaultSpec {
     pub extra_ms: Option<f64>,
     /// Straggler: compute-time factor.
     pub slowdown: Option<f64>,
+}
+
+impl FaultSpec {
+    /// A fault of `kind` with every other field absent (to fill in with struct update syntax).
+    pub fn new(kind: FaultKind) -> FaultSpec {
+        FaultSpec {
+            kind,
+            at_s: None,
+            mtbf_s: None,
+            duration_s: None,
+            rank: None,
+            restart_after_s: None,
+            coordinator: None,
+            ranks: None,
+            fraction: None,
+            host: None,
+            nic: None,
+            dcs: None,
+            sides: None,
+            hosts: None,
+            rate: None,
+            extra_ms: None,
+            slowdown: None,
+        }
+    }
 }
 
 impl Scenario {
@@ -591,6 +673,31 @@ impl Scenario {
         if !non_negative(w.restart_s) {
             return Err((f("workload", "restart_s"), "must be ≥ 0".into()));
         }
+        if let Some(m) = &self.membership {
+            let why = if ![1, 3, 5].contains(&m.coordinators) {
+                Some(("coordinators", "must be 1, 3 or 5".to_string()))
+            } else if !positive(m.tick_ms) {
+                Some(("tick_ms", "must be positive".into()))
+            } else if !(3..=1000).contains(&m.election_ticks) {
+                Some(("election_ticks", "must be 3..=1000".into()))
+            } else if m.boundary_every == 0 {
+                Some(("boundary_every", "must be at least 1".into()))
+            } else if !positive(m.client_retry_ms) {
+                Some(("client_retry_ms", "must be positive".into()))
+            } else if tr.frames || w.on_failure == OnFailure::Restart || w.fast_forward {
+                Some((
+                    "coordinators",
+                    "membership runs with frames = false, on_failure = \"continue\" and fast_forward = false".into(),
+                ))
+            } else if w.policy == PolicyKind::Abort {
+                Some(("coordinators", "membership needs policy = \"shrink\" or \"quorum\"".into()))
+            } else {
+                None
+            };
+            if let Some((key, why)) = why {
+                return Err((f("membership", key), why));
+            }
+        }
         for (i, fs) in self.faults.iter().enumerate() {
             let at = |key: &str| vec!["faults".to_string(), format!("[{i}]"), format!(".{key}")];
             self.validate_fault(fs).map_err(|(key, m)| (at(key), m))?;
@@ -684,13 +791,32 @@ impl Scenario {
                     _ => return Err(("extra_ms", "missing or negative".into())),
                 }
             }
-            FaultKind::Crash => match fs.rank {
-                Some(r) if r >= t.ranks() => {
-                    return Err(("rank", format!("rank {r} does not exist ({} ranks)", t.ranks())))
+            FaultKind::Crash => {
+                match fs.rank {
+                    Some(r) if r >= t.ranks() => {
+                        return Err(("rank", format!("rank {r} does not exist ({} ranks)", t.ranks())))
+                    }
+                    None if fs.mtbf_s.is_none() => return Err(("rank", "missing".into())),
+                    _ => {}
                 }
-                None if fs.mtbf_s.is_none() => return Err(("rank", "missing".into())),
-                _ => {}
-            },
+                match fs.restart_after_s {
+                    Some(r) if !(r.is_finite() && r > 0.0) => {
+                        return Err(("restart_after_s", "must be positive".into()))
+                    }
+                    Some(_) if self.membership.is_none() => {
+                        return Err(("restart_after_s", "a rank rejoins through [membership]: add that section".into()))
+                    }
+                    _ => {}
+                }
+            }
+            FaultKind::CoordinatorCrash => {
+                let Some(m) = &self.membership else {
+                    return Err(("kind", "a coordinator crash needs a [membership] section".into()));
+                };
+                if fs.coordinator.is_some_and(|c| c >= m.coordinators) {
+                    return Err(("coordinator", format!("there are {} coordinators (0-based)", m.coordinators)));
+                }
+            }
             FaultKind::Straggler => {
                 match (&fs.ranks, fs.fraction) {
                     (Some(rs), None) if rs.iter().all(|r| *r < t.ranks()) => {}

@@ -23,7 +23,9 @@ use crate::scenario::{AlgorithmKind, FaultKind, OnFailure, OpKind, PayloadKind, 
 use crate::trace::Trace;
 
 mod frames;
+mod membership;
 use frames::{FrameStats, Frames};
+use membership::{Membership, Sender};
 
 const MS: f64 = 1e6;
 const SEC: f64 = 1e9;
@@ -110,6 +112,30 @@ enum Ev {
         rank: u32,
         epoch: u64,
     },
+    /// Membership: a coordinator's tick (of the incarnation that armed it).
+    CoordTick {
+        coordinator: u32,
+        incarnation: u64,
+    },
+    /// Membership: a Raft message or a rank's request reaches a coordinator.
+    ToCoordinator {
+        to: u32,
+        from: Sender,
+        bytes: Bytes,
+    },
+    /// Membership: a coordinator's reply reaches a rank's process (of that incarnation).
+    ToRank {
+        slot: u32,
+        incarnation: u64,
+        bytes: Bytes,
+    },
+    /// Membership: a rank's request went unanswered (attempt `attempt`), or no leader was known.
+    ClientRetry {
+        slot: u32,
+        incarnation: u64,
+        attempt: u64,
+        rotate: bool,
+    },
 }
 
 impl Ev {
@@ -134,6 +160,16 @@ impl Ev {
                 (13, (*to as u64) << 32 | *link as u64, frame.wire_len() as u64 | u64::from(*corrupt) << 63)
             }
             Ev::EndpointTimer { rank, .. } => (14, *rank as u64, 0),
+            Ev::CoordTick { coordinator, incarnation } => (15, *coordinator as u64, *incarnation),
+            Ev::ToCoordinator { to, from, bytes } => {
+                let from = match from {
+                    Sender::Coordinator(c) => *c as u64,
+                    Sender::Client(id) => *id,
+                };
+                (16, *to as u64, from ^ (bytes.len() as u64) << 48)
+            }
+            Ev::ToRank { slot, incarnation, bytes } => (17, *slot as u64, *incarnation ^ (bytes.len() as u64) << 32),
+            Ev::ClientRetry { slot, attempt, .. } => (18, *slot as u64, *attempt),
         }
     }
 }
@@ -183,8 +219,16 @@ struct Pair {
 enum Stage {
     Idle,
     Computing,
-    InCall { op_seq: u64 },
+    InCall {
+        op_seq: u64,
+    },
     Finished,
+    /// Membership: waiting at a step boundary (or the admission barrier).
+    Boundary,
+    /// Membership: a restarted process waiting to be admitted into an epoch.
+    Joining,
+    /// Membership: admitted, fetching the training state from the members.
+    Recovering,
 }
 
 struct RankSim {
@@ -202,6 +246,10 @@ struct RankSim {
     carry_units: u64,
     slowdown: f64,
     timer_at: Option<u64>,
+    /// The process's incarnation (a restart makes a new one).
+    incarnation: u64,
+    /// The step whose boundary this rank has passed.
+    boundary_done: Option<u64>,
     /// With a per-rank processing rate: when the rank is done with what arrived so far.
     busy_until: u64,
     /// With `rank_work`: arrived messages waiting to be processed, and the one in progress.
@@ -282,6 +330,7 @@ pub fn run_collective(
             fast_forward: false,
         },
         faults: Vec::new(),
+        membership: None,
     };
     let options_run = RunOptions::default();
     let world = inputs.len();
@@ -363,6 +412,8 @@ struct Sim<'a> {
     /// Frame level (`transport.frames`): the endpoints and links.
     frames: Option<Frames>,
     stats_frames: FrameStats,
+    /// Elastic membership (`[membership]`).
+    membership: Option<Membership>,
 }
 
 /// A committed step, as fast-forward measures the period.
@@ -384,6 +435,8 @@ enum FlowOwner {
     Processing(u32),
     /// The head frame of a link's direction (frame level).
     Link(u32, u8),
+    /// Part of the training state a joining rank recovers (membership).
+    Recovery(u32),
 }
 
 /// One fault injection, resolved.
@@ -405,6 +458,8 @@ enum FaultTarget {
     Nic(usize, usize),
     Link(Result<usize, (usize, usize)>),
     Sides(Vec<u32>),
+    /// A coordinator (`None`: the leader when it strikes).
+    Coordinator(Option<usize>),
 }
 
 fn stream(seed: u64, purpose: u64) -> ChaCha8Rng {
@@ -444,6 +499,8 @@ impl<'a> Sim<'a> {
                 carry_units: 0,
                 slowdown: 1.0,
                 timer_at: None,
+                incarnation: 1,
+                boundary_done: None,
                 busy_until: 0,
                 proc_queue: VecDeque::new(),
                 proc_active: None,
@@ -497,11 +554,15 @@ impl<'a> Sim<'a> {
             fast_forwarded: 0,
             frames: None,
             stats_frames: FrameStats::default(),
+            membership: None,
         };
         if sc.transport.frames {
             let config = frames::transport_config(&sc.transport);
             sim.frames = Some(Frames::new(world, t.ranks_per_host, t.nics_per_host, &config));
             sim.fabric.set_frame_level();
+        }
+        if let Some(m) = &sc.membership {
+            sim.membership_start(m);
         }
         sim.plan_faults();
         sim
@@ -540,6 +601,13 @@ impl<'a> Sim<'a> {
             let target = |rng: &mut ChaCha8Rng| -> FaultTarget {
                 match f.kind {
                     FaultKind::Crash => FaultTarget::Rank(f.rank.unwrap_or_else(|| rng.random_range(0..t.ranks()))),
+                    FaultKind::CoordinatorCrash => FaultTarget::Coordinator(match (f.coordinator, f.mtbf_s) {
+                        (Some(c), _) => Some(c),
+                        (None, Some(_)) => {
+                            Some(rng.random_range(0..sc.membership.as_ref().map_or(1, |m| m.coordinators)))
+                        }
+                        (None, None) => None,
+                    }),
                     FaultKind::NicDown => FaultTarget::Nic(
                         f.host.unwrap_or_else(|| rng.random_range(0..t.hosts())),
                         f.nic
@@ -589,6 +657,7 @@ impl<'a> Sim<'a> {
                     // times per second.
                     let components = match f.kind {
                         FaultKind::Crash | FaultKind::Straggler => t.ranks(),
+                        FaultKind::CoordinatorCrash => sc.membership.as_ref().map_or(1, |m| m.coordinators),
                         FaultKind::NicDown => t.hosts() * t.nics_per_host,
                         FaultKind::LinkDown => (t.dcs * (t.dcs - 1) / 2).max(1),
                         _ => t.hosts() + t.dcs * (t.dcs - 1) / 2,
@@ -612,11 +681,14 @@ impl<'a> Sim<'a> {
         for (i, p) in planned.iter().enumerate() {
             self.push(p.at, Ev::FaultStart(i));
             self.fault_times.push(p.at);
-            if let Some(d) = p.duration {
-                if p.kind != FaultKind::Crash {
-                    self.push(p.at + d, Ev::FaultEnd(i));
-                    self.fault_times.push(p.at + d);
-                }
+            // A crash ends only in a restart (membership); the others after their duration.
+            let end = match p.kind {
+                FaultKind::Crash => sc.faults[p.spec].restart_after_s.map(|r| (r * SEC) as u64),
+                _ => p.duration,
+            };
+            if let Some(d) = end {
+                self.push(p.at + d, Ev::FaultEnd(i));
+                self.fault_times.push(p.at + d);
             }
         }
         self.fault_times.sort_unstable();
@@ -642,6 +714,24 @@ impl<'a> Sim<'a> {
             (FaultKind::Crash, FaultTarget::Rank(r)) => {
                 if start {
                     self.crash(r);
+                } else {
+                    self.restart_rank(r);
+                    // (The member it replaces no longer holds up a boundary.)
+                    self.boundary_check();
+                }
+            }
+            (FaultKind::CoordinatorCrash, FaultTarget::Coordinator(which)) => {
+                if start {
+                    if let Some(c) = self.coordinator_crash(which) {
+                        if let Some(m) = self.membership.as_mut() {
+                            m.crashed_by_fault.push((i, c));
+                        }
+                    }
+                } else {
+                    let c = self.membership.as_ref().and_then(|m| m.crashed_by_fault.iter().find(|(f, _)| *f == i));
+                    if let Some((_, c)) = c.copied() {
+                        self.coordinator_restart(c);
+                    }
                 }
             }
             (FaultKind::Straggler, FaultTarget::Ranks(rs)) => {
@@ -725,6 +815,7 @@ impl<'a> Sim<'a> {
                 tr.end(r, self.now, "crashed");
             }
         }
+        self.membership_crashed(r);
         if self.frames.is_some() {
             // Its peers' endpoints notice the silence and report it unreachable themselves.
             return self.frames_crash(r);
@@ -873,6 +964,10 @@ impl<'a> Sim<'a> {
                 self.frame_sent((link, dir));
                 return true;
             }
+            FlowOwner::Recovery(j) => {
+                self.recovery_flow_done(j as usize);
+                return true;
+            }
             FlowOwner::Processing(r) => {
                 let r = r as usize;
                 self.ranks[r].proc_active = None;
@@ -954,6 +1049,42 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// Groups for the members of a new epoch (membership): every other rank is lost to them
+    /// from the start, so a group's indices stay the ranks' slots.
+    fn form_member_groups(&mut self, members: &[usize]) {
+        let t = &self.sc.topology;
+        let per_dc = t.hosts_per_dc * t.ranks_per_host;
+        let topology = Topology::uniform(t.dcs, per_dc);
+        let is_member: Vec<bool> = (0..self.world).map(|r| members.binary_search(&r).is_ok()).collect();
+        self.computing = 0;
+        for r in 0..self.world {
+            let rk = &mut self.ranks[r];
+            rk.timer_at = None;
+            rk.proc_queue.clear();
+            if let Some(flow) = rk.proc_active.take() {
+                self.fabric.share.remove(self.now, flow);
+            }
+            if !is_member[r] || !rk.alive {
+                if rk.stage != Stage::Joining {
+                    rk.group = None;
+                }
+                continue;
+            }
+            let mut g = Group::new(r, self.world);
+            g.set_topology(topology.clone());
+            g.set_epoch(self.epoch);
+            if let Some(seg) = self.sc.workload.segment_bytes {
+                g.set_segment_bytes(seg.0.min(usize::MAX as u64) as usize);
+            }
+            for (x, member) in is_member.iter().enumerate() {
+                if !member {
+                    g.handle_peer_lost(x, self.now);
+                }
+            }
+            rk.group = Some(g);
+        }
+    }
+
     fn begin_step(&mut self, r: usize) {
         let rk = &self.ranks[r];
         if !rk.alive || self.restarting {
@@ -961,6 +1092,10 @@ impl<'a> Sim<'a> {
         }
         if rk.step >= self.steps_target {
             self.ranks[r].stage = Stage::Finished;
+            return;
+        }
+        let step = rk.step;
+        if self.at_boundary(r, step) {
             return;
         }
         let compute = match self.sc.workload.compute {
@@ -1246,6 +1381,8 @@ impl<'a> Sim<'a> {
             | Ev::LostNotice { epoch, .. }
             | Ev::JobResume { epoch } => *epoch == self.epoch,
             Ev::HostsCut { .. } | Ev::Frame { .. } | Ev::EndpointTimer { .. } => true,
+            Ev::CoordTick { .. } => false,
+            Ev::ToCoordinator { .. } | Ev::ToRank { .. } | Ev::ClientRetry { .. } => true,
         });
         if busy_pair || carrying || pending_work {
             return;
@@ -1419,7 +1556,8 @@ impl<'a> Sim<'a> {
     }
 
     fn all_done(&self) -> bool {
-        !self.restarting && self.ranks.iter().all(|r| !r.alive || r.stage == Stage::Finished)
+        // (A process still waiting to be admitted when everyone else is done never will be.)
+        !self.restarting && self.ranks.iter().all(|r| !r.alive || matches!(r.stage, Stage::Finished | Stage::Joining))
     }
 
     fn handle(&mut self, ev: Ev) {
@@ -1495,6 +1633,7 @@ impl<'a> Sim<'a> {
                         }
                     }
                 }
+                self.membership_lost(lost as usize);
             }
             Ev::HostsCut { a, b, since } => {
                 let hosts = self.fabric.hosts();
@@ -1525,6 +1664,12 @@ impl<'a> Sim<'a> {
                 if self.ranks[rank as usize].alive {
                     self.frames_timer(rank as usize);
                 }
+            }
+            Ev::CoordTick { coordinator, incarnation } => self.coordinator_tick(coordinator as usize, incarnation),
+            Ev::ToCoordinator { to, from, bytes } => self.coordinator_receive(to as usize, from, bytes),
+            Ev::ToRank { slot, incarnation, bytes } => self.client_reply(slot as usize, incarnation, bytes),
+            Ev::ClientRetry { slot, incarnation, attempt, rotate } => {
+                self.client_retry(slot as usize, incarnation, attempt, rotate)
             }
             Ev::JobResume { .. } => {
                 self.restarting = false;
@@ -1603,6 +1748,7 @@ impl<'a> Sim<'a> {
             fast_forwarded_steps: self.fast_forwarded,
             frames: self.frames.is_some().then_some(self.stats_frames),
             peak_rss_mb: crate::report::peak_rss_mb(),
+            membership: self.membership_report(),
             steps: self.steps,
             fault_marks: self.fault_marks,
         };

@@ -69,27 +69,12 @@ fn a_different_seed_gives_a_different_run_where_faults_are_random() {
 }
 
 fn fault(kind: FaultKind) -> FaultSpec {
-    FaultSpec {
-        kind,
-        at_s: None,
-        mtbf_s: None,
-        duration_s: None,
-        rank: None,
-        ranks: None,
-        fraction: None,
-        host: None,
-        nic: None,
-        dcs: None,
-        sides: None,
-        hosts: None,
-        rate: None,
-        extra_ms: None,
-        slowdown: None,
-    }
+    FaultSpec::new(kind)
 }
 
-/// A small two- or three-DC job with real payloads whose faults and policy come from `seed`.
-fn chaos_scenario(seed: u64) -> String {
+/// A small two- or three-DC job with real payloads whose faults and policy come from `seed`
+/// (with `elastic`, half of those that can shrink also get membership and its faults).
+fn chaos_scenario(seed: u64, elastic: bool) -> String {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dcs = rng.random_range(2..=3);
     let policy = ["shrink", "quorum", "abort"][rng.random_range(0..3)];
@@ -147,6 +132,28 @@ compute = {{ median_ms = 20, sigma = 0.4 }}
         };
         text.push_str(&format!("\n[[faults]]\nat_s = {at}\n{f}\n"));
     }
+    // Half the jobs that can shrink run with elastic membership: coordinators that crash, and a
+    // rank killed and restarted that must be readmitted.
+    if elastic && policy != "abort" && rng.random_bool(0.5) {
+        let coordinators = [1, 3, 5][rng.random_range(0..3)];
+        text.push_str(&format!(
+            "\n[membership]\ncoordinators = {coordinators}\ntick_ms = 10\nboundary_every = 3\nstate_bytes = \"4MiB\"\n\
+             client_retry_ms = 60\n"
+        ));
+        for _ in 0..rng.random_range(1..=2) {
+            let at = rng.random_range(0.0..0.4);
+            let f = if rng.random_bool(0.5) {
+                format!(
+                    "kind = \"crash\"\nrank = {}\nrestart_after_s = {}",
+                    rng.random_range(0..ranks),
+                    rng.random_range(0.05..0.5)
+                )
+            } else {
+                format!("kind = \"coordinator_crash\"\nduration_s = {}", rng.random_range(0.05..1.0))
+            };
+            text.push_str(&format!("\n[[faults]]\nat_s = {at}\n{f}\n"));
+        }
+    }
     text
 }
 
@@ -155,8 +162,9 @@ fn chaos_sweep_nothing_hangs_nothing_is_wrong_nothing_is_lost() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos");
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let mut kinds = std::collections::BTreeMap::new();
+    let (mut elastic, mut readmitted, mut epochs) = (0, 0, 0);
     for seed in 1..=50u64 {
-        let text = chaos_scenario(seed);
+        let text = chaos_scenario(seed, true);
         let file = dir.join(format!("chaos-{seed}.toml"));
         let s = Scenario::parse(&file.display().to_string(), &text).expect("generated scenarios are valid");
         let r = sim(&s, seed);
@@ -167,8 +175,17 @@ fn chaos_sweep_nothing_hangs_nothing_is_wrong_nothing_is_lost() {
         for (k, n) in r.faults_injected {
             *kinds.entry(k).or_insert(0u64) += n;
         }
+        if let Some(m) = &r.membership {
+            elastic += 1;
+            readmitted += m.ranks_readmitted;
+            epochs += m.epochs - 1;
+        }
     }
-    assert!(kinds.len() >= 8, "every fault kind was injected: {kinds:?}");
+    assert!(kinds.len() >= 9, "every fault kind was injected: {kinds:?}");
+    assert!(
+        elastic >= 5 && readmitted > 0 && epochs > 0,
+        "{elastic} elastic runs, {readmitted} readmitted, {epochs} epochs"
+    );
 }
 
 /// One rank per host, one DC, ring all-reduce: the α-β model's own setting.
@@ -511,7 +528,7 @@ fn chaos_sweep_at_frame_level_nothing_hangs_nothing_is_wrong_nothing_is_lost() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos-frames");
     std::fs::create_dir_all(&dir).expect("tmp dir");
     for seed in 1..=20u64 {
-        let text = chaos_scenario(seed).replace(
+        let text = chaos_scenario(seed, false).replace(
             "link_timeout_ms = 50\nunreachable_after_ms = 200",
             "link_timeout_ms = 150\nunreachable_after_ms = 500\nframes = true",
         );

@@ -1,0 +1,723 @@
+//! Elastic membership in the simulator (`[membership]`): the real coordinator replicas —
+//! `phalanx_runtime::coordinator::Coordinator`, raft-rs over a [`MemoryLog`] — run under
+//! virtual time on hosts of the fabric; their Raft messages and the ranks' requests and replies
+//! travel with the fabric's latency between hosts (dropped where a partition or a dead link
+//! leaves no route). A coordinator that crashes loses what its log had not synced and restarts
+//! from the rest; the others elect a leader as they would in production.
+//!
+//! The rank side models `phalanx_node::elastic::ElasticMember`'s step-boundary protocol:
+//! every `boundary_every` steps the members meet (waiting for a crashed member until the
+//! transport declares it lost); the lowest live member reports the lost ones
+//! (`ReportFailure`), reads the view linearizably and, if a change is pending, proposes
+//! `BeginEpoch`; everyone then rebuilds its group over the new epoch's members (the collectives'
+//! `Group`, with the old epoch's messages dropped). A restarted process (`crash` with
+//! `restart_after_s`) is a new incarnation: it sends `Join`, waits to be admitted at a
+//! boundary, recovers the training state (`state_bytes`) from up to four members of the epoch
+//! (flows of the fabric, its own data centre first) while the others wait at the admission
+//! barrier, and then steps with the group. Requests go to one coordinator at a time: a
+//! "not leader" answer redirects, silence for `client_retry_ms` moves on to the next one, and a
+//! retried request keeps its (client, request) id so the log applies it once.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use bytes::Bytes;
+use phalanx_runtime::coordinator::wire::{ClientReply, ClientRequest, ReplyBody, RequestBody};
+use phalanx_runtime::coordinator::{
+    entry_context, eraftpb, Coordinator, CoordinatorConfig, DurableLog, MemoryLog, Recovered, ReplicatedState,
+};
+use phalanx_runtime::membership::{self, ClusterView, Command, Outcome, ViewError};
+use sha2::{Digest, Sha256};
+
+use super::{Ev, FlowOwner, Sim, Stage, MS, SEC};
+use crate::report::MembershipReport;
+use crate::scenario::MembershipSpec;
+
+/// Who sent a message to a coordinator.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Sender {
+    /// Coordinator (index).
+    Coordinator(usize),
+    /// A rank's client (its id).
+    Client(u64),
+}
+
+/// The membership state of a run.
+pub(super) struct Membership {
+    spec: MembershipSpec,
+    tick_ns: u64,
+    coords: Vec<CoordSlot>,
+    clients: Vec<Client>,
+    /// Sim slots of the current epoch's members, ascending.
+    members: Vec<usize>,
+    /// Members whose loss the transport reported in this epoch.
+    known_lost: BTreeSet<usize>,
+    /// A boundary's read / epoch change is under way (by this proposer).
+    proposer: Option<usize>,
+    /// Joiners of the new epoch still recovering the state: flows left, per slot.
+    recovering: Vec<(usize, usize)>,
+    /// When each slot's process restarted (for the readmission time).
+    restarted_at: Vec<Option<u64>>,
+    leader: Option<usize>,
+    /// Which coordinator each coordinator-crash fault (by index) took down.
+    pub(super) crashed_by_fault: Vec<(usize, usize)>,
+    pub(super) report: MembershipReport,
+}
+
+struct CoordSlot {
+    node: Option<Coordinator<MemoryLog>>,
+    /// What survives a crash.
+    disk: MemoryLog,
+    host: usize,
+    incarnation: u64,
+}
+
+/// A rank's coordinator client: one request in flight at a time, in order.
+struct Client {
+    id: u64,
+    next_request: u64,
+    target: usize,
+    queue: VecDeque<(u64, RequestBody)>,
+    /// Sends of the head request (a retry timer names the attempt it guards).
+    attempt: u64,
+}
+
+impl Client {
+    fn new(slot: usize, incarnation: u64) -> Client {
+        Client { id: client_id(slot, incarnation), next_request: 1, target: 0, queue: VecDeque::new(), attempt: 0 }
+    }
+}
+
+/// Client ids: above every coordinator id, naming the slot and incarnation.
+fn client_id(slot: usize, incarnation: u64) -> u64 {
+    (1 << 40) | (slot as u64) << 16 | (incarnation & 0xffff)
+}
+
+fn slot_of_client(id: u64) -> usize {
+    ((id & !(1 << 40)) >> 16) as usize
+}
+
+/// The host name a slot's process joins with (the view maps ids to processes by it).
+fn host_name(slot: usize) -> String {
+    format!("sim-slot-{slot}")
+}
+
+impl<'a> Sim<'a> {
+    /// Boots the coordinators with every rank joined and epoch 1 begun (as if the job had
+    /// started), ticking from time 0.
+    pub(super) fn membership_start(&mut self, spec: &MembershipSpec) {
+        let world = self.world;
+        let per_host = self.sc.topology.ranks_per_host;
+        let mut state = ReplicatedState::new();
+        let mut index = 0;
+        let mut apply = |state: &mut ReplicatedState, c: Command| {
+            index += 1;
+            state.apply_entry(index, &entry_context(0, index), &membership::encode(&c));
+        };
+        for r in 0..world {
+            let dc = self.fabric.dc_of_host(r / per_host) as u32;
+            apply(&mut state, join(r, dc, 1));
+        }
+        apply(&mut state, Command::BeginEpoch { expected: 0 });
+        let n = spec.coordinators;
+        let voters: Vec<u64> = (1..=n as u64).collect();
+        let mut snapshot = eraftpb::Snapshot::default();
+        snapshot.mut_metadata().index = index;
+        snapshot.mut_metadata().term = 1;
+        snapshot.mut_metadata().mut_conf_state().voters = voters.clone();
+        snapshot.data = state.encode().into();
+        let hosts = self.fabric.hosts();
+        let mut coords = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut disk = MemoryLog::new();
+            let hard_state = eraftpb::HardState { term: 1, commit: index, ..Default::default() };
+            let booted = disk.save_snapshot(&snapshot).and_then(|_| disk.save_hard_state(&hard_state));
+            let booted = booted.and_then(|_| disk.sync());
+            debug_assert!(booted.is_ok(), "a memory log does not fail");
+            coords.push(CoordSlot { node: None, disk, host: i * hosts / n, incarnation: 0 });
+        }
+        let tick_ns = ((spec.tick_ms * MS) as u64).max(1);
+        self.membership = Some(Membership {
+            spec: spec.clone(),
+            tick_ns,
+            coords,
+            clients: (0..world).map(|s| Client::new(s, 1)).collect(),
+            members: (0..world).collect(),
+            known_lost: BTreeSet::new(),
+            proposer: None,
+            recovering: Vec::new(),
+            restarted_at: vec![None; world],
+            leader: None,
+            crashed_by_fault: Vec::new(),
+            report: MembershipReport { coordinators: n, epochs: 1, members_at_end: world, ..Default::default() },
+        });
+        for i in 0..n {
+            self.coordinator_boot(i);
+        }
+    }
+
+    fn coordinator_config(&self, i: usize, incarnation: u64) -> CoordinatorConfig {
+        let Some(m) = self.membership.as_ref() else { unreachable!("membership runs") };
+        let n = m.coords.len() as u64;
+        let mut c = CoordinatorConfig::new(i as u64 + 1, (1..=n).collect());
+        c.election_ticks = m.spec.election_ticks;
+        c.heartbeat_ticks = (m.spec.election_ticks / 5).max(1);
+        // Seeded from the run's seed, the replica and its incarnation: a restarted replica
+        // draws a new election jitter, the same on every run with this seed.
+        let h = Sha256::digest(format!("{}/{i}/{incarnation}", self.seed).as_bytes());
+        c.seed = u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
+        c
+    }
+
+    /// Starts coordinator `i` from what its disk holds, as a new incarnation.
+    fn coordinator_boot(&mut self, i: usize) {
+        let incarnation = {
+            let Some(m) = self.membership.as_mut() else { return };
+            m.coords[i].incarnation += 1;
+            m.coords[i].incarnation
+        };
+        let config = self.coordinator_config(i, incarnation);
+        let Some(m) = self.membership.as_mut() else { return };
+        let disk = m.coords[i].disk.clone();
+        let recovered: Recovered = disk.recover();
+        match Coordinator::new(config, recovered, disk) {
+            Ok(node) => m.coords[i].node = Some(node),
+            Err(e) => {
+                tracing::warn!(coordinator = i, error = %e, "coordinator cannot start");
+                return;
+            }
+        }
+        let at = self.now + m.tick_ns;
+        self.push(at, Ev::CoordTick { coordinator: i as u32, incarnation });
+    }
+
+    /// Fault: coordinator `which` (the leader of the moment if `None`) dies; its synced log
+    /// survives.
+    pub(super) fn coordinator_crash(&mut self, which: Option<usize>) -> Option<usize> {
+        let m = self.membership.as_mut()?;
+        let i = which.or(m.leader).unwrap_or(0);
+        let node = m.coords[i].node.take()?;
+        m.coords[i].disk = node.log().clone();
+        m.coords[i].incarnation += 1;
+        m.report.coordinator_crashes += 1;
+        tracing::debug!(t = self.now as f64 / SEC, coordinator = i, "coordinator crashed");
+        if m.leader == Some(i) {
+            m.leader = None;
+        }
+        Some(i)
+    }
+
+    /// Fault end: coordinator `i` restarts from its disk.
+    pub(super) fn coordinator_restart(&mut self, i: usize) {
+        let Some(m) = self.membership.as_mut() else { return };
+        if m.coords[i].node.is_some() {
+            return;
+        }
+        m.report.coordinator_restarts += 1;
+        self.coordinator_boot(i);
+    }
+
+    pub(super) fn coordinator_tick(&mut self, i: usize, incarnation: u64) {
+        let Some(m) = self.membership.as_mut() else { return };
+        let c = &mut m.coords[i];
+        if c.incarnation != incarnation {
+            return;
+        }
+        let Some(node) = c.node.as_mut() else { return };
+        node.tick();
+        let at = self.now + m.tick_ns;
+        self.push(at, Ev::CoordTick { coordinator: i as u32, incarnation });
+        self.coordinator_process(i);
+    }
+
+    pub(super) fn coordinator_receive(&mut self, i: usize, from: Sender, bytes: Bytes) {
+        let Some(m) = self.membership.as_mut() else { return };
+        let Some(node) = m.coords[i].node.as_mut() else { return };
+        match from {
+            Sender::Coordinator(f) => {
+                if let Err(e) = node.handle_peer(f as u64 + 1, &bytes) {
+                    tracing::warn!(coordinator = i, error = %e, "peer message refused");
+                }
+            }
+            Sender::Client(id) => node.handle_client(id, &bytes),
+        }
+        self.coordinator_process(i);
+    }
+
+    /// Runs coordinator `i`'s Ready loop and sends what it produced.
+    fn coordinator_process(&mut self, i: usize) {
+        let Some(m) = self.membership.as_mut() else { return };
+        let Some(node) = m.coords[i].node.as_mut() else { return };
+        if let Err(e) = node.process() {
+            // The process would exit: a crash.
+            tracing::warn!(coordinator = i, error = %e, "coordinator stopped");
+            m.coords[i].disk = node.log().clone();
+            m.coords[i].node = None;
+            m.coords[i].incarnation += 1;
+            return;
+        }
+        let mut peers = Vec::new();
+        while let Some((to, bytes)) = node.poll_peer() {
+            peers.push((to, bytes));
+        }
+        let mut clients = Vec::new();
+        while let Some((to, bytes)) = node.poll_client() {
+            clients.push((to, bytes));
+        }
+        if node.is_leader() && m.leader != Some(i) {
+            if m.report.leaders_elected > 0 || m.leader.is_some() {
+                m.report.leader_changes += 1;
+            }
+            m.report.leaders_elected += 1;
+            m.leader = Some(i);
+            tracing::debug!(t = self.now as f64 / SEC, coordinator = i, "coordinator leads");
+        } else if !node.is_leader() && m.leader == Some(i) {
+            m.leader = None;
+        }
+        let from_host = m.coords[i].host;
+        let hosts: Vec<usize> = m.coords.iter().map(|c| c.host).collect();
+        m.report.coordinator_messages += peers.len() as u64;
+        for (to, bytes) in peers {
+            let Some(j) = (to as usize).checked_sub(1).filter(|j| *j < hosts.len()) else { continue };
+            if let Some(at) = self.latency(from_host, hosts[j]) {
+                self.push(self.now + at, Ev::ToCoordinator { to: j as u32, from: Sender::Coordinator(i), bytes });
+            }
+        }
+        for (to, bytes) in clients {
+            let slot = slot_of_client(to);
+            if slot >= self.world {
+                continue;
+            }
+            let host = self.fabric.host_of(slot);
+            if let Some(at) = self.latency(from_host, host) {
+                let incarnation = to & 0xffff;
+                self.push(self.now + at, Ev::ToRank { slot: slot as u32, incarnation, bytes });
+            }
+        }
+    }
+
+    /// One-way latency between two hosts (`None`: no route now, the message is lost).
+    fn latency(&self, a: usize, b: usize) -> Option<u64> {
+        self.fabric.route(a, b).map(|r| r.latency_ns.max(1))
+    }
+
+    // ---- a rank's client ----
+
+    fn submit(&mut self, slot: usize, body: RequestBody) {
+        let Some(m) = self.membership.as_mut() else { return };
+        let c = &mut m.clients[slot];
+        let request = c.next_request;
+        c.next_request += 1;
+        c.queue.push_back((request, body));
+        if c.queue.len() == 1 {
+            self.client_send(slot);
+        }
+    }
+
+    /// Sends the head request of `slot`'s client to its target and arms the retry timer.
+    fn client_send(&mut self, slot: usize) {
+        let Some(m) = self.membership.as_mut() else { return };
+        let c = &mut m.clients[slot];
+        let Some((request, body)) = c.queue.front().cloned() else { return };
+        c.attempt += 1;
+        let (id, target, attempt) = (c.id, c.target, c.attempt);
+        m.report.client_requests += 1;
+        let bytes = ClientRequest { client: id, request, body }.encode();
+        let retry = (m.spec.client_retry_ms * MS) as u64;
+        let host = m.coords[target].host;
+        let incarnation = id & 0xffff;
+        if let Some(at) = self.latency(self.fabric.host_of(slot), host) {
+            self.push(self.now + at, Ev::ToCoordinator { to: target as u32, from: Sender::Client(id), bytes });
+        }
+        self.push(self.now + retry, Ev::ClientRetry { slot: slot as u32, incarnation, attempt, rotate: true });
+    }
+
+    /// No answer in time (or no leader known): ask again, the next coordinator if `rotate`.
+    pub(super) fn client_retry(&mut self, slot: usize, incarnation: u64, attempt: u64, rotate: bool) {
+        let Some(m) = self.membership.as_mut() else { return };
+        if !self.ranks[slot].alive || self.ranks[slot].incarnation != incarnation {
+            return;
+        }
+        let c = &mut m.clients[slot];
+        if c.attempt != attempt || c.queue.is_empty() {
+            return;
+        }
+        if rotate {
+            c.target = (c.target + 1) % m.coords.len();
+        }
+        m.report.client_retries += 1;
+        self.client_send(slot);
+    }
+
+    /// A coordinator's reply reaches rank `slot`.
+    pub(super) fn client_reply(&mut self, slot: usize, incarnation: u64, bytes: Bytes) {
+        if !self.ranks[slot].alive || self.ranks[slot].incarnation != incarnation {
+            return;
+        }
+        let Some(m) = self.membership.as_mut() else { return };
+        let Ok(reply) = ClientReply::decode(&bytes) else { return };
+        let c = &mut m.clients[slot];
+        let Some((request, body)) = c.queue.front().cloned() else { return };
+        if reply.request != request {
+            return; // an answer to an earlier send of an answered request
+        }
+        match reply.body {
+            ReplyBody::NotLeader { leader } => {
+                match leader.and_then(|l| (l as usize).checked_sub(1)).filter(|l| *l < m.coords.len()) {
+                    Some(l) => {
+                        c.target = l;
+                        self.client_send(slot);
+                    }
+                    None => {
+                        // No leader known: try the next one a tick later.
+                        c.attempt += 1;
+                        let (attempt, at) = (c.attempt, self.now + m.tick_ns);
+                        self.push(at, Ev::ClientRetry { slot: slot as u32, incarnation, attempt, rotate: true });
+                    }
+                }
+            }
+            answer => {
+                c.queue.pop_front();
+                c.attempt += 1;
+                let more = !c.queue.is_empty();
+                self.answered(slot, body, answer);
+                if more {
+                    self.client_send(slot);
+                }
+            }
+        }
+    }
+
+    /// What rank `slot` does with the answer to `asked`.
+    fn answered(&mut self, slot: usize, asked: RequestBody, answer: ReplyBody) {
+        match (asked, answer) {
+            (RequestBody::Propose(Command::BeginEpoch { .. }), ReplyBody::Applied { result, .. }) => {
+                match result {
+                    Ok(Outcome::EpochBegan { .. }) | Err(ViewError::EpochMoved { .. }) => {
+                        // Learn the members (and which process each is) from the view.
+                        self.submit(slot, RequestBody::Read);
+                    }
+                    Ok(_) | Err(_) => self.boundary_release(),
+                }
+            }
+            (RequestBody::Read, ReplyBody::View { view, .. }) => self.boundary_view(slot, view),
+            (
+                RequestBody::Propose(Command::Join { .. }),
+                ReplyBody::Applied {
+                    result: Ok(Outcome::Joined { .. }) | Err(ViewError::AlreadyJoined { .. }), ..
+                },
+            ) => {
+                if let Some(m) = self.membership.as_mut() {
+                    m.report.joins_committed += 1;
+                }
+            }
+            (RequestBody::Propose(Command::ReportFailure { .. }), ReplyBody::Applied { result, .. }) => {
+                if let (Ok(Outcome::Updated), Some(m)) = (result, self.membership.as_mut()) {
+                    m.report.failures_reported += 1;
+                }
+            }
+            (RequestBody::Read, _) => {
+                // Refused: read again.
+                self.submit(slot, RequestBody::Read);
+            }
+            _ => {}
+        }
+    }
+
+    // ---- the step boundary ----
+
+    /// Whether rank `r`, about to start `step`, stops at a boundary first.
+    pub(super) fn at_boundary(&mut self, r: usize, step: u64) -> bool {
+        let Some(m) = self.membership.as_ref() else { return false };
+        if step == 0 || !step.is_multiple_of(m.spec.boundary_every) || self.ranks[r].boundary_done == Some(step) {
+            return false;
+        }
+        self.ranks[r].stage = Stage::Boundary;
+        self.boundary_check();
+        true
+    }
+
+    /// The transport reported `lost` unreachable to the others.
+    pub(super) fn membership_lost(&mut self, lost: usize) {
+        let Some(m) = self.membership.as_mut() else { return };
+        if m.members.contains(&lost) {
+            m.known_lost.insert(lost);
+        }
+        self.boundary_check();
+    }
+
+    /// Once every member is at the boundary (or known lost, or finished), the lowest live one
+    /// reports the lost, reads the view and begins an epoch if a change is pending.
+    pub(super) fn boundary_check(&mut self) {
+        let Some(m) = self.membership.as_ref() else { return };
+        if m.proposer.is_some() || !m.recovering.is_empty() {
+            return;
+        }
+        let mut at_boundary = false;
+        for s in &m.members {
+            if m.known_lost.contains(s) {
+                continue; // (a restarted process is not the member it replaces)
+            }
+            let rk = &self.ranks[*s];
+            match rk.stage {
+                _ if !rk.alive => return, // not reported lost yet: the boundary waits
+                Stage::Boundary => at_boundary = true,
+                Stage::Finished => {}
+                _ => return,
+            }
+        }
+        if !at_boundary {
+            return;
+        }
+        let Some(proposer) = m.members.iter().copied().find(|s| self.ranks[*s].alive && !m.known_lost.contains(s))
+        else {
+            return;
+        };
+        let epoch = m.report.epochs;
+        let lost: Vec<usize> = m.known_lost.iter().copied().collect();
+        tracing::debug!(t = self.now as f64 / SEC, proposer, ?lost, "boundary met");
+        if let Some(m) = self.membership.as_mut() {
+            m.proposer = Some(proposer);
+        }
+        for l in lost {
+            let c = Command::ReportFailure { rank: l as u32, reporter: proposer as u32, epoch };
+            self.submit(proposer, RequestBody::Propose(c));
+        }
+        self.submit(proposer, RequestBody::Read);
+    }
+
+    /// The proposer read the view: begin an epoch if a change waits, rebuild if the view is
+    /// past ours, else go on.
+    fn boundary_view(&mut self, slot: usize, view: ClusterView) {
+        let Some(m) = self.membership.as_ref() else { return };
+        if m.proposer != Some(slot) {
+            return;
+        }
+        if view.epoch() > m.report.epochs {
+            return self.rebuild(&view);
+        }
+        tracing::debug!(
+            t = self.now as f64 / SEC,
+            epoch = view.epoch(),
+            pending = view.change_pending(),
+            "boundary read the view"
+        );
+        if view.change_pending() {
+            let c = Command::BeginEpoch { expected: view.epoch() };
+            return self.submit(slot, RequestBody::Propose(c));
+        }
+        self.boundary_release();
+    }
+
+    /// No change: every member at the boundary takes its step.
+    fn boundary_release(&mut self) {
+        let Some(m) = self.membership.as_mut() else { return };
+        m.proposer = None;
+        let members = m.members.clone();
+        for s in members {
+            if self.ranks[s].alive && self.ranks[s].stage == Stage::Boundary {
+                let step = self.ranks[s].step;
+                self.ranks[s].boundary_done = Some(step);
+                self.ranks[s].stage = Stage::Idle;
+                self.begin_step(s);
+            }
+        }
+    }
+
+    /// Epoch `view.epoch()` began: drop the old epoch's traffic, form the groups of its members,
+    /// and have the joiners recover the state before anyone steps (the admission barrier).
+    fn rebuild(&mut self, view: &ClusterView) {
+        let world = self.world;
+        // Which process each member is: its host name, and the incarnation that joined.
+        let mut members = Vec::new();
+        for id in view.members() {
+            let Some(rec) = view.rank(*id) else { continue };
+            let Some(slot) = rec.host.strip_prefix("sim-slot-").and_then(|s| s.parse::<usize>().ok()) else { continue };
+            if slot < world && self.ranks[slot].incarnation == rec.incarnation {
+                members.push(slot);
+            }
+        }
+        members.sort_unstable();
+        members.dedup();
+        tracing::debug!(t = self.now as f64 / SEC, epoch = view.epoch(), members = members.len(), "epoch began");
+        let step =
+            members.iter().filter(|s| self.ranks[**s].stage == Stage::Boundary).map(|s| self.ranks[*s].step).max();
+        let step = step.unwrap_or(0);
+        // The old epoch's messages are gone with its endpoints.
+        for (_, p) in std::mem::take(&mut self.pairs) {
+            if let Some((flow, _)) = p.active {
+                self.fabric.share.remove(self.now, flow);
+            }
+        }
+        self.epoch += 1;
+        let epoch = self.epoch;
+        self.form_member_groups(&members);
+        let after = (self.sc.transport.unreachable_after_ms * MS) as u64;
+        let Some(m) = self.membership.as_mut() else { return };
+        m.report.epochs = view.epoch();
+        m.proposer = None;
+        m.known_lost.clear();
+        m.members = members.clone();
+        m.report.members_at_end = members.len();
+        let state = m.spec.state_bytes.0;
+        let mut joiners = Vec::new();
+        for s in &members {
+            let rk = &mut self.ranks[*s];
+            if !rk.alive {
+                // Died after the boundary met: the transport will report it again.
+                self.push(self.now + after, Ev::LostNotice { lost: *s as u32, epoch });
+                continue;
+            }
+            if rk.stage == Stage::Joining {
+                joiners.push(*s);
+            }
+            rk.step = step;
+            rk.boundary_done = Some(step);
+            if rk.stage != Stage::Finished {
+                rk.stage = Stage::Boundary;
+            }
+        }
+        // A live process the new epoch left out (reported lost while it was not) is fenced:
+        // its supervisor restarts it and it rejoins as a new incarnation.
+        let fenced: Vec<usize> = (0..world)
+            .filter(|s| self.ranks[*s].alive && !members.contains(s) && self.ranks[*s].stage != Stage::Joining)
+            .collect();
+        for s in fenced {
+            self.fence(s);
+        }
+        if let Some(tr) = self.trace.as_mut() {
+            tr.fault("epoch", self.now, true);
+            tr.fault("epoch", self.now, false);
+        }
+        self.fault_marks.push((format!("epoch {}", view.epoch()), self.now as f64 / SEC));
+        for j in joiners {
+            self.start_recovery(j, &members, state);
+        }
+        self.admission_check();
+    }
+
+    /// Joiner `j` fetches `bytes` of state, striped over up to four live, settled members
+    /// (its own data centre first).
+    fn start_recovery(&mut self, j: usize, members: &[usize], bytes: u64) {
+        let dc = self.fabric.dc_of_host(self.fabric.host_of(j));
+        let mut sources: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|s| *s != j && self.ranks[*s].alive && self.ranks[*s].stage == Stage::Boundary)
+            .filter(|s| !self.membership.as_ref().is_some_and(|m| m.recovering.iter().any(|(r, _)| r == s)))
+            .collect();
+        sources.sort_by_key(|s| (self.fabric.dc_of_host(self.fabric.host_of(*s)) != dc, *s));
+        sources.truncate(4);
+        self.ranks[j].stage = Stage::Recovering;
+        if bytes == 0 || sources.is_empty() {
+            return self.recovered(j);
+        }
+        let share = bytes.div_ceil(sources.len() as u64);
+        let mut started = 0;
+        for s in sources {
+            let Some(route) = self.fabric.route(self.fabric.host_of(s), self.fabric.host_of(j)) else { continue };
+            let flow = self.fabric.share.start(self.now, route.resources, share as f64);
+            self.set_owner(flow, FlowOwner::Recovery(j as u32));
+            self.net.bytes += share;
+            started += 1;
+        }
+        if started == 0 {
+            return self.recovered(j);
+        }
+        if let Some(m) = self.membership.as_mut() {
+            m.recovering.push((j, started));
+        }
+    }
+
+    /// One of joiner `j`'s recovery flows finished.
+    pub(super) fn recovery_flow_done(&mut self, j: usize) {
+        let Some(m) = self.membership.as_mut() else { return };
+        let Some(k) = m.recovering.iter().position(|(r, _)| *r == j) else { return };
+        m.recovering[k].1 -= 1;
+        if m.recovering[k].1 == 0 {
+            m.recovering.remove(k);
+            self.recovered(j);
+        }
+    }
+
+    fn recovered(&mut self, j: usize) {
+        self.ranks[j].stage = Stage::Boundary;
+        let Some(m) = self.membership.as_mut() else { return };
+        m.report.ranks_readmitted += 1;
+        tracing::debug!(t = self.now as f64 / SEC, rank = j, "readmitted with its state");
+        if let Some(t) = m.restarted_at[j].take() {
+            m.report.readmission_s.push((self.now - t) as f64 / SEC);
+        }
+        self.admission_check();
+    }
+
+    /// Every joiner has its state: the members step on.
+    fn admission_check(&mut self) {
+        let Some(m) = self.membership.as_ref() else { return };
+        if m.recovering.is_empty() && m.members.iter().all(|s| self.ranks[*s].stage != Stage::Recovering) {
+            self.boundary_release();
+        }
+    }
+
+    /// Live rank `r` is not a member of the new epoch: what it carried dies with its process,
+    /// which restarts and rejoins.
+    fn fence(&mut self, r: usize) {
+        let rk = &mut self.ranks[r];
+        self.contrib.died_with_rank += rk.carry_units;
+        rk.carry_units = 0;
+        rk.alive = false;
+        self.alive_count -= 1;
+        if let Some(m) = self.membership.as_mut() {
+            m.report.ranks_fenced += 1;
+        }
+        self.restart_rank(r);
+    }
+
+    /// A crashed rank's process starts again (a new incarnation) and asks to join.
+    pub(super) fn restart_rank(&mut self, r: usize) {
+        if self.ranks[r].alive || self.membership.is_none() {
+            return;
+        }
+        let dc = self.fabric.dc_of_host(self.fabric.host_of(r)) as u32;
+        let rk = &mut self.ranks[r];
+        rk.alive = true;
+        rk.incarnation += 1;
+        rk.stage = Stage::Joining;
+        rk.group = None;
+        rk.carry = None;
+        rk.carry_units = 0;
+        rk.timer_at = None;
+        let incarnation = rk.incarnation;
+        self.alive_count += 1;
+        let Some(m) = self.membership.as_mut() else { return };
+        if m.members.contains(&r) {
+            // The member of this epoch was the old process.
+            m.known_lost.insert(r);
+        }
+        m.clients[r] = Client::new(r, incarnation);
+        m.report.ranks_restarted += 1;
+        m.restarted_at[r] = Some(self.now);
+        self.submit(r, RequestBody::Propose(join(r, dc, incarnation)));
+    }
+
+    /// Rank `r` crashed: a joiner no longer holds up the admission barrier, a proposer's work
+    /// passes to the next one once the loss is reported.
+    pub(super) fn membership_crashed(&mut self, r: usize) {
+        let Some(m) = self.membership.as_mut() else { return };
+        m.recovering.retain(|(j, _)| *j != r);
+        if m.proposer == Some(r) {
+            m.proposer = None;
+        }
+        self.admission_check();
+    }
+
+    pub(super) fn membership_report(&mut self) -> Option<MembershipReport> {
+        let m = self.membership.as_mut()?;
+        m.report.leader_at_end = m.leader;
+        m.report.coordinators_up_at_end = m.coords.iter().filter(|c| c.node.is_some()).count();
+        Some(m.report.clone())
+    }
+}
+
+fn join(slot: usize, dc: u32, incarnation: u64) -> Command {
+    Command::Join { dc, host: host_name(slot), addrs: vec![format!("sim:{slot}")], incarnation }
+}
