@@ -281,6 +281,11 @@ pub enum WorkloadKind {
     CollectiveLoop,
     /// Synchronous data parallel: compute, then all-reduce the gradient, `steps` times.
     DataParallel,
+    /// Semi-synchronous across data centres (DiLoCo): every step, compute and all-reduce the
+    /// gradient inside the rank's data centre (its own group: the DCs do not wait for each
+    /// other); every `outer_every` steps, after that, the outer all-reduce of `outer_bytes`
+    /// over all ranks (hierarchical by default: once across the WAN per DC).
+    Semisync,
 }
 
 /// The collective a workload runs.
@@ -408,6 +413,11 @@ pub struct WorkloadSpec {
     /// period instead of simulated again (for long runs; see `docs/simulator.md`).
     #[serde(default)]
     pub fast_forward: bool,
+    /// `semisync`: inner steps between outer all-reduces (H).
+    pub outer_every: Option<u64>,
+    /// `semisync`: bytes per rank of the outer all-reduce (default: `bytes`; e.g. the int8
+    /// outer gradient, a quarter of an fp32 gradient).
+    pub outer_bytes: Option<ByteSize>,
 }
 
 fn default_quorum_wait() -> f64 {
@@ -666,6 +676,25 @@ impl Scenario {
         }
         if w.op == OpKind::Alltoall && w.payload == PayloadKind::Phantom {
             return Err((f("workload", "payload"), "all-to-all runs with real payloads only (for now)".into()));
+        }
+        if w.kind == WorkloadKind::Semisync {
+            let why = match w.outer_every {
+                None | Some(0) => Some(("outer_every", "semisync needs outer_every ≥ 1 (inner steps per outer round)")),
+                Some(_) if w.op != OpKind::Allreduce => Some(("op", "semisync runs all-reduces")),
+                Some(_) if w.on_failure == OnFailure::Restart || tr.frames || self.membership.is_some() => Some((
+                    "kind",
+                    "semisync runs with on_failure = \"continue\", frames = false and no [membership] (for now)",
+                )),
+                Some(_) => None,
+            };
+            if let Some((key, why)) = why {
+                return Err((f("workload", key), why.into()));
+            }
+            if w.outer_bytes.is_some_and(|b| !b.0.is_multiple_of(8) || b.0 > 1 << 40) {
+                return Err((f("workload", "outer_bytes"), "must be a multiple of 8, at most 1 TiB".into()));
+            }
+        } else if w.outer_every.is_some() || w.outer_bytes.is_some() {
+            return Err((f("workload", "outer_every"), "only for kind = \"semisync\"".into()));
         }
         if w.checkpoint_every == 0 {
             return Err((f("workload", "checkpoint_every"), "must be at least 1".into()));

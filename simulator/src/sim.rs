@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::fabric::Fabric;
 use crate::fair_share::FlowId;
 use crate::report::{Collectives, Contributions, NetworkStats, Recovery, Report, StepPoint};
-use crate::scenario::{AlgorithmKind, FaultKind, OnFailure, OpKind, PayloadKind, PolicyKind, Scenario};
+use crate::scenario::{AlgorithmKind, FaultKind, OnFailure, OpKind, PayloadKind, PolicyKind, Scenario, WorkloadKind};
 use crate::trace::Trace;
 
 mod frames;
@@ -61,6 +61,8 @@ enum Ev {
         epoch: u64,
         bytes: Bytes,
         phantom: usize,
+        /// Which of the receiver's groups it is for (0: all ranks; 1: its data centre's).
+        channel: u8,
     },
     /// The receiving rank has processed a delivered message (only with `rank_gbyte_s`).
     Processed {
@@ -69,6 +71,7 @@ enum Ev {
         epoch: u64,
         bytes: Bytes,
         phantom: usize,
+        channel: u8,
     },
     GroupTimer {
         rank: u32,
@@ -142,11 +145,11 @@ impl Ev {
     fn code(&self) -> (u8, u64, u64) {
         match self {
             Ev::FlowDone { flow, .. } => (1, *flow as u64, 0),
-            Ev::Deliver { from, to, phantom, bytes, .. } => {
-                (2, (*from as u64) << 32 | *to as u64, (bytes.len() + phantom) as u64)
+            Ev::Deliver { from, to, phantom, bytes, channel, .. } => {
+                (2, (*from as u64) << 32 | *to as u64, (bytes.len() + phantom) as u64 | (*channel as u64) << 62)
             }
-            Ev::Processed { from, to, phantom, bytes, .. } => {
-                (11, (*from as u64) << 32 | *to as u64, (bytes.len() + phantom) as u64)
+            Ev::Processed { from, to, phantom, bytes, channel, .. } => {
+                (11, (*from as u64) << 32 | *to as u64, (bytes.len() + phantom) as u64 | (*channel as u64) << 62)
             }
             Ev::GroupTimer { rank, .. } => (3, *rank as u64, 0),
             Ev::Deadline { rank, op_seq, .. } => (4, *rank as u64, *op_seq),
@@ -202,6 +205,7 @@ impl Ord for Entry {
 struct Msg {
     bytes: Bytes,
     phantom: usize,
+    channel: u8,
 }
 
 /// The ordered stream from one rank to another: one message on the wire at a time, in order,
@@ -234,6 +238,12 @@ enum Stage {
 struct RankSim {
     alive: bool,
     group: Option<Group>,
+    /// `semisync`: the group of the rank's data centre (index: its place there).
+    dc_group: Option<Group>,
+    /// The group of the running call (0: `group`, 1: `dc_group`).
+    call_channel: u8,
+    /// `semisync`: this step's in-DC call is done, its outer call is due.
+    outer_pending: bool,
     stage: Stage,
     /// Steps this rank has finished (with any outcome) in this epoch's run.
     step: u64,
@@ -241,9 +251,10 @@ struct RankSim {
     call_units: u64,
     call_compute_ns: u64,
     call_started: u64,
-    /// A late contribution to fold into the next call.
+    /// A late contribution to fold into the next call (of group `carry_channel`).
     carry: Option<Vec<u8>>,
     carry_units: u64,
+    carry_channel: u8,
     slowdown: f64,
     timer_at: Option<u64>,
     /// The process's incarnation (a restart makes a new one).
@@ -253,7 +264,7 @@ struct RankSim {
     /// With a per-rank processing rate: when the rank is done with what arrived so far.
     busy_until: u64,
     /// With `rank_work`: arrived messages waiting to be processed, and the one in progress.
-    proc_queue: VecDeque<(u32, Bytes, usize)>,
+    proc_queue: VecDeque<(u32, Bytes, usize, u8)>,
     proc_active: Option<FlowId>,
 }
 
@@ -328,6 +339,8 @@ pub fn run_collective(
             checkpoint_every: 1,
             restart_s: 0.0,
             fast_forward: false,
+            outer_every: None,
+            outer_bytes: None,
         },
         faults: Vec::new(),
         membership: None,
@@ -424,6 +437,11 @@ struct Commit {
     step_s: f64,
     messages: u64,
     bytes: u64,
+    /// Counters by then (`semisync` fast-forwards by their growth per outer round).
+    offered: u64,
+    applied: u64,
+    completed: u64,
+    useful: f64,
 }
 
 /// What a flow carries.
@@ -462,6 +480,16 @@ enum FaultTarget {
     Coordinator(Option<usize>),
 }
 
+/// A call's key across the groups of a run: the group's sequence number, tagged with the
+/// group (`channel` 1: data centre `dc`'s group).
+fn op_key(channel: u8, dc: usize, op_seq: u64) -> u64 {
+    if channel == 0 {
+        op_seq
+    } else {
+        op_seq | 1 << 63 | (dc as u64) << 40
+    }
+}
+
 fn stream(seed: u64, purpose: u64) -> ChaCha8Rng {
     let mut r = ChaCha8Rng::seed_from_u64(seed);
     r.set_stream(purpose);
@@ -490,6 +518,9 @@ impl<'a> Sim<'a> {
             .map(|_| RankSim {
                 alive: true,
                 group: None,
+                dc_group: None,
+                call_channel: 0,
+                outer_pending: false,
                 stage: Stage::Idle,
                 step: 0,
                 call_units: 0,
@@ -497,6 +528,7 @@ impl<'a> Sim<'a> {
                 call_started: 0,
                 carry: None,
                 carry_units: 0,
+                carry_channel: 0,
                 slowdown: 1.0,
                 timer_at: None,
                 incarnation: 1,
@@ -804,6 +836,7 @@ impl<'a> Sim<'a> {
         rk.carry_units = 0;
         rk.carry = None;
         rk.group = None;
+        rk.dc_group = None;
         rk.stage = Stage::Finished;
         rk.proc_queue.clear();
         if let Some(flow) = rk.proc_active.take() {
@@ -889,14 +922,14 @@ impl<'a> Sim<'a> {
 
     // ---- network ----
 
-    fn send(&mut self, from: usize, to: usize, bytes: Bytes, phantom: usize) {
+    fn send(&mut self, from: usize, to: usize, bytes: Bytes, phantom: usize, channel: u8) {
         if self.frames.is_some() {
             self.net.messages += 1;
             return self.frames_send(from, to, bytes);
         }
         let key = (from as u32, to as u32);
         let p = self.pairs.entry(key).or_default();
-        p.queue.push_back(Msg { bytes, phantom });
+        p.queue.push_back(Msg { bytes, phantom, channel });
         if p.active.is_none() && p.queue.len() == 1 {
             self.start_flow(key);
         }
@@ -945,7 +978,7 @@ impl<'a> Sim<'a> {
     /// internal link, competing with the transfers there (`rank_work`).
     fn start_processing(&mut self, r: usize) {
         let Some(work) = self.sc.topology.rank_work else { return };
-        let Some((_, bytes, phantom)) = self.ranks[r].proc_queue.front() else { return };
+        let Some((_, bytes, phantom, _)) = self.ranks[r].proc_queue.front() else { return };
         let len = (bytes.len() + phantom) as f64 * work;
         let bus = self.fabric.host_bus(self.fabric.host_of(r));
         let flow = self.fabric.share.start(self.now, vec![bus], len);
@@ -971,8 +1004,8 @@ impl<'a> Sim<'a> {
             FlowOwner::Processing(r) => {
                 let r = r as usize;
                 self.ranks[r].proc_active = None;
-                if let Some((from, bytes, phantom)) = self.ranks[r].proc_queue.pop_front() {
-                    self.receive(from as usize, r, bytes, phantom);
+                if let Some((from, bytes, phantom, channel)) = self.ranks[r].proc_queue.pop_front() {
+                    self.receive(from as usize, r, bytes, phantom, channel);
                 }
                 self.start_processing(r);
                 return true;
@@ -985,7 +1018,8 @@ impl<'a> Sim<'a> {
         p.last_delivery = at;
         let more = !p.queue.is_empty();
         let epoch = self.epoch;
-        self.push(at, Ev::Deliver { from: key.0, to: key.1, epoch, bytes: m.bytes, phantom: m.phantom });
+        let (bytes, phantom, channel) = (m.bytes, m.phantom, m.channel);
+        self.push(at, Ev::Deliver { from: key.0, to: key.1, epoch, bytes, phantom, channel });
         if more {
             self.start_flow(key);
         }
@@ -1038,9 +1072,20 @@ impl<'a> Sim<'a> {
             if let Some(seg) = self.sc.workload.segment_bytes {
                 g.set_segment_bytes(seg.0.min(usize::MAX as u64) as usize);
             }
+            let dc_group = (self.sc.workload.kind == WorkloadKind::Semisync).then(|| {
+                let mut d = Group::new(r % per_dc, per_dc);
+                d.set_epoch(self.epoch);
+                if let Some(seg) = self.sc.workload.segment_bytes {
+                    d.set_segment_bytes(seg.0.min(usize::MAX as u64) as usize);
+                }
+                d
+            });
             let rk = &mut self.ranks[r];
             rk.alive = true;
             rk.group = Some(g);
+            rk.dc_group = dc_group;
+            rk.call_channel = 0;
+            rk.outer_pending = false;
             rk.stage = Stage::Idle;
             rk.step = self.progress;
             rk.carry = None;
@@ -1120,8 +1165,8 @@ impl<'a> Sim<'a> {
 
     /// Rank `r`'s contribution at `step`: element 0 counts contributions (1 each, so a folded
     /// late one adds its count), the rest are small deterministic values.
-    fn contribution(&self, r: usize, step: u64) -> Vec<u8> {
-        let count = self.sc.workload.bytes.0 as usize / 8;
+    fn contribution(&self, r: usize, step: u64, bytes: usize) -> Vec<u8> {
+        let count = bytes / 8;
         let mut v = Vec::with_capacity(count * 8);
         for i in 0..count {
             let x: i64 = if i == 0 { 1 } else { ((r as i64 * 31 + step as i64 * 7 + i as i64 * 3) % 13) - 6 };
@@ -1143,24 +1188,42 @@ impl<'a> Sim<'a> {
         let w = &self.sc.workload;
         let epoch = self.epoch;
         let step = self.ranks[r].step;
-        let options = self.call_options();
+        let mut options = self.call_options();
         let real = w.payload == PayloadKind::Real;
-        let units = 1 + self.ranks[r].carry_units;
+        // `semisync`: the in-DC gradient round, or (after it, every `outer_every` steps) the
+        // outer round over everyone. A late contribution rides in the next call of its group.
+        let channel = u8::from(w.kind == WorkloadKind::Semisync && !self.ranks[r].outer_pending);
+        let carried = self.ranks[r].carry_channel == channel;
+        let units = 1 + if carried { self.ranks[r].carry_units } else { 0 };
         self.contrib.offered += 1;
+        let bytes = match (channel, w.outer_bytes) {
+            (0, Some(b)) if w.kind == WorkloadKind::Semisync => b.0 as usize,
+            _ => w.bytes.0 as usize,
+        };
+        if channel == 1 {
+            if let FaultPolicy::Quorum { min, wait } = options.policy {
+                options.policy = FaultPolicy::Quorum { min: min.min(self.per_dc().div_ceil(2)), wait };
+            }
+        }
+        self.ranks[r].call_channel = channel;
         let (offered, op_seq) = match w.op {
             OpKind::Allreduce => {
                 let op = Op::AllReduce { algorithm: self.algorithm(), op: ReduceOp::Sum };
+                let rk = &mut self.ranks[r];
+                let g = if channel == 1 { rk.dc_group.as_mut() } else { rk.group.as_mut() };
+                let g = g.expect("a live rank has its groups");
                 if real {
-                    let mut buf = self.contribution(r, step);
-                    if let Some(c) = self.ranks[r].carry.take() {
+                    let mut buf = self.contribution(r, step, bytes);
+                    if let Some(c) = self.ranks[r].carry.take_if(|_| carried) {
                         add_i64(&mut buf, &c);
                     }
-                    let g = self.ranks[r].group.as_mut().expect("a live rank has a group");
+                    let rk = &mut self.ranks[r];
+                    let g = if channel == 1 { rk.dc_group.as_mut() } else { rk.group.as_mut() };
+                    let g = g.expect("a live rank has its groups");
                     let op_seq = g.start(self.now, op, DType::I64, buf.clone(), options);
                     (Some(buf), op_seq)
                 } else {
-                    let g = self.ranks[r].group.as_mut().expect("a live rank has a group");
-                    (None, g.start_phantom(self.now, op, DType::I64, w.bytes.0 as usize, options))
+                    (None, g.start_phantom(self.now, op, DType::I64, bytes, options))
                 }
             }
             OpKind::Alltoall => {
@@ -1171,8 +1234,11 @@ impl<'a> Sim<'a> {
                 (None, g.start_all_to_all(self.now, send, options.policy))
             }
         };
+        let op_seq = op_key(channel, r / self.per_dc(), op_seq);
         let rk = &mut self.ranks[r];
-        rk.carry_units = 0;
+        if carried {
+            rk.carry_units = 0;
+        }
         rk.call_units = units;
         rk.call_started = self.now;
         rk.stage = Stage::InCall { op_seq };
@@ -1191,17 +1257,30 @@ impl<'a> Sim<'a> {
     /// Drains rank `r`'s group: messages to the network, a finished call to the workload, and
     /// its next timeout to the heap.
     fn pump(&mut self, r: usize) {
+        let base = r - r % self.per_dc();
         loop {
-            let Some(g) = self.ranks[r].group.as_mut() else { return };
-            let mut out = Vec::new();
-            while let Some(m) = g.poll_send_sized() {
-                out.push(m);
+            let rk = &mut self.ranks[r];
+            if rk.group.is_none() && rk.dc_group.is_none() {
+                return;
             }
-            let finished = g.finish();
-            let timeout = g.poll_timeout();
-            for (to, bytes, phantom) in out {
+            let mut out = Vec::new();
+            let (mut finished, mut timeout) = (None, None);
+            for (channel, g) in [(0u8, rk.group.as_mut()), (1, rk.dc_group.as_mut())] {
+                let Some(g) = g else { continue };
+                while let Some((to, bytes, phantom)) = g.poll_send_sized() {
+                    out.push((if channel == 1 { base + to } else { to }, bytes, phantom, channel));
+                }
+                if channel == rk.call_channel {
+                    finished = g.finish();
+                }
+                timeout = match (timeout, g.poll_timeout()) {
+                    (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            for (to, bytes, phantom, channel) in out {
                 if to != r && to < self.world {
-                    self.send(r, to, bytes, phantom);
+                    self.send(r, to, bytes, phantom, channel);
                 }
             }
             if self.frames.is_some() {
@@ -1232,13 +1311,19 @@ impl<'a> Sim<'a> {
         let key = (self.epoch, op_seq);
         let units = self.ranks[r].call_units;
         let took = self.now - self.ranks[r].call_started;
+        let semisync = self.sc.workload.kind == WorkloadKind::Semisync;
+        let channel = self.ranks[r].call_channel;
         // Useful rank-time of an applied contribution: its compute (or, without compute, the
-        // call itself).
+        // call itself); an outer round of `semisync` adds none (its inner steps' rounds did).
         let compute = self.ranks[r].call_compute_ns;
-        let useful = if compute > 0 { compute } else { took } as f64;
+        let useful = if semisync && channel == 0 { 0.0 } else { (if compute > 0 { compute } else { took }) as f64 };
         let outcome: &'static str;
         match f {
             Finished::Buffer { data, participants } => {
+                // A data centre's group reports its own indices: as ranks.
+                let base = r - r % self.per_dc();
+                let participants: Vec<usize> =
+                    if channel == 1 { participants.iter().map(|p| base + p).collect() } else { participants };
                 outcome = "done";
                 self.contrib.applied += units;
                 self.useful_since_checkpoint += useful;
@@ -1259,7 +1344,15 @@ impl<'a> Sim<'a> {
                     rec.completed = true;
                     rec.useful_at_commit = rec.useful;
                     self.coll.completed += 1;
-                    self.step_committed(rec_started(&self.ops, key), participants.len());
+                    // `semisync` counts its progress by outer rounds (`outer_every` steps each).
+                    match (semisync, channel) {
+                        (false, _) => self.step_committed(rec_started(&self.ops, key), participants.len(), 1),
+                        (true, 0) => {
+                            let h = self.sc.workload.outer_every.unwrap_or(1);
+                            self.step_committed(rec_started(&self.ops, key), participants.len(), h)
+                        }
+                        (true, _) => {}
+                    }
                 }
             }
             Finished::AllToAll(res) => {
@@ -1280,7 +1373,7 @@ impl<'a> Sim<'a> {
                     rec.completed = true;
                     self.coll.completed += 1;
                     let n = self.world - res.lost.len();
-                    self.step_committed(rec_started(&self.ops, key), n);
+                    self.step_committed(rec_started(&self.ops, key), n, 1);
                 }
             }
             Finished::Late { contribution, .. } => {
@@ -1288,6 +1381,7 @@ impl<'a> Sim<'a> {
                 self.contrib.late += 1;
                 let rk = &mut self.ranks[r];
                 rk.carry_units += units;
+                rk.carry_channel = rk.call_channel;
                 if self.sc.workload.payload == PayloadKind::Real {
                     rk.carry = Some(contribution);
                 }
@@ -1309,8 +1403,18 @@ impl<'a> Sim<'a> {
             tr.end(r, self.now, outcome);
         }
         self.op_closed(key);
+        let w = &self.sc.workload;
         let rk = &mut self.ranks[r];
         rk.stage = Stage::Idle;
+        if let (WorkloadKind::Semisync, Some(h)) = (w.kind, w.outer_every) {
+            if rk.call_channel == 1 && (rk.step + 1).is_multiple_of(h) {
+                // The step's outer round follows its in-DC round.
+                rk.outer_pending = true;
+                rk.call_compute_ns = 0;
+                return self.start_call(r);
+            }
+            rk.outer_pending = false;
+        }
         rk.step += 1;
         if outcome == "failed" && self.sc.workload.on_failure == OnFailure::Restart {
             self.restart_job();
@@ -1336,10 +1440,12 @@ impl<'a> Sim<'a> {
     }
 
     /// A step (collective) committed somewhere: progress, recovery times, the step series.
-    fn step_committed(&mut self, started: u64, participants: usize) {
-        self.progress += 1;
-        if self.progress.is_multiple_of(self.sc.workload.checkpoint_every) {
-            self.checkpoint = self.progress;
+    fn step_committed(&mut self, started: u64, participants: usize, steps: u64) {
+        let every = self.sc.workload.checkpoint_every;
+        let before = self.progress / every;
+        self.progress += steps;
+        if self.progress / every > before {
+            self.checkpoint = self.progress - self.progress % every;
             self.useful_ns += std::mem::take(&mut self.useful_since_checkpoint);
         }
         for t in self.open_faults.drain(..) {
@@ -1348,7 +1454,11 @@ impl<'a> Sim<'a> {
         let step_s = (self.now - started) as f64 / SEC;
         self.steps.push(StepPoint { t_s: self.now as f64 / SEC, step_s, participants });
         let (messages, bytes) = (self.net.messages, self.net.bytes);
-        self.commits = [self.commits[1], Some(Commit { at: self.now, participants, step_s, messages, bytes })];
+        let (offered, applied, completed) = (self.contrib.offered, self.contrib.applied, self.coll.completed);
+        let useful = self.useful_ns + self.useful_since_checkpoint;
+        let commit =
+            Commit { at: self.now, participants, step_s, messages, bytes, offered, applied, completed, useful };
+        self.commits = [self.commits[1], Some(commit)];
     }
 
     /// Fast-forward: every live rank is computing the next step. If the network is idle,
@@ -1391,10 +1501,15 @@ impl<'a> Sim<'a> {
         let next_fault = self.fault_times.get(self.fault_times.partition_point(|t| *t <= self.now)).copied();
         let horizon = next_fault.unwrap_or(end).min(end);
         let step = self.ranks.iter().filter(|r| r.alive).map(|r| r.step).max().unwrap_or(0);
-        // Keep a period of margin before the horizon, and simulate the last step for real.
+        // A period is one step, or for `semisync` one outer round of `outer_every` steps.
+        let unit = match (self.sc.workload.kind, self.sc.workload.outer_every) {
+            (WorkloadKind::Semisync, Some(h)) => h.max(1),
+            _ => 1,
+        };
+        // Keep a period of margin before the horizon, and simulate the last period for real.
         let k = (horizon.saturating_sub(self.now) / period)
             .saturating_sub(1)
-            .min(self.steps_target.saturating_sub(step + 1));
+            .min((self.steps_target.saturating_sub(step) / unit).saturating_sub(1));
         if k < 2 {
             return;
         }
@@ -1413,15 +1528,31 @@ impl<'a> Sim<'a> {
             self.heap.push(e);
         }
         for rk in self.ranks.iter_mut().filter(|r| r.alive) {
-            rk.step += k;
+            rk.step += k * unit;
         }
-        let live = self.alive_count as u64;
-        self.contrib.offered += k * live;
-        self.contrib.applied += k * live;
-        self.coll.completed += k;
         self.net.messages += k * (b.messages - a.messages);
         self.net.bytes += k * (b.bytes - a.bytes);
-        for i in 1..=k {
+        if unit > 1 {
+            // `semisync`: each outer round repeats the last one's counts (its in-DC rounds, its
+            // outer round, their useful compute).
+            self.contrib.offered += k * (b.offered - a.offered);
+            self.contrib.applied += k * (b.applied - a.applied);
+            self.coll.completed += k * (b.completed - a.completed);
+            self.useful_ns += k as f64 * (b.useful - a.useful);
+            self.progress += k * unit;
+            self.checkpoint = self.progress;
+            for i in 1..=k {
+                let t_s = (b.at + i * period) as f64 / SEC;
+                self.steps.push(StepPoint { t_s, step_s: b.step_s, participants: b.participants });
+            }
+        }
+        let live = self.alive_count as u64;
+        if unit == 1 {
+            self.contrib.offered += k * live;
+            self.contrib.applied += k * live;
+            self.coll.completed += k;
+        }
+        for i in (1..=k).filter(|_| unit == 1) {
             // As a simulated step: the commit (and a checkpoint) comes with the first rank's
             // result; the others' useful time counts after it.
             let (by_commit, all) = self.last_step_useful;
@@ -1436,8 +1567,23 @@ impl<'a> Sim<'a> {
             self.steps.push(StepPoint { t_s, step_s: b.step_s, participants: b.participants });
         }
         let at = b.at + k * period;
-        self.commits = [Some(Commit { at: at - period, ..b }), Some(Commit { at, ..b })];
-        self.fast_forwarded += k;
+        // The last two periods as if simulated: their counters advanced by the skip.
+        let (offered, applied, completed) = (self.contrib.offered, self.contrib.applied, self.coll.completed);
+        let (messages, bytes, useful) =
+            (self.net.messages, self.net.bytes, self.useful_ns + self.useful_since_checkpoint);
+        let last = Commit { at, messages, bytes, offered, applied, completed, useful, ..b };
+        let before = Commit {
+            at: at - period,
+            messages: messages - (b.messages - a.messages),
+            bytes: bytes - (b.bytes - a.bytes),
+            offered: offered - (b.offered - a.offered),
+            applied: applied - (b.applied - a.applied),
+            completed: completed - (b.completed - a.completed),
+            useful: useful - (b.useful - a.useful),
+            ..b
+        };
+        self.commits = [Some(before), Some(last)];
+        self.fast_forwarded += k * unit;
         self.hash_buf.push(12);
         self.hash_buf.extend_from_slice(&k.to_le_bytes());
         self.hash_buf.extend_from_slice(&period.to_le_bytes());
@@ -1470,6 +1616,7 @@ impl<'a> Sim<'a> {
             self.contrib.dropped_reported += rk.carry_units;
             rk.carry_units = 0;
             rk.group = None;
+            rk.dc_group = None;
             rk.stage = Stage::Idle;
             rk.proc_queue.clear();
             self.computing = 0;
@@ -1492,7 +1639,9 @@ impl<'a> Sim<'a> {
         if self.ranks[r].stage != (Stage::InCall { op_seq }) {
             return;
         }
-        if let Some(g) = self.ranks[r].group.as_mut() {
+        let rk = &mut self.ranks[r];
+        let channel = rk.call_channel;
+        if let Some(g) = if channel == 1 { rk.dc_group.as_mut() } else { rk.group.as_mut() } {
             g.abandon(self.now);
         }
         self.contrib.dropped_reported += self.ranks[r].call_units;
@@ -1584,13 +1733,13 @@ impl<'a> Sim<'a> {
             Ev::FlowDone { flow, version } => {
                 self.flow_done(flow, version);
             }
-            Ev::Deliver { from, to, bytes, phantom, epoch } => {
+            Ev::Deliver { from, to, bytes, phantom, epoch, channel } => {
                 let t = to as usize;
                 if !self.ranks[t].alive {
                     return;
                 }
                 if self.sc.topology.rank_work.is_some() {
-                    self.ranks[t].proc_queue.push_back((from, bytes, phantom));
+                    self.ranks[t].proc_queue.push_back((from, bytes, phantom, channel));
                     if self.ranks[t].proc_active.is_none() {
                         self.start_processing(t);
                     }
@@ -1602,17 +1751,22 @@ impl<'a> Sim<'a> {
                     let cost = ((bytes.len() + phantom) as f64 / (rate * 1e9) * SEC).round() as u64;
                     let done = self.now.max(self.ranks[t].busy_until) + cost;
                     self.ranks[t].busy_until = done;
-                    self.push(done, Ev::Processed { from, to, epoch, bytes, phantom });
+                    self.push(done, Ev::Processed { from, to, epoch, bytes, phantom, channel });
                     return;
                 }
-                self.receive(from as usize, t, bytes, phantom);
+                self.receive(from as usize, t, bytes, phantom, channel);
             }
-            Ev::Processed { from, to, bytes, phantom, .. } => self.receive(from as usize, to as usize, bytes, phantom),
+            Ev::Processed { from, to, bytes, phantom, channel, .. } => {
+                self.receive(from as usize, to as usize, bytes, phantom, channel)
+            }
             Ev::GroupTimer { rank, .. } => {
                 let r = rank as usize;
                 self.ranks[r].timer_at = None;
-                if let Some(g) = self.ranks[r].group.as_mut() {
-                    g.handle_timeout(self.now);
+                let rk = &mut self.ranks[r];
+                if rk.group.is_some() || rk.dc_group.is_some() {
+                    for g in rk.group.iter_mut().chain(rk.dc_group.iter_mut()) {
+                        g.handle_timeout(self.now);
+                    }
                     self.pump(r);
                 }
             }
@@ -1627,10 +1781,7 @@ impl<'a> Sim<'a> {
             Ev::LostNotice { lost, .. } => {
                 for r in 0..self.world {
                     if r != lost as usize && self.ranks[r].alive {
-                        if let Some(g) = self.ranks[r].group.as_mut() {
-                            g.handle_peer_lost(lost as usize, self.now);
-                            self.pump(r);
-                        }
+                        self.peer_lost(r, lost as usize);
                     }
                 }
                 self.membership_lost(lost as usize);
@@ -1643,10 +1794,7 @@ impl<'a> Sim<'a> {
                         for y in self.fabric.ranks_of_host(b) {
                             for (me, peer) in [(x, y), (y, x)] {
                                 if self.ranks[me].alive {
-                                    if let Some(g) = self.ranks[me].group.as_mut() {
-                                        g.handle_peer_lost(peer, self.now);
-                                        self.pump(me);
-                                    }
+                                    self.peer_lost(me, peer);
                                 }
                             }
                         }
@@ -1681,15 +1829,40 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Rank `to` takes in a message from `from`.
-    fn receive(&mut self, from: usize, to: usize, bytes: Bytes, phantom: usize) {
+    /// Rank `to` takes in a message from `from` for its group `channel`.
+    fn receive(&mut self, from: usize, to: usize, bytes: Bytes, phantom: usize, channel: u8) {
         if !self.ranks[to].alive {
             return;
         }
-        if let Some(g) = self.ranks[to].group.as_mut() {
+        let per_dc = self.per_dc();
+        let rk = &mut self.ranks[to];
+        let (g, from) = if channel == 1 { (rk.dc_group.as_mut(), from % per_dc) } else { (rk.group.as_mut(), from) };
+        if let Some(g) = g {
             g.handle_message_sized(from, vec![bytes], phantom, self.now);
             self.pump(to);
         }
+    }
+
+    /// Ranks per data centre (the topology is uniform).
+    fn per_dc(&self) -> usize {
+        let t = &self.sc.topology;
+        t.hosts_per_dc * t.ranks_per_host
+    }
+
+    /// Rank `r` learns that `peer` is lost (in its data centre's group too, if they share one).
+    fn peer_lost(&mut self, r: usize, peer: usize) {
+        let per_dc = self.per_dc();
+        let rk = &mut self.ranks[r];
+        if rk.group.is_none() && rk.dc_group.is_none() {
+            return;
+        }
+        if let Some(g) = rk.group.as_mut() {
+            g.handle_peer_lost(peer, self.now);
+        }
+        if let Some(g) = rk.dc_group.as_mut().filter(|_| r / per_dc == peer / per_dc) {
+            g.handle_peer_lost(peer % per_dc, self.now);
+        }
+        self.pump(r);
     }
 
     fn finish(mut self) -> RunOutput {

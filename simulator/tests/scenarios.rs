@@ -16,6 +16,8 @@ fn examples() -> PathBuf {
 fn short(name: &str) -> Scenario {
     let mut s = Scenario::load(&examples().join(format!("{name}.toml"))).expect("example parses");
     s.workload.steps = s.workload.steps.min(6);
+    // A semi-synchronous run counts its progress in outer rounds: make them short.
+    s.workload.outer_every = s.workload.outer_every.map(|h| h.min(3));
     let t = &mut s.topology;
     if t.ranks() > 64 {
         t.hosts_per_dc = 4;
@@ -541,4 +543,60 @@ fn chaos_sweep_at_frame_level_nothing_hangs_nothing_is_wrong_nothing_is_lost() {
             panic!("seed {seed} failed; replay: phalanx sim {} --seed {seed}\n{}", file.display(), r.summary());
         }
     }
+}
+
+#[test]
+fn semisync_syncs_inside_each_dc_every_step_and_across_every_h_steps_and_loses_nothing() {
+    let text = |policy: &str, faults: &str| {
+        format!(
+            r#"name = "semisync"
+[topology]
+dcs = 2
+hosts_per_dc = 2
+ranks_per_host = 2
+nic_gbit_s = 100
+wan_gbit_s = 10
+[transport]
+unreachable_after_ms = 300
+[workload]
+kind = "semisync"
+bytes = "256KiB"
+outer_bytes = "64KiB"
+outer_every = 5
+steps = 20
+payload = "real"
+policy = "{policy}"
+quorum_wait_ms = 20
+deadline_ms = 20000
+compute = {{ median_ms = 50, sigma = 0.1 }}
+{faults}"#
+        )
+    };
+    // Healthy: every step each DC's own all-reduce (2 per step), every 5th step one over all.
+    let s = Scenario::parse("semisync.toml", &text("shrink", "")).expect("valid");
+    let r = sim(&s, 1);
+    assert_clean(&r, "healthy");
+    assert_eq!(r.steps_completed, 20);
+    assert_eq!(r.collectives.completed, 20 * 2 + 4, "{}", r.summary());
+    assert_eq!(r.contributions.offered, 8 * (20 + 4));
+    assert_eq!(r.steps.len(), 4, "progress counts outer rounds");
+    // A crash, a straggler under a quorum, the WAN down for a while: checked sums over the
+    // participants, nothing lost.
+    let faults = "[[faults]]\nkind = \"crash\"\nrank = 5\nat_s = 0.4\n\
+                  [[faults]]\nkind = \"straggler\"\nranks = [2]\nslowdown = 3.0\n\
+                  [[faults]]\nkind = \"link_down\"\ndcs = [0, 1]\nat_s = 0.7\nduration_s = 0.3\n";
+    for policy in ["shrink", "quorum"] {
+        let s = Scenario::parse("semisync.toml", &text(policy, faults)).expect("valid");
+        for seed in 1..=4 {
+            let r = sim(&s, seed);
+            assert_clean(&r, policy);
+            assert_eq!(r.steps_completed, 20, "{policy}: {}", r.summary());
+        }
+    }
+    // Wrong combinations are refused naming the field.
+    let err = Scenario::parse("s.toml", &text("shrink", "").replace("outer_every = 5\n", "")).expect_err("no H");
+    assert!(err.to_string().contains("outer_every"), "{err}");
+    let err = Scenario::parse("s.toml", &text("shrink", "").replace("kind = \"semisync\"", "kind = \"data_parallel\""))
+        .expect_err("H on a data-parallel loop");
+    assert!(err.to_string().contains("outer_every"), "{err}");
 }
