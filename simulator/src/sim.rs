@@ -251,10 +251,10 @@ struct RankSim {
     call_units: u64,
     call_compute_ns: u64,
     call_started: u64,
-    /// A late contribution to fold into the next call (of group `carry_channel`).
-    carry: Option<Vec<u8>>,
-    carry_units: u64,
-    carry_channel: u8,
+    /// Per group (0: all ranks, 1: the data centre's): a late contribution to fold into the
+    /// group's next call, and the units riding in it.
+    carry: [Option<Vec<u8>>; 2],
+    carry_units: [u64; 2],
     slowdown: f64,
     timer_at: Option<u64>,
     /// The process's incarnation (a restart makes a new one).
@@ -266,6 +266,13 @@ struct RankSim {
     /// With `rank_work`: arrived messages waiting to be processed, and the one in progress.
     proc_queue: VecDeque<(u32, Bytes, usize, u8)>,
     proc_active: Option<FlowId>,
+}
+
+impl RankSim {
+    /// Contribution units riding in late contributions, all groups.
+    fn carried(&self) -> u64 {
+        self.carry_units.iter().sum()
+    }
 }
 
 #[derive(Default)]
@@ -526,9 +533,8 @@ impl<'a> Sim<'a> {
                 call_units: 0,
                 call_compute_ns: 0,
                 call_started: 0,
-                carry: None,
-                carry_units: 0,
-                carry_channel: 0,
+                carry: [None, None],
+                carry_units: [0, 0],
                 slowdown: 1.0,
                 timer_at: None,
                 incarnation: 1,
@@ -832,9 +838,9 @@ impl<'a> Sim<'a> {
             // from `lost`, which is what a live rank never got back).
             self.contrib.died_with_rank += rk.call_units;
         }
-        self.contrib.died_with_rank += rk.carry_units;
-        rk.carry_units = 0;
-        rk.carry = None;
+        self.contrib.died_with_rank += rk.carried();
+        rk.carry_units = [0, 0];
+        rk.carry = [None, None];
         rk.group = None;
         rk.dc_group = None;
         rk.stage = Stage::Finished;
@@ -1088,8 +1094,8 @@ impl<'a> Sim<'a> {
             rk.outer_pending = false;
             rk.stage = Stage::Idle;
             rk.step = self.progress;
-            rk.carry = None;
-            rk.carry_units = 0;
+            rk.carry = [None, None];
+            rk.carry_units = [0, 0];
             rk.timer_at = None;
         }
     }
@@ -1193,8 +1199,7 @@ impl<'a> Sim<'a> {
         // `semisync`: the in-DC gradient round, or (after it, every `outer_every` steps) the
         // outer round over everyone. A late contribution rides in the next call of its group.
         let channel = u8::from(w.kind == WorkloadKind::Semisync && !self.ranks[r].outer_pending);
-        let carried = self.ranks[r].carry_channel == channel;
-        let units = 1 + if carried { self.ranks[r].carry_units } else { 0 };
+        let units = 1 + self.ranks[r].carry_units[channel as usize];
         self.contrib.offered += 1;
         let bytes = match (channel, w.outer_bytes) {
             (0, Some(b)) if w.kind == WorkloadKind::Semisync => b.0 as usize,
@@ -1214,7 +1219,7 @@ impl<'a> Sim<'a> {
                 let g = g.expect("a live rank has its groups");
                 if real {
                     let mut buf = self.contribution(r, step, bytes);
-                    if let Some(c) = self.ranks[r].carry.take_if(|_| carried) {
+                    if let Some(c) = self.ranks[r].carry[channel as usize].take() {
                         add_i64(&mut buf, &c);
                     }
                     let rk = &mut self.ranks[r];
@@ -1236,9 +1241,7 @@ impl<'a> Sim<'a> {
         };
         let op_seq = op_key(channel, r / self.per_dc(), op_seq);
         let rk = &mut self.ranks[r];
-        if carried {
-            rk.carry_units = 0;
-        }
+        rk.carry_units[channel as usize] = 0;
         rk.call_units = units;
         rk.call_started = self.now;
         rk.stage = Stage::InCall { op_seq };
@@ -1380,10 +1383,10 @@ impl<'a> Sim<'a> {
                 outcome = "late";
                 self.contrib.late += 1;
                 let rk = &mut self.ranks[r];
-                rk.carry_units += units;
-                rk.carry_channel = rk.call_channel;
+                let ch = rk.call_channel as usize;
+                rk.carry_units[ch] += units;
                 if self.sc.workload.payload == PayloadKind::Real {
-                    rk.carry = Some(contribution);
+                    rk.carry[ch] = Some(contribution);
                 }
             }
             Finished::Failed(e) => {
@@ -1480,7 +1483,7 @@ impl<'a> Sim<'a> {
             return;
         }
         let busy_pair = self.pairs.values().any(|p| p.active.is_some() || !p.queue.is_empty());
-        let carrying = self.ranks.iter().any(|r| r.alive && r.carry_units > 0);
+        let carrying = self.ranks.iter().any(|r| r.alive && r.carried() > 0);
         // Only compute (and stale or idle-group events) may be pending.
         let pending_work = self.heap.iter().any(|e| match &e.ev {
             Ev::ComputeDone { .. } | Ev::GroupTimer { .. } | Ev::Deadline { .. } => false,
@@ -1613,8 +1616,8 @@ impl<'a> Sim<'a> {
                 }
             }
             let rk = &mut self.ranks[r];
-            self.contrib.dropped_reported += rk.carry_units;
-            rk.carry_units = 0;
+            self.contrib.dropped_reported += rk.carried();
+            rk.carry_units = [0, 0];
             rk.group = None;
             rk.dc_group = None;
             rk.stage = Stage::Idle;
@@ -1888,7 +1891,7 @@ impl<'a> Sim<'a> {
                 }
                 self.contrib.pending += rk.call_units;
             }
-            self.contrib.pending += rk.carry_units;
+            self.contrib.pending += rk.carried();
         }
         let sim_s = self.now as f64 / SEC;
         self.useful_ns += self.useful_since_checkpoint;

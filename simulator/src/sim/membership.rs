@@ -662,8 +662,8 @@ impl<'a> Sim<'a> {
     /// which restarts and rejoins.
     fn fence(&mut self, r: usize) {
         let rk = &mut self.ranks[r];
-        self.contrib.died_with_rank += rk.carry_units;
-        rk.carry_units = 0;
+        self.contrib.died_with_rank += rk.carried();
+        rk.carry_units = [0, 0];
         rk.alive = false;
         self.alive_count -= 1;
         if let Some(m) = self.membership.as_mut() {
@@ -683,8 +683,8 @@ impl<'a> Sim<'a> {
         rk.incarnation += 1;
         rk.stage = Stage::Joining;
         rk.group = None;
-        rk.carry = None;
-        rk.carry_units = 0;
+        rk.carry = [None, None];
+        rk.carry_units = [0, 0];
         rk.timer_at = None;
         let incarnation = rk.incarnation;
         self.alive_count += 1;
