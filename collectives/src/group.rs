@@ -23,8 +23,9 @@
 //!
 //! - **Plan** `(attempt, participants)`: who runs this attempt. Under `Shrink` the coordinator
 //!   plans once every live rank is ready; under `Quorum { min, wait }` also when `wait` has
-//!   passed since the first report and at least `min` are ready. A rank not in the plan gets its
-//!   contribution back as [`Finished::Late`].
+//!   passed since the first report and at least `min` are ready — and, for a broadcast or a
+//!   reduce, its root (a plan without a live root could only fail). A rank not in the plan gets
+//!   its contribution back as [`Finished::Late`].
 //! - **Commit** `(attempt)`: every live participant finished the attempt; results are returned
 //!   only now, so no rank returns a result that another rank replaces. (Finishing implies every
 //!   participant's contribution is in the result, so a participant lost after it sent
@@ -373,8 +374,18 @@ enum MemberState {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Report {
-    current: Option<(u64, CallOptions, MemberState)>,
+    /// The collective the rank is in: its sequence number, options, state, and (broadcast,
+    /// reduce) its root.
+    current: Option<(u64, CallOptions, MemberState, Option<usize>)>,
     recent: Vec<(u64, Outcome)>,
+}
+
+/// The root of a rooted operation (broadcast, reduce).
+fn root_of(op: Option<Op>) -> Option<usize> {
+    match op {
+        Some(Op::Broadcast { root }) | Some(Op::Reduce { root, .. }) => Some(root),
+        _ => None,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -421,6 +432,9 @@ struct Call {
 
 struct CoordOp {
     options: CallOptions,
+    /// A broadcast's or reduce's root: a quorum plan waits for it (a plan without it could
+    /// only fail).
+    root: Option<usize>,
     since: u64,
     ready: BTreeSet<usize>,
     /// Ranks heard from (any report) since this rank coordinates the collective.
@@ -925,8 +939,10 @@ impl Group {
 
     fn report_state(&mut self, state: MemberState) {
         let Some(call) = self.running.as_ref() else { return };
-        let r =
-            Report { current: Some((call.op_seq, call.options, state)), recent: self.recent.iter().copied().collect() };
+        let r = Report {
+            current: Some((call.op_seq, call.options, state, root_of(call.op))),
+            recent: self.recent.iter().copied().collect(),
+        };
         self.send_report(r);
     }
 
@@ -1107,7 +1123,7 @@ impl Group {
         for op_seq in open {
             self.note(op_seq, from, r);
         }
-        if let Some((op_seq, options, _)) = &r.current {
+        if let Some((op_seq, options, _, root)) = &r.current {
             if !self.coord.contains_key(op_seq) {
                 if self.coord.len() >= COORDINATOR_HISTORY {
                     let oldest = *self.coord.keys().next().expect("not empty");
@@ -1118,6 +1134,7 @@ impl Group {
                 }
                 let c = CoordOp {
                     options: *options,
+                    root: *root,
                     since: self.now,
                     ready: BTreeSet::new(),
                     heard: BTreeSet::new(),
@@ -1161,7 +1178,7 @@ impl Group {
                 }
             }
             match &rep.current {
-                Some((o, _, state)) if *o == op_seq => {
+                Some((o, _, state, _)) if *o == op_seq => {
                     c.at_op.insert(m);
                     if c.terminal() {
                         // A rank late to a settled collective: the plan (which may leave it
@@ -1261,7 +1278,8 @@ impl Group {
                     }
                     FaultPolicy::Quorum { min, wait } => {
                         let due = now >= c.since.saturating_add(wait.as_nanos() as u64);
-                        ((all_in || due) && ready >= min && ready > 0)
+                        let root_in = c.root.is_none_or(|x| gone(&x) || c.ready.contains(&x));
+                        ((all_in || due) && ready >= min && ready > 0 && root_in)
                             .then(|| Decision::Plan { attempt: c.attempt, participants: ready_list() })
                     }
                     _ => {
@@ -1476,9 +1494,10 @@ fn encode_report(r: &Report) -> Bytes {
     m.put_u8(1);
     match &r.current {
         None => m.put_u8(0),
-        Some((op_seq, options, state)) => {
+        Some((op_seq, options, state, root)) => {
             m.put_u8(1);
             m.put_u64_le(*op_seq);
+            m.put_u32_le(root.map_or(u32::MAX, |x| x as u32));
             let (p, min, wait) = match options.policy {
                 FaultPolicy::Abort => (0, 0, 0),
                 FaultPolicy::Shrink => (1, 0, 0),
@@ -1593,6 +1612,11 @@ fn decode_control(body: Bytes, world: usize) -> Option<Control> {
                 0 => None,
                 1 => {
                     let op_seq = r.u64()?;
+                    let root = match r.u32()? {
+                        u32::MAX => None,
+                        x if (x as usize) < world => Some(x as usize),
+                        _ => return None,
+                    };
                     let (p, min, wait) = (r.u8()?, r.u32()?, r.u64()?);
                     let policy = match p {
                         0 => FaultPolicy::Abort,
@@ -1608,7 +1632,7 @@ fn decode_control(body: Bytes, world: usize) -> Option<Control> {
                         2 => MemberState::Done { attempt, participants, hash },
                         _ => return None,
                     };
-                    Some((op_seq, CallOptions { policy, verify }, state))
+                    Some((op_seq, CallOptions { policy, verify }, state, root))
                 }
                 _ => return None,
             };

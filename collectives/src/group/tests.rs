@@ -313,6 +313,32 @@ fn quorum_goes_on_without_a_straggler_which_gets_its_contribution_back_and_joins
 }
 
 #[test]
+fn a_quorum_broadcast_waits_for_its_root_however_late_and_leaves_out_only_the_others() {
+    // The root (1) and a straggler (3) are late; the coordinator (0) must not plan without the
+    // root — a broadcast without it could only fail — but once the root is in, it goes on
+    // without the straggler.
+    let (world, root, len) = (4, 1, 6);
+    let options = CallOptions::policy(FaultPolicy::Quorum { min: 2, wait: Duration::from_millis(10) });
+    let bcast = Op::Broadcast { root };
+    let mut net = Net::new(world);
+    for r in [0, 2] {
+        net.start(r, bcast, f32s(&[0.0; 6]), options);
+    }
+    net.advance(50 * MS);
+    assert!(net.results.iter().all(Option::is_none), "planned without the root: {:?}", net.results);
+    net.start(root, bcast, f32s(&contribution(root, len)), options);
+    net.run(None);
+    for r in [0, 1, 2] {
+        let Finished::Buffer { data, participants } = net.take(r) else { panic!("rank {r}") };
+        assert_eq!(participants, vec![0, 1, 2]);
+        assert_eq!(read(&data), contribution(root, len), "rank {r} has the root's buffer");
+    }
+    net.start(3, bcast, f32s(&[0.0; 6]), options);
+    net.run(None);
+    assert!(matches!(net.take(3), Finished::Late { .. }));
+}
+
+#[test]
 fn quorum_fails_on_every_rank_when_too_few_remain() {
     let world = 3;
     let options = CallOptions::policy(FaultPolicy::Quorum { min: 3, wait: Duration::from_millis(10) });
@@ -545,6 +571,7 @@ fn control_messages_round_trip() {
                 9,
                 CallOptions { policy: FaultPolicy::Quorum { min: 2, wait: Duration::from_millis(7) }, verify: true },
                 MemberState::Done { attempt: 1, participants: vec![0, 2, 5], hash: 77 },
+                Some(5),
             )),
             recent: vec![],
         },
@@ -553,6 +580,7 @@ fn control_messages_round_trip() {
                 1,
                 CallOptions::policy(FaultPolicy::Shrink),
                 MemberState::Running { attempt: 0, participants: vec![1] },
+                None,
             )),
             recent: vec![],
         },

@@ -522,7 +522,8 @@ pub struct CrossDcSemiSync {
 
 impl CrossDcSemiSync {
     /// State for parameters `params` (identical on every rank at the start). `inner` is the
-    /// policy and deadline of the in-DC gradient rounds; `outer` the cross-DC configuration.
+    /// policy and deadline of the in-DC rounds (gradients and realignment); `outer` the cross-DC
+    /// configuration.
     pub fn new(params: &[f32], inner: SemiSyncConfig, outer: SemiSyncConfig) -> CrossDcSemiSync {
         let inner = SemiSync::new(params, SemiSyncConfig { mode: SyncMode::Synchronous, ..inner });
         let ranges = fragment_ranges(params.len(), outer.mode.fragments());
@@ -634,7 +635,8 @@ impl CrossDcSemiSync {
     }
 
     /// The leader (index 0) broadcasts the model and the outer state of `fragments` inside the
-    /// DC (under `Shrink`: every live rank of the DC takes part); the others adopt them.
+    /// DC (under the in-DC policy; the leader always takes part); the others adopt them. A rank
+    /// late for it stays as it is until the next one.
     async fn realign(
         &mut self,
         dc: &mut Communicator,
@@ -653,10 +655,10 @@ impl CrossDcSemiSync {
         } else {
             vec![0u8; n * 4]
         };
-        // `Shrink`: the leader must be in it (it comes from the cross-DC round, after the
-        // others), so it waits for every live rank of the DC — a straggler delays its DC's
-        // realignment by its own lag, once per outer round.
-        let options = CallOptions { policy: FaultPolicy::Shrink, verify: false };
+        // The in-DC policy: under `Quorum` the round waits for its root, the leader (it comes
+        // from the cross-DC round, after the others), and leaves out only a straggler, which
+        // stays as it is until the next realignment.
+        let options = CallOptions { policy: self.inner.config.policy, verify: false };
         let span = info_span!("realign", step = self.step, fragments = fragments.len());
         let outcome = dc
             .collective(Op::Broadcast { root: 0 }, DType::U8, payload, options, self.inner.config.deadline)

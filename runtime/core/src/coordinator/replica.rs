@@ -541,6 +541,12 @@ impl<L: DurableLog> Coordinator<L> {
                 continue;
             }
             if let Some(a) = self.state.apply_entry(e.index, &e.context, &e.data) {
+                // A rank that just joined has not had the time to heartbeat: its silence
+                // counts from its join, not from when this detector started.
+                if let Ok(membership::Outcome::Joined { rank, .. }) = &a.result {
+                    self.detector.last_heard.insert(*rank, self.detector.ticks);
+                    self.detector.reported.remove(rank);
+                }
                 if let Some(peer) = self.waiting.remove(&(a.client, a.request)) {
                     self.reply(peer, a.request, ReplyBody::Applied { index: e.index, result: a.result });
                 }

@@ -370,6 +370,42 @@ fn the_leader_declares_a_silent_rank_failed_and_tells_it_so_when_it_comes_back()
 }
 
 #[test]
+fn a_rank_joining_long_after_the_election_gets_its_full_timeout_before_it_is_declared_failed() {
+    let mut g = Group::new(3, 1024);
+    g.failure_ticks = 20;
+    for id in [1, 2, 3] {
+        g.crash(id);
+        g.start(id);
+    }
+    g.await_leader(&[1, 2, 3], 100);
+    for _ in 0..60 {
+        g.step();
+    }
+    // A restarted process joins 60 ticks after the leader's detector started, and has not
+    // heartbeated yet (its first heartbeat is on its way): not silent yet.
+    assert!(g.propose(7, 1, join("restarted")).1.is_ok());
+    let joined_at = g.ticks;
+    let status = |g: &Group| {
+        let leader = g.leaders()[0];
+        g.nodes[&leader].view().rank(0).map(|m| m.status)
+    };
+    for _ in 0..15 {
+        g.step();
+        assert_eq!(
+            status(&g),
+            Some(membership::RankStatus::Joining),
+            "declared failed {} ticks after joining",
+            g.ticks - joined_at
+        );
+    }
+    // Silent for good: its own timeout still applies.
+    for _ in 0..40 {
+        g.step();
+    }
+    assert_eq!(status(&g), Some(membership::RankStatus::Failed));
+}
+
+#[test]
 fn a_learner_follows_the_log_but_never_counts_toward_a_majority() {
     let mut g = Group::new(3, 1024);
     g.learners = vec![4];
