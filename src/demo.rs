@@ -45,7 +45,11 @@ pub struct DemoArgs {
     /// Training part: fragments of streaming DiLoCo (1: plain DiLoCo).
     #[arg(long, default_value_t = 4)]
     pub fragments: usize,
-    /// Training part: what the data centres run between them.
+    /// Training part: learning rate of the inner optimizer (SGD).
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f32,
+    /// Training part: what the data centres run between them (`sync`: no DCs, synchronous
+    /// data parallel over all ranks, the baseline).
     #[arg(long, value_enum, default_value_t = crate::train_worker::OuterAlgorithm::StreamingDiloco)]
     pub algorithm: crate::train_worker::OuterAlgorithm,
     /// Training part: where to write the SVG plot of loss and events.
@@ -68,8 +72,8 @@ struct Phase {
 
 /// Runs the demo; returns an error if any message arrived wrong or not at all.
 pub async fn run(args: DemoArgs) -> Result<(), String> {
-    if args.ranks < 4 || args.every == 0 || args.fragments == 0 {
-        return Err("--ranks must be at least 4, --every and --fragments at least 1".into());
+    if args.ranks < 4 || args.every == 0 || args.fragments == 0 || !(args.lr > 0.0 && args.lr.is_finite()) {
+        return Err("--ranks must be at least 4, --every and --fragments at least 1, --lr positive".into());
     }
     let training = crate::demo_training::TrainingDemo {
         ranks: args.ranks,
@@ -77,6 +81,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         every: args.every,
         fragments: args.fragments,
         algorithm: args.algorithm,
+        lr: args.lr,
         faults: !args.no_faults,
         plot: args.plot.clone(),
     };

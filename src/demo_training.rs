@@ -35,6 +35,8 @@ pub struct TrainingDemo {
     pub fragments: usize,
     /// What runs across the data centres.
     pub algorithm: OuterAlgorithm,
+    /// Inner learning rate.
+    pub lr: f32,
     /// Inject faults.
     pub faults: bool,
     /// Where to write the SVG plot.
@@ -89,19 +91,29 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
         });
     }
     println!();
-    println!(
-        "training: {} rank processes in 2 data centres, a two-layer perceptron (real gradients); inside each data \
-         centre synchronous data parallel (quorum rounds every step), between them {} by the DCs' leaders (H {}{}, \
-         int8 outer gradients, quorum rounds); embedded coordinator",
-        demo.ranks,
-        demo.algorithm.name(),
-        demo.every,
-        if demo.algorithm == OuterAlgorithm::StreamingDiloco {
-            format!(", {} fragments", demo.fragments)
-        } else {
-            String::new()
-        }
-    );
+    if demo.algorithm == OuterAlgorithm::Sync {
+        println!(
+            "training: {} rank processes in 2 data centres, a two-layer perceptron (real gradients); synchronous data \
+             parallel over all ranks (the baseline: gradients all-reduced across the WAN every step), lr {}; \
+             embedded coordinator",
+            demo.ranks, demo.lr
+        );
+    } else {
+        println!(
+            "training: {} rank processes in 2 data centres, a two-layer perceptron (real gradients), lr {}; inside each \
+             data centre synchronous data parallel (quorum rounds every step), between them {} by the DCs' leaders \
+             (H {}{}, int8 outer gradients, quorum rounds); embedded coordinator",
+            demo.ranks,
+            demo.lr,
+            demo.algorithm.name(),
+            demo.every,
+            if demo.algorithm == OuterAlgorithm::StreamingDiloco {
+                format!(", {} fragments", demo.fragments)
+            } else {
+                String::new()
+            }
+        );
+    }
     if demo.faults {
         println!("faults: rank process 1 straggles; one rank is SIGKILLed and restarted at ~30 %; the WAN is cut for 1.5 s at ~60 %");
     }
@@ -116,7 +128,7 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
             .args(["--incarnation", &(u64::from(w.starts) * 1000 + i as u64).to_string()])
             .args(["--start-world", &demo.ranks.to_string(), "--steps", &demo.steps.to_string()])
             .args(["--every", &demo.every.to_string(), "--fragments", &demo.fragments.to_string(), "--int8"])
-            .args(["--algorithm", demo.algorithm.name()])
+            .args(["--algorithm", demo.algorithm.name(), "--lr", &demo.lr.to_string()])
             .args(["--straggle-ms", &w.straggle_ms.to_string(), "--report-every", "10"])
             .stdout(Stdio::piped())
             .stderr(
@@ -274,7 +286,7 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
     println!(
         "summary: {} ranks trained {} steps in {:.1} s; eval loss {:.4} (chance {:.4}), the same on every rank: {}; \
          {} epochs; {:.1} MB sent, {:.2} MB across the WAN; cross-DC contributions (leaders) offered {}, applied {}, \
-         still carried at the end {}, dropped {}; in-DC gradient contributions offered {}, applied {}, dropped (late) {}; every ledger \
+         still carried at the end {}, dropped {}; gradient-round contributions offered {}, applied {}, dropped (late) {}; every ledger \
          balanced: {}; failed rounds {}",
         done.len(),
         demo.steps,

@@ -15,9 +15,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
+use phalanx_collectives::reduce::DType;
 use phalanx_node::elastic::{Boundary, ElasticConfig, ElasticError, ElasticMember};
 use phalanx_node::semisync::{CrossDcSemiSync, SemiSyncConfig};
-use phalanx_node::{Compression, FaultPolicy};
+use phalanx_node::{CallOptions, Compression, FaultPolicy, Op, Outcome as CommOutcome};
 use phalanx_proto::TransportConfig;
 use phalanx_runtime::semisync::SyncMode;
 use serde_json::json;
@@ -61,9 +62,13 @@ pub struct TrainWorkerArgs {
     /// Parameter fragments of streaming DiLoCo (1: plain DiLoCo).
     #[arg(long, default_value_t = 4)]
     pub fragments: usize,
-    /// What the data centres' leaders run across the WAN.
+    /// What the data centres' leaders run across the WAN (`sync`: no DCs, synchronous data
+    /// parallel over all ranks — the baseline).
     #[arg(long, value_enum, default_value_t = OuterAlgorithm::StreamingDiloco)]
     pub algorithm: OuterAlgorithm,
+    /// Learning rate of the inner optimizer (SGD).
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f32,
     /// Outer gradients as int8 (else fp32).
     #[arg(long)]
     pub int8: bool,
@@ -87,6 +92,9 @@ pub enum OuterAlgorithm {
     Diloco,
     /// Local SGD: the parameters averaged every H steps (no outer momentum).
     LocalSgd,
+    /// No data centres: synchronous data parallel over all ranks, gradients all-reduced
+    /// (hierarchically) every step — the baseline.
+    Sync,
 }
 
 impl OuterAlgorithm {
@@ -96,6 +104,7 @@ impl OuterAlgorithm {
             OuterAlgorithm::StreamingDiloco => SyncMode::StreamingDiloco { every, fragments: fragments.max(1) },
             OuterAlgorithm::Diloco => SyncMode::Diloco { every },
             OuterAlgorithm::LocalSgd => SyncMode::LocalSgd { every },
+            OuterAlgorithm::Sync => SyncMode::Synchronous,
         }
     }
 
@@ -105,6 +114,7 @@ impl OuterAlgorithm {
             OuterAlgorithm::StreamingDiloco => "streaming-diloco",
             OuterAlgorithm::Diloco => "diloco",
             OuterAlgorithm::LocalSgd => "local-sgd",
+            OuterAlgorithm::Sync => "sync",
         }
     }
 }
@@ -215,18 +225,31 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
         }
         let batch: Vec<usize> = (0..32).map(|_| rng.below(shard.x.len())).collect();
         let mut g = mlp::gradient(&params, &shard, &batch);
-        let (dc, leaders) = m.dc_communicators().map_err(|e| e.to_string())?;
-        // A round that failed (its deadline passed) is reported and counted dropped; the next
-        // boundary sorts out who is still there.
-        if let Err(e) = sync.sync_gradients(dc, &mut g).await {
-            emit(json!({"event": "round_failed", "rank": rank, "step": step, "scope": "dc", "error": e.to_string()}));
-        }
-        params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= 0.1 * gi);
-        match sync.after_inner_step(dc, leaders, &mut params).await {
-            Ok(reports) => late_rounds += reports.iter().filter(|r| r.late).count() as u64,
-            Err(e) => emit(
-                json!({"event": "round_failed", "rank": rank, "step": step, "scope": "wan", "error": e.to_string()}),
-            ),
+        if a.algorithm == OuterAlgorithm::Sync {
+            // The baseline: every step, the gradient averaged over all ranks.
+            let all = m.communicator().map_err(|e| e.to_string())?;
+            if let Err(e) = sync.sync_gradients(all, &mut g).await {
+                emit(
+                    json!({"event": "round_failed", "rank": rank, "step": step, "scope": "all", "error": e.to_string()}),
+                );
+            }
+            params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= a.lr * gi);
+        } else {
+            let (dc, leaders) = m.dc_communicators().map_err(|e| e.to_string())?;
+            // A round that failed (its deadline passed) is reported and counted dropped; the next
+            // boundary sorts out who is still there.
+            if let Err(e) = sync.sync_gradients(dc, &mut g).await {
+                emit(
+                    json!({"event": "round_failed", "rank": rank, "step": step, "scope": "dc", "error": e.to_string()}),
+                );
+            }
+            params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= a.lr * gi);
+            match sync.after_inner_step(dc, leaders, &mut params).await {
+                Ok(reports) => late_rounds += reports.iter().filter(|r| r.late).count() as u64,
+                Err(e) => emit(
+                    json!({"event": "round_failed", "rank": rank, "step": step, "scope": "wan", "error": e.to_string()}),
+                ),
+            }
         }
         if step % a.report_every == 0 {
             last_loss = mlp::loss(&params, &shard);
@@ -254,8 +277,22 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
         // recovers it while the others wait at the admission barrier).
         m.publish_state(m.step(), sync.export(&params));
     }
-    let (dc, leaders) = m.dc_communicators().map_err(|e| e.to_string())?;
-    sync.resync(dc, leaders, &mut params).await.map_err(|e| format!("final resync: {e}"))?;
+    if a.algorithm == OuterAlgorithm::Sync {
+        // Every rank ends on rank 0's model (a rank late for a round stepped on its own
+        // gradient).
+        let all = m.communicator().map_err(|e| e.to_string())?;
+        let options = CallOptions { policy: FaultPolicy::Shrink, verify: false };
+        let bytes: Vec<u8> = params.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let outcome = all.collective(Op::Broadcast { root: 0 }, DType::U8, bytes, options, Duration::from_secs(30));
+        if let Ok(CommOutcome::Done { data, .. }) = outcome.await {
+            for (p, c) in params.iter_mut().zip(data.chunks_exact(4)) {
+                *p = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+    } else {
+        let (dc, leaders) = m.dc_communicators().map_err(|e| e.to_string())?;
+        sync.resync(dc, leaders, &mut params).await.map_err(|e| format!("final resync: {e}"))?;
+    }
     let eval = mlp::dataset(42, 999, 2048);
     let (inner, l) = sync.ledgers();
     emit(

@@ -310,7 +310,11 @@ impl Node {
             .map_err(|e| NodeError::Config(format!("no OS randomness: {e}")))?;
         let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed);
         let incarnation = rng.next_u64();
-        let endpoint = Endpoint::new(config.rank, incarnation, config.epoch, config.transport.clone());
+        let mut endpoint = Endpoint::new(config.rank, incarnation, config.epoch, config.transport.clone());
+        // A peer this node dials that never comes up is reported unreachable in time.
+        for path in &config.paths {
+            endpoint.expect_peer(phalanx_proto::Instant::ZERO, path.peer);
+        }
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let handle = NodeHandle {

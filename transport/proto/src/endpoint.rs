@@ -245,6 +245,19 @@ impl Endpoint {
 
     // ----- commands -------------------------------------------------------------------------
 
+    /// Declares that this endpoint has a path to `peer` (it dials it) and waits for it: if no
+    /// link to it comes up within `unreachable_after`, it is reported
+    /// [`Event::PeerUnreachable`] — a peer that never starts is lost like one that died,
+    /// instead of leaving whoever waits for it (a collective's coordinator) waiting forever.
+    pub fn expect_peer(&mut self, now: Instant, peer: RankId) {
+        self.advance(now);
+        if peer == self.local {
+            return;
+        }
+        self.session(peer).expected = true;
+        self.refresh_routes(now);
+    }
+
     /// Queues `payload` for `peer` on `channel`. Never blocks; the message is delivered once and
     /// in order, or the peer is reported unreachable. Sending to this rank delivers at once.
     pub fn send(&mut self, now: Instant, peer: RankId, channel: ChannelId, payload: Bytes) -> Result<(), SendError> {
@@ -796,7 +809,7 @@ impl Endpoint {
         for peer in peers {
             let route = self.has_route(peer);
             let s = self.sessions.get_mut(&peer).expect("listed");
-            let relevant = s.ever_connected || s.has_send_work(u64::MAX) || s.has_unacked();
+            let relevant = s.ever_connected || s.expected || s.has_send_work(u64::MAX) || s.has_unacked();
             if route {
                 s.no_route_since = None;
             } else if relevant && s.no_route_since.is_none() {

@@ -78,6 +78,9 @@ pub(crate) struct PeerSession {
     pub ack_link: Option<LinkId>,
     // Route and liveness.
     pub ever_connected: bool,
+    /// A peer this endpoint has a path to and waits for: if it never comes up it is reported
+    /// unreachable like one that went away.
+    pub expected: bool,
     pub no_route_since: Option<Instant>,
     pub unreachable_reported: bool,
     pub last_ack_progress: Instant,
@@ -101,6 +104,7 @@ impl PeerSession {
             ack_due: None,
             ack_link: None,
             ever_connected: false,
+            expected: false,
             no_route_since: None,
             unreachable_reported: false,
             last_ack_progress: now,
