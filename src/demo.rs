@@ -70,11 +70,10 @@ struct Phase {
     checksum_failures: u64,
 }
 
-/// Runs the demo; returns an error if any message arrived wrong or not at all.
+/// Runs the demo; returns an error if any message arrived wrong or not at all, or a training
+/// fault was not survived (`main` has checked the arguments: at least 4 ranks, `every` and
+/// `fragments` at least 1, a positive learning rate).
 pub async fn run(args: DemoArgs) -> Result<(), String> {
-    if args.ranks < 4 || args.every == 0 || args.fragments == 0 || !(args.lr > 0.0 && args.lr.is_finite()) {
-        return Err("--ranks must be at least 4, --every and --fragments at least 1, --lr positive".into());
-    }
     let training = crate::demo_training::TrainingDemo {
         ranks: args.ranks,
         steps: args.steps.unwrap_or(if args.quick { 150 } else { 400 }),

@@ -120,7 +120,14 @@ fn main() {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Demo(a) => demo::run(a).await.map_err(CliError::from),
+            Command::Demo(a) => {
+                if a.ranks < 4 || a.every == 0 || a.fragments == 0 || !(a.lr > 0.0 && a.lr.is_finite()) {
+                    return Err(CliError::Usage(
+                        "--ranks must be at least 4, --every and --fragments at least 1, --lr positive".into(),
+                    ));
+                }
+                demo::run(a).await.map_err(CliError::from)
+            }
             Command::Bench(a) => bench::run(a).await,
             Command::Node(a) => node_cmd::run(a).await.map_err(CliError::from),
             Command::Coordinator(a) => coordinator_cmd::run(a).await,
