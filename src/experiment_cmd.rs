@@ -268,13 +268,18 @@ async fn run_mode(mode: Mode, budget: Budget) -> Result<serde_json::Value, Strin
         let (leaders, wan_paths) = group(WORLD / PER_DC).await?;
         let mut leaders: Vec<Option<Node>> = leaders.into_iter().map(Some).collect();
         let wan_cut = wan_paths.first().map(|(_, f)| f.clone());
-        let outer = SemiSyncConfig {
-            compression: if mode == Mode::Diloco { Compression::None } else { Compression::Int8 },
-            policy: if mode == Mode::StreamingFaults {
-                FaultPolicy::Quorum { min: 1, wait: Duration::from_millis(150) }
+        // Without faults every round waits for everyone; with them, a round waits `wait_ms`
+        // for stragglers, then goes on with whoever is in.
+        let policy = |wait_ms: u64| {
+            if mode == Mode::StreamingFaults {
+                FaultPolicy::Quorum { min: 1, wait: Duration::from_millis(wait_ms) }
             } else {
                 FaultPolicy::Shrink
-            },
+            }
+        };
+        let outer = SemiSyncConfig {
+            compression: if mode == Mode::Diloco { Compression::None } else { Compression::Int8 },
+            policy: policy(150),
             deadline: Duration::from_secs(20),
             catch_up_wait: Duration::from_secs(2),
             outer_lr: budget.outer_lr,
@@ -289,11 +294,7 @@ async fn run_mode(mode: Mode, budget: Budget) -> Result<serde_json::Value, Strin
         // 30 ms stalls are waited for), then would leave it out (its gradient reported dropped,
         // its model realigned at the next outer round).
         let inner = SemiSyncConfig {
-            policy: if mode == Mode::StreamingFaults {
-                FaultPolicy::Quorum { min: 1, wait: Duration::from_millis(50) }
-            } else {
-                FaultPolicy::Shrink
-            },
+            policy: policy(50),
             deadline: Duration::from_secs(20),
             catch_up_wait: Duration::from_secs(2),
             ..SemiSyncConfig::new(SyncMode::Synchronous)

@@ -1214,22 +1214,21 @@ impl<'a> Sim<'a> {
         let (offered, op_seq) = match w.op {
             OpKind::Allreduce => {
                 let op = Op::AllReduce { algorithm: self.algorithm(), op: ReduceOp::Sum };
-                let rk = &mut self.ranks[r];
-                let g = if channel == 1 { rk.dc_group.as_mut() } else { rk.group.as_mut() };
-                let g = g.expect("a live rank has its groups");
-                if real {
+                let buf = real.then(|| {
                     let mut buf = self.contribution(r, step, bytes);
                     if let Some(c) = self.ranks[r].carry[channel as usize].take() {
                         add_i64(&mut buf, &c);
                     }
-                    let rk = &mut self.ranks[r];
-                    let g = if channel == 1 { rk.dc_group.as_mut() } else { rk.group.as_mut() };
-                    let g = g.expect("a live rank has its groups");
-                    let op_seq = g.start(self.now, op, DType::I64, buf.clone(), options);
-                    (Some(buf), op_seq)
-                } else {
-                    (None, g.start_phantom(self.now, op, DType::I64, bytes, options))
-                }
+                    buf
+                });
+                let rk = &mut self.ranks[r];
+                let g = if channel == 1 { rk.dc_group.as_mut() } else { rk.group.as_mut() };
+                let g = g.expect("a live rank has its groups");
+                let op_seq = match &buf {
+                    Some(b) => g.start(self.now, op, DType::I64, b.clone(), options),
+                    None => g.start_phantom(self.now, op, DType::I64, bytes, options),
+                };
+                (buf, op_seq)
             }
             OpKind::Alltoall => {
                 let share = (w.bytes.0 as usize / self.world.max(1)).max(1);

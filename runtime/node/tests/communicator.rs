@@ -2,38 +2,21 @@
 //! collective gives the right answer on every rank, and a rank that never shows up makes the
 //! others fail at the deadline with an error naming it, instead of hanging.
 
+mod support;
+
 use std::time::Duration;
 
 use bytes::Bytes;
 use phalanx_collectives::reduce::{element_f64, set_element_f64, DType, ReduceOp};
-use phalanx_net::{LinkKind, Node, NodeConfig, PathFaults, PathSpec};
+use phalanx_net::Node;
 use phalanx_node::{AllReduceAlgorithm, CommError, Communicator};
-use phalanx_proto::RankId;
+use phalanx_proto::TransportConfig;
 
 const SECRET: &[u8] = b"communicator-test";
 
 /// Starts `world` nodes on loopback, each dialing every higher rank once.
 async fn nodes(world: usize) -> Vec<Node> {
-    let mut out: Vec<Node> = Vec::new();
-    let mut addrs = Vec::new();
-    for r in (0..world).rev() {
-        let mut c = NodeConfig::new(RankId(r as u32), SECRET);
-        c.tcp_listen = vec!["127.0.0.1:0".parse().unwrap()];
-        for (peer, addr) in &addrs {
-            c.paths.push(PathSpec {
-                peer: RankId(*peer),
-                kind: LinkKind::Tcp,
-                remote: *addr,
-                bind: None,
-                faults: PathFaults::new(),
-            });
-        }
-        let n = Node::start(c).await.unwrap();
-        addrs.push((r as u32, n.tcp_addrs()[0]));
-        out.push(n);
-    }
-    out.reverse();
-    out
+    support::nodes(world, SECRET, TransportConfig::default()).await
 }
 
 fn f32s(vals: impl Iterator<Item = f64>) -> Vec<u8> {

@@ -4,9 +4,11 @@
 //! crashed rank keep the accounting identity `offered = applied + pending + dropped` on every
 //! rank after every round, and a heal brings the straggler's anchors back to the group's.
 
+mod support;
+
 use std::time::Duration;
 
-use phalanx_net::{LinkKind, Node, NodeConfig, PathFaults, PathSpec};
+use phalanx_net::Node;
 use phalanx_node::semisync::{SemiSync, SemiSyncConfig};
 use phalanx_node::{Communicator, Compression, FaultPolicy};
 use phalanx_proto::{RankId, TransportConfig};
@@ -17,33 +19,14 @@ const DIM: usize = 8;
 const ROWS: usize = 16;
 
 async fn nodes(world: usize) -> Vec<Node> {
-    let mut out: Vec<Node> = Vec::new();
-    let mut addrs = Vec::new();
-    for r in (0..world).rev() {
-        let mut c = NodeConfig::new(RankId(r as u32), SECRET);
-        // A crashed rank is declared lost after a second (the heal waits for that verdict).
-        c.transport = TransportConfig {
-            heartbeat_interval: Duration::from_millis(25),
-            link_timeout: Duration::from_millis(300),
-            unreachable_after: Duration::from_secs(1),
-            ..TransportConfig::default()
-        };
-        c.tcp_listen = vec!["127.0.0.1:0".parse().expect("address")];
-        for (peer, addr) in &addrs {
-            c.paths.push(PathSpec {
-                peer: RankId(*peer),
-                kind: LinkKind::Tcp,
-                remote: *addr,
-                bind: None,
-                faults: PathFaults::new(),
-            });
-        }
-        let n = Node::start(c).await.expect("node starts");
-        addrs.push((r as u32, n.tcp_addrs()[0]));
-        out.push(n);
-    }
-    out.reverse();
-    out
+    // A crashed rank is declared lost after a second (the heal waits for that verdict).
+    let transport = TransportConfig {
+        heartbeat_interval: Duration::from_millis(25),
+        link_timeout: Duration::from_millis(300),
+        unreachable_after: Duration::from_secs(1),
+        ..TransportConfig::default()
+    };
+    support::nodes(world, SECRET, transport).await
 }
 
 /// A deterministic stream of values in [-1, 1].

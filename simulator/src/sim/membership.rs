@@ -63,6 +63,18 @@ pub(super) struct Membership {
     pub(super) report: MembershipReport,
 }
 
+impl Membership {
+    /// Coordinator `i` stops: only its synced log survives, and what its incarnation armed
+    /// (ticks, replies) is void. Whether it was running.
+    fn down(&mut self, i: usize) -> bool {
+        let c = &mut self.coords[i];
+        let Some(node) = c.node.take() else { return false };
+        c.disk = node.log().clone();
+        c.incarnation += 1;
+        true
+    }
+}
+
 struct CoordSlot {
     node: Option<Coordinator<MemoryLog>>,
     /// What survives a crash.
@@ -195,9 +207,9 @@ impl<'a> Sim<'a> {
     pub(super) fn coordinator_crash(&mut self, which: Option<usize>) -> Option<usize> {
         let m = self.membership.as_mut()?;
         let i = which.or(m.leader).unwrap_or(0);
-        let node = m.coords[i].node.take()?;
-        m.coords[i].disk = node.log().clone();
-        m.coords[i].incarnation += 1;
+        if !m.down(i) {
+            return None;
+        }
         m.report.coordinator_crashes += 1;
         tracing::debug!(t = self.now as f64 / SEC, coordinator = i, "coordinator crashed");
         if m.leader == Some(i) {
@@ -250,9 +262,7 @@ impl<'a> Sim<'a> {
         if let Err(e) = node.process() {
             // The process would exit: a crash.
             tracing::warn!(coordinator = i, error = %e, "coordinator stopped");
-            m.coords[i].disk = node.log().clone();
-            m.coords[i].node = None;
-            m.coords[i].incarnation += 1;
+            m.down(i);
             return;
         }
         let mut peers = Vec::new();

@@ -325,15 +325,22 @@ fn malformed_client_and_peer_bytes_are_refused_cleanly() {
     assert!(matches!(bad_config, Err(CoordinatorError::Config { id: 4, .. })));
 }
 
-#[test]
-fn the_leader_declares_a_silent_rank_failed_and_tells_it_so_when_it_comes_back() {
+/// Three coordinators whose leader declares a rank silent for `failure_ticks` failed, with a
+/// leader elected.
+fn elected_with_detector(failure_ticks: u64) -> Group {
     let mut g = Group::new(3, 1024);
-    g.failure_ticks = 20;
+    g.failure_ticks = failure_ticks;
     for id in [1, 2, 3] {
         g.crash(id);
         g.start(id);
     }
     g.await_leader(&[1, 2, 3], 100);
+    g
+}
+
+#[test]
+fn the_leader_declares_a_silent_rank_failed_and_tells_it_so_when_it_comes_back() {
+    let mut g = elected_with_detector(20);
     let elected_at = g.ticks;
     assert!(g.propose(7, 1, join("alive")).1.is_ok());
     assert!(g.propose(7, 2, join("silent")).1.is_ok());
@@ -371,13 +378,7 @@ fn the_leader_declares_a_silent_rank_failed_and_tells_it_so_when_it_comes_back()
 
 #[test]
 fn a_rank_joining_long_after_the_election_gets_its_full_timeout_before_it_is_declared_failed() {
-    let mut g = Group::new(3, 1024);
-    g.failure_ticks = 20;
-    for id in [1, 2, 3] {
-        g.crash(id);
-        g.start(id);
-    }
-    g.await_leader(&[1, 2, 3], 100);
+    let mut g = elected_with_detector(20);
     for _ in 0..60 {
         g.step();
     }
