@@ -83,9 +83,11 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         lr: args.lr,
         faults: !args.no_faults,
         plot: args.plot.clone(),
+        learning: crate::demo_training::Learning::default(),
+        quiet: false,
     };
     if args.training_only {
-        return crate::demo_training::run(training).await;
+        return crate::demo_training::run(training).await.map(|_| ());
     }
     let (bytes, messages) =
         if args.quick { (args.bytes.min(4 << 20), args.messages.min(4)) } else { (args.bytes, args.messages) };
@@ -189,7 +191,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         summary.len().saturating_sub(1)
     );
     crate::demo_membership::run(args.quick, !args.no_faults).await?;
-    crate::demo_training::run(training).await
+    crate::demo_training::run(training).await.map(|_| ())
 }
 
 /// The fault a demo phase starts with.

@@ -18,6 +18,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use crate::bench::BenchCompression;
 use crate::train_worker::OuterAlgorithm;
 
 const SECRET: &str = "phalanx-demo-training";
@@ -41,6 +42,71 @@ pub struct TrainingDemo {
     pub faults: bool,
     /// Where to write the SVG plot.
     pub plot: PathBuf,
+    /// The data, initialisation and optimizer settings.
+    pub learning: Learning,
+    /// Print only the summary (no progress lines, no plot); for `phalanx experiment`.
+    pub quiet: bool,
+}
+
+/// What is trained and how: the demo's defaults, or an experiment's budget.
+#[derive(Clone, Debug)]
+pub struct Learning {
+    /// Training examples per rank.
+    pub shard: usize,
+    /// Varies every seed of the run (initialisation, shards, batch order); 0: the demo's.
+    pub seed: u64,
+    /// Seed `s` shifts each seed by `s` times this.
+    pub seed_stride: u64,
+    /// Cosine learning-rate decay to 0 over the run (else constant).
+    pub cosine: bool,
+    /// Outer optimizer (default: DiLoCo's 0.7 and 0.9).
+    pub outer_lr: Option<f32>,
+    /// Outer Nesterov momentum.
+    pub outer_momentum: Option<f32>,
+    /// The straggler sleeps this long on every `straggle_every`-th step.
+    pub straggle_ms: u64,
+    /// See `straggle_ms`.
+    pub straggle_every: u64,
+    /// How outer gradients cross the WAN.
+    pub compression: BenchCompression,
+}
+
+impl Default for Learning {
+    /// The demo's: 1,024 examples a rank, constant lr, DiLoCo's outer defaults, a straggler
+    /// sleeping 40 ms every third step.
+    fn default() -> Learning {
+        Learning {
+            shard: 1024,
+            seed: 0,
+            seed_stride: 1000,
+            cosine: false,
+            outer_lr: None,
+            outer_momentum: None,
+            straggle_ms: 40,
+            straggle_every: 3,
+            compression: BenchCompression::Int8,
+        }
+    }
+}
+
+/// How a training run ended ([`run`] fails unless every rank trained to the end, agrees on
+/// the model and balanced its ledgers).
+#[derive(Clone, Debug)]
+pub struct TrainingOutcome {
+    /// Eval loss of the synced model (the same on every rank).
+    pub eval_loss: f64,
+    /// Bytes sent by all ranks, and across the WAN (transport counters, every epoch).
+    pub bytes: u64,
+    /// See `bytes`.
+    pub wan_bytes: u64,
+    /// Rounds that failed, and of those, rounds that ran out of time (their deadline passed).
+    pub failed_rounds: u64,
+    /// See `failed_rounds`.
+    pub deadline_rounds: u64,
+    /// Cross-DC and in-DC contributions: offered, applied, carried at the end, dropped.
+    pub contributions: [u64; 4],
+    /// Wall time.
+    pub wall_s: f64,
 }
 
 fn free_addr() -> Result<SocketAddr, String> {
@@ -61,7 +127,7 @@ struct Worker {
 
 /// Runs the training demo; an error if training did not finish on every rank or a fault was
 /// not survived.
-pub async fn run(demo: TrainingDemo) -> Result<(), String> {
+pub async fn run(demo: TrainingDemo) -> Result<TrainingOutcome, String> {
     let started = Instant::now();
     let dir = std::env::temp_dir().join(format!("phalanx-demo-training-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -83,41 +149,19 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
             host: format!("worker-{i}"),
             listen: free_addr()?,
             state: free_addr()?,
-            straggle_ms: if demo.faults && i == 1 { 40 } else { 0 },
+            straggle_ms: if demo.faults && i == 1 { demo.learning.straggle_ms } else { 0 },
             starts: 0,
             child: None,
             done: None,
             recovered: None,
         });
     }
-    println!();
-    if demo.algorithm == OuterAlgorithm::Sync {
-        println!(
-            "training: {} rank processes in 2 data centres, a two-layer perceptron (real gradients); synchronous data \
-             parallel over all ranks (the baseline: gradients all-reduced across the WAN every step), lr {}; \
-             embedded coordinator",
-            demo.ranks, demo.lr
-        );
-    } else {
-        println!(
-            "training: {} rank processes in 2 data centres, a two-layer perceptron (real gradients), lr {}; inside each \
-             data centre synchronous data parallel (quorum rounds every step), between them {} by the DCs' leaders \
-             (H {}{}, int8 outer gradients, quorum rounds); embedded coordinator",
-            demo.ranks,
-            demo.lr,
-            demo.algorithm.name(),
-            demo.every,
-            if demo.algorithm == OuterAlgorithm::StreamingDiloco {
-                format!(", {} fragments", demo.fragments)
-            } else {
-                String::new()
-            }
-        );
-    }
-    if demo.faults {
-        println!("faults: rank process 1 straggles; one rank is SIGKILLed and restarted at ~30 %; the WAN is cut for 1.5 s at ~60 %");
+    if !demo.quiet {
+        describe(&demo);
     }
     let (tx, mut lines) = mpsc::unbounded_channel::<(usize, Value)>();
+    let l = &demo.learning;
+    let seeds = l.seed * l.seed_stride;
     let spawn = |w: &mut Worker, i: usize| -> Result<(), String> {
         w.starts += 1;
         let coord = format!("1={}", coordinators[0].1);
@@ -127,9 +171,13 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
             .args(["--listen", &w.listen.to_string(), "--state-listen", &w.state.to_string()])
             .args(["--incarnation", &(u64::from(w.starts) * 1000 + i as u64).to_string()])
             .args(["--start-world", &demo.ranks.to_string(), "--steps", &demo.steps.to_string()])
-            .args(["--every", &demo.every.to_string(), "--fragments", &demo.fragments.to_string(), "--int8"])
+            .args(["--every", &demo.every.to_string(), "--fragments", &demo.fragments.to_string()])
             .args(["--algorithm", demo.algorithm.name(), "--lr", &demo.lr.to_string()])
             .args(["--straggle-ms", &w.straggle_ms.to_string(), "--report-every", "10"])
+            .args(["--straggle-every", &l.straggle_every.to_string(), "--shard", &l.shard.to_string()])
+            .args(["--init-seed", &(7 + seeds).to_string(), "--data-seed", &(100 + i as u64 + seeds).to_string()])
+            // A restarted process draws other batches than its first life.
+            .args(["--batch-seed", &(i as u64 + seeds + 100_000 * u64::from(w.starts - 1)).to_string()])
             .stdout(Stdio::piped())
             .stderr(
                 std::fs::File::create(dir.join(format!("worker-{i}-{}.log", w.starts)))
@@ -137,6 +185,16 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
                     .unwrap_or_else(|_| Stdio::null()),
             )
             .kill_on_drop(true);
+        if l.cosine {
+            cmd.arg("--cosine");
+        }
+        cmd.args(["--compression", &format!("{:?}", l.compression).to_lowercase()]);
+        if let Some(x) = l.outer_lr {
+            cmd.args(["--outer-lr", &x.to_string()]);
+        }
+        if let Some(x) = l.outer_momentum {
+            cmd.args(["--outer-momentum", &x.to_string()]);
+        }
         let mut child = cmd.spawn().map_err(|e| format!("cannot start a worker: {e}"))?;
         let stdout = child.stdout.take().ok_or("worker stdout")?;
         let tx = tx.clone();
@@ -161,9 +219,17 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
     let mut events: Vec<(f64, String)> = Vec::new();
     let mut latest: BTreeMap<usize, Value> = BTreeMap::new();
     let mut loss_points: Vec<(f64, f64)> = Vec::new();
-    let mut round_failures = 0u64;
+    let (mut round_failures, mut deadline_failures) = (0u64, 0u64);
     let mut max_epoch = 0u64;
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    // Faults are checked four times a second (a short run must not outpace them); progress is
+    // printed once a second.
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let mut ticks = 0u64;
+    let say = |line: String| {
+        if !demo.quiet {
+            println!("{line}");
+        }
+    };
     let deadline = started + Duration::from_secs(240);
     let t = |at: Instant| at.duration_since(started).as_secs_f64();
     loop {
@@ -182,12 +248,16 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
                         }
                     }
                     Some("recovered") => {
-                        println!("  worker {i} rejoined at step {} and recovered {} bytes of state from {} peers in {} ms",
-                            v["step"], v["bytes"], v["sources"], v["ms"]);
+                        say(format!("  worker {i} rejoined at step {} and recovered {} bytes of state from {} peers in {} ms",
+                            v["step"], v["bytes"], v["sources"], v["ms"]));
                         events.push((t(Instant::now()), "recovered".into()));
                         workers[i].recovered = Some(v);
                     }
-                    Some("round_failed") => round_failures += 1,
+                    Some("round_failed") => {
+                        say(format!("  worker {i}: a {} round failed at step {}: {}", v["scope"].as_str().unwrap_or("?"), v["step"], v["error"].as_str().unwrap_or("?")));
+                        round_failures += 1;
+                        deadline_failures += u64::from(v["deadline"].as_bool() == Some(true));
+                    }
                     Some("done") => workers[i].done = Some(v),
                     _ => {}
                 }
@@ -209,7 +279,7 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
                     if i == victim && killed_at.is_some() && restart_at.is_none() {
                         continue; // the planned kill: restarted below after a pause
                     }
-                    println!("  worker {i} exited ({status}); restarting it");
+                    say(format!("  worker {i} exited ({status}); restarting it"));
                     spawn(w, i)?;
                 }
                 let steps: Vec<u64> = latest.values().filter_map(|v| v["step"].as_u64()).collect();
@@ -223,8 +293,11 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
                 if loss.is_finite() {
                     loss_points.push((t(Instant::now()), loss));
                 }
-                println!("  t {:>5.1} s  step {:>4}/{}  loss {:.3}  epoch {}  world {}  live processes {}/{}  sent {:.1} MB (WAN {:.2} MB)",
-                    t(Instant::now()), max_step, demo.steps, loss, max_epoch, world, live, demo.ranks, bytes as f64 / 1e6, wan as f64 / 1e6);
+                ticks += 1;
+                if ticks % 4 == 1 {
+                    say(format!("  t {:>5.1} s  step {:>4}/{}  loss {:.3}  epoch {}  world {}  live processes {}/{}  sent {:.1} MB (WAN {:.2} MB)",
+                        t(Instant::now()), max_step, demo.steps, loss, max_epoch, world, live, demo.ranks, bytes as f64 / 1e6, wan as f64 / 1e6));
+                }
                 // The faults, by progress.
                 if demo.faults {
                     if killed_at.is_none() && max_step * 10 >= demo.steps * 3 {
@@ -233,7 +306,7 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
                         }
                         killed_at = Some(Instant::now());
                         events.push((t(Instant::now()), format!("SIGKILL worker {victim}")));
-                        println!("  fault: SIGKILL worker {victim}");
+                        say(format!("  fault: SIGKILL worker {victim}"));
                     }
                     if let (Some(k), None) = (killed_at, restart_at) {
                         if k.elapsed() >= Duration::from_millis(1500) {
@@ -243,7 +316,7 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
                             spawn(&mut workers[victim], victim)?;
                             restart_at = Some(Instant::now());
                             events.push((t(Instant::now()), format!("restart worker {victim}")));
-                            println!("  fault: worker {victim} restarted; it rejoins and recovers the state from its peers");
+                            say(format!("  fault: worker {victim} restarted; it rejoins and recovers the state from its peers"));
                         }
                     }
                     if cut_at.is_none() && restart_at.is_some() && max_step * 10 >= demo.steps * 6 {
@@ -254,7 +327,7 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
                         }
                         cut_at = Some(Instant::now());
                         events.push((t(Instant::now()), "WAN cut 1.5 s".into()));
-                        println!("  fault: the link between the data centres is cut for 1.5 s");
+                        say("  fault: the link between the data centres is cut for 1.5 s".into());
                     }
                 }
                 if workers.iter().all(|w| w.done.is_some() && w.child.is_none()) {
@@ -281,9 +354,30 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
         n("offered") == n("applied") + n("pending") + n("dropped")
             && n("dc_offered") == n("dc_applied") + n("dc_pending") + n("dc_dropped")
     });
-    let bytes: u64 = latest.values().filter_map(|v| v["bytes"].as_u64()).sum();
-    let wan: u64 = latest.values().filter_map(|v| v["wan_bytes"].as_u64()).sum();
-    println!(
+    // Each process's last count (a killed process's counts die with it).
+    let last = |k: &str| -> u64 {
+        workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| w.done.as_ref().or(latest.get(&i)).and_then(|v| v[k].as_u64()).unwrap_or(0))
+            .sum()
+    };
+    let (bytes, wan) = (last("bytes"), last("wan_bytes"));
+    let outcome = TrainingOutcome {
+        eval_loss,
+        bytes,
+        wan_bytes: wan,
+        failed_rounds: round_failures,
+        deadline_rounds: deadline_failures,
+        contributions: [
+            sum("offered") + sum("dc_offered"),
+            sum("applied") + sum("dc_applied"),
+            sum("pending") + sum("dc_pending"),
+            sum("dropped") + sum("dc_dropped"),
+        ],
+        wall_s: started.elapsed().as_secs_f64(),
+    };
+    say(format!(
         "summary: {} ranks trained {} steps in {:.1} s; eval loss {:.4} (chance {:.4}), the same on every rank: {}; \
          {} epochs; {:.1} MB sent, {:.2} MB across the WAN; cross-DC contributions (leaders) offered {}, applied {}, \
          still carried at the end {}, dropped {}; gradient-round contributions offered {}, applied {}, dropped (late) {}; every ledger \
@@ -306,10 +400,10 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
         sum("dc_dropped"),
         balanced,
         round_failures
-    );
+    ));
     if demo.faults {
         let rejoined = workers[victim].recovered.is_some() && workers[victim].done.is_some();
-        println!(
+        say(format!(
             "faults survived: straggler (worker 1) — yes; SIGKILL + restart of worker {victim} — {}; WAN cut — {}",
             if rejoined { "rejoined with state recovered from peers, trained to the end" } else { "NO" },
             match (cut_at.is_some(), sum("late_rounds")) {
@@ -320,7 +414,7 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
                 (true, n) =>
                     format!("the leaders' rounds went on with a quorum; {n} late contributions carried, then applied"),
             }
-        );
+        ));
         if !rejoined || cut_at.is_none() {
             return Err(format!("a fault was not survived; logs in {}", dir.display()));
         }
@@ -334,6 +428,10 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
             dir.display()
         ));
     }
+    if demo.quiet {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(outcome);
+    }
     match plot(&loss_points, &events, &demo) {
         Ok(svg) => match std::fs::write(&demo.plot, svg) {
             Ok(()) => println!("plot: {}", demo.plot.display()),
@@ -342,7 +440,39 @@ pub async fn run(demo: TrainingDemo) -> Result<(), String> {
         Err(e) => println!("plot not drawn: {e}"),
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(outcome)
+}
+
+/// What the run is, printed before it starts.
+fn describe(demo: &TrainingDemo) {
+    println!();
+    if demo.algorithm == OuterAlgorithm::Sync {
+        println!(
+            "training: {} rank processes in 2 data centres, a two-layer perceptron (real gradients); synchronous data \
+             parallel over all ranks (the baseline: gradients all-reduced across the WAN every step), lr {}; \
+             embedded coordinator",
+            demo.ranks, demo.lr
+        );
+    } else {
+        println!(
+            "training: {} rank processes in 2 data centres, a two-layer perceptron (real gradients), lr {}; inside each \
+             data centre synchronous data parallel (quorum rounds every step), between them {} by the DCs' leaders \
+             (H {}{}, {} outer gradients, quorum rounds); embedded coordinator",
+            demo.ranks,
+            demo.lr,
+            demo.algorithm.name(),
+            demo.every,
+            if demo.algorithm == OuterAlgorithm::StreamingDiloco {
+                format!(", {} fragments", demo.fragments)
+            } else {
+                String::new()
+            },
+            format!("{:?}", demo.learning.compression).to_lowercase()
+        );
+    }
+    if demo.faults {
+        println!("faults: rank process 1 straggles; one rank is SIGKILLed and restarted at ~30 %; the WAN is cut for 1.5 s at ~60 %");
+    }
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

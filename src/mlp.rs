@@ -136,9 +136,29 @@ pub fn gradient(p: &[f32], d: &Dataset, batch: &[usize]) -> Vec<f32> {
     g
 }
 
+/// The learning rate at `step` (0-based) of a run of `steps` steps: `peak` throughout, or with
+/// `cosine` decayed along a half cosine from `peak` to 0 at the end.
+pub fn learning_rate(peak: f32, cosine: bool, step: u64, steps: u64) -> f32 {
+    if !cosine {
+        return peak;
+    }
+    let progress = step as f32 / steps.max(1) as f32;
+    peak * 0.5 * (1.0 + (std::f32::consts::PI * progress).cos())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cosine_schedule_falls_from_the_peak_to_zero_and_a_constant_one_stays() {
+        assert_eq!(learning_rate(0.8, false, 150, 200), 0.8);
+        assert_eq!(learning_rate(0.8, true, 0, 200), 0.8);
+        assert!((learning_rate(0.8, true, 100, 200) - 0.4).abs() < 1e-6);
+        assert!(learning_rate(0.8, true, 199, 200) < 1e-3);
+        let lrs: Vec<f32> = (0..200).map(|s| learning_rate(0.8, true, s, 200)).collect();
+        assert!(lrs.windows(2).all(|w| w[1] <= w[0]), "not decreasing");
+    }
 
     #[test]
     fn the_gradient_matches_finite_differences() {

@@ -18,11 +18,12 @@ use clap::Args;
 use phalanx_collectives::reduce::DType;
 use phalanx_node::elastic::{Boundary, ElasticConfig, ElasticError, ElasticMember};
 use phalanx_node::semisync::{CrossDcSemiSync, SemiSyncConfig};
-use phalanx_node::{CallOptions, Compression, FaultPolicy, Op, Outcome as CommOutcome};
+use phalanx_node::{CallOptions, CommError, FaultPolicy, Op, Outcome as CommOutcome};
 use phalanx_proto::TransportConfig;
 use phalanx_runtime::semisync::SyncMode;
 use serde_json::json;
 
+use crate::bench::BenchCompression;
 use crate::coordinator_cmd::parse_peer;
 use crate::mlp;
 
@@ -69,9 +70,9 @@ pub struct TrainWorkerArgs {
     /// Learning rate of the inner optimizer (SGD).
     #[arg(long, default_value_t = 0.1)]
     pub lr: f32,
-    /// Outer gradients as int8 (else fp32).
-    #[arg(long)]
-    pub int8: bool,
+    /// How outer gradients cross the WAN.
+    #[arg(long, value_enum, default_value = "int8")]
+    pub compression: BenchCompression,
     /// Sleep this long on every third step (a straggler).
     #[arg(long, default_value_t = 0)]
     pub straggle_ms: u64,
@@ -81,6 +82,37 @@ pub struct TrainWorkerArgs {
     /// Report every this many steps.
     #[arg(long, default_value_t = 10)]
     pub report_every: u64,
+    /// Training examples in this rank's shard.
+    #[arg(long, default_value_t = 1024)]
+    pub shard: usize,
+    /// Seed of this rank's shard (default: 100 + its rank).
+    #[arg(long)]
+    pub data_seed: Option<u64>,
+    /// Seed of the initial parameters (every rank of a job must pass the same).
+    #[arg(long, default_value_t = 7)]
+    pub init_seed: u64,
+    /// Seed of the batch order (default: its rank, mixed with the incarnation).
+    #[arg(long)]
+    pub batch_seed: Option<u64>,
+    /// Decay the learning rate along a cosine to 0 at `--steps` (default: constant).
+    #[arg(long)]
+    pub cosine: bool,
+    /// Outer learning rate (default: DiLoCo's 0.7).
+    #[arg(long)]
+    pub outer_lr: Option<f32>,
+    /// Outer Nesterov momentum (default: DiLoCo's 0.9).
+    #[arg(long)]
+    pub outer_momentum: Option<f32>,
+    /// The straggler sleeps on every this many steps.
+    #[arg(long, default_value_t = 3)]
+    pub straggle_every: u64,
+}
+
+impl TrainWorkerArgs {
+    /// The inner learning rate at `step` (0-based).
+    fn lr_at(&self, step: u64) -> f32 {
+        mlp::learning_rate(self.lr, self.cosine, step, self.steps)
+    }
 }
 
 /// The cross-DC algorithm of the demo.
@@ -117,6 +149,31 @@ impl OuterAlgorithm {
             OuterAlgorithm::Sync => "sync",
         }
     }
+}
+
+/// Bytes this rank sent in the current epoch, in all and on links to other data centres (a
+/// link that died leaves the node's counters; `wan_links` keeps its last count). `None` when
+/// the endpoint is gone.
+async fn bytes_sent(
+    m: &mut ElasticMember,
+    dc: u32,
+    wan_links: &mut std::collections::BTreeMap<u64, u64>,
+) -> Option<(u64, u64)> {
+    let (totals, links) = m.communicator().ok()?.handle().counters().await.ok()?;
+    let dcs = m.member_dcs();
+    for (link, peer, c) in &links {
+        if dcs.get(peer.0 as usize).is_some_and(|d| *d != dc) {
+            wan_links.insert(link.0, c.bytes_sent);
+        }
+    }
+    Some((totals.bytes_sent, wan_links.values().sum()))
+}
+
+/// A round that failed: reported with its error, and whether it ran out of time (a deadline:
+/// what the experiment counts as a hang) or failed otherwise (e.g. its root was lost).
+fn round_failed(rank: u32, step: u64, scope: &str, e: &CommError) -> serde_json::Value {
+    let deadline = matches!(e, CommError::Deadline { .. });
+    json!({"event": "round_failed", "rank": rank, "step": step, "scope": scope, "error": e.to_string(), "deadline": deadline})
 }
 
 fn emit(v: serde_json::Value) {
@@ -170,29 +227,36 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
     };
     // Across DCs, between the leaders: quorum rounds, int8 outer gradients, healed.
     let outer = SemiSyncConfig {
-        compression: if a.int8 { Compression::Int8 } else { Compression::None },
+        compression: a.compression.codec(),
         policy: quorum,
         deadline: Duration::from_secs(30),
         heal_every: 2,
         ..SemiSyncConfig::new(a.algorithm.mode(a.every, a.fragments))
     };
+    let outer = SemiSyncConfig {
+        outer_lr: a.outer_lr.unwrap_or(outer.outer_lr),
+        outer_momentum: a.outer_momentum.unwrap_or(outer.outer_momentum),
+        ..outer
+    };
     let (mut sync, mut params) = if m.step() > 0 {
         // Joined a running job: the state comes from its DC's peers (replicas of its model),
         // not from a checkpoint.
         let state = m.recover_state_within_dc(Duration::from_secs(30)).await.map_err(|e| e.to_string())?;
-        let (sync, params) = CrossDcSemiSync::import(inner, outer, state.step, &state.buffers)?;
+        let (mut sync, params) = CrossDcSemiSync::import(inner, outer, state.step, &state.buffers)?;
+        // Admitted at an epoch's boundary, where every member marks its groups changed.
+        sync.group_changed();
         emit(
             json!({"event": "recovered", "rank": rank, "step": state.step, "bytes": state.buffers.iter().map(|(_, b)| b.len()).sum::<usize>(),
                     "sources": state.bytes_per_source.iter().filter(|(_, b)| *b > 0).count(), "ms": state.elapsed.as_millis() as u64}),
         );
         (sync, params)
     } else {
-        let params = mlp::init(7, 1.0);
+        let params = mlp::init(a.init_seed, 1.0);
         (CrossDcSemiSync::new(&params, inner, outer), params)
     };
     m.publish_state(m.step(), sync.export(&params));
-    let shard = mlp::dataset(42, 100 + u64::from(rank), 1024);
-    let mut rng = mlp::Rng::new(u64::from(rank) ^ a.incarnation);
+    let shard = mlp::dataset(42, a.data_seed.unwrap_or(100 + u64::from(rank)), a.shard);
+    let mut rng = mlp::Rng::new(a.batch_seed.unwrap_or(u64::from(rank) ^ a.incarnation));
     let mut last_loss = f32::NAN;
     // Cross-DC rounds this rank (a leader) was late for: its contribution carried.
     let mut late_rounds = 0u64;
@@ -204,6 +268,7 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
         match m.begin_step().await {
             Ok(Boundary::Departed { .. }) => return Ok(()),
             Ok(Boundary::Rebuilt { epoch, members }) => {
+                sync.group_changed();
                 bytes_before += std::mem::take(&mut bytes_now);
                 wan_before += std::mem::take(&mut wan_now);
                 wan_links.clear();
@@ -220,53 +285,41 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
         if step >= a.steps {
             break;
         }
-        if a.straggle_ms > 0 && step % 3 == 0 {
+        if a.straggle_ms > 0 && step % a.straggle_every.max(1) == 0 {
             tokio::time::sleep(Duration::from_millis(a.straggle_ms)).await;
         }
+        let lr = a.lr_at(step);
         let batch: Vec<usize> = (0..32).map(|_| rng.below(shard.x.len())).collect();
         let mut g = mlp::gradient(&params, &shard, &batch);
         if a.algorithm == OuterAlgorithm::Sync {
             // The baseline: every step, the gradient averaged over all ranks.
             let all = m.communicator().map_err(|e| e.to_string())?;
             if let Err(e) = sync.sync_gradients(all, &mut g).await {
-                emit(
-                    json!({"event": "round_failed", "rank": rank, "step": step, "scope": "all", "error": e.to_string()}),
-                );
+                emit(round_failed(rank, step, "all", &e));
             }
-            params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= a.lr * gi);
+            params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= lr * gi);
         } else {
             let (dc, leaders) = m.dc_communicators().map_err(|e| e.to_string())?;
             // A round that failed (its deadline passed) is reported and counted dropped; the next
             // boundary sorts out who is still there.
             if let Err(e) = sync.sync_gradients(dc, &mut g).await {
-                emit(
-                    json!({"event": "round_failed", "rank": rank, "step": step, "scope": "dc", "error": e.to_string()}),
-                );
+                emit(round_failed(rank, step, "dc", &e));
             }
-            params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= a.lr * gi);
+            params.iter_mut().zip(&g).for_each(|(p, gi)| *p -= lr * gi);
             match sync.after_inner_step(dc, leaders, &mut params).await {
                 Ok(reports) => late_rounds += reports.iter().filter(|r| r.late).count() as u64,
-                Err(e) => emit(
-                    json!({"event": "round_failed", "rank": rank, "step": step, "scope": "wan", "error": e.to_string()}),
-                ),
+                Err(e) => emit(round_failed(rank, step, "wan", &e)),
             }
         }
         if step % a.report_every == 0 {
             last_loss = mlp::loss(&params, &shard);
             // (The endpoint may be shut down: a fenced rank learns why at its next boundary.)
-            let Ok((totals, links)) = m.communicator().map_err(|e| e.to_string())?.handle().counters().await else {
+            let Some(now) = bytes_sent(&mut m, a.dc, &mut wan_links).await else {
                 m.end_step();
                 continue;
             };
-            let dcs = m.member_dcs().to_vec();
-            for (link, peer, c) in &links {
-                if dcs.get(peer.0 as usize).is_some_and(|d| *d != a.dc) {
-                    wan_links.insert(link.0, c.bytes_sent);
-                }
-            }
-            let wan_bytes: u64 = wan_links.values().sum();
-            let world = dcs.len();
-            (bytes_now, wan_now) = (totals.bytes_sent, wan_bytes);
+            (bytes_now, wan_now) = now;
+            let world = m.member_dcs().len();
             let (_, l) = sync.ledgers();
             emit(json!({"event": "step", "rank": rank, "dc": a.dc, "step": step, "epoch": m.epoch(), "world": world,
                         "loss": last_loss, "bytes": bytes_before + bytes_now, "wan_bytes": wan_before + wan_now, "offered": l.offered,
@@ -295,8 +348,12 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
     }
     let eval = mlp::dataset(42, 999, 2048);
     let (inner, l) = sync.ledgers();
+    if let Some(now) = bytes_sent(&mut m, a.dc, &mut wan_links).await {
+        (bytes_now, wan_now) = now;
+    }
     emit(
         json!({"event": "done", "rank": rank, "dc": a.dc, "step": m.step(), "epoch": m.epoch(), "eval_loss": mlp::loss(&params, &eval),
+                "bytes": bytes_before + bytes_now, "wan_bytes": wan_before + wan_now,
                 "train_loss": last_loss, "offered": l.offered, "applied": l.applied, "pending": l.pending, "dropped": l.dropped,
                 "late_rounds": late_rounds, "dc_offered": inner.offered, "dc_applied": inner.applied, "dc_pending": inner.pending, "dc_dropped": inner.dropped}),
     );

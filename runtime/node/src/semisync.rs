@@ -251,6 +251,20 @@ impl SemiSync {
         report
     }
 
+    /// The group changed (the communicator of a new epoch: ranks left or joined, or another
+    /// rank leads a data centre). Every fragment is marked for healing at its next heal round
+    /// and the catch-up wait is forgotten. Every member of the new group calls this at the
+    /// same step (the epoch's boundary; a rank that joined, after importing its state), so
+    /// they all run the same collectives from there even though they saw different rounds
+    /// before: a leader promoted in place of a dead one never saw the rounds its predecessor
+    /// missed, and without this the other leaders would heal where it does not, pairing their
+    /// later rounds with the wrong collectives.
+    pub fn group_changed(&mut self) {
+        self.unhealed.iter_mut().for_each(|u| *u = true);
+        self.last_participants.iter_mut().for_each(Vec::clear);
+        self.last_gradient_participants.clear();
+    }
+
     /// Whether this rank's anchor of any fragment may lag the group's (it missed a round
     /// since the last heal).
     pub fn lagging(&self) -> bool {
@@ -586,6 +600,13 @@ impl CrossDcSemiSync {
             (Some(e), _) | (None, Err(e)) => Err(e),
             (None, Ok(())) => Ok(reports),
         }
+    }
+
+    /// The groups changed (a new epoch): see [`SemiSync::group_changed`]; every rank calls it
+    /// at the epoch's boundary.
+    pub fn group_changed(&mut self) {
+        self.inner.group_changed();
+        self.outer.group_changed();
     }
 
     /// Heals the leaders' anchors and gives every rank the synced model, the leaders' common

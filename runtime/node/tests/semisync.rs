@@ -354,3 +354,88 @@ async fn across_dcs_replicas_stay_identical_and_the_next_leader_continues_from_t
         distance(&finals[0].0)
     );
 }
+
+/// A data centre's leader dies just before an outer round. The other leader's round (and its
+/// heal) goes on without it, so that leader owes a heal; the rank promoted in the dead one's
+/// place never saw that round. In the next epoch both must still run the same collectives:
+/// every rank marks its groups changed at the epoch's boundary, so both heal at the same
+/// round. (Without that, one leader's heal broadcast pairs with the other's next all-reduce and
+/// every later round goes wrong: found by `phalanx experiment semisync`, where the demo's
+/// SIGKILL hit a leader.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_promoted_after_its_predecessor_died_runs_the_same_rounds_as_the_other_leader() {
+    use phalanx_node::semisync::CrossDcSemiSync;
+    let quorum = FaultPolicy::Quorum { min: 1, wait: Duration::from_millis(200) };
+    let deadline = Duration::from_secs(5);
+    let outer = SemiSyncConfig {
+        policy: quorum,
+        deadline,
+        heal_every: 1,
+        catch_up_wait: Duration::from_millis(200),
+        ..SemiSyncConfig::new(SyncMode::Diloco { every: 4 })
+    };
+    let inner = SemiSyncConfig { policy: quorum, deadline, ..SemiSyncConfig::new(SyncMode::Synchronous) };
+    let lr = 0.3;
+    // Epoch 1: data centres {0, 1} and {2, 3}; rank 2 (DC 1's leader) dies after 7 steps, just
+    // before the round of step 8, which rank 0 then runs (and heals) alone.
+    let mut tasks = Vec::new();
+    for (rank, (mut dc, mut leaders)) in epoch(&[0, 0, 1, 1]).await.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let (a, b) = shard(rank);
+            let mut x = vec![0.0f32; DIM];
+            let mut sync = CrossDcSemiSync::new(&x, inner, outer);
+            for step in 1..=8 {
+                if rank == 2 && step == 8 {
+                    return None;
+                }
+                let mut g = gradient(&a, &b, &x);
+                sync.sync_gradients(&mut dc, &mut g).await.expect("gradient round");
+                x.iter_mut().zip(&g).for_each(|(xi, gi)| *xi -= lr * gi);
+                let outcome = sync.after_inner_step(&mut dc, leaders.as_mut(), &mut x).await;
+                // Rank 3's realignment at step 8 has no root (its leader is dead).
+                if !(rank == 3 && step == 8) {
+                    outcome.expect("outer round");
+                }
+            }
+            Some((sync, x))
+        }));
+    }
+    let mut survivors = Vec::new();
+    for t in tasks {
+        survivors.extend(t.await.expect("rank"));
+    }
+    assert_eq!(survivors.len(), 3);
+
+    // Epoch 2: old ranks 0, 1 (DC 0, led by 0) and 3 (DC 1, now its leader).
+    let mut tasks = Vec::new();
+    for ((mut sync, mut x), (mut dc, mut leaders)) in survivors.into_iter().zip(epoch(&[0, 0, 1]).await) {
+        tasks.push(tokio::spawn(async move {
+            sync.group_changed();
+            let rank = if dc.world() == 1 { 3 } else { dc.rank() };
+            let (a, b) = shard(rank);
+            let mut incomplete = Vec::new();
+            for _ in 0..24 {
+                let mut g = gradient(&a, &b, &x);
+                sync.sync_gradients(&mut dc, &mut g).await.expect("gradient round");
+                x.iter_mut().zip(&g).for_each(|(xi, gi)| *xi -= lr * gi);
+                let reports = sync.after_inner_step(&mut dc, leaders.as_mut(), &mut x).await.expect("outer round");
+                incomplete.extend(reports.into_iter().filter(|r| r.late || r.participants.len() < 2));
+            }
+            sync.resync(&mut dc, leaders.as_mut(), &mut x).await.expect("resync");
+            dc.flush(Duration::from_secs(5)).await;
+            if let Some(l) = &leaders {
+                l.flush(Duration::from_secs(5)).await;
+            }
+            (x, sync.ledgers(), incomplete)
+        }));
+    }
+    let mut finals = Vec::new();
+    for t in tasks {
+        finals.push(t.await.expect("rank"));
+    }
+    for (x, (inner, outer), incomplete) in &finals {
+        assert!(incomplete.is_empty(), "outer rounds of epoch 2 without both leaders: {incomplete:?}");
+        assert_eq!(x, &finals[0].0, "after the resync every rank holds the same model");
+        assert!(inner.balanced() && outer.balanced(), "{inner:?} {outer:?}");
+    }
+}
