@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use phalanx_proto::Payload;
 
 use crate::executor::ExecError;
 
@@ -43,7 +44,7 @@ pub struct AllToAll {
     round: usize,
     posted: bool,
     early: BTreeMap<usize, Bytes>,
-    outbox: Option<(usize, Bytes)>,
+    outbox: Option<(usize, Payload)>,
     /// What was sent to each peer (reference-counted, not copied): handed back if it is lost.
     sent: Vec<Option<Bytes>>,
     lost: BTreeSet<usize>,
@@ -98,12 +99,16 @@ impl AllToAll {
                 let data = self.outgoing[to].take().unwrap_or_default();
                 self.sent[to] = Some(data.clone());
                 if !self.lost.contains(&to) {
-                    let mut m = BytesMut::with_capacity(MESSAGE_HEADER + data.len());
-                    m.put_u64_le(self.op_seq);
-                    m.put_u32_le(self.round as u32);
-                    m.put_u32_le(self.rank as u32);
-                    m.put_slice(&data);
-                    self.outbox = Some((to, m.freeze()));
+                    // The header and the caller's buffer go out as two parts of one message:
+                    // the buffer is not copied.
+                    let mut h = BytesMut::with_capacity(MESSAGE_HEADER);
+                    h.put_u64_le(self.op_seq);
+                    h.put_u32_le(self.round as u32);
+                    h.put_u32_le(self.rank as u32);
+                    let mut m = Payload::new();
+                    m.push(h.freeze());
+                    m.push(data);
+                    self.outbox = Some((to, m));
                 }
             }
             continue_receive(self, from);
@@ -127,8 +132,8 @@ impl AllToAll {
         self.advance();
     }
 
-    /// The next message: `(destination rank, bytes)`.
-    pub fn poll_send(&mut self) -> Option<(usize, Bytes)> {
+    /// The next message: `(destination rank, its parts)` — the header, then the buffer itself.
+    pub fn poll_send(&mut self) -> Option<(usize, Payload)> {
         let out = self.outbox.take();
         if out.is_some() {
             self.advance();
@@ -237,7 +242,7 @@ mod tests {
             for i in 0..100_000 {
                 for (r, e) in ex.iter_mut().enumerate() {
                     while let Some((to, m)) = e.poll_send() {
-                        queues.entry((r, to)).or_default().push_back(m);
+                        queues.entry((r, to)).or_default().push_back(m.to_bytes());
                     }
                 }
                 let live: Vec<_> = queues.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();

@@ -47,6 +47,8 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
+use phalanx_proto::Payload;
+
 use crate::alltoall::{AllToAll, AllToAllResult};
 use crate::codec::{self, Compression};
 use crate::executor::{ExecError, Executor, Layout};
@@ -710,23 +712,25 @@ impl Group {
         }
     }
 
-    /// The next message to send: `(destination rank, bytes)`. (With phantom buffers use
+    /// The next message to send: `(destination rank, its bytes)`, in one part or several
+    /// (an all-to-all sends its header and the caller's buffer as two, so the buffer is not
+    /// copied; a transport sends the parts as one message). (With phantom buffers use
     /// [`Group::poll_send_sized`]: this drops the phantom length.)
-    pub fn poll_send(&mut self) -> Option<(usize, Bytes)> {
+    pub fn poll_send(&mut self) -> Option<(usize, Payload)> {
         self.poll_send_sized().map(|(to, m, _)| (to, m))
     }
 
-    /// The next message to send: `(destination rank, bytes, phantom bytes)`; the phantom length
-    /// (the bytes the message stands for beyond those it holds) is 0 unless the collective was
-    /// started with [`Group::start_phantom`].
-    pub fn poll_send_sized(&mut self) -> Option<(usize, Bytes, usize)> {
+    /// The next message to send: `(destination rank, its bytes, phantom bytes)`; the phantom
+    /// length (the bytes the message stands for beyond those it holds) is 0 unless the
+    /// collective was started with [`Group::start_phantom`].
+    pub fn poll_send_sized(&mut self) -> Option<(usize, Payload, usize)> {
         if let Some((to, m)) = self.outbox.pop_front() {
-            return Some((to, m, 0));
+            return Some((to, m.into(), 0));
         }
         let call = self.running.as_mut()?;
         let out = match &mut call.phase {
             Phase::Running { exec, participants, .. } => {
-                exec.poll_send_sized().map(|(v, m, phantom)| (participants[v], m, phantom))
+                exec.poll_send_sized().map(|(v, m, phantom)| (participants[v], m.into(), phantom))
             }
             Phase::AllToAll(a) => a.poll_send().map(|(to, m)| (to, m, 0)),
             _ => None,

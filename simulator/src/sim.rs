@@ -1270,7 +1270,8 @@ impl<'a> Sim<'a> {
             for (channel, g) in [(0u8, rk.group.as_mut()), (1, rk.dc_group.as_mut())] {
                 let Some(g) = g else { continue };
                 while let Some((to, bytes, phantom)) = g.poll_send_sized() {
-                    out.push((if channel == 1 { base + to } else { to }, bytes, phantom, channel));
+                    // One buffer per message here (a copy only for an all-to-all's two parts).
+                    out.push((if channel == 1 { base + to } else { to }, bytes.to_bytes(), phantom, channel));
                 }
                 if channel == rk.call_channel {
                     finished = g.finish();

@@ -22,7 +22,7 @@ fn read(b: &[u8]) -> Vec<f64> {
 /// `world` groups over a FIFO network; dead ranks neither send nor receive.
 struct Net {
     groups: Vec<Group>,
-    queue: VecDeque<(usize, usize, Bytes)>,
+    queue: VecDeque<(usize, usize, Vec<Bytes>)>,
     dead: BTreeSet<usize>,
     now: u64,
     results: Vec<Option<Finished>>,
@@ -45,7 +45,7 @@ impl Net {
                 continue;
             }
             while let Some((to, m)) = g.poll_send() {
-                self.queue.push_back((r, to, m));
+                self.queue.push_back((r, to, m.chunks().to_vec()));
             }
             if let Some(f) = g.finish() {
                 assert!(self.results[r].is_none(), "rank {r}: result not taken");
@@ -65,7 +65,7 @@ impl Net {
             let Some((from, to, m)) = self.queue.pop_front() else { return };
             n += 1;
             if !self.dead.contains(&to) && !self.dead.contains(&from) {
-                self.groups[to].handle_message(from, vec![m], self.now);
+                self.groups[to].handle_message(from, m, self.now);
             }
         }
     }
@@ -121,12 +121,12 @@ fn messages_for_a_collective_not_yet_started_wait_for_it_and_stale_ones_are_drop
     let first: Vec<_> = std::iter::from_fn(|| g[0].poll_send()).collect();
     g[1].start_schedule(sched(1), DType::F32, ReduceOp::Sum, f32s(&[10.0, 20.0]));
     for (_, m) in first {
-        g[1].handle_message(0, vec![m], 0);
+        g[1].handle_message(0, m.chunks().to_vec(), 0);
     }
     for _ in 0..10 {
         for r in 0..world {
             while let Some((to, m)) = g[r].poll_send() {
-                g[to].handle_message(r, vec![m], 0);
+                g[to].handle_message(r, m.chunks().to_vec(), 0);
             }
         }
     }
@@ -139,13 +139,13 @@ fn messages_for_a_collective_not_yet_started_wait_for_it_and_stale_ones_are_drop
     g[0].start_schedule(sched(0), DType::F32, ReduceOp::Sum, f32s(&[3.0, 3.0]));
     let early: Vec<_> = std::iter::from_fn(|| g[0].poll_send()).collect();
     for (_, m) in early {
-        g[1].handle_message(0, vec![m], 0);
+        g[1].handle_message(0, m.chunks().to_vec(), 0);
     }
     g[1].start_schedule(sched(1), DType::F32, ReduceOp::Sum, f32s(&[4.0, 4.0]));
     for _ in 0..10 {
         for r in 0..world {
             while let Some((to, m)) = g[r].poll_send() {
-                g[to].handle_message(r, vec![m], 0);
+                g[to].handle_message(r, m.chunks().to_vec(), 0);
             }
         }
     }
@@ -689,7 +689,7 @@ fn wire_run(world: usize, bytes: usize, phantom: bool, kill: Option<(usize, usiz
             while let Some((to, m, ph)) = g.poll_send_sized() {
                 assert!(ph == 0 || phantom, "a real group sent a phantom length");
                 wire += (m.len() + ph) as u64;
-                queue.push_back((r, to, m, ph));
+                queue.push_back((r, to, m.to_bytes(), ph));
             }
             if let Some(f) = g.finish() {
                 let Finished::Buffer { data, participants } = f else { panic!("rank {r}: {f:?}") };

@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use phalanx_proto::{
-    ChannelId, Endpoint, EndpointCounters, Epoch, Event, Frame, LinkCounters, LinkId, LinkIdentity, RankId,
+    ChannelId, Endpoint, EndpointCounters, Epoch, Event, Frame, LinkCounters, LinkId, LinkIdentity, Payload, RankId,
     TransportConfig,
 };
 use rand::{RngCore, SeedableRng};
@@ -136,7 +135,7 @@ pub(crate) enum Command {
     Send {
         peer: RankId,
         channel: ChannelId,
-        payload: Bytes,
+        payload: Payload,
         done: oneshot::Sender<Result<(), NodeError>>,
     },
     Link(LinkInput),
@@ -221,7 +220,10 @@ impl NodeHandle {
 
     /// Queues a message for `peer`. Returns once the endpoint accepted it (never waits for the
     /// network); delivery is reported by the peer, failure by [`Event::PeerUnreachable`].
-    pub async fn send(&self, peer: RankId, channel: ChannelId, payload: Bytes) -> Result<(), NodeError> {
+    /// A payload of several parts is sent without joining them (see
+    /// [`phalanx_proto::Endpoint::send`]).
+    pub async fn send(&self, peer: RankId, channel: ChannelId, payload: impl Into<Payload>) -> Result<(), NodeError> {
+        let payload = payload.into();
         let (done, rx) = oneshot::channel();
         self.shared.commands.send(Command::Send { peer, channel, payload, done }).map_err(|_| NodeError::Closed)?;
         rx.await.map_err(|_| NodeError::Closed)?

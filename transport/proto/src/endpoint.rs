@@ -31,6 +31,7 @@ use crate::frame::{self, DecodeError, Frame, FrameFlags, FrameKind, Header};
 use crate::handshake::LinkIdentity;
 use crate::ids::{ChannelId, Epoch, LinkId, RankId};
 use crate::path::{InFlight, PathState};
+use crate::payload::Payload;
 use crate::session::{Incoming, Message, PeerSession};
 use crate::time::Instant;
 
@@ -260,7 +261,16 @@ impl Endpoint {
 
     /// Queues `payload` for `peer` on `channel`. Never blocks; the message is delivered once and
     /// in order, or the peer is reported unreachable. Sending to this rank delivers at once.
-    pub fn send(&mut self, now: Instant, peer: RankId, channel: ChannelId, payload: Bytes) -> Result<(), SendError> {
+    /// A payload of several parts (a [`Payload`]) is sent without joining them: a frame never
+    /// spans two parts; the receiver gets the same bytes (chunked by frame, as always).
+    pub fn send(
+        &mut self,
+        now: Instant,
+        peer: RankId,
+        channel: ChannelId,
+        payload: impl Into<Payload>,
+    ) -> Result<(), SendError> {
+        let payload: Payload = payload.into();
         self.advance(now);
         if payload.len() as u64 > MAX_MESSAGE_BYTES {
             return Err(SendError::TooLarge { len: payload.len() as u64, max: MAX_MESSAGE_BYTES });
@@ -268,7 +278,7 @@ impl Endpoint {
         if peer == self.local {
             self.counters.messages_delivered += 1;
             self.counters.payload_bytes_delivered += payload.len() as u64;
-            self.events.push_back(Event::Message(Message { from: peer, channel, payload: payload.into() }));
+            self.events.push_back(Event::Message(Message { from: peer, channel, payload }));
             return Ok(());
         }
         let has_route = self.has_route(peer);

@@ -27,11 +27,38 @@ pub struct Message {
     pub payload: Payload,
 }
 
+/// A message being cut into frames. Its parts are sent as they are (a frame never spans two
+/// parts, so a small header part and a large data part go out without being joined).
 #[derive(Debug)]
 struct Outgoing {
     channel: ChannelId,
-    payload: Bytes,
+    payload: Payload,
+    /// Bytes framed so far, and where that is: part `part`, byte `in_part`.
     offset: usize,
+    part: usize,
+    in_part: usize,
+}
+
+impl Outgoing {
+    /// The next frame's bytes: at most `chunk` from the current part (empty for an empty
+    /// message).
+    fn next_len(&self, chunk: usize) -> usize {
+        self.payload.chunks().get(self.part).map_or(0, |p| (p.len() - self.in_part).min(chunk))
+    }
+
+    /// Takes the next frame's bytes (see [`Outgoing::next_len`]) without copying.
+    fn take(&mut self, chunk: usize) -> Bytes {
+        let Some(p) = self.payload.chunks().get(self.part) else { return Bytes::new() };
+        let end = (self.in_part + chunk).min(p.len());
+        let piece = p.slice(self.in_part..end);
+        self.offset += piece.len();
+        if end == p.len() {
+            (self.part, self.in_part) = (self.part + 1, 0);
+        } else {
+            self.in_part = end;
+        }
+        piece
+    }
 }
 
 /// A data frame sent and not yet acknowledged.
@@ -118,8 +145,8 @@ impl PeerSession {
         self.queued_messages + in_flight_msgs
     }
 
-    pub fn enqueue(&mut self, channel: ChannelId, payload: Bytes) {
-        self.queue.push_back(Outgoing { channel, payload, offset: 0 });
+    pub fn enqueue(&mut self, channel: ChannelId, payload: impl Into<Payload>) {
+        self.queue.push_back(Outgoing { channel, payload: payload.into(), offset: 0, part: 0, in_part: 0 });
         self.queued_messages += 1;
     }
 
@@ -137,7 +164,7 @@ impl PeerSession {
         if let Some(sent) = self.retransmit.iter().find_map(|seq| self.unacked.get(seq)) {
             return Some(sent.frame.wire_len());
         }
-        self.queue.front().map(|m| crate::frame::HEADER_LEN + (m.payload.len() - m.offset).min(chunk))
+        self.queue.front().map(|m| crate::frame::HEADER_LEN + m.next_len(chunk))
     }
 
     /// Takes the next frame to send: a retransmission first, else a new chunk. Records it as
@@ -165,7 +192,8 @@ impl PeerSession {
         let msg = self.queue.front_mut()?;
         let total = msg.payload.len();
         let start = msg.offset;
-        let end = (start + chunk).min(total);
+        let piece = msg.take(chunk);
+        let end = msg.offset;
         let mut flags = FrameFlags::default();
         if start == 0 {
             flags = flags.with(FrameFlags::FIRST);
@@ -184,9 +212,8 @@ impl PeerSession {
                 seq: self.next_seq,
                 aux: total as u64,
             },
-            payload: msg.payload.slice(start..end),
+            payload: piece,
         };
-        msg.offset = end;
         if end == total {
             self.queue.pop_front();
             self.queued_messages -= 1;
@@ -401,6 +428,28 @@ mod tests {
         assert_eq!(got[0].channel, ChannelId(5));
         assert!(got[1].payload.is_empty());
         assert_eq!(b.classify_incoming(1, 8), Incoming::Duplicate);
+    }
+
+    #[test]
+    fn a_message_of_several_parts_is_framed_part_by_part_and_arrives_as_the_same_bytes() {
+        let mut a = PeerSession::new(RankId(1), Instant(0));
+        let mut b = PeerSession::new(RankId(0), Instant(0));
+        let mut m = Payload::new();
+        for part in [&b"hdr"[..], &b"0123456789"[..], &b""[..], &b"xy"[..]] {
+            m.push(Bytes::copy_from_slice(part));
+        }
+        a.enqueue(ChannelId(3), m);
+        let mut tx = 0;
+        let frames = drain(&mut a, &mut tx);
+        // Chunks of 4 bytes (see `drain`), never across a part: "hdr", "0123", "4567", "89", "xy".
+        let pieces: Vec<&[u8]> = frames.iter().map(|f| &f.payload[..]).collect();
+        assert_eq!(pieces, vec![&b"hdr"[..], b"0123", b"4567", b"89", b"xy"]);
+        assert!(frames[0].header.flags.contains(FrameFlags::FIRST));
+        assert!(frames[4].header.flags.contains(FrameFlags::LAST));
+        assert!(frames.iter().all(|f| f.header.aux == 15), "every frame names the message's length");
+        let got: Vec<Message> = frames.into_iter().flat_map(|f| b.accept(f, 1 << 20).0).collect();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].payload, b"hdr0123456789xy"[..]);
     }
 
     #[test]
