@@ -18,7 +18,7 @@
 //! between the two DCs (transport counters, read before any rank closes its links). Process
 //! modes: [`crate::demo_training`] with this experiment's budget (four `phalanx train-worker`
 //! processes); their WAN bytes also count the membership's traffic between DCs (heartbeats,
-//! boundary agreement).
+//! boundary agreement). `PHALANX_LOUD=1` prints the demo's progress and events for them.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -437,6 +437,7 @@ async fn run_processes(mode: Mode, budget: Budget) -> Result<serde_json::Value, 
             compression: budget.streaming_compression,
             ..Learning::default()
         },
+        // PHALANX_LOUD=1 shows the demo's progress lines and events (for a run that goes wrong).
         quiet: std::env::var_os("PHALANX_LOUD").is_none(),
     };
     let o = demo_training::run(demo).await?;

@@ -226,17 +226,15 @@ pub async fn run(a: TrainWorkerArgs) -> Result<(), String> {
         ..SemiSyncConfig::new(SyncMode::Synchronous)
     };
     // Across DCs, between the leaders: quorum rounds, int8 outer gradients, healed.
+    let defaults = SemiSyncConfig::new(a.algorithm.mode(a.every, a.fragments));
     let outer = SemiSyncConfig {
         compression: a.compression.codec(),
         policy: quorum,
         deadline: Duration::from_secs(30),
         heal_every: 2,
-        ..SemiSyncConfig::new(a.algorithm.mode(a.every, a.fragments))
-    };
-    let outer = SemiSyncConfig {
-        outer_lr: a.outer_lr.unwrap_or(outer.outer_lr),
-        outer_momentum: a.outer_momentum.unwrap_or(outer.outer_momentum),
-        ..outer
+        outer_lr: a.outer_lr.unwrap_or(defaults.outer_lr),
+        outer_momentum: a.outer_momentum.unwrap_or(defaults.outer_momentum),
+        ..defaults
     };
     let (mut sync, mut params) = if m.step() > 0 {
         // Joined a running job: the state comes from its DC's peers (replicas of its model),
