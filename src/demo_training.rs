@@ -230,7 +230,8 @@ pub async fn run(demo: TrainingDemo) -> Result<TrainingOutcome, String> {
             println!("{line}");
         }
     };
-    let deadline = started + Duration::from_secs(240);
+    // Four minutes, plus time for long runs (the experiment's are 2,000 steps and more).
+    let deadline = started + Duration::from_secs(240) + Duration::from_millis(50 * demo.steps);
     let t = |at: Instant| at.duration_since(started).as_secs_f64();
     loop {
         tokio::select! {
