@@ -275,6 +275,21 @@ async fn epoch(dcs: &[usize]) -> Vec<(Communicator, Option<Communicator>)> {
     out
 }
 
+/// One step of a rank under `CrossDcSemiSync`: its gradient averaged inside its DC (must
+/// succeed), an SGD step, then whatever outer round and realignment are due (returned).
+async fn cross_dc_step(
+    sync: &mut phalanx_node::semisync::CrossDcSemiSync,
+    (dc, leaders): (&mut Communicator, Option<&mut Communicator>),
+    x: &mut [f32],
+    (a, b): (&[f32], &[f32]),
+    lr: f32,
+) -> Result<Vec<phalanx_node::semisync::RoundReport>, phalanx_node::CommError> {
+    let mut g = gradient(a, b, x);
+    sync.sync_gradients(dc, &mut g).await.expect("gradient round");
+    x.iter_mut().zip(&g).for_each(|(xi, gi)| *xi -= lr * gi);
+    sync.after_inner_step(dc, leaders, x).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn across_dcs_replicas_stay_identical_and_the_next_leader_continues_from_the_same_outer_state() {
     use phalanx_node::semisync::CrossDcSemiSync;
@@ -292,10 +307,7 @@ async fn across_dcs_replicas_stay_identical_and_the_next_leader_continues_from_t
             let mut x = vec![0.0f32; DIM];
             let mut sync = CrossDcSemiSync::new(&x, inner, outer);
             for _ in 0..40 {
-                let mut g = gradient(&a, &b, &x);
-                sync.sync_gradients(&mut dc, &mut g).await.expect("gradient round");
-                x.iter_mut().zip(&g).for_each(|(xi, gi)| *xi -= lr * gi);
-                sync.after_inner_step(&mut dc, leaders.as_mut(), &mut x).await.expect("outer round");
+                cross_dc_step(&mut sync, (&mut dc, leaders.as_mut()), &mut x, (&a, &b), lr).await.expect("outer round");
             }
             dc.flush(Duration::from_secs(5)).await;
             if let Some(l) = &leaders {
@@ -326,10 +338,7 @@ async fn across_dcs_replicas_stay_identical_and_the_next_leader_continues_from_t
             let rank = dc.rank() + if leaders.is_some() && dc.world() == 1 { 1 } else { 2 };
             let (a, b) = shard(rank);
             for _ in 0..300 {
-                let mut g = gradient(&a, &b, &x);
-                sync.sync_gradients(&mut dc, &mut g).await.expect("gradient round");
-                x.iter_mut().zip(&g).for_each(|(xi, gi)| *xi -= lr * gi);
-                sync.after_inner_step(&mut dc, leaders.as_mut(), &mut x).await.expect("outer round");
+                cross_dc_step(&mut sync, (&mut dc, leaders.as_mut()), &mut x, (&a, &b), lr).await.expect("outer round");
             }
             sync.resync(&mut dc, leaders.as_mut(), &mut x).await.expect("resync");
             dc.flush(Duration::from_secs(5)).await;
@@ -388,10 +397,7 @@ async fn a_leader_promoted_after_its_predecessor_died_runs_the_same_rounds_as_th
                 if rank == 2 && step == 8 {
                     return None;
                 }
-                let mut g = gradient(&a, &b, &x);
-                sync.sync_gradients(&mut dc, &mut g).await.expect("gradient round");
-                x.iter_mut().zip(&g).for_each(|(xi, gi)| *xi -= lr * gi);
-                let outcome = sync.after_inner_step(&mut dc, leaders.as_mut(), &mut x).await;
+                let outcome = cross_dc_step(&mut sync, (&mut dc, leaders.as_mut()), &mut x, (&a, &b), lr).await;
                 // Rank 3's realignment at step 8 has no root (its leader is dead).
                 if !(rank == 3 && step == 8) {
                     outcome.expect("outer round");
@@ -415,10 +421,9 @@ async fn a_leader_promoted_after_its_predecessor_died_runs_the_same_rounds_as_th
             let (a, b) = shard(rank);
             let mut incomplete = Vec::new();
             for _ in 0..24 {
-                let mut g = gradient(&a, &b, &x);
-                sync.sync_gradients(&mut dc, &mut g).await.expect("gradient round");
-                x.iter_mut().zip(&g).for_each(|(xi, gi)| *xi -= lr * gi);
-                let reports = sync.after_inner_step(&mut dc, leaders.as_mut(), &mut x).await.expect("outer round");
+                let reports = cross_dc_step(&mut sync, (&mut dc, leaders.as_mut()), &mut x, (&a, &b), lr)
+                    .await
+                    .expect("outer round");
                 incomplete.extend(reports.into_iter().filter(|r| r.late || r.participants.len() < 2));
             }
             sync.resync(&mut dc, leaders.as_mut(), &mut x).await.expect("resync");
