@@ -29,7 +29,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use phalanx_collectives::reduce::{DType, ReduceOp};
-use phalanx_runtime::semisync::{fragment_ranges, Ledger, OuterOptimizer, SyncMode};
+use phalanx_runtime::semisync::{
+    fragment_ranges, CrossDcCall, CrossDcPlan, FragmentFlags, Ledger, OuterOptimizer, PlanConfig, PlannedCall,
+    RoundPlan, RoundResult, SyncCall, SyncMode,
+};
 use tracing::{debug, info_span, Instrument};
 
 use crate::params::ParamSet;
@@ -80,6 +83,17 @@ impl SemiSyncConfig {
             heal_every: 4,
         }
     }
+
+    /// The part of the configuration that decides which collectives run (`phalanx_runtime`'s
+    /// sans-IO plan).
+    pub fn plan(&self) -> PlanConfig {
+        PlanConfig {
+            mode: self.mode,
+            policy: self.policy,
+            catch_up_wait: self.catch_up_wait,
+            heal_every: self.heal_every,
+        }
+    }
 }
 
 /// What one sync round did.
@@ -95,96 +109,69 @@ pub struct RoundReport {
     pub bytes: usize,
 }
 
-/// One rank's semi-synchronous state: the anchors (parameters at each fragment's last sync),
-/// outer optimizers, error feedback, carried contributions and the ledger.
+/// One rank's semi-synchronous state: which collectives run ([`RoundPlan`], the sans-IO
+/// protocol the simulator runs too: heals, catch-up waits, the ledger) and the arithmetic on
+/// the parameters (anchors, outer optimizers, error feedback, carried outer gradients).
 pub struct SemiSync {
+    plan: RoundPlan,
+    state: OuterState,
+}
+
+/// The arithmetic half of a rank's semi-synchronous state, and the collectives that move it.
+struct OuterState {
     config: SemiSyncConfig,
     ranges: Vec<Range<usize>>,
     anchor: Vec<f32>,
     outer: Vec<OuterOptimizer>,
     feedback: Vec<ErrorFeedback>,
     carry: Vec<Vec<f32>>,
-    carried: Vec<u64>,
-    /// The last round's participants, per fragment.
-    last_participants: Vec<Vec<usize>>,
-    /// The last gradient round's participants.
-    last_gradient_participants: Vec<usize>,
-    /// Fragments whose anchor may lag the group's (this rank missed a round since a heal).
-    lagging: Vec<bool>,
-    /// Fragments some rank may lag on: a round or heal since the last complete heal went
-    /// without someone. Every rank that saw the same outcomes holds the same flags, so they all
-    /// make the same choice of whether a heal is due.
-    unhealed: Vec<bool>,
-    ledger: Ledger,
-    step: u64,
     bytes_sent: u64,
 }
 
 impl SemiSync {
     /// State for parameters `params` (identical on every rank at the start).
     pub fn new(params: &[f32], config: SemiSyncConfig) -> SemiSync {
-        let ranges = fragment_ranges(params.len(), config.mode.fragments());
-        let outer = ranges
-            .iter()
-            .map(|_| match config.mode {
-                SyncMode::LocalSgd { .. } | SyncMode::Synchronous => OuterOptimizer::averaging(),
-                _ => OuterOptimizer::new(config.outer_lr, config.outer_momentum, true),
-            })
-            .collect();
-        SemiSync {
-            feedback: vec![ErrorFeedback::new(); ranges.len()],
-            carry: ranges.iter().map(|r| vec![0.0; r.len()]).collect(),
-            carried: vec![0; ranges.len()],
-            last_participants: vec![Vec::new(); ranges.len()],
-            last_gradient_participants: Vec::new(),
-            lagging: vec![false; ranges.len()],
-            unhealed: vec![false; ranges.len()],
-            anchor: params.to_vec(),
-            outer,
-            ranges,
-            config,
-            ledger: Ledger::default(),
-            step: 0,
-            bytes_sent: 0,
-        }
+        SemiSync { plan: RoundPlan::new(config.plan()), state: OuterState::new(params, config) }
     }
 
     /// The accounting so far.
     pub fn ledger(&self) -> Ledger {
-        self.ledger
+        self.plan.ledger()
     }
 
     /// Bytes this rank put into sync rounds so far.
     pub fn bytes_sent(&self) -> u64 {
-        self.bytes_sent
+        self.state.bytes_sent
     }
 
     /// Inner steps taken.
     pub fn step(&self) -> u64 {
-        self.step
+        self.plan.step()
     }
 
     /// The parameters as of the last sync of each fragment.
     pub fn anchor(&self) -> &[f32] {
-        &self.anchor
+        &self.state.anchor
     }
 
     /// The state a recovering rank needs to take this rank's place in the next round (what
     /// to publish for live recovery): the anchors and the outer momentum, as named buffers.
     pub fn export(&self) -> Vec<(String, Bytes)> {
-        let mut velocity = Vec::with_capacity(self.anchor.len());
-        for (f, r) in self.ranges.iter().enumerate() {
-            let v = self.outer[f].velocity();
+        let s = &self.state;
+        let mut velocity = Vec::with_capacity(s.anchor.len());
+        for (f, r) in s.ranges.iter().enumerate() {
+            let v = s.outer[f].velocity();
             if v.len() == r.len() {
                 velocity.extend_from_slice(v);
             } else {
                 velocity.extend(std::iter::repeat_n(0.0, r.len()));
             }
         }
+        let unhealed: Vec<u8> = self.plan.unhealed().into_iter().map(u8::from).collect();
         vec![
-            ("anchor".into(), Bytes::from(f32_bytes(&self.anchor))),
+            ("anchor".into(), Bytes::from(f32_bytes(&s.anchor))),
             ("velocity".into(), Bytes::from(f32_bytes(&velocity))),
-            ("unhealed".into(), Bytes::from(self.unhealed.iter().map(|u| u8::from(*u)).collect::<Vec<u8>>())),
+            ("unhealed".into(), Bytes::from(unhealed)),
         ]
     }
 
@@ -208,16 +195,13 @@ impl SemiSync {
         let mut velocity = vec![0.0f32; anchor.len()];
         read_f32(velocity_bytes, &mut velocity);
         let mut s = SemiSync::new(&anchor, config);
-        for (f, r) in s.ranges.clone().into_iter().enumerate() {
-            s.outer[f].set_velocity(&velocity[r]);
+        for (f, r) in s.state.ranges.clone().into_iter().enumerate() {
+            s.state.outer[f].set_velocity(&velocity[r]);
         }
         if let Ok(flags) = get("unhealed") {
-            if flags.len() != s.unhealed.len() {
-                return Err(format!("{} heal flags for {} fragments", flags.len(), s.unhealed.len()));
-            }
-            s.unhealed = flags.iter().map(|f| *f != 0).collect();
+            s.plan.set_unhealed(&flags.iter().map(|f| *f != 0).collect::<Vec<bool>>())?;
         }
-        s.step = step;
+        s.plan.set_step(step);
         Ok(s)
     }
 
@@ -260,61 +244,36 @@ impl SemiSync {
     /// missed, and without this the other leaders would heal where it does not, pairing their
     /// later rounds with the wrong collectives.
     pub fn group_changed(&mut self) {
-        self.unhealed.iter_mut().for_each(|u| *u = true);
-        self.last_participants.iter_mut().for_each(Vec::clear);
-        self.last_gradient_participants.clear();
+        self.plan.group_changed();
     }
 
     /// Whether this rank's anchor of any fragment may lag the group's (it missed a round
     /// since the last heal).
     pub fn lagging(&self) -> bool {
-        self.lagging.iter().any(|l| *l)
+        self.plan.lagging()
     }
 
     /// Heals every fragment now (every rank calls it at the same point, e.g. before
     /// evaluation or a checkpoint): the lowest participant of each fragment's last round
     /// broadcasts its anchor and momentum under `Shrink`.
     pub async fn resync(&mut self, comm: &mut Communicator, params: &mut [f32]) -> Result<(), CommError> {
-        for f in 0..self.ranges.len() {
-            let root = self.last_participants[f].first().copied().unwrap_or(0);
-            self.heal(comm, params, f, root, FaultPolicy::Shrink).await?;
-        }
-        Ok(())
+        self.plan.resync();
+        run_plan(&mut self.plan, &mut self.state, comm, params).await.map(|_| ())
     }
 
     /// Synchronous data parallel: replaces `grads` by their average over the round's
-    /// participants (call before the inner optimizer's step).
+    /// participants (call before the inner optimizer's step). A late rank keeps its own
+    /// gradient (stale by the next step: reported dropped, not carried).
     pub async fn sync_gradients(
         &mut self,
         comm: &mut Communicator,
         grads: &mut [f32],
     ) -> Result<RoundReport, CommError> {
-        self.step += 1;
-        let riding = self.ledger.offer(0);
-        let bytes = f32_bytes(grads);
-        let n = bytes.len();
-        let policy = self.policy_after(&self.last_gradient_participants, comm.world());
-        let options = CallOptions { policy, verify: false };
-        let op = Op::AllReduce { algorithm: AllReduceAlgorithm::Auto, op: ReduceOp::Avg };
-        self.bytes_sent += n as u64;
-        match comm.collective(op, DType::F32, bytes, options, self.config.deadline).await {
-            Ok(Outcome::Done { data, participants }) => {
-                read_f32(&data, grads);
-                self.ledger.applied(riding);
-                self.last_gradient_participants = participants.clone();
-                Ok(RoundReport { fragment: 0, participants, late: false, bytes: n })
-            }
-            Ok(Outcome::Late { participants, .. }) => {
-                // A late gradient is stale by the next step: reported dropped, not carried.
-                self.ledger.dropped(riding);
-                self.last_gradient_participants = participants.clone();
-                Ok(RoundReport { fragment: 0, participants, late: true, bytes: n })
-            }
-            Err(e) => {
-                self.ledger.dropped(riding);
-                Err(e)
-            }
-        }
+        let call = self.plan.begin_gradients(comm.world());
+        let s = &mut self.state;
+        let (result, report) = gradient_round(comm, grads, call.policy, s.config.deadline, &mut s.bytes_sent).await;
+        self.plan.handle(&result, comm.world());
+        report
     }
 
     /// After an inner step: syncs the fragments due at this step (none most steps). On
@@ -324,23 +283,121 @@ impl SemiSync {
         comm: &mut Communicator,
         params: &mut [f32],
     ) -> Result<Vec<RoundReport>, CommError> {
-        self.step += 1;
-        let mut reports = Vec::new();
-        for f in self.config.mode.due(self.step) {
-            let span = info_span!("outer_sync", fragment = f, step = self.step);
-            reports.push(self.round(comm, params, f).instrument(span).await?);
+        self.plan.after_inner_step();
+        run_plan(&mut self.plan, &mut self.state, comm, params).await
+    }
+}
+
+/// Runs the plan's calls of the step on `comm` until it has none left; the first failure
+/// ends the step and is returned.
+async fn run_plan(
+    plan: &mut RoundPlan,
+    state: &mut OuterState,
+    comm: &mut Communicator,
+    params: &mut [f32],
+) -> Result<Vec<RoundReport>, CommError> {
+    let world = comm.world();
+    let mut reports = Vec::new();
+    while let Some(PlannedCall { call, policy }) = plan.poll_call(world) {
+        let step = plan.step();
+        let (result, report) = match call {
+            SyncCall::Outer { fragment } => {
+                let span = info_span!("outer_sync", fragment, step);
+                state.round(comm, params, fragment, policy).instrument(span).await
+            }
+            SyncCall::Heal { fragment, root } => {
+                let span = info_span!("heal", fragment, root, step);
+                let (result, healed) = state.heal(comm, params, fragment, root, policy).instrument(span).await;
+                (result, healed.map(|()| None))
+            }
+            // Not in a single group's plan: gradients have their own entry, realignment is
+            // cross-DC only.
+            SyncCall::Gradients | SyncCall::Realign { .. } => (RoundResult::Failed, Ok(None)),
+        };
+        plan.handle(&result, world);
+        if let Some(report) = report? {
+            reports.push(report);
         }
-        Ok(reports)
+    }
+    Ok(reports)
+}
+
+/// A gradient round: `grads` become their average over the participants (unchanged when late
+/// or failed); the bytes put into it are added to `bytes_sent`.
+async fn gradient_round(
+    comm: &mut Communicator,
+    grads: &mut [f32],
+    policy: FaultPolicy,
+    deadline: Duration,
+    bytes_sent: &mut u64,
+) -> (RoundResult, Result<RoundReport, CommError>) {
+    let bytes = f32_bytes(grads);
+    let n = bytes.len();
+    let options = CallOptions { policy, verify: false };
+    let op = Op::AllReduce { algorithm: AllReduceAlgorithm::Auto, op: ReduceOp::Avg };
+    *bytes_sent += n as u64;
+    let outcome = comm.collective(op, DType::F32, bytes, options, deadline).await;
+    let result = result_of(&outcome);
+    let report = outcome.map(|o| match o {
+        Outcome::Done { data, participants } => {
+            read_f32(&data, grads);
+            RoundReport { fragment: 0, participants, late: false, bytes: n }
+        }
+        Outcome::Late { participants, .. } => RoundReport { fragment: 0, participants, late: true, bytes: n },
+    });
+    (result, report)
+}
+
+impl From<&Outcome> for RoundResult {
+    fn from(o: &Outcome) -> RoundResult {
+        match o {
+            Outcome::Done { participants, .. } => RoundResult::Done { participants: participants.clone() },
+            Outcome::Late { participants, .. } => RoundResult::Late { participants: participants.clone() },
+        }
+    }
+}
+
+fn result_of(outcome: &Result<Outcome, CommError>) -> RoundResult {
+    outcome.as_ref().map_or(RoundResult::Failed, RoundResult::from)
+}
+
+impl OuterState {
+    fn new(params: &[f32], config: SemiSyncConfig) -> OuterState {
+        let ranges = fragment_ranges(params.len(), config.mode.fragments());
+        let outer = ranges
+            .iter()
+            .map(|_| match config.mode {
+                SyncMode::LocalSgd { .. } | SyncMode::Synchronous => OuterOptimizer::averaging(),
+                _ => OuterOptimizer::new(config.outer_lr, config.outer_momentum, true),
+            })
+            .collect();
+        OuterState {
+            feedback: vec![ErrorFeedback::new(); ranges.len()],
+            carry: ranges.iter().map(|r| vec![0.0; r.len()]).collect(),
+            anchor: params.to_vec(),
+            outer,
+            ranges,
+            config,
+            bytes_sent: 0,
+        }
     }
 
-    async fn round(&mut self, comm: &mut Communicator, params: &mut [f32], f: usize) -> Result<RoundReport, CommError> {
+    /// Fragment `f`'s outer round: this rank's outer gradient (`anchor − params`, plus what
+    /// an earlier round carried) averaged over the participants moves the anchor by the outer
+    /// optimizer, and the fragment's parameters restart from it. Late: the gradient is
+    /// carried and the rank re-anchors on its own parameters (its progress rides in the
+    /// carried gradient, counted once). Failed: dropped (reported), re-anchored likewise.
+    async fn round(
+        &mut self,
+        comm: &mut Communicator,
+        params: &mut [f32],
+        f: usize,
+        policy: FaultPolicy,
+    ) -> (RoundResult, Result<Option<RoundReport>, CommError>) {
         let r = self.ranges[f].clone();
         let delta: Vec<f32> =
             r.clone().map(|i| self.anchor[i] - params[i]).zip(&self.carry[f]).map(|(d, c)| d + c).collect();
-        let riding = self.ledger.offer(self.carried[f]);
-        self.carried[f] = 0;
-        let options =
-            CallOptions { policy: self.policy_after(&self.last_participants[f], comm.world()), verify: false };
+        let options = CallOptions { policy, verify: false };
         let bytes = f32_bytes(&delta);
         let outcome = if self.config.compression == Compression::None {
             self.bytes_sent += bytes.len() as u64;
@@ -360,6 +417,7 @@ impl SemiSync {
             )
             .await
         };
+        let result = result_of(&outcome);
         let sent = delta.len() * 4;
         let report = match outcome {
             Ok(Outcome::Done { data, participants }) => {
@@ -368,60 +426,27 @@ impl SemiSync {
                 self.outer[f].step(&mut self.anchor[r.clone()], &avg);
                 params[r.clone()].copy_from_slice(&self.anchor[r]);
                 self.carry[f].iter_mut().for_each(|c| *c = 0.0);
-                self.ledger.applied(riding);
                 debug!(fragment = f, participants = participants.len(), "outer step applied");
-                Ok(RoundReport { fragment: f, participants, late: false, bytes: sent })
+                Ok(Some(RoundReport { fragment: f, participants, late: false, bytes: sent }))
             }
             Ok(Outcome::Late { participants, .. }) => {
-                // Carry the contribution; re-anchor on our own parameters so the progress it
-                // holds is not counted again in the next delta.
                 self.carry[f] = delta;
-                self.carried[f] = riding;
-                self.ledger.carried(riding);
                 self.anchor[r.clone()].copy_from_slice(&params[r]);
-                self.lagging[f] = true;
-                Ok(RoundReport { fragment: f, participants, late: true, bytes: sent })
+                Ok(Some(RoundReport { fragment: f, participants, late: true, bytes: sent }))
             }
             Err(e) => {
-                // Given up and reported: re-anchor on our own parameters so the dropped progress
-                // is not sent again in the next delta; the anchor lags until the next heal.
                 self.carry[f].iter_mut().for_each(|c| *c = 0.0);
                 self.anchor[r.clone()].copy_from_slice(&params[r]);
-                self.lagging[f] = true;
-                self.ledger.dropped(riding);
                 Err(e)
             }
-        }?;
-        self.last_participants[f] = report.participants.clone();
-        if report.participants.len() < comm.world() {
-            self.unhealed[f] = true;
-        }
-        // The heal schedule is a function of the step and of outcomes every rank saw alike, so
-        // a rank that rejoined with recovered state (the flags included) runs the same sequence
-        // of collectives as the others. Nobody missing since the last heal: no broadcast.
-        let round = self.config.mode.round_index(self.step, f);
-        if self.config.heal_every > 0 && round.is_multiple_of(self.config.heal_every) && self.unhealed[f] {
-            let root = report.participants.first().copied().unwrap_or(0);
-            self.heal(comm, params, f, root, self.config.policy).await?;
-        }
-        Ok(report)
-    }
-
-    /// The policy of a round after one with participants `last` (empty: none yet) in a group
-    /// of `world`: the configured one, with the catch-up wait if someone was missing.
-    fn policy_after(&self, last: &[usize], world: usize) -> FaultPolicy {
-        match self.config.policy {
-            FaultPolicy::Quorum { min, wait } if !last.is_empty() && last.len() < world => {
-                FaultPolicy::Quorum { min, wait: wait.max(self.config.catch_up_wait) }
-            }
-            p => p,
-        }
+        };
+        (result, report)
     }
 
     /// Fragment `f`'s outer state as one vector: anchor, momentum, carried outer gradient,
-    /// error-feedback residual (each the fragment's length; zeros where there is none yet), a
-    /// lagging flag and a heal-due flag.
-    fn fragment_state(&self, f: usize) -> Vec<f32> {
+    /// error-feedback residual (each the fragment's length; zeros where there is none yet),
+    /// then the plan's flags (lagging, heal due).
+    fn fragment_state(&self, f: usize, flags: FragmentFlags) -> Vec<f32> {
         let r = self.ranges[f].clone();
         let n = r.len();
         let or_zeros = |v: &[f32]| if v.len() == n { v.to_vec() } else { vec![0.0; n] };
@@ -430,27 +455,25 @@ impl SemiSync {
         v.extend(or_zeros(self.outer[f].velocity()));
         v.extend_from_slice(&self.carry[f]);
         v.extend(or_zeros(self.feedback[f].residual()));
-        v.push(if self.lagging[f] { 1.0 } else { 0.0 });
-        v.push(if self.unhealed[f] { 1.0 } else { 0.0 });
+        v.push(if flags.lagging { 1.0 } else { 0.0 });
+        v.push(if flags.unhealed { 1.0 } else { 0.0 });
         v
     }
 
-    /// Adopts another rank's [`SemiSync::fragment_state`] of fragment `f` (the ledger stays
-    /// this rank's).
-    fn set_fragment_state(&mut self, f: usize, v: &[f32]) {
+    /// Adopts another rank's [`OuterState::fragment_state`] of fragment `f`; returns its flags
+    /// for the plan.
+    fn set_fragment_state(&mut self, f: usize, v: &[f32]) -> FragmentFlags {
         let r = self.ranges[f].clone();
         let n = r.len();
         self.anchor[r].copy_from_slice(&v[..n]);
         self.outer[f].set_velocity(&v[n..2 * n]);
         self.carry[f].copy_from_slice(&v[2 * n..3 * n]);
         self.feedback[f] = ErrorFeedback::with_residual(v[3 * n..4 * n].to_vec());
-        self.lagging[f] = v[4 * n] != 0.0;
-        self.unhealed[f] = v[4 * n + 1] != 0.0;
+        FragmentFlags { lagging: v[4 * n] != 0.0, unhealed: v[4 * n + 1] != 0.0 }
     }
 
-    /// Broadcasts fragment `f`'s anchor and momentum from `root`; a lagging rank adopts them
-    /// and shifts its parameters by the same amount. A rank late for the broadcast stays
-    /// lagging until the next heal.
+    /// Broadcasts fragment `f`'s anchor and momentum from `root`; a rank that receives them
+    /// adopts them and shifts its parameters by the same amount (keeping its local progress).
     async fn heal(
         &mut self,
         comm: &mut Communicator,
@@ -458,7 +481,7 @@ impl SemiSync {
         f: usize,
         root: usize,
         policy: FaultPolicy,
-    ) -> Result<(), CommError> {
+    ) -> (RoundResult, Result<(), CommError>) {
         let r = self.ranges[f].clone();
         let n = r.len();
         let payload = if comm.rank() == root {
@@ -473,26 +496,22 @@ impl SemiSync {
         if comm.rank() == root {
             self.bytes_sent += payload.len() as u64;
         }
-        let outcome =
-            comm.collective(Op::Broadcast { root }, DType::U8, payload, options, self.config.deadline).await?;
-        let participants = match &outcome {
-            Outcome::Done { participants, .. } | Outcome::Late { participants, .. } => participants.len(),
-        };
-        self.unhealed[f] = participants < comm.world();
-        match outcome {
-            Outcome::Done { data, .. } => {
-                let mut v = vec![0.0f32; 2 * n];
-                read_f32(&data, &mut v);
-                for (k, i) in r.clone().enumerate() {
-                    params[i] += v[k] - self.anchor[i];
-                    self.anchor[i] = v[k];
+        let outcome = comm.collective(Op::Broadcast { root }, DType::U8, payload, options, self.config.deadline).await;
+        let result = result_of(&outcome);
+        (
+            result,
+            outcome.map(|o| {
+                if let Outcome::Done { data, .. } = o {
+                    let mut v = vec![0.0f32; 2 * n];
+                    read_f32(&data, &mut v);
+                    for (k, i) in r.clone().enumerate() {
+                        params[i] += v[k] - self.anchor[i];
+                        self.anchor[i] = v[k];
+                    }
+                    self.outer[f].set_velocity(&v[n..]);
                 }
-                self.outer[f].set_velocity(&v[n..]);
-                self.lagging[f] = false;
-            }
-            Outcome::Late { .. } => {}
-        }
-        Ok(())
+            }),
+        )
     }
 }
 
@@ -511,16 +530,16 @@ fn read_f32(bytes: &[u8], out: &mut [f32]) {
 /// ranks are replicas of one model); across data centres, the DC's leader (index 0 of its DC
 /// communicator) runs the outer rounds (DiLoCo, streaming DiLoCo, local SGD) with the other
 /// DCs' leaders. Only the leaders' rounds cross the WAN: one contribution per DC, however many
-/// ranks it has.
+/// ranks it has. The sequence of collectives is `phalanx_runtime`'s [`CrossDcPlan`].
 ///
 /// **Realignment.** After every outer round the leader broadcasts inside its DC the whole
 /// model and, for the fragments just synced, its outer state (anchor, momentum, carried outer
-/// gradient, error-feedback residual). So every rank of a DC holds the leader's outer state —
-/// when the leader is lost, the next lowest rank of the DC leads from the same state (the next
-/// epoch's communicators make it index 0) — and a rank whose gradient missed an in-DC round
-/// (late under `Quorum`: it stepped on its own gradient and drifted) is a replica again. This
-/// costs one model-sized broadcast inside the DC per outer round (every `H / fragments` steps),
-/// against the model-sized all-reduce inside the DC every step.
+/// gradient, error-feedback residual, heal flags). So every rank of a DC holds the leader's
+/// outer state — when the leader is lost, the next lowest rank of the DC leads from the same
+/// state (the next epoch's communicators make it index 0) — and a rank whose gradient missed an
+/// in-DC round (late under `Quorum`: it stepped on its own gradient and drifted) is a replica
+/// again. This costs one model-sized broadcast inside the DC per outer round (every
+/// `H / fragments` steps), against the model-sized all-reduce inside the DC every step.
 ///
 /// Under faults: the leaders' rounds have the outer policy (a DC late under `Quorum` carries its
 /// outer gradient and is healed); the DC's rounds have the inner policy (a lost rank inside a DC
@@ -528,10 +547,11 @@ fn read_f32(bytes: &[u8], out: &mut [f32]) {
 /// leader only (a mirror's copy of a carried gradient is the same contribution, sent once, by
 /// whoever leads).
 pub struct CrossDcSemiSync {
-    inner: SemiSync,
-    outer: SemiSync,
-    ranges: Vec<Range<usize>>,
-    step: u64,
+    inner: SemiSyncConfig,
+    plan: CrossDcPlan,
+    outer: OuterState,
+    /// Bytes of the in-DC gradient rounds.
+    inner_bytes: u64,
 }
 
 impl CrossDcSemiSync {
@@ -539,37 +559,45 @@ impl CrossDcSemiSync {
     /// policy and deadline of the in-DC rounds (gradients and realignment); `outer` the cross-DC
     /// configuration.
     pub fn new(params: &[f32], inner: SemiSyncConfig, outer: SemiSyncConfig) -> CrossDcSemiSync {
-        let inner = SemiSync::new(params, SemiSyncConfig { mode: SyncMode::Synchronous, ..inner });
-        let ranges = fragment_ranges(params.len(), outer.mode.fragments());
-        CrossDcSemiSync { inner, outer: SemiSync::new(params, outer), ranges, step: 0 }
+        let inner = SemiSyncConfig { mode: SyncMode::Synchronous, ..inner };
+        CrossDcSemiSync {
+            plan: CrossDcPlan::new(inner.plan(), outer.plan()),
+            outer: OuterState::new(params, outer),
+            inner,
+            inner_bytes: 0,
+        }
     }
 
     /// The accounting of the in-DC gradient rounds and of the cross-DC outer rounds (the
     /// latter only counts on leaders).
     pub fn ledgers(&self) -> (Ledger, Ledger) {
-        (self.inner.ledger(), self.outer.ledger())
+        (self.plan.inner().ledger(), self.plan.outer().ledger())
     }
 
     /// Inner steps taken.
     pub fn step(&self) -> u64 {
-        self.step
+        self.plan.step()
     }
 
     /// The outer parameters: each fragment as of its last cross-DC sync.
     pub fn anchor(&self) -> &[f32] {
-        self.outer.anchor()
+        &self.outer.anchor
     }
 
     /// Bytes this rank put into in-DC rounds and into cross-DC rounds so far.
     pub fn bytes_sent(&self) -> (u64, u64) {
-        (self.inner.bytes_sent(), self.outer.bytes_sent())
+        (self.inner_bytes, self.outer.bytes_sent)
     }
 
     /// Averages `grads` over the DC (call before the inner optimizer's step). A rank late for
     /// the round keeps its own gradient (counted dropped) and is realigned at the next outer
     /// round.
     pub async fn sync_gradients(&mut self, dc: &mut Communicator, grads: &mut [f32]) -> Result<RoundReport, CommError> {
-        self.inner.sync_gradients(dc, grads).await
+        let call = self.plan.begin_gradients(dc.world());
+        let deadline = self.inner.deadline;
+        let (result, report) = gradient_round(dc, grads, call.policy, deadline, &mut self.inner_bytes).await;
+        self.plan.handle_gradients(&result, dc.world());
+        report
     }
 
     /// After an inner step: the leaders (`leaders` is `Some` exactly on index 0 of each DC
@@ -582,31 +610,14 @@ impl CrossDcSemiSync {
         leaders: Option<&mut Communicator>,
         params: &mut [f32],
     ) -> Result<Vec<RoundReport>, CommError> {
-        self.step += 1;
-        let due = self.outer.config.mode.due(self.step);
-        let (reports, outer_failed) = match leaders {
-            Some(l) => match self.outer.after_inner_step(l, params).await {
-                Ok(r) => (r, None),
-                Err(e) => (Vec::new(), Some(e)),
-            },
-            None => {
-                // A mirror: its outer schedule advances with the leader's.
-                self.outer.step = self.step;
-                (Vec::new(), None)
-            }
-        };
-        let realigned = if due.is_empty() { Ok(()) } else { self.realign(dc, params, &due).await };
-        match (outer_failed, realigned) {
-            (Some(e), _) | (None, Err(e)) => Err(e),
-            (None, Ok(())) => Ok(reports),
-        }
+        self.plan.after_inner_step(leaders.is_some());
+        self.run(dc, leaders, params, false).await
     }
 
     /// The groups changed (a new epoch): see [`SemiSync::group_changed`]; every rank calls it
     /// at the epoch's boundary.
     pub fn group_changed(&mut self) {
-        self.inner.group_changed();
-        self.outer.group_changed();
+        self.plan.group_changed();
     }
 
     /// Heals the leaders' anchors and gives every rank the synced model, the leaders' common
@@ -617,21 +628,79 @@ impl CrossDcSemiSync {
         leaders: Option<&mut Communicator>,
         params: &mut [f32],
     ) -> Result<(), CommError> {
-        if let Some(l) = leaders {
-            self.outer.resync(l, params).await?;
-            // The model is the synced one: progress since each fragment's last sync is not in
-            // it (as DiLoCo evaluates its outer parameters).
-            params.copy_from_slice(self.outer.anchor());
+        self.plan.resync(leaders.is_some());
+        self.run(dc, leaders, params, true).await.map(|_| ())
+    }
+
+    /// Runs the plan's calls of the step; `evaluate`: a leader's model becomes its anchors
+    /// before the realignment (as DiLoCo evaluates its outer parameters).
+    async fn run(
+        &mut self,
+        dc: &mut Communicator,
+        mut leaders: Option<&mut Communicator>,
+        params: &mut [f32],
+        evaluate: bool,
+    ) -> Result<Vec<RoundReport>, CommError> {
+        let mut reports = Vec::new();
+        let mut first_error = None;
+        let leaders_world = leaders.as_ref().map(|l| l.world());
+        while let Some(CrossDcCall { call: PlannedCall { call, policy }, .. }) = self.plan.poll_call(leaders_world) {
+            let step = self.plan.step();
+            let (result, world, outcome) = match (call, leaders.as_deref_mut()) {
+                (SyncCall::Outer { fragment }, Some(l)) => {
+                    let span = info_span!("outer_sync", fragment, step);
+                    let (result, report) = self.outer.round(l, params, fragment, policy).instrument(span).await;
+                    (result, l.world(), report)
+                }
+                (SyncCall::Heal { fragment, root }, Some(l)) => {
+                    let span = info_span!("heal", fragment, root, step);
+                    let (result, healed) = self.outer.heal(l, params, fragment, root, policy).instrument(span).await;
+                    (result, l.world(), healed.map(|()| None))
+                }
+                (SyncCall::Realign { fragments }, _) => {
+                    if evaluate && leaders.is_some() {
+                        params.copy_from_slice(&self.outer.anchor);
+                    }
+                    let (result, realigned) = self.realign(dc, params, &fragments, policy).await;
+                    (result, dc.world(), realigned.map(|()| None))
+                }
+                // The plan hands leaders' calls to leaders only, and no gradient round here.
+                _ => (RoundResult::Failed, dc.world(), Ok(None)),
+            };
+            self.plan.handle(&result, world);
+            match outcome {
+                Ok(Some(report)) => reports.push(report),
+                Ok(None) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        let all: Vec<usize> = (0..self.ranges.len()).collect();
-        self.realign(dc, params, &all).await
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(reports),
+        }
     }
 
     /// What a recovering rank needs to take this rank's place: the model and the outer state.
     pub fn export(&self, params: &[f32]) -> Vec<(String, Bytes)> {
-        let mut out = self.outer.export();
-        out.push(("params".into(), Bytes::from(f32_bytes(params))));
-        out
+        let unhealed: Vec<u8> = self.plan.outer().unhealed().into_iter().map(u8::from).collect();
+        let s = &self.outer;
+        let mut velocity = Vec::with_capacity(s.anchor.len());
+        for (f, r) in s.ranges.iter().enumerate() {
+            let v = s.outer[f].velocity();
+            if v.len() == r.len() {
+                velocity.extend_from_slice(v);
+            } else {
+                velocity.extend(std::iter::repeat_n(0.0, r.len()));
+            }
+        }
+        vec![
+            ("anchor".into(), Bytes::from(f32_bytes(&s.anchor))),
+            ("velocity".into(), Bytes::from(f32_bytes(&velocity))),
+            ("unhealed".into(), Bytes::from(unhealed)),
+            ("params".into(), Bytes::from(f32_bytes(params))),
+        ]
     }
 
     /// A rank's state rebuilt from what a healthy rank of its DC exported at inner step `step`
@@ -642,17 +711,18 @@ impl CrossDcSemiSync {
         step: u64,
         buffers: &[(String, Vec<u8>)],
     ) -> Result<(CrossDcSemiSync, Vec<f32>), String> {
-        let outer = SemiSync::import(outer, step, buffers)?;
+        let single = SemiSync::import(outer, step, buffers)?;
         let bytes = buffers.iter().find(|(n, _)| n == "params").map(|(_, b)| b).ok_or("no \"params\" buffer")?;
-        if bytes.len() != outer.anchor().len() * 4 {
-            return Err(format!("params of {} bytes for {} parameters", bytes.len(), outer.anchor().len()));
+        if bytes.len() != single.anchor().len() * 4 {
+            return Err(format!("params of {} bytes for {} parameters", bytes.len(), single.anchor().len()));
         }
-        let mut params = vec![0.0f32; outer.anchor().len()];
+        let mut params = vec![0.0f32; single.anchor().len()];
         read_f32(bytes, &mut params);
-        let mut inner = SemiSync::new(&params, SemiSyncConfig { mode: SyncMode::Synchronous, ..inner });
-        inner.step = step;
-        let ranges = outer.ranges.clone();
-        Ok((CrossDcSemiSync { inner, outer, ranges, step }, params))
+        let inner = SemiSyncConfig { mode: SyncMode::Synchronous, ..inner };
+        let mut plan = CrossDcPlan::new(inner.plan(), outer.plan());
+        plan.set_step(step);
+        plan.outer_mut().set_unhealed(&single.plan.unhealed())?;
+        Ok((CrossDcSemiSync { inner, plan, outer: single.state, inner_bytes: 0 }, params))
     }
 
     /// The leader (index 0) broadcasts the model and the outer state of `fragments` inside the
@@ -663,14 +733,16 @@ impl CrossDcSemiSync {
         dc: &mut Communicator,
         params: &mut [f32],
         fragments: &[usize],
-    ) -> Result<(), CommError> {
-        let n = params.len()
-            + fragments.iter().map(|f| FRAGMENT_STATE * self.ranges[*f].len() + FRAGMENT_FLAGS).sum::<usize>();
+        policy: FaultPolicy,
+    ) -> (RoundResult, Result<(), CommError>) {
+        let ranges = &self.outer.ranges;
+        let n =
+            params.len() + fragments.iter().map(|f| FRAGMENT_STATE * ranges[*f].len() + FRAGMENT_FLAGS).sum::<usize>();
         let payload = if dc.rank() == 0 {
             let mut v = Vec::with_capacity(n);
             v.extend_from_slice(params);
             for f in fragments {
-                v.extend(self.outer.fragment_state(*f));
+                v.extend(self.outer.fragment_state(*f, self.plan.outer().fragment_flags(*f)));
             }
             f32_bytes(&v)
         } else {
@@ -679,31 +751,34 @@ impl CrossDcSemiSync {
         // The in-DC policy: under `Quorum` the round waits for its root, the leader (it comes
         // from the cross-DC round, after the others), and leaves out only a straggler, which
         // stays as it is until the next realignment.
-        let options = CallOptions { policy: self.inner.config.policy, verify: false };
-        let span = info_span!("realign", step = self.step, fragments = fragments.len());
+        let options = CallOptions { policy, verify: false };
+        let span = info_span!("realign", step = self.plan.step(), fragments = fragments.len());
         let outcome = dc
-            .collective(Op::Broadcast { root: 0 }, DType::U8, payload, options, self.inner.config.deadline)
-            .instrument(span);
-        if let Outcome::Done { data, .. } = outcome.await? {
-            if dc.rank() != 0 {
+            .collective(Op::Broadcast { root: 0 }, DType::U8, payload, options, self.inner.deadline)
+            .instrument(span)
+            .await;
+        let result = result_of(&outcome);
+        let adopted = outcome.map(|o| {
+            if let (Outcome::Done { data, .. }, false) = (o, dc.rank() == 0) {
                 let mut v = vec![0.0f32; n];
                 read_f32(&data, &mut v);
                 params.copy_from_slice(&v[..params.len()]);
                 let mut at = params.len();
                 for f in fragments {
-                    let len = FRAGMENT_STATE * self.ranges[*f].len() + FRAGMENT_FLAGS;
-                    self.outer.set_fragment_state(*f, &v[at..at + len]);
+                    let len = FRAGMENT_STATE * self.outer.ranges[*f].len() + FRAGMENT_FLAGS;
+                    let flags = self.outer.set_fragment_state(*f, &v[at..at + len]);
+                    self.plan.outer_mut().set_fragment_flags(*f, flags);
                     at += len;
                 }
             }
-        }
-        Ok(())
+        });
+        (result, adopted)
     }
 }
 
-/// Vectors of a fragment's length in [`SemiSync::fragment_state`] (plus [`FRAGMENT_FLAGS`]).
+/// Vectors of a fragment's length in [`OuterState::fragment_state`] (plus [`FRAGMENT_FLAGS`]).
 const FRAGMENT_STATE: usize = 4;
-/// Flags at the end of [`SemiSync::fragment_state`].
+/// Flags at the end of [`OuterState::fragment_state`].
 const FRAGMENT_FLAGS: usize = 2;
 
 #[cfg(test)]
@@ -714,16 +789,17 @@ mod tests {
     fn exported_state_imports_to_the_same_anchors_momentum_and_schedule() {
         let config = SemiSyncConfig::new(SyncMode::StreamingDiloco { every: 4, fragments: 3 });
         let mut s = SemiSync::new(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], config);
-        for (f, r) in s.ranges.clone().into_iter().enumerate() {
+        let o = &mut s.state;
+        for (f, r) in o.ranges.clone().into_iter().enumerate() {
             let delta: Vec<f32> = r.clone().map(|i| i as f32 * 0.1).collect();
-            s.outer[f].step(&mut s.anchor[r], &delta);
+            o.outer[f].step(&mut o.anchor[r], &delta);
         }
-        s.step = 9;
+        s.plan.set_step(9);
         let exported: Vec<(String, Vec<u8>)> = s.export().into_iter().map(|(n, b)| (n, b.to_vec())).collect();
         let t = SemiSync::import(config, 9, &exported).expect("imports");
         assert_eq!(t.anchor(), s.anchor());
         for f in 0..3 {
-            assert_eq!(t.outer[f].velocity(), s.outer[f].velocity());
+            assert_eq!(t.state.outer[f].velocity(), s.state.outer[f].velocity());
         }
         assert_eq!(t.step(), 9);
         let bad = vec![("anchor".to_string(), vec![0u8; 8]), ("velocity".to_string(), vec![0u8; 4])];
