@@ -106,6 +106,39 @@ pub struct StepPoint {
     pub participants: usize,
 }
 
+/// What the semi-synchronous protocol ran (`kind = "semisync"`): collectives completed by kind
+/// (counted once each, however many ranks took part), and the leaders' outer gradients that
+/// missed a round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SemisyncReport {
+    /// Gradient all-reduces inside a DC.
+    pub gradient_rounds: u64,
+    /// Outer all-reduces among the DCs' leaders.
+    pub outer_rounds: u64,
+    /// Heal broadcasts among the leaders (the plan's choice after a round someone missed).
+    pub heals: u64,
+    /// Realignment broadcasts inside a DC.
+    pub realignments: u64,
+    /// Outer gradients that were late for their round (carried into the next).
+    pub outer_late: u64,
+    /// Calls that failed, counted per rank (an error or the deadline; e.g. a realignment whose
+    /// root, the DC's leader, died).
+    pub failed_calls: u64,
+}
+
+impl SemisyncReport {
+    /// Adds `k` times the growth from `a` to `b` (fast-forward repeats a period `k` times).
+    pub fn advance(&mut self, a: &SemisyncReport, b: &SemisyncReport, k: u64) {
+        let grow = |x: u64, y: u64| k * y.saturating_sub(x);
+        self.gradient_rounds += grow(a.gradient_rounds, b.gradient_rounds);
+        self.outer_rounds += grow(a.outer_rounds, b.outer_rounds);
+        self.heals += grow(a.heals, b.heals);
+        self.realignments += grow(a.realignments, b.realignments);
+        self.outer_late += grow(a.outer_late, b.outer_late);
+        self.failed_calls += grow(a.failed_calls, b.failed_calls);
+    }
+}
+
 /// What the coordinators and the elastic ranks did (runs with `[membership]`).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct MembershipReport {
@@ -193,6 +226,9 @@ pub struct Report {
     /// Elastic membership (`[membership]`): coordinators, epochs, rejoined ranks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub membership: Option<MembershipReport>,
+    /// The semi-synchronous protocol's collectives (`kind = "semisync"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semisync: Option<SemisyncReport>,
     /// Every completed step (not in the JSON; the plot draws it).
     #[serde(skip)]
     pub steps: Vec<StepPoint>,

@@ -281,10 +281,12 @@ pub enum WorkloadKind {
     CollectiveLoop,
     /// Synchronous data parallel: compute, then all-reduce the gradient, `steps` times.
     DataParallel,
-    /// Semi-synchronous across data centres (DiLoCo): every step, compute and all-reduce the
-    /// gradient inside the rank's data centre (its own group: the DCs do not wait for each
-    /// other); every `outer_every` steps, after that, the outer all-reduce of `outer_bytes`
-    /// over all ranks (hierarchical by default: once across the WAN per DC).
+    /// Semi-synchronous across data centres (DiLoCo, streaming DiLoCo), run by the real
+    /// protocol (`CrossDcPlan`): every step, compute and all-reduce the gradient inside the
+    /// rank's data centre (its own group: the DCs do not wait for each other); every
+    /// `outer_every` steps (per fragment), the DCs' leaders all-reduce the outer gradient
+    /// (`outer_bytes`) among themselves — healing when the plan says so — and each leader then
+    /// realigns its DC with a broadcast.
     Semisync,
 }
 
@@ -418,6 +420,15 @@ pub struct WorkloadSpec {
     /// `semisync`: bytes per rank of the outer all-reduce (default: `bytes`; e.g. the int8
     /// outer gradient, a quarter of an fp32 gradient).
     pub outer_bytes: Option<ByteSize>,
+    /// `semisync`: parameter fragments (streaming DiLoCo; default 1, plain DiLoCo). Each syncs
+    /// every `outer_every` steps, staggered; `outer_every` must be a multiple.
+    pub outer_fragments: Option<usize>,
+    /// `semisync`: every this many rounds of a fragment, heal it if a leader missed one of its
+    /// rounds since the last heal (default 4; 0: never).
+    pub heal_every: Option<u64>,
+    /// `semisync` under `quorum`: after a round someone missed, the next waits this long for
+    /// everyone (default 5000 ms).
+    pub catch_up_wait_ms: Option<f64>,
 }
 
 fn default_quorum_wait() -> f64 {
@@ -693,7 +704,19 @@ impl Scenario {
             if w.outer_bytes.is_some_and(|b| !b.0.is_multiple_of(8) || b.0 > 1 << 40) {
                 return Err((f("workload", "outer_bytes"), "must be a multiple of 8, at most 1 TiB".into()));
             }
-        } else if w.outer_every.is_some() || w.outer_bytes.is_some() {
+            let (every, k) = (w.outer_every.unwrap_or(1), w.outer_fragments.unwrap_or(1));
+            if k == 0 || k > 1024 || !every.is_multiple_of(k as u64) {
+                return Err((f("workload", "outer_fragments"), "must be 1 to 1024 and divide outer_every".into()));
+            }
+            if w.catch_up_wait_ms.is_some_and(|ms| !(0.0..=1e9).contains(&ms)) {
+                return Err((f("workload", "catch_up_wait_ms"), "must be between 0 and 1e9".into()));
+            }
+        } else if w.outer_every.is_some()
+            || w.outer_bytes.is_some()
+            || w.outer_fragments.is_some()
+            || w.heal_every.is_some()
+            || w.catch_up_wait_ms.is_some()
+        {
             return Err((f("workload", "outer_every"), "only for kind = \"semisync\"".into()));
         }
         if w.checkpoint_every == 0 {

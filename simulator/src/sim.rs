@@ -18,14 +18,16 @@ use sha2::{Digest, Sha256};
 
 use crate::fabric::Fabric;
 use crate::fair_share::FlowId;
-use crate::report::{Collectives, Contributions, NetworkStats, Recovery, Report, StepPoint};
+use crate::report::{Collectives, Contributions, NetworkStats, Recovery, Report, SemisyncReport, StepPoint};
 use crate::scenario::{AlgorithmKind, FaultKind, OnFailure, OpKind, PayloadKind, PolicyKind, Scenario, WorkloadKind};
 use crate::trace::Trace;
 
 mod frames;
 mod membership;
+mod semisync;
 use frames::{FrameStats, Frames};
 use membership::{Membership, Sender};
+use phalanx_runtime::semisync::{CrossDcPlan, FragmentFlags, RoundResult, SyncCall};
 
 const MS: f64 = 1e6;
 const SEC: f64 = 1e9;
@@ -237,13 +239,22 @@ enum Stage {
 
 struct RankSim {
     alive: bool,
+    /// The group of all ranks; `semisync`: the DCs' leaders (index: the DC), on leaders only.
     group: Option<Group>,
     /// `semisync`: the group of the rank's data centre (index: its place there).
     dc_group: Option<Group>,
     /// The group of the running call (0: `group`, 1: `dc_group`).
     call_channel: u8,
-    /// `semisync`: this step's in-DC call is done, its outer call is due.
-    outer_pending: bool,
+    /// `semisync`: the rank's real semi-sync protocol (which collectives, in which order).
+    plan: Option<CrossDcPlan>,
+    /// `semisync`: the running call, and how it ended (for the plan).
+    sync_call: Option<SyncCall>,
+    sync_result: Option<RoundResult>,
+    /// `semisync`: per fragment, a late outer gradient (real payloads) to fold into the next.
+    outer_carry: Vec<Option<Vec<u8>>>,
+    /// `semisync`, on a DC's leader: its last realignment (call key) and the heal flags it
+    /// carried, as they were when it started.
+    realign_sent: Option<(u64, Vec<(usize, FragmentFlags)>)>,
     stage: Stage,
     /// Steps this rank has finished (with any outcome) in this epoch's run.
     step: u64,
@@ -269,9 +280,10 @@ struct RankSim {
 }
 
 impl RankSim {
-    /// Contribution units riding in late contributions, all groups.
+    /// Contribution units riding in late contributions, all groups (`semisync`: the outer
+    /// gradients the plan's ledger holds pending).
     fn carried(&self) -> u64 {
-        self.carry_units.iter().sum()
+        self.carry_units.iter().sum::<u64>() + self.plan.as_ref().map_or(0, |p| p.outer().ledger().pending)
     }
 }
 
@@ -290,6 +302,8 @@ struct OpRecord {
     /// Useful rank-time its applied contributions carried, and how much of it by its commit.
     useful: f64,
     useful_at_commit: f64,
+    /// A broadcast's root (rank): the result every receiver must hold is what it offered.
+    root: Option<usize>,
 }
 
 /// Runs `scenario` with `seed`.
@@ -348,6 +362,9 @@ pub fn run_collective(
             fast_forward: false,
             outer_every: None,
             outer_bytes: None,
+            outer_fragments: None,
+            heal_every: None,
+            catch_up_wait_ms: None,
         },
         faults: Vec::new(),
         membership: None,
@@ -434,6 +451,8 @@ struct Sim<'a> {
     stats_frames: FrameStats,
     /// Elastic membership (`[membership]`).
     membership: Option<Membership>,
+    /// `semisync`: what the protocol ran.
+    sync_report: SemisyncReport,
 }
 
 /// A committed step, as fast-forward measures the period.
@@ -449,6 +468,8 @@ struct Commit {
     applied: u64,
     completed: u64,
     useful: f64,
+    /// `semisync`: the protocol's counts by then.
+    sync: SemisyncReport,
 }
 
 /// What a flow carries.
@@ -527,7 +548,11 @@ impl<'a> Sim<'a> {
                 group: None,
                 dc_group: None,
                 call_channel: 0,
-                outer_pending: false,
+                plan: None,
+                sync_call: None,
+                sync_result: None,
+                outer_carry: Vec::new(),
+                realign_sent: None,
                 stage: Stage::Idle,
                 step: 0,
                 call_units: 0,
@@ -593,6 +618,7 @@ impl<'a> Sim<'a> {
             frames: None,
             stats_frames: FrameStats::default(),
             membership: None,
+            sync_report: SemisyncReport::default(),
         };
         if sc.transport.frames {
             let config = frames::transport_config(&sc.transport);
@@ -1071,27 +1097,37 @@ impl<'a> Sim<'a> {
         let t = &self.sc.topology;
         let per_dc = t.hosts_per_dc * t.ranks_per_host;
         let topology = Topology::uniform(t.dcs, per_dc);
-        for r in 0..self.world {
-            let mut g = Group::new(r, self.world);
-            g.set_topology(topology.clone());
-            g.set_epoch(self.epoch);
-            if let Some(seg) = self.sc.workload.segment_bytes {
-                g.set_segment_bytes(seg.0.min(usize::MAX as u64) as usize);
+        let semisync = self.sc.workload.kind == WorkloadKind::Semisync;
+        let segment = self.sc.workload.segment_bytes.map(|seg| seg.0.min(usize::MAX as u64) as usize);
+        let epoch = self.epoch;
+        let group = move |index: usize, world: usize, topology: Option<&Topology>| {
+            let mut g = Group::new(index, world);
+            if let Some(t) = topology {
+                g.set_topology(t.clone());
             }
-            let dc_group = (self.sc.workload.kind == WorkloadKind::Semisync).then(|| {
-                let mut d = Group::new(r % per_dc, per_dc);
-                d.set_epoch(self.epoch);
-                if let Some(seg) = self.sc.workload.segment_bytes {
-                    d.set_segment_bytes(seg.0.min(usize::MAX as u64) as usize);
-                }
-                d
-            });
+            g.set_epoch(epoch);
+            if let Some(seg) = segment {
+                g.set_segment_bytes(seg);
+            }
+            g
+        };
+        for r in 0..self.world {
+            // `semisync`: the group of all ranks is the DCs' leaders' (index 0 of each DC).
+            let g = match semisync {
+                false => Some(group(r, self.world, Some(&topology))),
+                true => (r % per_dc == 0).then(|| group(r / per_dc, t.dcs, None)),
+            };
+            let dc_group = semisync.then(|| group(r % per_dc, per_dc, None));
+            let plan = semisync.then(|| self.semisync_plan());
+            let fragments = self.semisync_fragments();
             let rk = &mut self.ranks[r];
             rk.alive = true;
-            rk.group = Some(g);
+            rk.group = g;
             rk.dc_group = dc_group;
             rk.call_channel = 0;
-            rk.outer_pending = false;
+            rk.plan = plan;
+            rk.sync_call = None;
+            rk.outer_carry = vec![None; fragments];
             rk.stage = Stage::Idle;
             rk.step = self.progress;
             rk.carry = [None, None];
@@ -1169,18 +1205,6 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Rank `r`'s contribution at `step`: element 0 counts contributions (1 each, so a folded
-    /// late one adds its count), the rest are small deterministic values.
-    fn contribution(&self, r: usize, step: u64, bytes: usize) -> Vec<u8> {
-        let count = bytes / 8;
-        let mut v = Vec::with_capacity(count * 8);
-        for i in 0..count {
-            let x: i64 = if i == 0 { 1 } else { ((r as i64 * 31 + step as i64 * 7 + i as i64 * 3) % 13) - 6 };
-            v.extend_from_slice(&x.to_le_bytes());
-        }
-        v
-    }
-
     fn start_call(&mut self, r: usize) {
         if let Some(given) = self.given.as_mut() {
             let buf = given.inputs[r].take().unwrap_or_default();
@@ -1192,30 +1216,23 @@ impl<'a> Sim<'a> {
             return;
         }
         let w = &self.sc.workload;
-        let epoch = self.epoch;
+        if w.kind == WorkloadKind::Semisync {
+            return self.semisync_gradients(r);
+        }
         let step = self.ranks[r].step;
-        let mut options = self.call_options();
+        let options = self.call_options();
         let real = w.payload == PayloadKind::Real;
-        // `semisync`: the in-DC gradient round, or (after it, every `outer_every` steps) the
-        // outer round over everyone. A late contribution rides in the next call of its group.
-        let channel = u8::from(w.kind == WorkloadKind::Semisync && !self.ranks[r].outer_pending);
+        // A late contribution rides in the next call.
+        let channel = 0;
         let units = 1 + self.ranks[r].carry_units[channel as usize];
         self.contrib.offered += 1;
-        let bytes = match (channel, w.outer_bytes) {
-            (0, Some(b)) if w.kind == WorkloadKind::Semisync => b.0 as usize,
-            _ => w.bytes.0 as usize,
-        };
-        if channel == 1 {
-            if let FaultPolicy::Quorum { min, wait } = options.policy {
-                options.policy = FaultPolicy::Quorum { min: min.min(self.per_dc().div_ceil(2)), wait };
-            }
-        }
+        let bytes = w.bytes.0 as usize;
         self.ranks[r].call_channel = channel;
         let (offered, op_seq) = match w.op {
             OpKind::Allreduce => {
                 let op = Op::AllReduce { algorithm: self.algorithm(), op: ReduceOp::Sum };
                 let buf = real.then(|| {
-                    let mut buf = self.contribution(r, step, bytes);
+                    let mut buf = contribution(r, step, bytes);
                     if let Some(c) = self.ranks[r].carry[channel as usize].take() {
                         add_i64(&mut buf, &c);
                     }
@@ -1238,9 +1255,25 @@ impl<'a> Sim<'a> {
                 (None, g.start_all_to_all(self.now, send, options.policy))
             }
         };
+        self.ranks[r].carry_units[channel as usize] = 0;
+        self.call_started(r, channel, op_seq, (offered, units), None);
+    }
+
+    /// Rank `r` started its group's (`channel`'s) call `op_seq`, offering a buffer (real
+    /// payloads) with a number of contributions riding (a broadcast: from rank `root`): the
+    /// record, the trace, the deadline, and the first messages out.
+    fn call_started(
+        &mut self,
+        r: usize,
+        channel: u8,
+        op_seq: u64,
+        (offered, units): (Option<Vec<u8>>, u64),
+        root: Option<usize>,
+    ) {
+        let epoch = self.epoch;
         let op_seq = op_key(channel, r / self.per_dc(), op_seq);
         let rk = &mut self.ranks[r];
-        rk.carry_units[channel as usize] = 0;
+        rk.call_channel = channel;
         rk.call_units = units;
         rk.call_started = self.now;
         rk.stage = Stage::InCall { op_seq };
@@ -1248,10 +1281,11 @@ impl<'a> Sim<'a> {
             self.ops.entry((epoch, op_seq)).or_insert_with(|| OpRecord { started: self.now, ..OpRecord::default() });
         rec.offered.insert(r, (offered, units));
         rec.open += 1;
+        rec.root = root;
         if let Some(tr) = self.trace.as_mut() {
             tr.begin(r, self.now, op_seq);
         }
-        let deadline = self.now + (w.deadline_ms * MS) as u64;
+        let deadline = self.now + (self.sc.workload.deadline_ms * MS) as u64;
         self.push(deadline, Ev::Deadline { rank: r as u32, epoch, op_seq });
         self.pump(r);
     }
@@ -1260,6 +1294,8 @@ impl<'a> Sim<'a> {
     /// its next timeout to the heap.
     fn pump(&mut self, r: usize) {
         let base = r - r % self.per_dc();
+        let leaders = self.sc.workload.kind == WorkloadKind::Semisync;
+        let per_dc = self.per_dc();
         loop {
             let rk = &mut self.ranks[r];
             if rk.group.is_none() && rk.dc_group.is_none() {
@@ -1271,7 +1307,12 @@ impl<'a> Sim<'a> {
                 let Some(g) = g else { continue };
                 while let Some((to, bytes, phantom)) = g.poll_send_sized() {
                     // One buffer per message here (a copy only for an all-to-all's two parts).
-                    out.push((if channel == 1 { base + to } else { to }, bytes.to_bytes(), phantom, channel));
+                    let to = match (channel, leaders) {
+                        (1, _) => base + to,
+                        (_, true) => to * per_dc,
+                        _ => to,
+                    };
+                    out.push((to, bytes.to_bytes(), phantom, channel));
                 }
                 if channel == rk.call_channel {
                     finished = g.finish();
@@ -1316,17 +1357,30 @@ impl<'a> Sim<'a> {
         let took = self.now - self.ranks[r].call_started;
         let semisync = self.sc.workload.kind == WorkloadKind::Semisync;
         let channel = self.ranks[r].call_channel;
+        let sync_call = self.ranks[r].sync_call.clone();
         // Useful rank-time of an applied contribution: its compute (or, without compute, the
-        // call itself); an outer round of `semisync` adds none (its inner steps' rounds did).
+        // call itself); `semisync`'s outer rounds, heals and realignments add none (the inner
+        // steps' gradient rounds did).
         let compute = self.ranks[r].call_compute_ns;
-        let useful = if semisync && channel == 0 { 0.0 } else { (if compute > 0 { compute } else { took }) as f64 };
+        let useful = match (semisync, &sync_call) {
+            (true, Some(c)) if *c != SyncCall::Gradients => 0.0,
+            _ => (if compute > 0 { compute } else { took }) as f64,
+        };
+        // A group's indices, as ranks (a DC's group: its own indices; the leaders': DCs).
+        let per_dc = self.per_dc();
+        let base = r - r % per_dc;
+        let as_ranks = |participants: &[usize]| -> Vec<usize> {
+            match (channel, semisync) {
+                (1, _) => participants.iter().map(|p| base + p).collect(),
+                (_, true) => participants.iter().map(|p| p * per_dc).collect(),
+                _ => participants.to_vec(),
+            }
+        };
         let outcome: &'static str;
         match f {
             Finished::Buffer { data, participants } => {
-                // A data centre's group reports its own indices: as ranks.
-                let base = r - r % self.per_dc();
-                let participants: Vec<usize> =
-                    if channel == 1 { participants.iter().map(|p| base + p).collect() } else { participants };
+                self.ranks[r].sync_result = Some(RoundResult::Done { participants: participants.clone() });
+                let participants = as_ranks(&participants);
                 outcome = "done";
                 self.contrib.applied += units;
                 self.useful_since_checkpoint += useful;
@@ -1334,7 +1388,14 @@ impl<'a> Sim<'a> {
                 rec.useful += useful;
                 if self.sc.workload.payload == PayloadKind::Real && !rec.wrong {
                     if rec.expected.as_ref().is_none_or(|(p, _)| *p != participants) {
-                        rec.expected = Some((participants.clone(), sum_of(&rec.offered, &participants)));
+                        // A broadcast's result is its root's buffer (the root's contribution at this
+                        // step, whether or not its record is still here), an all-reduce's the sum.
+                        let step = self.ranks[r].step;
+                        let expected = match rec.root {
+                            Some(root) => Some(contribution(root, step, data.len())),
+                            None => sum_of(&rec.offered, &participants),
+                        };
+                        rec.expected = Some((participants.clone(), expected));
                     }
                     let ok = matches!(&rec.expected, Some((_, Some(e))) if *e == data);
                     if !ok {
@@ -1347,12 +1408,24 @@ impl<'a> Sim<'a> {
                     rec.completed = true;
                     rec.useful_at_commit = rec.useful;
                     self.coll.completed += 1;
-                    // `semisync` counts its progress by outer rounds (`outer_every` steps each).
-                    match (semisync, channel) {
+                    let counts = &mut self.sync_report;
+                    match &sync_call {
+                        Some(SyncCall::Gradients) => counts.gradient_rounds += 1,
+                        Some(SyncCall::Outer { .. }) => counts.outer_rounds += 1,
+                        Some(SyncCall::Heal { .. }) => counts.heals += 1,
+                        Some(SyncCall::Realign { .. }) => counts.realignments += 1,
+                        None => {}
+                    }
+                    // `semisync` counts its progress by outer rounds (`outer_every / fragments`
+                    // steps each), with the ranks of the DCs whose leaders took part.
+                    match (semisync, &sync_call) {
                         (false, _) => self.step_committed(rec_started(&self.ops, key), participants.len(), 1),
-                        (true, 0) => {
-                            let h = self.sc.workload.outer_every.unwrap_or(1);
-                            self.step_committed(rec_started(&self.ops, key), participants.len(), h)
+                        (true, Some(SyncCall::Outer { .. })) => {
+                            let ranks = participants
+                                .iter()
+                                .map(|l| (*l..*l + per_dc).filter(|m| self.ranks[*m].alive).count())
+                                .sum();
+                            self.step_committed(rec_started(&self.ops, key), ranks, self.semisync_round_steps())
                         }
                         (true, _) => {}
                     }
@@ -1379,23 +1452,46 @@ impl<'a> Sim<'a> {
                     self.step_committed(rec_started(&self.ops, key), n, 1);
                 }
             }
-            Finished::Late { contribution, .. } => {
+            Finished::Late { contribution, participants } => {
                 outcome = "late";
                 self.contrib.late += 1;
+                let real = self.sc.workload.payload == PayloadKind::Real;
                 let rk = &mut self.ranks[r];
-                let ch = rk.call_channel as usize;
-                rk.carry_units[ch] += units;
-                if self.sc.workload.payload == PayloadKind::Real {
-                    rk.carry[ch] = Some(contribution);
+                rk.sync_result = Some(RoundResult::Late { participants });
+                match sync_call {
+                    // A late gradient is stale by the next step: reported dropped (the plan's
+                    // ledger too); a late outer gradient is carried (the ledger holds it pending).
+                    Some(SyncCall::Gradients) => self.contrib.dropped_reported += units,
+                    Some(SyncCall::Outer { fragment }) => {
+                        self.sync_report.outer_late += 1;
+                        if real {
+                            rk.outer_carry[fragment] = Some(contribution);
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        let ch = rk.call_channel as usize;
+                        rk.carry_units[ch] += units;
+                        if real {
+                            rk.carry[ch] = Some(contribution);
+                        }
+                    }
                 }
             }
             Finished::Failed(e) => {
+                self.ranks[r].sync_result = Some(RoundResult::Failed);
+                if sync_call.is_some() {
+                    self.sync_report.failed_calls += 1;
+                }
                 outcome = "failed";
                 tracing::debug!(rank = r, op_seq, error = %e, "collective failed");
                 self.contrib.dropped_reported += units;
                 let rec = self.ops.get_mut(&key).expect("started");
                 rec.failed = true;
             }
+        }
+        if let (Some(SyncCall::Realign { .. }), "done") = (&sync_call, outcome) {
+            self.semisync_realigned(r, key.1);
         }
         self.close_call(r, key, outcome);
     }
@@ -1406,17 +1502,11 @@ impl<'a> Sim<'a> {
             tr.end(r, self.now, outcome);
         }
         self.op_closed(key);
-        let w = &self.sc.workload;
         let rk = &mut self.ranks[r];
         rk.stage = Stage::Idle;
-        if let (WorkloadKind::Semisync, Some(h)) = (w.kind, w.outer_every) {
-            if rk.call_channel == 1 && (rk.step + 1).is_multiple_of(h) {
-                // The step's outer round follows its in-DC round.
-                rk.outer_pending = true;
-                rk.call_compute_ns = 0;
-                return self.start_call(r);
-            }
-            rk.outer_pending = false;
+        if rk.plan.is_some() {
+            let result = rk.sync_result.take().unwrap_or(RoundResult::Failed);
+            return self.semisync_closed(r, result);
         }
         rk.step += 1;
         if outcome == "failed" && self.sc.workload.on_failure == OnFailure::Restart {
@@ -1459,8 +1549,9 @@ impl<'a> Sim<'a> {
         let (messages, bytes) = (self.net.messages, self.net.bytes);
         let (offered, applied, completed) = (self.contrib.offered, self.contrib.applied, self.coll.completed);
         let useful = self.useful_ns + self.useful_since_checkpoint;
+        let sync = self.sync_report;
         let commit =
-            Commit { at: self.now, participants, step_s, messages, bytes, offered, applied, completed, useful };
+            Commit { at: self.now, participants, step_s, messages, bytes, offered, applied, completed, useful, sync };
         self.commits = [self.commits[1], Some(commit)];
     }
 
@@ -1484,6 +1575,11 @@ impl<'a> Sim<'a> {
         }
         let busy_pair = self.pairs.values().any(|p| p.active.is_some() || !p.queue.is_empty());
         let carrying = self.ranks.iter().any(|r| r.alive && r.carried() > 0);
+        // `semisync`: a heal may be due (some rank missed a round), so the rounds ahead are not
+        // repeats of the last ones.
+        let unsettled = self.ranks.iter().any(|r| {
+            r.alive && r.plan.as_ref().is_some_and(|p| p.outer().lagging() || p.outer().unhealed().contains(&true))
+        });
         // Only compute (and stale or idle-group events) may be pending.
         let pending_work = self.heap.iter().any(|e| match &e.ev {
             Ev::ComputeDone { .. } | Ev::GroupTimer { .. } | Ev::Deadline { .. } => false,
@@ -1497,18 +1593,17 @@ impl<'a> Sim<'a> {
             Ev::CoordTick { .. } => false,
             Ev::ToCoordinator { .. } | Ev::ToRank { .. } | Ev::ClientRetry { .. } => true,
         });
-        if busy_pair || carrying || pending_work {
+        if busy_pair || carrying || unsettled || pending_work {
             return;
         }
         let end = (self.sc.duration_s * SEC) as u64;
         let next_fault = self.fault_times.get(self.fault_times.partition_point(|t| *t <= self.now)).copied();
         let horizon = next_fault.unwrap_or(end).min(end);
         let step = self.ranks.iter().filter(|r| r.alive).map(|r| r.step).max().unwrap_or(0);
-        // A period is one step, or for `semisync` one outer round of `outer_every` steps.
-        let unit = match (self.sc.workload.kind, self.sc.workload.outer_every) {
-            (WorkloadKind::Semisync, Some(h)) => h.max(1),
-            _ => 1,
-        };
+        // A period is one step, or for `semisync` one outer round (`outer_every / fragments`
+        // steps).
+        let semisync = self.sc.workload.kind == WorkloadKind::Semisync;
+        let unit = if semisync { self.semisync_round_steps() } else { 1 };
         // Keep a period of margin before the horizon, and simulate the last period for real.
         let k = (horizon.saturating_sub(self.now) / period)
             .saturating_sub(1)
@@ -1532,15 +1627,19 @@ impl<'a> Sim<'a> {
         }
         for rk in self.ranks.iter_mut().filter(|r| r.alive) {
             rk.step += k * unit;
+            if let Some(p) = rk.plan.as_mut() {
+                p.set_step(p.step() + k * unit);
+            }
         }
         self.net.messages += k * (b.messages - a.messages);
         self.net.bytes += k * (b.bytes - a.bytes);
-        if unit > 1 {
+        if semisync {
             // `semisync`: each outer round repeats the last one's counts (its in-DC rounds, its
             // outer round, their useful compute).
             self.contrib.offered += k * (b.offered - a.offered);
             self.contrib.applied += k * (b.applied - a.applied);
             self.coll.completed += k * (b.completed - a.completed);
+            self.sync_report.advance(&a.sync, &b.sync, k);
             self.useful_ns += k as f64 * (b.useful - a.useful);
             self.progress += k * unit;
             self.checkpoint = self.progress;
@@ -1550,12 +1649,12 @@ impl<'a> Sim<'a> {
             }
         }
         let live = self.alive_count as u64;
-        if unit == 1 {
+        if !semisync {
             self.contrib.offered += k * live;
             self.contrib.applied += k * live;
             self.coll.completed += k;
         }
-        for i in (1..=k).filter(|_| unit == 1) {
+        for i in (1..=k).filter(|_| !semisync) {
             // As a simulated step: the commit (and a checkpoint) comes with the first rank's
             // result; the others' useful time counts after it.
             let (by_commit, all) = self.last_step_useful;
@@ -1574,7 +1673,8 @@ impl<'a> Sim<'a> {
         let (offered, applied, completed) = (self.contrib.offered, self.contrib.applied, self.coll.completed);
         let (messages, bytes, useful) =
             (self.net.messages, self.net.bytes, self.useful_ns + self.useful_since_checkpoint);
-        let last = Commit { at, messages, bytes, offered, applied, completed, useful, ..b };
+        let sync = self.sync_report;
+        let last = Commit { at, messages, bytes, offered, applied, completed, useful, sync, ..b };
         let before = Commit {
             at: at - period,
             messages: messages - (b.messages - a.messages),
@@ -1583,6 +1683,11 @@ impl<'a> Sim<'a> {
             applied: applied - (b.applied - a.applied),
             completed: completed - (b.completed - a.completed),
             useful: useful - (b.useful - a.useful),
+            sync: {
+                let mut s = a.sync;
+                s.advance(&a.sync, &b.sync, k);
+                s
+            },
             ..b
         };
         self.commits = [Some(before), Some(last)];
@@ -1648,6 +1753,9 @@ impl<'a> Sim<'a> {
             g.abandon(self.now);
         }
         self.contrib.dropped_reported += self.ranks[r].call_units;
+        if self.ranks[r].sync_call.is_some() {
+            self.sync_report.failed_calls += 1;
+        }
         let key = (self.epoch, op_seq);
         if let Some(rec) = self.ops.get_mut(&key) {
             rec.failed = true;
@@ -1839,7 +1947,11 @@ impl<'a> Sim<'a> {
         }
         let per_dc = self.per_dc();
         let rk = &mut self.ranks[to];
-        let (g, from) = if channel == 1 { (rk.dc_group.as_mut(), from % per_dc) } else { (rk.group.as_mut(), from) };
+        let (g, from) = match (channel, rk.plan.is_some()) {
+            (1, _) => (rk.dc_group.as_mut(), from % per_dc),
+            (_, true) => (rk.group.as_mut(), from / per_dc),
+            _ => (rk.group.as_mut(), from),
+        };
         if let Some(g) = g {
             g.handle_message_sized(from, vec![bytes], phantom, self.now);
             self.pump(to);
@@ -1859,8 +1971,11 @@ impl<'a> Sim<'a> {
         if rk.group.is_none() && rk.dc_group.is_none() {
             return;
         }
-        if let Some(g) = rk.group.as_mut() {
-            g.handle_peer_lost(peer, self.now);
+        match (rk.group.as_mut(), rk.plan.is_some()) {
+            // The leaders' group: only a leader is in it.
+            (Some(g), true) if peer.is_multiple_of(per_dc) => g.handle_peer_lost(peer / per_dc, self.now),
+            (Some(g), false) => g.handle_peer_lost(peer, self.now),
+            _ => {}
         }
         if let Some(g) = rk.dc_group.as_mut().filter(|_| r / per_dc == peer / per_dc) {
             g.handle_peer_lost(peer % per_dc, self.now);
@@ -1925,11 +2040,24 @@ impl<'a> Sim<'a> {
             frames: self.frames.is_some().then_some(self.stats_frames),
             peak_rss_mb: crate::report::peak_rss_mb(),
             membership: self.membership_report(),
+            semisync: (self.sc.workload.kind == WorkloadKind::Semisync).then(|| self.sync_report.clone()),
             steps: self.steps,
             fault_marks: self.fault_marks,
         };
         RunOutput { report, trace: self.trace }
     }
+}
+
+/// Rank `r`'s contribution at `step`: element 0 counts contributions (1 each, so a folded late
+/// one adds its count), the rest are small deterministic values.
+fn contribution(r: usize, step: u64, bytes: usize) -> Vec<u8> {
+    let count = bytes / 8;
+    let mut v = Vec::with_capacity(count * 8);
+    for i in 0..count {
+        let x: i64 = if i == 0 { 1 } else { ((r as i64 * 31 + step as i64 * 7 + i as i64 * 3) % 13) - 6 };
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
 }
 
 fn rec_started(ops: &BTreeMap<(u64, u64), OpRecord>, key: (u64, u64)) -> u64 {

@@ -572,13 +572,14 @@ compute = {{ median_ms = 50, sigma = 0.1 }}
 {faults}"#
         )
     };
-    // Healthy: every step each DC's own all-reduce (2 per step), every 5th step one over all.
+    // Healthy: every step each DC's own all-reduce (2 per step); every 5th step the leaders'
+    // outer round, then each DC's realignment broadcast (no heal: nobody missed a round).
     let s = Scenario::parse("semisync.toml", &text("shrink", "")).expect("valid");
     let r = sim(&s, 1);
     assert_clean(&r, "healthy");
     assert_eq!(r.steps_completed, 20);
-    assert_eq!(r.collectives.completed, 20 * 2 + 4, "{}", r.summary());
-    assert_eq!(r.contributions.offered, 8 * (20 + 4));
+    assert_eq!(r.collectives.completed, 20 * 2 + 4 * (1 + 2), "{}", r.summary());
+    assert_eq!(r.contributions.offered, 8 * 20 + 2 * 4, "gradients of every rank, outer gradients of the leaders");
     assert_eq!(r.steps.len(), 4, "progress counts outer rounds");
     // A crash, a straggler under a quorum, the WAN down for a while: checked sums over the
     // participants, nothing lost.
@@ -593,6 +594,50 @@ compute = {{ median_ms = 50, sigma = 0.1 }}
             assert_eq!(r.steps_completed, 20, "{policy}: {}", r.summary());
         }
     }
+    // The rounds are the real protocol's (`CrossDcPlan`): a leader that straggles under a quorum
+    // is late for outer rounds, carries its outer gradient and is healed (a broadcast among the
+    // leaders after the round), every rank running the same sequence — else sums would be
+    // wrong or calls would fail or hang. Without heals (`heal_every = 0`) none runs.
+    let straggling_leader = "[[faults]]\nkind = \"straggler\"\nranks = [4]\nslowdown = 3.0\n";
+    for (heal_every, heals) in [(1, true), (0, false)] {
+        let text =
+            text("quorum", straggling_leader).replace("steps = 20", &format!("steps = 20\nheal_every = {heal_every}"));
+        let s = Scenario::parse("semisync.toml", &text).expect("valid");
+        for seed in 1..=3 {
+            let r = sim(&s, seed);
+            assert_clean(&r, "straggling leader");
+            let p = r.semisync.clone().expect("a semisync report");
+            assert!(p.outer_late > 0, "seed {seed}: the straggling leader is late: {p:?}");
+            assert_eq!(p.heals > 0, heals, "seed {seed}, heal_every {heal_every}: {p:?}");
+            // Ranks that ran different sequences would fail calls (a heal paired with the other
+            // leader's next outer round) even where nothing else does.
+            assert_eq!((p.failed_calls, r.collectives.failed), (0, 0), "seed {seed}: {p:?}");
+            assert_eq!(r.steps_completed, 20, "{}", r.summary());
+        }
+    }
+    // A DC whose leader dies (no membership here to promote another): its realignments fail
+    // (root lost), its ranks go on with their in-DC rounds, the other DC's leader runs the outer
+    // rounds alone; nothing hangs, nothing is lost.
+    let dead_leader = "[[faults]]\nkind = \"crash\"\nrank = 4\nat_s = 0.1\n";
+    let s = Scenario::parse("semisync.toml", &text("shrink", dead_leader)).expect("valid");
+    let r = sim(&s, 1);
+    assert_clean(&r, "dead leader");
+    let p = r.semisync.clone().expect("a semisync report");
+    assert!(p.failed_calls >= 3, "DC 1's realignments fail without their root: {p:?}");
+    assert_eq!(p.outer_rounds, 4, "{p:?}");
+    // Streaming DiLoCo: 5 fragments each syncing every 5 steps, staggered: one outer round a step.
+    let s = Scenario::parse(
+        "semisync.toml",
+        &text("shrink", "").replace("outer_every = 5", "outer_every = 5\nouter_fragments = 5"),
+    )
+    .expect("valid");
+    let r = sim(&s, 1);
+    assert_clean(&r, "streaming");
+    let p = r.semisync.clone().expect("a semisync report");
+    assert_eq!((p.outer_rounds, p.realignments, p.heals), (20, 2 * 20, 0), "{p:?}");
+    let bad = text("shrink", "").replace("outer_every = 5", "outer_every = 5\nouter_fragments = 3");
+    let err = Scenario::parse("s.toml", &bad).expect_err("3 fragments do not divide H = 5");
+    assert!(err.to_string().contains("outer_fragments"), "{err}");
     // Wrong combinations are refused naming the field.
     let err = Scenario::parse("s.toml", &text("shrink", "").replace("outer_every = 5\n", "")).expect_err("no H");
     assert!(err.to_string().contains("outer_every"), "{err}");
