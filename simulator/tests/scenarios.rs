@@ -606,7 +606,7 @@ compute = {{ median_ms = 50, sigma = 0.1 }}
         for seed in 1..=3 {
             let r = sim(&s, seed);
             assert_clean(&r, "straggling leader");
-            let p = r.semisync.clone().expect("a semisync report");
+            let p = r.semisync.expect("a semisync report");
             assert!(p.outer_late > 0, "seed {seed}: the straggling leader is late: {p:?}");
             assert_eq!(p.heals > 0, heals, "seed {seed}, heal_every {heal_every}: {p:?}");
             // Ranks that ran different sequences would fail calls (a heal paired with the other
@@ -622,7 +622,7 @@ compute = {{ median_ms = 50, sigma = 0.1 }}
     let s = Scenario::parse("semisync.toml", &text("shrink", dead_leader)).expect("valid");
     let r = sim(&s, 1);
     assert_clean(&r, "dead leader");
-    let p = r.semisync.clone().expect("a semisync report");
+    let p = r.semisync.expect("a semisync report");
     assert!(p.failed_calls >= 3, "DC 1's realignments fail without their root: {p:?}");
     assert_eq!(p.outer_rounds, 4, "{p:?}");
     // Streaming DiLoCo: 5 fragments each syncing every 5 steps, staggered: one outer round a step.
@@ -633,7 +633,7 @@ compute = {{ median_ms = 50, sigma = 0.1 }}
     .expect("valid");
     let r = sim(&s, 1);
     assert_clean(&r, "streaming");
-    let p = r.semisync.clone().expect("a semisync report");
+    let p = r.semisync.expect("a semisync report");
     assert_eq!((p.outer_rounds, p.realignments, p.heals), (20, 2 * 20, 0), "{p:?}");
     let bad = text("shrink", "").replace("outer_every = 5", "outer_every = 5\nouter_fragments = 3");
     let err = Scenario::parse("s.toml", &bad).expect_err("3 fragments do not divide H = 5");
