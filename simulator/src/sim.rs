@@ -2040,7 +2040,7 @@ impl<'a> Sim<'a> {
             frames: self.frames.is_some().then_some(self.stats_frames),
             peak_rss_mb: crate::report::peak_rss_mb(),
             membership: self.membership_report(),
-            semisync: (self.sc.workload.kind == WorkloadKind::Semisync).then(|| self.sync_report),
+            semisync: (self.sc.workload.kind == WorkloadKind::Semisync).then_some(self.sync_report),
             steps: self.steps,
             fault_marks: self.fault_marks,
         };
