@@ -692,10 +692,9 @@ impl Scenario {
             let why = match w.outer_every {
                 None | Some(0) => Some(("outer_every", "semisync needs outer_every ≥ 1 (inner steps per outer round)")),
                 Some(_) if w.op != OpKind::Allreduce => Some(("op", "semisync runs all-reduces")),
-                Some(_) if w.on_failure == OnFailure::Restart || tr.frames || self.membership.is_some() => Some((
-                    "kind",
-                    "semisync runs with on_failure = \"continue\", frames = false and no [membership] (for now)",
-                )),
+                Some(_) if w.on_failure == OnFailure::Restart || tr.frames => {
+                    Some(("kind", "semisync runs with on_failure = \"continue\" and frames = false (for now)"))
+                }
                 Some(_) => None,
             };
             if let Some((key, why)) = why {

@@ -27,7 +27,7 @@ mod membership;
 mod semisync;
 use frames::{FrameStats, Frames};
 use membership::{Membership, Sender};
-use phalanx_runtime::semisync::{CrossDcPlan, FragmentFlags, RoundResult, SyncCall};
+use phalanx_runtime::semisync::{CrossDcPlan, RoundResult, SyncCall};
 
 const MS: f64 = 1e6;
 const SEC: f64 = 1e9;
@@ -254,7 +254,7 @@ struct RankSim {
     outer_carry: Vec<Option<Vec<u8>>>,
     /// `semisync`, on a DC's leader: its last realignment (call key) and the heal flags it
     /// carried, as they were when it started.
-    realign_sent: Option<(u64, Vec<(usize, FragmentFlags)>)>,
+    realign_sent: Option<semisync::RealignSent>,
     stage: Stage,
     /// Steps this rank has finished (with any outcome) in this epoch's run.
     step: u64,
@@ -453,6 +453,8 @@ struct Sim<'a> {
     membership: Option<Membership>,
     /// `semisync`: what the protocol ran.
     sync_report: SemisyncReport,
+    /// `semisync`: who is in the groups (empty otherwise).
+    layout: semisync::Layout,
 }
 
 /// A committed step, as fast-forward measures the period.
@@ -619,6 +621,7 @@ impl<'a> Sim<'a> {
             stats_frames: FrameStats::default(),
             membership: None,
             sync_report: SemisyncReport::default(),
+            layout: semisync::Layout::default(),
         };
         if sc.transport.frames {
             let config = frames::transport_config(&sc.transport);
@@ -1111,6 +1114,10 @@ impl<'a> Sim<'a> {
             }
             g
         };
+        if semisync {
+            let all: Vec<usize> = (0..self.world).collect();
+            self.semisync_layout(&all);
+        }
         for r in 0..self.world {
             // `semisync`: the group of all ranks is the DCs' leaders' (index 0 of each DC).
             let g = match semisync {
@@ -1139,6 +1146,10 @@ impl<'a> Sim<'a> {
     /// Groups for the members of a new epoch (membership): every other rank is lost to them
     /// from the start, so a group's indices stay the ranks' slots.
     fn form_member_groups(&mut self, members: &[usize]) {
+        let semisync = self.sc.workload.kind == WorkloadKind::Semisync;
+        if semisync {
+            self.semisync_layout(members);
+        }
         let t = &self.sc.topology;
         let per_dc = t.hosts_per_dc * t.ranks_per_host;
         let topology = Topology::uniform(t.dcs, per_dc);
@@ -1154,7 +1165,11 @@ impl<'a> Sim<'a> {
             if !is_member[r] || !rk.alive {
                 if rk.stage != Stage::Joining {
                     rk.group = None;
+                    rk.dc_group = None;
                 }
+                continue;
+            }
+            if semisync {
                 continue;
             }
             let mut g = Group::new(r, self.world);
@@ -1169,6 +1184,9 @@ impl<'a> Sim<'a> {
                 }
             }
             rk.group = Some(g);
+        }
+        if semisync {
+            self.semisync_member_groups(members);
         }
     }
 
@@ -1293,9 +1311,6 @@ impl<'a> Sim<'a> {
     /// Drains rank `r`'s group: messages to the network, a finished call to the workload, and
     /// its next timeout to the heap.
     fn pump(&mut self, r: usize) {
-        let base = r - r % self.per_dc();
-        let leaders = self.sc.workload.kind == WorkloadKind::Semisync;
-        let per_dc = self.per_dc();
         loop {
             let rk = &mut self.ranks[r];
             if rk.group.is_none() && rk.dc_group.is_none() {
@@ -1307,11 +1322,6 @@ impl<'a> Sim<'a> {
                 let Some(g) = g else { continue };
                 while let Some((to, bytes, phantom)) = g.poll_send_sized() {
                     // One buffer per message here (a copy only for an all-to-all's two parts).
-                    let to = match (channel, leaders) {
-                        (1, _) => base + to,
-                        (_, true) => to * per_dc,
-                        _ => to,
-                    };
                     out.push((to, bytes.to_bytes(), phantom, channel));
                 }
                 if channel == rk.call_channel {
@@ -1323,6 +1333,7 @@ impl<'a> Sim<'a> {
                 };
             }
             for (to, bytes, phantom, channel) in out {
+                let to = self.group_rank(r, channel, to);
                 if to != r && to < self.world {
                     self.send(r, to, bytes, phantom, channel);
                 }
@@ -1366,21 +1377,14 @@ impl<'a> Sim<'a> {
             (true, Some(c)) if *c != SyncCall::Gradients => 0.0,
             _ => (if compute > 0 { compute } else { took }) as f64,
         };
-        // A group's indices, as ranks (a DC's group: its own indices; the leaders': DCs).
-        let per_dc = self.per_dc();
-        let base = r - r % per_dc;
-        let as_ranks = |participants: &[usize]| -> Vec<usize> {
-            match (channel, semisync) {
-                (1, _) => participants.iter().map(|p| base + p).collect(),
-                (_, true) => participants.iter().map(|p| p * per_dc).collect(),
-                _ => participants.to_vec(),
-            }
-        };
+
         let outcome: &'static str;
         match f {
             Finished::Buffer { data, participants } => {
-                self.ranks[r].sync_result = Some(RoundResult::Done { participants: participants.clone() });
-                let participants = as_ranks(&participants);
+                // A group's indices, as ranks (a DC's group: its members; the leaders': one a DC).
+                let as_ranks: Vec<usize> = participants.iter().map(|p| self.group_rank(r, channel, *p)).collect();
+                self.ranks[r].sync_result = Some(RoundResult::Done { participants });
+                let participants = as_ranks;
                 outcome = "done";
                 self.contrib.applied += units;
                 self.useful_since_checkpoint += useful;
@@ -1401,7 +1405,10 @@ impl<'a> Sim<'a> {
                     if !ok {
                         rec.wrong = true;
                         self.coll.wrong_results += 1;
-                        tracing::warn!(rank = r, op_seq, ?participants, "wrong result");
+                        let head = |b: &[u8]| b.get(..8).map(|h| i64::from_le_bytes(h.try_into().unwrap_or([0; 8])));
+                        let want = rec.expected.as_ref().and_then(|(_, e)| e.as_deref().map(head));
+                        let offered: Vec<usize> = rec.offered.keys().copied().collect();
+                        tracing::warn!(rank = r, op_seq, ?participants, ?offered, got = ?head(&data), ?want, len = data.len(), "wrong result");
                     }
                 }
                 if !rec.completed {
@@ -1421,9 +1428,11 @@ impl<'a> Sim<'a> {
                     match (semisync, &sync_call) {
                         (false, _) => self.step_committed(rec_started(&self.ops, key), participants.len(), 1),
                         (true, Some(SyncCall::Outer { .. })) => {
+                            let per_dc = self.per_dc();
+                            let dc_members = &self.layout.dc_members;
                             let ranks = participants
                                 .iter()
-                                .map(|l| (*l..*l + per_dc).filter(|m| self.ranks[*m].alive).count())
+                                .map(|l| dc_members[l / per_dc].iter().filter(|m| self.ranks[**m].alive).count())
                                 .sum();
                             self.step_committed(rec_started(&self.ops, key), ranks, self.semisync_round_steps())
                         }
@@ -1491,7 +1500,7 @@ impl<'a> Sim<'a> {
             }
         }
         if let (Some(SyncCall::Realign { .. }), "done") = (&sync_call, outcome) {
-            self.semisync_realigned(r, key.1);
+            self.semisync_realigned(r, key);
         }
         self.close_call(r, key, outcome);
     }
@@ -1945,13 +1954,9 @@ impl<'a> Sim<'a> {
         if !self.ranks[to].alive {
             return;
         }
-        let per_dc = self.per_dc();
+        let Some(from) = self.group_index(to, channel, from) else { return };
         let rk = &mut self.ranks[to];
-        let (g, from) = match (channel, rk.plan.is_some()) {
-            (1, _) => (rk.dc_group.as_mut(), from % per_dc),
-            (_, true) => (rk.group.as_mut(), from / per_dc),
-            _ => (rk.group.as_mut(), from),
-        };
+        let g = if channel == 1 { rk.dc_group.as_mut() } else { rk.group.as_mut() };
         if let Some(g) = g {
             g.handle_message_sized(from, vec![bytes], phantom, self.now);
             self.pump(to);
@@ -1966,21 +1971,40 @@ impl<'a> Sim<'a> {
 
     /// Rank `r` learns that `peer` is lost (in its data centre's group too, if they share one).
     fn peer_lost(&mut self, r: usize, peer: usize) {
-        let per_dc = self.per_dc();
-        let rk = &mut self.ranks[r];
-        if rk.group.is_none() && rk.dc_group.is_none() {
+        if self.ranks[r].group.is_none() && self.ranks[r].dc_group.is_none() {
             return;
         }
-        match (rk.group.as_mut(), rk.plan.is_some()) {
-            // The leaders' group: only a leader is in it.
-            (Some(g), true) if peer.is_multiple_of(per_dc) => g.handle_peer_lost(peer / per_dc, self.now),
-            (Some(g), false) => g.handle_peer_lost(peer, self.now),
-            _ => {}
+        let (all, dc) = (self.group_index(r, 0, peer), self.group_index(r, 1, peer));
+        let rk = &mut self.ranks[r];
+        if let (Some(g), Some(i)) = (rk.group.as_mut(), all) {
+            g.handle_peer_lost(i, self.now);
         }
-        if let Some(g) = rk.dc_group.as_mut().filter(|_| r / per_dc == peer / per_dc) {
-            g.handle_peer_lost(peer % per_dc, self.now);
+        if let (Some(g), Some(i)) = (rk.dc_group.as_mut(), dc) {
+            g.handle_peer_lost(i, self.now);
         }
         self.pump(r);
+    }
+
+    /// The rank at `index` of rank `r`'s group `channel` (0: all ranks, `semisync`: the DCs'
+    /// leaders; 1: `r`'s data centre).
+    fn group_rank(&self, r: usize, channel: u8, index: usize) -> usize {
+        let l = &self.layout;
+        match (channel, l.dc_members.is_empty()) {
+            (1, false) => l.dc_members[r / self.per_dc()].get(index).copied().unwrap_or(usize::MAX),
+            (_, false) => l.leaders.get(index).copied().unwrap_or(usize::MAX),
+            _ => index,
+        }
+    }
+
+    /// Where `rank` is in rank `r`'s group `channel` (`None`: not in it).
+    fn group_index(&self, r: usize, channel: u8, rank: usize) -> Option<usize> {
+        let l = &self.layout;
+        match (channel, l.dc_members.is_empty()) {
+            (1, false) => l.dc_members[r / self.per_dc()].binary_search(&rank).ok(),
+            (_, false) => l.leaders.binary_search(&rank).ok(),
+            (1, true) => None,
+            _ => Some(rank),
+        }
     }
 
     fn finish(mut self) -> RunOutput {

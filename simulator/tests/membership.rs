@@ -105,3 +105,28 @@ fn bad_membership_settings_are_refused_naming_the_field() {
     let err = Scenario::parse("m.toml", &coord).expect_err("coordinator crash without membership").to_string();
     assert!(err.contains("faults[0].kind") || err.contains("kind"), "{err}");
 }
+
+/// The semi-synchronous protocol (`CrossDcPlan`, phalanx-node's code) under membership: a DC's
+/// leader dies, the next rank of its DC leads from the next epoch, and every member calls
+/// `group_changed` at the boundary, so both leaders heal at the same round although one of them
+/// ran a round and a heal alone before the epoch changed. Without that call (the bug fixed on
+/// 2026-11-30) the leaders' sequences part: this scenario then fails hundreds of calls.
+#[test]
+fn a_dc_leader_killed_under_semisync_hands_over_to_the_next_rank_and_the_leaders_stay_in_step() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/scenarios/semisync-leader-loss.toml");
+    let s = Scenario::load(&path).expect("the example parses");
+    let per_dc = s.topology.hosts_per_dc * s.topology.ranks_per_host;
+    for seed in [s.seed, s.seed + 1] {
+        let (r, m) = sim(&s, seed);
+        assert_eq!(r.steps_completed, s.workload.steps, "{}", r.summary());
+        assert_eq!((m.epochs, m.ranks_readmitted), (3, 1), "{m:?}");
+        let p = r.semisync.expect("a semisync report");
+        // An outer round every step, whoever leads; heals only around the loss.
+        assert_eq!(p.outer_rounds, s.workload.steps, "{p:?}");
+        assert!(p.heals >= 1 && p.heals <= 4, "{p:?}");
+        // The only failures: the realignment of the step the leader died in, on the others of
+        // its DC (their root was gone).
+        assert!(p.failed_calls <= (per_dc - 1) as u64, "{p:?}");
+        assert!(r.collectives.failed <= 1, "{}", r.summary());
+    }
+}

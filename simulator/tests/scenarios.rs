@@ -74,9 +74,10 @@ fn fault(kind: FaultKind) -> FaultSpec {
     FaultSpec::new(kind)
 }
 
-/// A small two- or three-DC job with real payloads whose faults and policy come from `seed`
-/// (with `elastic`, half of those that can shrink also get membership and its faults).
-fn chaos_scenario(seed: u64, elastic: bool) -> String {
+/// A small two- or three-DC job with real payloads whose faults and policy come from `seed`;
+/// with `flow_level`, half of those that can shrink also get membership and its faults, and a
+/// third of all train semi-synchronously (neither runs at frame level yet).
+fn chaos_scenario(seed: u64, flow_level: bool) -> String {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dcs = rng.random_range(2..=3);
     let policy = ["shrink", "quorum", "abort"][rng.random_range(0..3)];
@@ -136,7 +137,7 @@ compute = {{ median_ms = 20, sigma = 0.4 }}
     }
     // Half the jobs that can shrink run with elastic membership: coordinators that crash, and a
     // rank killed and restarted that must be readmitted.
-    if elastic && policy != "abort" && rng.random_bool(0.5) {
+    if flow_level && policy != "abort" && rng.random_bool(0.5) {
         let coordinators = [1, 3, 5][rng.random_range(0..3)];
         text.push_str(&format!(
             "\n[membership]\ncoordinators = {coordinators}\ntick_ms = 10\nboundary_every = 3\nstate_bytes = \"4MiB\"\n\
@@ -156,6 +157,15 @@ compute = {{ median_ms = 20, sigma = 0.4 }}
             text.push_str(&format!("\n[[faults]]\nat_s = {at}\n{f}\n"));
         }
     }
+    // A third of the jobs train semi-synchronously (the real protocol: in-DC gradient rounds,
+    // the leaders' outer rounds and heals, realignments), with or without membership.
+    if flow_level && rng.random_bool(1.0 / 3.0) {
+        let fragments = [1, 3][rng.random_range(0..2)];
+        let semisync = format!(
+            "kind = \"semisync\"\nouter_every = 3\nouter_fragments = {fragments}\nouter_bytes = \"24KiB\"\nheal_every = 2"
+        );
+        text = text.replace("kind = \"data_parallel\"", &semisync);
+    }
     text
 }
 
@@ -164,7 +174,7 @@ fn chaos_sweep_nothing_hangs_nothing_is_wrong_nothing_is_lost() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos");
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let mut kinds = std::collections::BTreeMap::new();
-    let (mut elastic, mut readmitted, mut epochs) = (0, 0, 0);
+    let (mut elastic, mut readmitted, mut epochs, mut semisync) = (0, 0, 0, 0);
     for seed in 1..=50u64 {
         let text = chaos_scenario(seed, true);
         let file = dir.join(format!("chaos-{seed}.toml"));
@@ -177,6 +187,7 @@ fn chaos_sweep_nothing_hangs_nothing_is_wrong_nothing_is_lost() {
         for (k, n) in r.faults_injected {
             *kinds.entry(k).or_insert(0u64) += n;
         }
+        semisync += u32::from(r.semisync.is_some());
         if let Some(m) = &r.membership {
             elastic += 1;
             readmitted += m.ranks_readmitted;
@@ -184,6 +195,7 @@ fn chaos_sweep_nothing_hangs_nothing_is_wrong_nothing_is_lost() {
         }
     }
     assert!(kinds.len() >= 9, "every fault kind was injected: {kinds:?}");
+    assert!(semisync >= 10, "{semisync} semi-synchronous runs");
     assert!(
         elastic >= 5 && readmitted > 0 && epochs > 0,
         "{elastic} elastic runs, {readmitted} readmitted, {epochs} epochs"

@@ -588,6 +588,9 @@ impl<'a> Sim<'a> {
         }
         // A live process the new epoch left out (reported lost while it was not) is fenced:
         // its supervisor restarts it and it rejoins as a new incarnation.
+        if self.sc.workload.kind == crate::scenario::WorkloadKind::Semisync {
+            self.semisync_epoch(&members, step);
+        }
         let fenced: Vec<usize> = (0..world)
             .filter(|s| self.ranks[*s].alive && !members.contains(s) && self.ranks[*s].stage != Stage::Joining)
             .collect();
@@ -693,6 +696,11 @@ impl<'a> Sim<'a> {
         rk.incarnation += 1;
         rk.stage = Stage::Joining;
         rk.group = None;
+        rk.dc_group = None;
+        // A new process: its semi-sync state comes with its admission.
+        rk.plan = None;
+        rk.sync_call = None;
+        rk.realign_sent = None;
         rk.carry = [None, None];
         rk.carry_units = [0, 0];
         rk.timer_at = None;

@@ -17,11 +17,26 @@
 
 use std::time::Duration;
 
-use phalanx_collectives::group::{AllReduceAlgorithm, CallOptions, FaultPolicy, Op};
+use phalanx_collectives::group::{AllReduceAlgorithm, CallOptions, FaultPolicy, Group, Op};
 use phalanx_collectives::reduce::{DType, ReduceOp};
-use phalanx_runtime::semisync::{CallGroup, CrossDcPlan, PlanConfig, PlannedCall, RoundResult, SyncCall, SyncMode};
+use phalanx_runtime::semisync::{
+    CallGroup, CrossDcPlan, FragmentFlags, PlanConfig, PlannedCall, RoundResult, SyncCall, SyncMode,
+};
 
 use super::{add_i64, contribution, op_key, PayloadKind, Sim, MS};
+
+/// A leader's last realignment: its call (epoch, key) and the heal flags of the fragments it
+/// carried, as they were when it started.
+pub(super) type RealignSent = ((u64, u64), Vec<(usize, FragmentFlags)>);
+
+/// Who is in the groups of the current epoch: each data centre's members (ascending; index 0
+/// leads) and the leaders (one per DC with members, ascending), as `Communicator::with_subgroups`
+/// forms them from an epoch's member list.
+#[derive(Default)]
+pub(super) struct Layout {
+    pub(super) dc_members: Vec<Vec<usize>>,
+    pub(super) leaders: Vec<usize>,
+}
 
 /// `n` rounded up to whole 8-byte elements.
 fn whole(n: u64) -> usize {
@@ -62,9 +77,82 @@ impl Sim<'_> {
         CrossDcPlan::new(inner, outer)
     }
 
+    /// The groups of an epoch whose members are `members` (ascending).
+    pub(super) fn semisync_layout(&mut self, members: &[usize]) {
+        let per_dc = self.per_dc();
+        let mut dc_members = vec![Vec::new(); self.sc.topology.dcs];
+        for m in members {
+            dc_members[m / per_dc].push(*m);
+        }
+        let leaders = dc_members.iter().filter_map(|d| d.first().copied()).collect();
+        self.layout = Layout { dc_members, leaders };
+    }
+
+    /// Fresh groups for the members of a new epoch (membership): a DC's group over its members,
+    /// the leaders' over the leaders (on leaders), each rank's index its place in the list.
+    pub(super) fn semisync_member_groups(&mut self, members: &[usize]) {
+        let per_dc = self.per_dc();
+        let segment = self.sc.workload.segment_bytes.map(|seg| seg.0.min(usize::MAX as u64) as usize);
+        let epoch = self.epoch;
+        let group = |index: usize, world: usize| {
+            let mut g = Group::new(index, world);
+            g.set_epoch(epoch);
+            if let Some(seg) = segment {
+                g.set_segment_bytes(seg);
+            }
+            g
+        };
+        for r in members.iter().copied() {
+            if !self.ranks[r].alive {
+                continue;
+            }
+            let dc = &self.layout.dc_members[r / per_dc];
+            let dc_group = dc.binary_search(&r).ok().map(|i| group(i, dc.len()));
+            let leaders = &self.layout.leaders;
+            let g = leaders.binary_search(&r).ok().map(|i| group(i, leaders.len()));
+            let rk = &mut self.ranks[r];
+            rk.dc_group = dc_group;
+            rk.group = g;
+            rk.call_channel = 0;
+            rk.sync_call = None;
+        }
+    }
+
+    /// Epoch boundary (membership) at `step`: a joiner rebuilds its plan from what a member of
+    /// its DC exports (`CrossDcSemiSync::import`: the step and the heal flags), and every
+    /// member calls `group_changed`, as `phalanx train-worker` does.
+    pub(super) fn semisync_epoch(&mut self, members: &[usize], step: u64) {
+        let per_dc = self.per_dc();
+        let fragments = self.semisync_fragments();
+        for j in members.iter().copied() {
+            let rk = &self.ranks[j];
+            if !rk.alive {
+                continue;
+            }
+            if rk.plan.is_none() {
+                // The source: a settled member of its DC, else any settled member.
+                let settled = |s: &usize| *s != j && self.ranks[*s].alive && self.ranks[*s].plan.is_some();
+                let source = members.iter().copied().filter(settled).min_by_key(|s| (s / per_dc != j / per_dc, *s));
+                let unhealed = source.and_then(|s| self.ranks[s].plan.as_ref()).map(|p| p.outer().unhealed());
+                let mut plan = self.semisync_plan();
+                plan.set_step(step);
+                if let Some(u) = unhealed {
+                    // Same configuration, same fragment count: cannot be refused.
+                    let _ = plan.outer_mut().set_unhealed(&u);
+                }
+                let rk = &mut self.ranks[j];
+                rk.plan = Some(plan);
+                rk.outer_carry = vec![None; fragments];
+            }
+            if let Some(p) = self.ranks[j].plan.as_mut() {
+                p.group_changed();
+            }
+        }
+    }
+
     /// Rank `r` computed its step: the gradient round inside its data centre.
     pub(super) fn semisync_gradients(&mut self, r: usize) {
-        let per_dc = self.per_dc();
+        let per_dc = self.layout.dc_members[r / self.per_dc()].len();
         let Some(plan) = self.ranks[r].plan.as_mut() else { return };
         let call = plan.begin_gradients(per_dc);
         self.contrib.offered += 1;
@@ -74,8 +162,8 @@ impl Sim<'_> {
     /// Rank `r`'s call ended with `result`: the plan learns it and hands out the next call;
     /// when it has none, the step is done.
     pub(super) fn semisync_closed(&mut self, r: usize, result: RoundResult) {
-        let per_dc = self.per_dc();
-        let dcs = self.sc.topology.dcs;
+        let per_dc = self.layout.dc_members[r / self.per_dc()].len();
+        let dcs = self.layout.leaders.len();
         let rk = &mut self.ranks[r];
         let Some(plan) = rk.plan.as_mut() else { return };
         let leader = rk.group.is_some();
@@ -119,11 +207,11 @@ impl Sim<'_> {
             SyncCall::Gradients => (average, whole(gradient), None),
             SyncCall::Outer { .. } => (average, whole(outer / k), None),
             SyncCall::Heal { root, .. } => {
-                (Op::Broadcast { root: *root }, whole(2 * gradient / k), Some(root * per_dc))
+                (Op::Broadcast { root: *root }, whole(2 * gradient / k), Some(self.group_rank(r, 0, *root)))
             }
             SyncCall::Realign { fragments } => {
                 let n = gradient + fragments.len() as u64 * 4 * gradient / k + 8;
-                (Op::Broadcast { root: 0 }, whole(n), Some(r - r % per_dc))
+                (Op::Broadcast { root: 0 }, whole(n), Some(self.group_rank(r, 1, 0)))
             }
         };
         let offered = real.then(|| match (&planned.call, root) {
@@ -154,7 +242,7 @@ impl Sim<'_> {
                 // The heal flags the realignment carries, as the root holds them now.
                 let plan = rk.plan.as_ref().expect("a semisync rank has a plan");
                 let flags = fragments.iter().map(|f| (*f, plan.outer().fragment_flags(*f))).collect();
-                rk.realign_sent = Some((op_key(channel, r / per_dc, op_seq), flags));
+                rk.realign_sent = Some(((self.epoch, op_key(channel, r / per_dc, op_seq)), flags));
             }
         }
         self.call_started(r, channel, op_seq, (offered, units), root);
@@ -162,9 +250,9 @@ impl Sim<'_> {
 
     /// A follower received its leader's realignment (call `key`): it adopts the heal flags the
     /// realignment carried.
-    pub(super) fn semisync_realigned(&mut self, r: usize, key: u64) {
-        let leader = r - r % self.per_dc();
-        if leader == r {
+    pub(super) fn semisync_realigned(&mut self, r: usize, key: (u64, u64)) {
+        let leader = self.group_rank(r, 1, 0);
+        if leader == r || leader >= self.world {
             return;
         }
         let Some((sent, flags)) = self.ranks[leader].realign_sent.clone() else { return };
