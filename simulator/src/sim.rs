@@ -1915,6 +1915,7 @@ impl<'a> Sim<'a> {
                             for (me, peer) in [(x, y), (y, x)] {
                                 if self.ranks[me].alive {
                                     self.peer_lost(me, peer);
+                                    self.membership_cut(me, peer);
                                 }
                             }
                         }

@@ -81,6 +81,32 @@ fn without_a_majority_of_coordinators_no_epoch_changes_until_they_return() {
     assert!(m.client_retries > healthy.client_retries, "ranks kept asking: {m:?}");
 }
 
+/// A host cut off from everyone for longer than the transport's verdict: at the next boundary
+/// the lowest member of the majority side reports its ranks failed (a side with half the group
+/// or less reports nobody, as `ElasticMember` does), the majority goes on in a new epoch, and
+/// the cut-off ranks — alive, but no longer members — are fenced, restart and are readmitted
+/// once the partition heals.
+#[test]
+fn a_partitioned_host_is_reported_by_the_majority_fenced_and_readmitted_after_the_heal() {
+    let mut s = example();
+    let mut cut = fault(FaultKind::Partition, 1.0);
+    cut.hosts = Some(vec![7]);
+    cut.duration_s = Some(2.0);
+    s.faults = vec![cut];
+    let (r, m) = sim(&s, 1);
+    let cut_off = s.topology.ranks_per_host as u64;
+    // (Until the boundary each side goes on; a collective only the cut-off side completed
+    // counts as a step too, so the count may pass the target by a step or two.)
+    assert!((s.workload.steps..s.workload.steps + 3).contains(&r.steps_completed), "{}", r.summary());
+    assert_eq!((m.failures_reported, m.ranks_fenced), (cut_off, cut_off), "{m:?}");
+    assert_eq!((m.ranks_readmitted, m.members_at_end), (cut_off, s.topology.ranks()), "{m:?}");
+    assert!(m.epochs >= 3, "one epoch without the host, one with it again: {m:?}");
+    // Readmitted only after the heal (3.0 s): the partition kept their joins from the coordinators.
+    let sizes: Vec<usize> = r.steps.iter().map(|p| p.participants).collect();
+    assert!(sizes.contains(&(s.topology.ranks() - cut_off as usize)), "{sizes:?}");
+    assert_eq!(sizes.last(), Some(&s.topology.ranks()));
+}
+
 #[test]
 fn bad_membership_settings_are_refused_naming_the_field() {
     let text = std::fs::read_to_string(

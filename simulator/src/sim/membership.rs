@@ -51,6 +51,10 @@ pub(super) struct Membership {
     members: Vec<usize>,
     /// Members whose loss the transport reported in this epoch.
     known_lost: BTreeSet<usize>,
+    /// `(a, b)`: the transport told member `a` that member `b` is unreachable in this epoch (a
+    /// partition). `a`'s groups have `b` lost until the epoch ends, so `a`'s boundary agreement
+    /// goes without `b`.
+    cut: BTreeSet<(usize, usize)>,
     /// A boundary's read / epoch change is under way (by this proposer).
     proposer: Option<usize>,
     /// Joiners of the new epoch still recovering the state: flows left, per slot.
@@ -154,6 +158,7 @@ impl<'a> Sim<'a> {
             coords,
             clients: (0..world).map(|s| Client::new(s, 1)).collect(),
             members: (0..world).collect(),
+            cut: BTreeSet::new(),
             known_lost: BTreeSet::new(),
             proposer: None,
             recovering: Vec::new(),
@@ -455,8 +460,21 @@ impl<'a> Sim<'a> {
         self.boundary_check();
     }
 
+    /// The transport told member `me` that member `peer` is unreachable (a partition or a dead
+    /// route lasting past `unreachable_after_ms`).
+    pub(super) fn membership_cut(&mut self, me: usize, peer: usize) {
+        let Some(m) = self.membership.as_mut() else { return };
+        if m.members.contains(&me) && m.members.contains(&peer) {
+            m.cut.insert((me, peer));
+        }
+    }
+
     /// Once every member is at the boundary (or known lost, or finished), the lowest live one
-    /// reports the lost, reads the view and begins an epoch if a change is pending.
+    /// reports the lost, reads the view and begins an epoch if a change is pending. A member
+    /// the transport cut off from others (a partition) is reported by the lowest member whose
+    /// agreement still holds a majority of the members — `ElasticMember::report_missing`'s rule:
+    /// a side with half the group or less reports nobody — so the majority goes on in a new
+    /// epoch and the minority, no longer a member, is fenced and rejoins.
     pub(super) fn boundary_check(&mut self) {
         let Some(m) = self.membership.as_ref() else { return };
         if m.proposer.is_some() || !m.recovering.is_empty() {
@@ -478,12 +496,19 @@ impl<'a> Sim<'a> {
         if !at_boundary {
             return;
         }
-        let Some(proposer) = m.members.iter().copied().find(|s| self.ranks[*s].alive && !m.known_lost.contains(s))
-        else {
+        let live: Vec<usize> =
+            m.members.iter().copied().filter(|s| self.ranks[*s].alive && !m.known_lost.contains(s)).collect();
+        // Each live member's agreement: the live members it has not been cut off from.
+        let reached = |s: usize| live.iter().filter(|x| !m.cut.contains(&(s, **x))).count();
+        let reporter = live.iter().copied().find(|s| reached(*s) * 2 > m.members.len());
+        let Some(proposer) = reporter.or_else(|| live.first().copied()) else {
             return;
         };
         let epoch = m.report.epochs;
-        let lost: Vec<usize> = m.known_lost.iter().copied().collect();
+        let mut lost: Vec<usize> = m.known_lost.iter().copied().collect();
+        if let Some(r) = reporter {
+            lost.extend(live.iter().copied().filter(|x| m.cut.contains(&(r, *x))));
+        }
         tracing::debug!(t = self.now as f64 / SEC, proposer, ?lost, "boundary met");
         if let Some(m) = self.membership.as_mut() {
             m.proposer = Some(proposer);
@@ -566,6 +591,7 @@ impl<'a> Sim<'a> {
         m.report.epochs = view.epoch();
         m.proposer = None;
         m.known_lost.clear();
+        m.cut.clear();
         m.members = members.clone();
         m.report.members_at_end = members.len();
         let state = m.spec.state_bytes.0;
