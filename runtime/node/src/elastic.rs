@@ -34,7 +34,9 @@ use std::time::Duration;
 use phalanx_collectives::reduce::{DType, ReduceOp};
 use phalanx_net::{LinkKind, Node, NodeConfig, NodeError, NodeHandle, PathFaults, PathSpec};
 use phalanx_proto::{Epoch, Event, RankId, TransportConfig};
-use phalanx_runtime::membership::{ClusterView, Command, Outcome, RankStatus, ViewError};
+use phalanx_runtime::membership::{
+    BoundaryAction, BoundaryInput, BoundaryOutcome, BoundaryPlan, ClusterView, Command, Outcome, RankStatus, ViewError,
+};
 use phalanx_runtime::recovery::StateServer;
 use thiserror::Error;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -490,43 +492,65 @@ impl ElasticMember {
         self.step += 1;
     }
 
+    /// Runs `phalanx_runtime`'s sans-IO [`BoundaryPlan`] (the protocol of the module docs) over
+    /// the coordinator client and this epoch's communicator.
     async fn boundary(&mut self) -> Result<Boundary, ElasticError> {
-        let (_, mut view) = self.client.read_view().await?;
-        if view.change_pending() && view.epoch() == self.epoch && self.is_proposer(&view) {
-            let r = self.client.propose(Command::BeginEpoch { expected: self.epoch }).await?.1;
-            if let Ok(Outcome::EpochBegan { epoch, ref members }) = r {
-                info!(epoch, ?members, "began a new epoch");
-            }
-            view = self.client.read_view().await?.1;
-        }
-        // Agree on the newest epoch any survivor has seen.
-        let seen = view.epoch() as i64;
-        let (target, participants) = self.agree_max(seen).await?;
-        self.report_missing(&participants).await;
-        let target = target as u64;
-        if target <= self.epoch {
-            return Ok(Boundary::Continue);
-        }
-        while view.epoch() < target {
-            view = self.client.read_view().await?.1;
-        }
-        if !view.members().contains(&self.rank) {
-            info!(epoch = view.epoch(), "not a member of the new epoch: departing");
-            if let Some(c) = self.comm.take() {
-                for (i, r) in self.members.iter().enumerate() {
-                    if *r != self.rank && view.members().contains(r) {
-                        c.all.handle().flush(RankId(i as u32), Duration::from_secs(2)).await;
+        let mut plan = BoundaryPlan::new(self.rank, self.epoch, self.members.clone(), self.step);
+        loop {
+            let input = match plan.poll() {
+                BoundaryAction::ReadView => BoundaryInput::View(self.client.read_view().await?.1),
+                BoundaryAction::Propose { command, best_effort: false } => {
+                    if let Ok(Outcome::EpochBegan { epoch, ref members }) = self.client.propose(command).await?.1 {
+                        info!(epoch, ?members, "began a new epoch");
                     }
+                    BoundaryInput::Proposed
                 }
-            }
-            return Ok(Boundary::Departed { epoch: view.epoch() });
+                BoundaryAction::Propose { command, best_effort: true } => {
+                    if let Command::ReportFailure { rank, .. } = command {
+                        warn!(lost = rank, epoch = self.epoch, "member lost: reporting it failed");
+                    }
+                    if let Err(e) = self.client.propose(command).await {
+                        warn!(error = %e, "failure report not delivered");
+                    }
+                    BoundaryInput::Proposed
+                }
+                BoundaryAction::Agree { value } => {
+                    let (value, participants) = self.agree_max(value).await?;
+                    if participants.len() * 2 <= self.members.len() && participants.len() < self.members.len() {
+                        warn!(epoch = self.epoch, ?participants, "agreement with a minority: not reporting anyone");
+                    }
+                    BoundaryInput::Agreed { value, participants }
+                }
+                BoundaryAction::Rebuild { view } => {
+                    self.rebuild(&view).await?;
+                    BoundaryInput::Rebuilt
+                }
+                BoundaryAction::Barrier => {
+                    // Wait for this epoch's joiners to have recovered their state (they serve
+                    // nothing and take part in nothing before): the admission barrier.
+                    self.barrier().await?;
+                    BoundaryInput::BarrierPassed
+                }
+                BoundaryAction::Done(BoundaryOutcome::Continue) => return Ok(Boundary::Continue),
+                BoundaryAction::Done(BoundaryOutcome::Rebuilt { step, .. }) => {
+                    self.step = step;
+                    self.boundary_done_for = Some(step);
+                    return Ok(Boundary::Rebuilt { epoch: self.epoch, members: self.members.clone() });
+                }
+                BoundaryAction::Done(BoundaryOutcome::Departed { epoch, members }) => {
+                    info!(epoch, "not a member of the new epoch: departing");
+                    if let Some(c) = self.comm.take() {
+                        for (i, r) in self.members.iter().enumerate() {
+                            if *r != self.rank && members.contains(r) {
+                                c.all.handle().flush(RankId(i as u32), Duration::from_secs(2)).await;
+                            }
+                        }
+                    }
+                    return Ok(Boundary::Departed { epoch });
+                }
+            };
+            plan.handle(input);
         }
-        self.rebuild(&view).await?;
-        self.sync_step().await?;
-        // Wait for this epoch's joiners to have recovered their state (they serve nothing and
-        // take part in nothing before): the admission barrier.
-        self.barrier().await?;
-        Ok(Boundary::Rebuilt { epoch: self.epoch, members: self.members.clone() })
     }
 
     /// The admission barrier: every member of a new epoch takes part once, after the step sync;
@@ -553,14 +577,6 @@ impl ElasticMember {
         Ok(())
     }
 
-    /// The lowest member of the current epoch not declared failed proposes epoch changes.
-    fn is_proposer(&self, view: &ClusterView) -> bool {
-        self.members
-            .iter()
-            .find(|r| view.rank(**r).is_some_and(|m| m.status != RankStatus::Failed))
-            .is_some_and(|r| *r == self.rank)
-    }
-
     async fn agree_max(&mut self, value: i64) -> Result<(i64, Vec<usize>), ElasticError> {
         let (rank, epoch, deadline) = (self.rank, self.epoch, self.config.sync_deadline);
         let comm = self.communicator()?;
@@ -575,27 +591,6 @@ impl ElasticMember {
                 Err(ElasticError::Collective { rank, epoch, source: CommError::Late { op_seq: 0 } })
             }
             Err(source) => Err(ElasticError::Collective { rank, epoch, source }),
-        }
-    }
-
-    /// Members that did not take part in a shrink-policy collective are reported failed — only
-    /// by a rank on the majority side: a rank that finished with half the group or less is more
-    /// likely cut off itself, and leaves the verdict to the coordinators' failure detector.
-    async fn report_missing(&mut self, participants: &[usize]) {
-        if participants.len() * 2 <= self.members.len() {
-            if participants.len() < self.members.len() {
-                warn!(epoch = self.epoch, ?participants, "agreement with a minority: not reporting anyone");
-            }
-            return;
-        }
-        let missing: Vec<u32> =
-            (0..self.members.len()).filter(|i| !participants.contains(i)).map(|i| self.members[i]).collect();
-        for rank in missing {
-            warn!(lost = rank, epoch = self.epoch, "member lost: reporting it failed");
-            let c = Command::ReportFailure { rank, reporter: self.rank, epoch: self.epoch };
-            if let Err(e) = self.client.propose(c).await {
-                warn!(lost = rank, error = %e, "failure report not delivered");
-            }
         }
     }
 

@@ -11,9 +11,11 @@
 //! epoch is refused with [`ViewError::StaleEpoch`] (the zombie is told to rejoin), and a rank
 //! marked failed stays failed until it joins again under a new incarnation.
 
+mod boundary;
 mod codec;
 mod view;
 
+pub use boundary::{BoundaryAction, BoundaryInput, BoundaryOutcome, BoundaryPlan};
 pub use codec::{
     decode, decode_view, encode, encode_view, get_result, get_view, put_result, put_view, DecodeError, MAX_ADDRS,
     MAX_ENTRY_BYTES, MAX_VIEW_BYTES,
