@@ -23,6 +23,7 @@ use crate::scenario::{AlgorithmKind, FaultKind, OnFailure, OpKind, PayloadKind, 
 use crate::trace::Trace;
 
 mod frames;
+mod layout;
 mod membership;
 mod semisync;
 use frames::{FrameStats, Frames};
@@ -243,6 +244,8 @@ struct RankSim {
     group: Option<Group>,
     /// `semisync`: the group of the rank's data centre (index: its place there).
     dc_group: Option<Group>,
+    /// `semisync` with membership: the group of all members (the boundary's agreement).
+    all_group: Option<Group>,
     /// The group of the running call (0: `group`, 1: `dc_group`).
     call_channel: u8,
     /// `semisync`: the rank's real semi-sync protocol (which collectives, in which order).
@@ -280,6 +283,25 @@ struct RankSim {
 }
 
 impl RankSim {
+    /// The group of `channel` (0: `group`, 1: `dc_group`, 2: `all_group`).
+    fn group_of(&mut self, channel: u8) -> Option<&mut Group> {
+        match channel {
+            1 => self.dc_group.as_mut(),
+            2 => self.all_group.as_mut(),
+            _ => self.group.as_mut(),
+        }
+    }
+
+    /// Whether the rank is in any group.
+    fn grouped(&self) -> bool {
+        self.group.is_some() || self.dc_group.is_some() || self.all_group.is_some()
+    }
+
+    /// Leaves every group (a dead or restarted process).
+    fn drop_groups(&mut self) {
+        (self.group, self.dc_group, self.all_group) = (None, None, None);
+    }
+
     /// Contribution units riding in late contributions, all groups (`semisync`: the outer
     /// gradients the plan's ledger holds pending).
     fn carried(&self) -> u64 {
@@ -454,7 +476,7 @@ struct Sim<'a> {
     /// `semisync`: what the protocol ran.
     sync_report: SemisyncReport,
     /// `semisync`: who is in the groups (empty otherwise).
-    layout: semisync::Layout,
+    layout: layout::Layout,
 }
 
 /// A committed step, as fast-forward measures the period.
@@ -549,6 +571,7 @@ impl<'a> Sim<'a> {
                 alive: true,
                 group: None,
                 dc_group: None,
+                all_group: None,
                 call_channel: 0,
                 plan: None,
                 sync_call: None,
@@ -621,7 +644,7 @@ impl<'a> Sim<'a> {
             stats_frames: FrameStats::default(),
             membership: None,
             sync_report: SemisyncReport::default(),
-            layout: semisync::Layout::default(),
+            layout: layout::Layout::default(),
         };
         if sc.transport.frames {
             let config = frames::transport_config(&sc.transport);
@@ -870,8 +893,7 @@ impl<'a> Sim<'a> {
         self.contrib.died_with_rank += rk.carried();
         rk.carry_units = [0, 0];
         rk.carry = [None, None];
-        rk.group = None;
-        rk.dc_group = None;
+        rk.drop_groups();
         rk.stage = Stage::Finished;
         rk.proc_queue.clear();
         if let Some(flow) = rk.proc_active.take() {
@@ -1093,44 +1115,44 @@ impl<'a> Sim<'a> {
         CallOptions { policy, verify: w.verify }
     }
 
+    /// A fresh group of `world` with this rank at `index`, stamped with the run's epoch.
+    fn new_group(&self, index: usize, world: usize, topology: Option<Topology>) -> Group {
+        let mut g = Group::new(index, world);
+        if let Some(t) = topology {
+            g.set_topology(t);
+        }
+        g.set_epoch(self.epoch);
+        if let Some(seg) = self.sc.workload.segment_bytes {
+            g.set_segment_bytes(seg.0.min(usize::MAX as u64) as usize);
+        }
+        g
+    }
+
     /// Fresh groups for every rank (start of the run, or a job restart with spares).
     fn form_groups(&mut self) {
         self.alive_count = self.world;
         self.computing = 0;
         let t = &self.sc.topology;
-        let per_dc = t.hosts_per_dc * t.ranks_per_host;
-        let topology = Topology::uniform(t.dcs, per_dc);
+        let (dcs, per_dc) = (t.dcs, t.hosts_per_dc * t.ranks_per_host);
         let semisync = self.sc.workload.kind == WorkloadKind::Semisync;
-        let segment = self.sc.workload.segment_bytes.map(|seg| seg.0.min(usize::MAX as u64) as usize);
-        let epoch = self.epoch;
-        let group = move |index: usize, world: usize, topology: Option<&Topology>| {
-            let mut g = Group::new(index, world);
-            if let Some(t) = topology {
-                g.set_topology(t.clone());
-            }
-            g.set_epoch(epoch);
-            if let Some(seg) = segment {
-                g.set_segment_bytes(seg);
-            }
-            g
-        };
-        if semisync {
-            let all: Vec<usize> = (0..self.world).collect();
-            self.semisync_layout(&all);
-        }
+        self.layout = layout::Layout::everyone(self.world, per_dc, semisync);
+        let elastic = self.sc.membership.is_some();
         for r in 0..self.world {
-            // `semisync`: the group of all ranks is the DCs' leaders' (index 0 of each DC).
+            // `semisync`: the group of all ranks is the DCs' leaders' (index 0 of each DC), and
+            // with membership the boundary agrees over a third group of everyone.
             let g = match semisync {
-                false => Some(group(r, self.world, Some(&topology))),
-                true => (r % per_dc == 0).then(|| group(r / per_dc, t.dcs, None)),
+                false => Some(self.new_group(r, self.world, Some(Topology::uniform(dcs, per_dc)))),
+                true => (r % per_dc == 0).then(|| self.new_group(r / per_dc, dcs, None)),
             };
-            let dc_group = semisync.then(|| group(r % per_dc, per_dc, None));
+            let dc_group = semisync.then(|| self.new_group(r % per_dc, per_dc, None));
+            let all_group = (semisync && elastic).then(|| self.new_group(r, self.world, None));
             let plan = semisync.then(|| self.semisync_plan());
             let fragments = self.semisync_fragments();
             let rk = &mut self.ranks[r];
             rk.alive = true;
             rk.group = g;
             rk.dc_group = dc_group;
+            rk.all_group = all_group;
             rk.call_channel = 0;
             rk.plan = plan;
             rk.sync_call = None;
@@ -1143,17 +1165,13 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Groups for the members of a new epoch (membership): every other rank is lost to them
-    /// from the start, so a group's indices stay the ranks' slots.
+    /// Groups for the members of a new epoch (membership), `members` in the view's order:
+    /// a rank's index is its place in that list (`semisync`: in its DC's, and the leaders').
     fn form_member_groups(&mut self, members: &[usize]) {
         let semisync = self.sc.workload.kind == WorkloadKind::Semisync;
-        if semisync {
-            self.semisync_layout(members);
-        }
-        let t = &self.sc.topology;
-        let per_dc = t.hosts_per_dc * t.ranks_per_host;
-        let topology = Topology::uniform(t.dcs, per_dc);
-        let is_member: Vec<bool> = (0..self.world).map(|r| members.binary_search(&r).is_ok()).collect();
+        let per_dc = self.per_dc();
+        self.layout = layout::Layout::of(members, self.world, per_dc, semisync);
+        let dc_of: Vec<usize> = members.iter().map(|m| m / per_dc).collect();
         self.computing = 0;
         for r in 0..self.world {
             let rk = &mut self.ranks[r];
@@ -1162,28 +1180,18 @@ impl<'a> Sim<'a> {
             if let Some(flow) = rk.proc_active.take() {
                 self.fabric.share.remove(self.now, flow);
             }
-            if !is_member[r] || !rk.alive {
+            let index = self.layout.index(r, 0, r, per_dc).filter(|_| !semisync);
+            let alive = rk.alive;
+            if !alive || !members.contains(&r) {
                 if rk.stage != Stage::Joining {
-                    rk.group = None;
-                    rk.dc_group = None;
+                    rk.drop_groups();
                 }
                 continue;
             }
-            if semisync {
-                continue;
+            if let Some(i) = index {
+                let g = self.new_group(i, members.len(), Some(Topology::new(dc_of.clone())));
+                self.ranks[r].group = Some(g);
             }
-            let mut g = Group::new(r, self.world);
-            g.set_topology(topology.clone());
-            g.set_epoch(self.epoch);
-            if let Some(seg) = self.sc.workload.segment_bytes {
-                g.set_segment_bytes(seg.0.min(usize::MAX as u64) as usize);
-            }
-            for (x, member) in is_member.iter().enumerate() {
-                if !member {
-                    g.handle_peer_lost(x, self.now);
-                }
-            }
-            rk.group = Some(g);
         }
         if semisync {
             self.semisync_member_groups(members);
@@ -1313,12 +1321,12 @@ impl<'a> Sim<'a> {
     fn pump(&mut self, r: usize) {
         loop {
             let rk = &mut self.ranks[r];
-            if rk.group.is_none() && rk.dc_group.is_none() {
+            if !rk.grouped() {
                 return;
             }
             let mut out = Vec::new();
             let (mut finished, mut timeout) = (None, None);
-            for (channel, g) in [(0u8, rk.group.as_mut()), (1, rk.dc_group.as_mut())] {
+            for (channel, g) in [(0u8, rk.group.as_mut()), (1, rk.dc_group.as_mut()), (2, rk.all_group.as_mut())] {
                 let Some(g) = g else { continue };
                 while let Some((to, bytes, phantom)) = g.poll_send_sized() {
                     // One buffer per message here (a copy only for an all-to-all's two parts).
@@ -1732,8 +1740,7 @@ impl<'a> Sim<'a> {
             let rk = &mut self.ranks[r];
             self.contrib.dropped_reported += rk.carried();
             rk.carry_units = [0, 0];
-            rk.group = None;
-            rk.dc_group = None;
+            rk.drop_groups();
             rk.stage = Stage::Idle;
             rk.proc_queue.clear();
             self.computing = 0;
@@ -1758,7 +1765,7 @@ impl<'a> Sim<'a> {
         }
         let rk = &mut self.ranks[r];
         let channel = rk.call_channel;
-        if let Some(g) = if channel == 1 { rk.dc_group.as_mut() } else { rk.group.as_mut() } {
+        if let Some(g) = rk.group_of(channel) {
             g.abandon(self.now);
         }
         self.contrib.dropped_reported += self.ranks[r].call_units;
@@ -1883,8 +1890,8 @@ impl<'a> Sim<'a> {
                 let r = rank as usize;
                 self.ranks[r].timer_at = None;
                 let rk = &mut self.ranks[r];
-                if rk.group.is_some() || rk.dc_group.is_some() {
-                    for g in rk.group.iter_mut().chain(rk.dc_group.iter_mut()) {
+                if rk.grouped() {
+                    for g in rk.group.iter_mut().chain(rk.dc_group.iter_mut()).chain(rk.all_group.iter_mut()) {
                         g.handle_timeout(self.now);
                     }
                     self.pump(r);
@@ -1957,8 +1964,7 @@ impl<'a> Sim<'a> {
         }
         let Some(from) = self.group_index(to, channel, from) else { return };
         let rk = &mut self.ranks[to];
-        let g = if channel == 1 { rk.dc_group.as_mut() } else { rk.group.as_mut() };
-        if let Some(g) = g {
+        if let Some(g) = rk.group_of(channel) {
             g.handle_message_sized(from, vec![bytes], phantom, self.now);
             self.pump(to);
         }
@@ -1972,40 +1978,26 @@ impl<'a> Sim<'a> {
 
     /// Rank `r` learns that `peer` is lost (in its data centre's group too, if they share one).
     fn peer_lost(&mut self, r: usize, peer: usize) {
-        if self.ranks[r].group.is_none() && self.ranks[r].dc_group.is_none() {
+        if !self.ranks[r].grouped() {
             return;
         }
-        let (all, dc) = (self.group_index(r, 0, peer), self.group_index(r, 1, peer));
-        let rk = &mut self.ranks[r];
-        if let (Some(g), Some(i)) = (rk.group.as_mut(), all) {
-            g.handle_peer_lost(i, self.now);
-        }
-        if let (Some(g), Some(i)) = (rk.dc_group.as_mut(), dc) {
-            g.handle_peer_lost(i, self.now);
+        for channel in 0..3 {
+            let Some(i) = self.group_index(r, channel, peer) else { continue };
+            if let Some(g) = self.ranks[r].group_of(channel) {
+                g.handle_peer_lost(i, self.now);
+            }
         }
         self.pump(r);
     }
 
-    /// The rank at `index` of rank `r`'s group `channel` (0: all ranks, `semisync`: the DCs'
-    /// leaders; 1: `r`'s data centre).
+    /// The rank at `index` of rank `r`'s group `channel` (see [`layout::Layout`]).
     fn group_rank(&self, r: usize, channel: u8, index: usize) -> usize {
-        let l = &self.layout;
-        match (channel, l.dc_members.is_empty()) {
-            (1, false) => l.dc_members[r / self.per_dc()].get(index).copied().unwrap_or(usize::MAX),
-            (_, false) => l.leaders.get(index).copied().unwrap_or(usize::MAX),
-            _ => index,
-        }
+        self.layout.rank(r, channel, index, self.per_dc())
     }
 
     /// Where `rank` is in rank `r`'s group `channel` (`None`: not in it).
     fn group_index(&self, r: usize, channel: u8, rank: usize) -> Option<usize> {
-        let l = &self.layout;
-        match (channel, l.dc_members.is_empty()) {
-            (1, false) => l.dc_members[r / self.per_dc()].binary_search(&rank).ok(),
-            (_, false) => l.leaders.binary_search(&rank).ok(),
-            (1, true) => None,
-            _ => Some(rank),
-        }
+        self.layout.index(r, channel, rank, self.per_dc())
     }
 
     fn finish(mut self) -> RunOutput {

@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use phalanx_collectives::group::{AllReduceAlgorithm, CallOptions, FaultPolicy, Group, Op};
+use phalanx_collectives::group::{AllReduceAlgorithm, CallOptions, FaultPolicy, Op};
 use phalanx_collectives::reduce::{DType, ReduceOp};
 use phalanx_runtime::semisync::{
     CallGroup, CrossDcPlan, FragmentFlags, PlanConfig, PlannedCall, RoundResult, SyncCall, SyncMode,
@@ -28,15 +28,6 @@ use super::{add_i64, contribution, op_key, PayloadKind, Sim, MS};
 /// A leader's last realignment: its call (epoch, key) and the heal flags of the fragments it
 /// carried, as they were when it started.
 pub(super) type RealignSent = ((u64, u64), Vec<(usize, FragmentFlags)>);
-
-/// Who is in the groups of the current epoch: each data centre's members (ascending; index 0
-/// leads) and the leaders (one per DC with members, ascending), as `Communicator::with_subgroups`
-/// forms them from an epoch's member list.
-#[derive(Default)]
-pub(super) struct Layout {
-    pub(super) dc_members: Vec<Vec<usize>>,
-    pub(super) leaders: Vec<usize>,
-}
 
 /// `n` rounded up to whole 8-byte elements.
 fn whole(n: u64) -> usize {
@@ -77,42 +68,24 @@ impl Sim<'_> {
         CrossDcPlan::new(inner, outer)
     }
 
-    /// The groups of an epoch whose members are `members` (ascending).
-    pub(super) fn semisync_layout(&mut self, members: &[usize]) {
-        let per_dc = self.per_dc();
-        let mut dc_members = vec![Vec::new(); self.sc.topology.dcs];
-        for m in members {
-            dc_members[m / per_dc].push(*m);
-        }
-        let leaders = dc_members.iter().filter_map(|d| d.first().copied()).collect();
-        self.layout = Layout { dc_members, leaders };
-    }
-
-    /// Fresh groups for the members of a new epoch (membership): a DC's group over its members,
-    /// the leaders' over the leaders (on leaders), each rank's index its place in the list.
+    /// Fresh groups for the members of a new epoch (membership), after [`Sim::form_member_groups`]
+    /// set the layout: a DC's group over its members, the leaders' over the leaders (on
+    /// leaders), and the group of all members for the boundary.
     pub(super) fn semisync_member_groups(&mut self, members: &[usize]) {
         let per_dc = self.per_dc();
-        let segment = self.sc.workload.segment_bytes.map(|seg| seg.0.min(usize::MAX as u64) as usize);
-        let epoch = self.epoch;
-        let group = |index: usize, world: usize| {
-            let mut g = Group::new(index, world);
-            g.set_epoch(epoch);
-            if let Some(seg) = segment {
-                g.set_segment_bytes(seg);
-            }
-            g
-        };
         for r in members.iter().copied() {
             if !self.ranks[r].alive {
                 continue;
             }
-            let dc = &self.layout.dc_members[r / per_dc];
-            let dc_group = dc.binary_search(&r).ok().map(|i| group(i, dc.len()));
-            let leaders = &self.layout.leaders;
-            let g = leaders.binary_search(&r).ok().map(|i| group(i, leaders.len()));
+            let dc_len = self.layout.dc_members.get(r / per_dc).map_or(0, Vec::len);
+            let dc_group = self.layout.index(r, 1, r, per_dc).map(|i| self.new_group(i, dc_len, None));
+            let leaders = self.layout.leaders.len();
+            let g = self.layout.index(r, 0, r, per_dc).map(|i| self.new_group(i, leaders, None));
+            let all = self.layout.index(r, 2, r, per_dc).map(|i| self.new_group(i, members.len(), None));
             let rk = &mut self.ranks[r];
             rk.dc_group = dc_group;
             rk.group = g;
+            rk.all_group = all;
             rk.call_channel = 0;
             rk.sync_call = None;
         }
