@@ -255,6 +255,12 @@ struct RankSim {
     sync_result: Option<RoundResult>,
     /// `semisync`: per fragment, a late outer gradient (real payloads) to fold into the next.
     outer_carry: Vec<Option<Vec<u8>>>,
+    /// Membership: the rank's step-boundary protocol (the real `BoundaryPlan`) while it runs.
+    boundary: Option<phalanx_runtime::membership::BoundaryPlan>,
+    /// Membership: the boundary's (or admission's) collective running on the rank.
+    member_call: Option<membership::MemberCall>,
+    /// Membership: the rank's plan asked to rebuild for this epoch and waits for its groups.
+    awaiting_epoch: Option<u64>,
     /// `semisync`, on a DC's leader: its last realignment (call key) and the heal flags it
     /// carried, as they were when it started.
     realign_sent: Option<semisync::RealignSent>,
@@ -578,6 +584,9 @@ impl<'a> Sim<'a> {
                 sync_result: None,
                 outer_carry: Vec::new(),
                 realign_sent: None,
+                boundary: None,
+                member_call: None,
+                awaiting_epoch: None,
                 stage: Stage::Idle,
                 step: 0,
                 call_units: 0,
@@ -806,8 +815,6 @@ impl<'a> Sim<'a> {
                     self.crash(r);
                 } else {
                     self.restart_rank(r);
-                    // (The member it replaces no longer holds up a boundary.)
-                    self.boundary_check();
                 }
             }
             (FaultKind::CoordinatorCrash, FaultTarget::Coordinator(which)) => {
@@ -1358,6 +1365,7 @@ impl<'a> Sim<'a> {
                 }
             }
             match finished {
+                Some(f) if self.ranks[r].member_call.is_some() => self.member_call_finished(r, f),
                 Some(f) => self.call_finished(r, f),
                 None => return,
             }
@@ -1922,7 +1930,6 @@ impl<'a> Sim<'a> {
                             for (me, peer) in [(x, y), (y, x)] {
                                 if self.ranks[me].alive {
                                     self.peer_lost(me, peer);
-                                    self.membership_cut(me, peer);
                                 }
                             }
                         }

@@ -37,7 +37,8 @@ impl Layout {
         for (i, m) in members.iter().enumerate() {
             all_pos[*m] = i;
         }
-        let (mut dc_members, mut dc_pos, mut leaders, mut leader_pos) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut dc_members, mut dc_pos, mut leaders, mut leader_pos) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         if semisync {
             dc_members = vec![Vec::new(); world.div_ceil(per_dc.max(1))];
             dc_pos = vec![NONE; world];
@@ -75,10 +76,5 @@ impl Layout {
             _ if self.all.is_none() => Some(rank),
             _ => pos(&self.all_pos),
         }
-    }
-
-    /// Members of the group of all members.
-    pub(super) fn all_len(&self, world: usize) -> usize {
-        self.all.as_ref().map_or(world, Vec::len)
     }
 }

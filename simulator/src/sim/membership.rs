@@ -18,19 +18,37 @@
 //! "not leader" answer redirects, silence for `client_retry_ms` moves on to the next one, and a
 //! retried request keeps its (client, request) id so the log applies it once.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::Bytes;
+use phalanx_collectives::group::{AllReduceAlgorithm, CallOptions, FaultPolicy, Finished, Op};
+use phalanx_collectives::reduce::{DType, ReduceOp};
 use phalanx_runtime::coordinator::wire::{ClientReply, ClientRequest, ReplyBody, RequestBody};
 use phalanx_runtime::coordinator::{
     entry_context, eraftpb, Coordinator, CoordinatorConfig, DurableLog, MemoryLog, Recovered, ReplicatedState,
 };
-use phalanx_runtime::membership::{self, ClusterView, Command, Outcome, ViewError};
+use phalanx_runtime::membership::{
+    self, BoundaryAction, BoundaryInput, BoundaryOutcome, BoundaryPlan, ClusterView, Command, Outcome, ViewError,
+};
 use sha2::{Digest, Sha256};
 
-use super::{Ev, FlowOwner, Sim, Stage, MS, SEC};
+use super::{Ev, FlowOwner, Sim, Stage, WorkloadKind, MS, SEC};
 use crate::report::MembershipReport;
 use crate::scenario::MembershipSpec;
+
+/// A collective of the boundary protocol or of a joiner's admission, on the group of all
+/// members.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum MemberCall {
+    /// The plan's agreement (epoch, then step): all-reduce max.
+    Agree,
+    /// The plan's admission barrier.
+    Barrier,
+    /// A joiner syncs the step with the group.
+    JoinSync,
+    /// A joiner, with its state, enters through the admission barrier.
+    JoinBarrier,
+}
 
 /// Who sent a message to a coordinator.
 #[derive(Clone, Copy, Debug)]
@@ -47,16 +65,14 @@ pub(super) struct Membership {
     tick_ns: u64,
     coords: Vec<CoordSlot>,
     clients: Vec<Client>,
-    /// Sim slots of the current epoch's members, ascending.
+    /// Sim slots of the current epoch's members, in the view's order (the groups' indices).
     members: Vec<usize>,
-    /// Members whose loss the transport reported in this epoch.
-    known_lost: BTreeSet<usize>,
-    /// `(a, b)`: the transport told member `a` that member `b` is unreachable in this epoch (a
-    /// partition). `a`'s groups have `b` lost until the epoch ends, so `a`'s boundary agreement
-    /// goes without `b`.
-    cut: BTreeSet<(usize, usize)>,
-    /// A boundary's read / epoch change is under way (by this proposer).
-    proposer: Option<usize>,
+    /// Their rank ids in the view.
+    member_ids: Vec<u32>,
+    /// Each slot's rank id in the view (its current incarnation's; `None` until it joined).
+    ids: Vec<Option<u32>>,
+    /// A new epoch's view a member read, whose groups are not formed yet.
+    pending_view: Option<ClusterView>,
     /// Joiners of the new epoch still recovering the state: flows left, per slot.
     recovering: Vec<(usize, usize)>,
     /// When each slot's process restarted (for the readmission time).
@@ -158,9 +174,9 @@ impl<'a> Sim<'a> {
             coords,
             clients: (0..world).map(|s| Client::new(s, 1)).collect(),
             members: (0..world).collect(),
-            cut: BTreeSet::new(),
-            known_lost: BTreeSet::new(),
-            proposer: None,
+            member_ids: (0..world as u32).collect(),
+            ids: (0..world as u32).map(Some).collect(),
+            pending_view: None,
             recovering: Vec::new(),
             restarted_at: vec![None; world],
             leader: None,
@@ -404,178 +420,217 @@ impl<'a> Sim<'a> {
 
     /// What rank `slot` does with the answer to `asked`.
     fn answered(&mut self, slot: usize, asked: RequestBody, answer: ReplyBody) {
+        let in_boundary = self.ranks[slot].boundary.is_some();
         match (asked, answer) {
-            (RequestBody::Propose(Command::BeginEpoch { .. }), ReplyBody::Applied { result, .. }) => {
-                match result {
-                    Ok(Outcome::EpochBegan { .. }) | Err(ViewError::EpochMoved { .. }) => {
-                        // Learn the members (and which process each is) from the view.
-                        self.submit(slot, RequestBody::Read);
-                    }
-                    Ok(_) | Err(_) => self.boundary_release(),
-                }
+            (RequestBody::Read, ReplyBody::View { view, .. }) if in_boundary => {
+                self.boundary_input(slot, BoundaryInput::View(view));
             }
-            (RequestBody::Read, ReplyBody::View { view, .. }) => self.boundary_view(slot, view),
+            (RequestBody::Read, _) if in_boundary => {
+                // Refused: read again.
+                self.submit(slot, RequestBody::Read);
+            }
             (
                 RequestBody::Propose(Command::Join { .. }),
                 ReplyBody::Applied {
-                    result: Ok(Outcome::Joined { .. }) | Err(ViewError::AlreadyJoined { .. }), ..
+                    result: Ok(Outcome::Joined { rank, .. }) | Err(ViewError::AlreadyJoined { rank, .. }),
+                    ..
                 },
             ) => {
                 if let Some(m) = self.membership.as_mut() {
                     m.report.joins_committed += 1;
+                    m.ids[slot] = Some(rank);
                 }
             }
-            (RequestBody::Propose(Command::ReportFailure { .. }), ReplyBody::Applied { result, .. }) => {
-                if let (Ok(Outcome::Updated), Some(m)) = (result, self.membership.as_mut()) {
-                    m.report.failures_reported += 1;
+            (RequestBody::Propose(command), answer) if in_boundary => {
+                if let (Command::ReportFailure { .. }, ReplyBody::Applied { result: Ok(Outcome::Updated), .. }) =
+                    (&command, &answer)
+                {
+                    if let Some(m) = self.membership.as_mut() {
+                        m.report.failures_reported += 1;
+                    }
                 }
-            }
-            (RequestBody::Read, _) => {
-                // Refused: read again.
-                self.submit(slot, RequestBody::Read);
+                self.boundary_input(slot, BoundaryInput::Proposed);
             }
             _ => {}
         }
     }
 
-    // ---- the step boundary ----
+    // ---- the step boundary: every member runs phalanx_runtime's BoundaryPlan ----
 
-    /// Whether rank `r`, about to start `step`, stops at a boundary first.
+    /// Whether rank `r`, about to start `step`, stops at a boundary first: it starts the real
+    /// boundary protocol (`BoundaryPlan`, which `ElasticMember` drives in production).
     pub(super) fn at_boundary(&mut self, r: usize, step: u64) -> bool {
         let Some(m) = self.membership.as_ref() else { return false };
         if step == 0 || !step.is_multiple_of(m.spec.boundary_every) || self.ranks[r].boundary_done == Some(step) {
             return false;
         }
-        self.ranks[r].stage = Stage::Boundary;
-        self.boundary_check();
+        let Some(id) = m.ids[r] else { return false };
+        let plan = BoundaryPlan::new(id, m.report.epochs, m.member_ids.clone(), step);
+        let rk = &mut self.ranks[r];
+        rk.boundary_done = Some(step);
+        rk.stage = Stage::Boundary;
+        rk.boundary = Some(plan);
+        self.boundary_drive(r);
         true
     }
 
-    /// The transport reported `lost` unreachable to the others.
-    pub(super) fn membership_lost(&mut self, lost: usize) {
-        let Some(m) = self.membership.as_mut() else { return };
-        if m.members.contains(&lost) {
-            m.known_lost.insert(lost);
-        }
-        self.boundary_check();
-    }
-
-    /// The transport told member `me` that member `peer` is unreachable (a partition or a dead
-    /// route lasting past `unreachable_after_ms`).
-    pub(super) fn membership_cut(&mut self, me: usize, peer: usize) {
-        let Some(m) = self.membership.as_mut() else { return };
-        if m.members.contains(&me) && m.members.contains(&peer) {
-            m.cut.insert((me, peer));
+    /// Hands rank `r`'s boundary plan an answer and drives it on.
+    fn boundary_input(&mut self, r: usize, input: BoundaryInput) {
+        if let Some(plan) = self.ranks[r].boundary.as_mut() {
+            plan.handle(input);
+            self.boundary_drive(r);
         }
     }
 
-    /// Once every member is at the boundary (or known lost, or finished), the lowest live one
-    /// reports the lost, reads the view and begins an epoch if a change is pending. A member
-    /// the transport cut off from others (a partition) is reported by the lowest member whose
-    /// agreement still holds a majority of the members — `ElasticMember::report_missing`'s rule:
-    /// a side with half the group or less reports nobody — so the majority goes on in a new
-    /// epoch and the minority, no longer a member, is fenced and rejoins.
-    pub(super) fn boundary_check(&mut self) {
-        let Some(m) = self.membership.as_ref() else { return };
-        if m.proposer.is_some() || !m.recovering.is_empty() {
-            return;
+    /// Does what rank `r`'s boundary plan asks next.
+    fn boundary_drive(&mut self, r: usize) {
+        let Some(plan) = self.ranks[r].boundary.as_mut() else { return };
+        let action = plan.poll();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let what = match &action {
+                BoundaryAction::Rebuild { view } => format!("rebuild for epoch {}", view.epoch()),
+                a => format!("{a:?}"),
+            };
+            tracing::debug!(t = self.now as f64 / SEC, rank = r, action = %what, "boundary");
         }
-        let mut at_boundary = false;
-        for s in &m.members {
-            if m.known_lost.contains(s) {
-                continue; // (a restarted process is not the member it replaces)
+        match action {
+            BoundaryAction::ReadView => self.submit(r, RequestBody::Read),
+            BoundaryAction::Propose { command, .. } => self.submit(r, RequestBody::Propose(command)),
+            BoundaryAction::Agree { value } => self.member_call(r, MemberCall::Agree, value),
+            BoundaryAction::Barrier => self.member_call(r, MemberCall::Barrier, 0),
+            BoundaryAction::Rebuild { view } => {
+                self.ranks[r].awaiting_epoch = Some(view.epoch());
+                if let Some(m) = self.membership.as_mut() {
+                    if view.epoch() > m.report.epochs {
+                        m.pending_view = Some(view);
+                    }
+                }
+                self.rebuild_check();
             }
-            let rk = &self.ranks[*s];
-            match rk.stage {
-                _ if !rk.alive => return, // not reported lost yet: the boundary waits
-                Stage::Boundary => at_boundary = true,
-                Stage::Finished => {}
-                _ => return,
+            BoundaryAction::Done(outcome) => {
+                let rk = &mut self.ranks[r];
+                rk.boundary = None;
+                rk.awaiting_epoch = None;
+                match outcome {
+                    BoundaryOutcome::Continue => {}
+                    BoundaryOutcome::Rebuilt { step, .. } => {
+                        rk.step = step;
+                        rk.boundary_done = Some(step);
+                    }
+                    // Not a member of the new epoch: its process stops, its supervisor restarts
+                    // it and it joins again.
+                    BoundaryOutcome::Departed { .. } => return self.fence(r),
+                }
+                rk.stage = Stage::Idle;
+                self.begin_step(r);
             }
         }
-        if !at_boundary {
-            return;
-        }
-        let live: Vec<usize> =
-            m.members.iter().copied().filter(|s| self.ranks[*s].alive && !m.known_lost.contains(s)).collect();
-        // Each live member's agreement: the live members it has not been cut off from.
-        let reached = |s: usize| live.iter().filter(|x| !m.cut.contains(&(s, **x))).count();
-        let reporter = live.iter().copied().find(|s| reached(*s) * 2 > m.members.len());
-        let Some(proposer) = reporter.or_else(|| live.first().copied()) else {
-            return;
+    }
+
+    /// Rank `r` starts a collective of the boundary (or of its admission): an all-reduce
+    /// (max, `Shrink`) of `value` over the group of all members, or the barrier.
+    fn member_call(&mut self, r: usize, kind: MemberCall, value: i64) {
+        let channel = if self.sc.workload.kind == WorkloadKind::Semisync { 2 } else { 0 };
+        let now = self.now;
+        let rk = &mut self.ranks[r];
+        let Some(g) = rk.group_of(channel) else { return self.fence(r) };
+        let options = CallOptions { policy: FaultPolicy::Shrink, verify: false };
+        match kind {
+            MemberCall::Barrier | MemberCall::JoinBarrier => g.start(now, Op::Barrier, DType::U8, Vec::new(), options),
+            MemberCall::Agree | MemberCall::JoinSync => {
+                let op = Op::AllReduce { algorithm: AllReduceAlgorithm::Auto, op: ReduceOp::Max };
+                g.start(now, op, DType::I64, value.to_le_bytes().to_vec(), options)
+            }
         };
-        let epoch = m.report.epochs;
-        let mut lost: Vec<usize> = m.known_lost.iter().copied().collect();
-        if let Some(r) = reporter {
-            lost.extend(live.iter().copied().filter(|x| m.cut.contains(&(r, *x))));
-        }
-        tracing::debug!(t = self.now as f64 / SEC, proposer, ?lost, "boundary met");
-        if let Some(m) = self.membership.as_mut() {
-            m.proposer = Some(proposer);
-        }
-        for l in lost {
-            let c = Command::ReportFailure { rank: l as u32, reporter: proposer as u32, epoch };
-            self.submit(proposer, RequestBody::Propose(c));
-        }
-        self.submit(proposer, RequestBody::Read);
+        rk.call_channel = channel;
+        rk.member_call = Some(kind);
+        self.pump(r);
     }
 
-    /// The proposer read the view: begin an epoch if a change waits, rebuild if the view is
-    /// past ours, else go on.
-    fn boundary_view(&mut self, slot: usize, view: ClusterView) {
-        let Some(m) = self.membership.as_ref() else { return };
-        if m.proposer != Some(slot) {
-            return;
-        }
-        if view.epoch() > m.report.epochs {
-            return self.rebuild(&view);
-        }
-        tracing::debug!(
-            t = self.now as f64 / SEC,
-            epoch = view.epoch(),
-            pending = view.change_pending(),
-            "boundary read the view"
-        );
-        if view.change_pending() {
-            let c = Command::BeginEpoch { expected: view.epoch() };
-            return self.submit(slot, RequestBody::Propose(c));
-        }
-        self.boundary_release();
-    }
-
-    /// No change: every member at the boundary takes its step.
-    fn boundary_release(&mut self) {
-        let Some(m) = self.membership.as_mut() else { return };
-        m.proposer = None;
-        let members = m.members.clone();
-        for s in members {
-            if self.ranks[s].alive && self.ranks[s].stage == Stage::Boundary {
-                let step = self.ranks[s].step;
-                self.ranks[s].boundary_done = Some(step);
-                self.ranks[s].stage = Stage::Idle;
-                self.begin_step(s);
+    /// Rank `r`'s boundary (or admission) collective ended.
+    pub(super) fn member_call_finished(&mut self, r: usize, f: Finished) {
+        let Some(kind) = self.ranks[r].member_call.take() else { return };
+        let (value, participants) = match f {
+            Finished::Buffer { data, participants } => {
+                let v = data.get(..8).and_then(|b| b.try_into().ok()).map(i64::from_le_bytes).unwrap_or(0);
+                (v, participants)
+            }
+            // The boundary failed on this rank (`ElasticMember` returns the error): the process
+            // stops, and its supervisor restarts it to join again.
+            _ => return self.fence(r),
+        };
+        match kind {
+            MemberCall::Agree => self.boundary_input(r, BoundaryInput::Agreed { value, participants }),
+            MemberCall::Barrier => self.boundary_input(r, BoundaryInput::BarrierPassed),
+            MemberCall::JoinSync => {
+                // A joiner has the group's step; it recovers the state of that step.
+                self.ranks[r].step = u64::try_from(value).unwrap_or(0);
+                let (members, state) = match self.membership.as_ref() {
+                    Some(m) => (m.members.clone(), m.spec.state_bytes.0),
+                    None => return,
+                };
+                self.start_recovery(r, &members, state);
+            }
+            MemberCall::JoinBarrier => {
+                let rk = &mut self.ranks[r];
+                rk.boundary_done = Some(rk.step);
+                rk.stage = Stage::Idle;
+                self.begin_step(r);
             }
         }
     }
 
-    /// Epoch `view.epoch()` began: drop the old epoch's traffic, form the groups of its members,
-    /// and have the joiners recover the state before anyone steps (the admission barrier).
-    fn rebuild(&mut self, view: &ClusterView) {
-        let world = self.world;
-        // Which process each member is: its host name, and the incarnation that joined.
-        let mut members = Vec::new();
+    /// The transport reported `lost` unreachable: a rebuild that waited for it may go on.
+    pub(super) fn membership_lost(&mut self, _lost: usize) {
+        self.rebuild_check();
+    }
+
+    /// A new epoch's view is known (`pending_view`): once every live member of it that was a
+    /// member before waits to rebuild, the epoch's groups are formed. (Each real rank builds its
+    /// endpoint when it gets there; the simulator forms every member's groups at once, when the
+    /// last of them gets there, and drops the old epoch's traffic.)
+    fn rebuild_check(&mut self) {
+        let Some(m) = self.membership.as_ref() else { return };
+        let Some(view) = m.pending_view.as_ref() else { return };
+        let epoch = view.epoch();
+        let members = self.slots_of(view);
+        let ready = members.iter().all(|s| {
+            let rk = &self.ranks[*s];
+            // (A joiner — a new process, even in a member's slot — is admitted by the rebuild.)
+            !rk.alive
+                || rk.stage == Stage::Joining
+                || !m.members.contains(s)
+                || rk.awaiting_epoch.is_some_and(|e| e >= epoch)
+        });
+        if ready {
+            let view = view.clone();
+            self.rebuild(&view);
+        }
+    }
+
+    /// The slots of `view`'s members, in the view's order (which process each is: its host
+    /// name and the incarnation that joined).
+    fn slots_of(&self, view: &ClusterView) -> Vec<usize> {
+        let mut slots = Vec::new();
         for id in view.members() {
             let Some(rec) = view.rank(*id) else { continue };
             let Some(slot) = rec.host.strip_prefix("sim-slot-").and_then(|s| s.parse::<usize>().ok()) else { continue };
-            if slot < world && self.ranks[slot].incarnation == rec.incarnation {
-                members.push(slot);
+            if slot < self.world && self.ranks[slot].incarnation == rec.incarnation && !slots.contains(&slot) {
+                slots.push(slot);
             }
         }
-        members.sort_unstable();
-        members.dedup();
+        slots
+    }
+
+    /// Epoch `view.epoch()` began: drop the old epoch's traffic, form the groups of its members;
+    /// the members' plans go on (step sync, admission barrier), the joiners sync the step,
+    /// recover the state and pass the barrier.
+    fn rebuild(&mut self, view: &ClusterView) {
+        let world = self.world;
+        let members = self.slots_of(view);
         tracing::debug!(t = self.now as f64 / SEC, epoch = view.epoch(), members = members.len(), "epoch began");
         let step =
-            members.iter().filter(|s| self.ranks[**s].stage == Stage::Boundary).map(|s| self.ranks[*s].step).max();
+            members.iter().filter(|s| self.ranks[**s].awaiting_epoch.is_some()).map(|s| self.ranks[*s].step).max();
         let step = step.unwrap_or(0);
         // The old epoch's messages are gone with its endpoints.
         for (_, p) in std::mem::take(&mut self.pairs) {
@@ -588,35 +643,43 @@ impl<'a> Sim<'a> {
         self.form_member_groups(&members);
         let after = (self.sc.transport.unreachable_after_ms * MS) as u64;
         let Some(m) = self.membership.as_mut() else { return };
+        m.pending_view = None;
         m.report.epochs = view.epoch();
-        m.proposer = None;
-        m.known_lost.clear();
-        m.cut.clear();
         m.members = members.clone();
+        m.member_ids = view
+            .members()
+            .iter()
+            .copied()
+            .filter(|id| {
+                view.rank(*id).is_some_and(|rec| {
+                    rec.host
+                        .strip_prefix("sim-slot-")
+                        .and_then(|s| s.parse::<usize>().ok())
+                        .is_some_and(|s| members.contains(&s))
+                })
+            })
+            .collect();
         m.report.members_at_end = members.len();
-        let state = m.spec.state_bytes.0;
         let mut joiners = Vec::new();
+        let mut rebuilt = Vec::new();
         for s in &members {
             let rk = &mut self.ranks[*s];
             if !rk.alive {
-                // Died after the boundary met: the transport will report it again.
+                // Died after reading the view: the transport will report it again.
                 self.push(self.now + after, Ev::LostNotice { lost: *s as u32, epoch });
                 continue;
             }
-            if rk.stage == Stage::Joining {
-                joiners.push(*s);
-            }
-            rk.step = step;
-            rk.boundary_done = Some(step);
-            if rk.stage != Stage::Finished {
-                rk.stage = Stage::Boundary;
+            match rk.stage {
+                Stage::Joining => joiners.push(*s),
+                _ if rk.awaiting_epoch.is_some() => rebuilt.push(*s),
+                _ => {}
             }
         }
-        // A live process the new epoch left out (reported lost while it was not) is fenced:
-        // its supervisor restarts it and it rejoins as a new incarnation.
         if self.sc.workload.kind == crate::scenario::WorkloadKind::Semisync {
             self.semisync_epoch(&members, step);
         }
+        // A live process the new epoch left out (reported lost while it was not) is fenced: its
+        // supervisor restarts it and it rejoins as a new incarnation.
         let fenced: Vec<usize> = (0..world)
             .filter(|s| self.ranks[*s].alive && !members.contains(s) && self.ranks[*s].stage != Stage::Joining)
             .collect();
@@ -628,10 +691,16 @@ impl<'a> Sim<'a> {
             tr.fault("epoch", self.now, false);
         }
         self.fault_marks.push((format!("epoch {}", view.epoch()), self.now as f64 / SEC));
-        for j in joiners {
-            self.start_recovery(j, &members, state);
+        for s in rebuilt {
+            self.ranks[s].awaiting_epoch = None;
+            self.boundary_input(s, BoundaryInput::Rebuilt);
         }
-        self.admission_check();
+        for j in joiners {
+            // `ElasticMember::join`: admitted, it builds the epoch's communicator and syncs the
+            // step with the group (then recovers the state and enters through the barrier).
+            self.ranks[j].stage = Stage::Recovering;
+            self.member_call(j, MemberCall::JoinSync, 0);
+        }
     }
 
     /// Joiner `j` fetches `bytes` of state, striped over up to four live, settled members
@@ -642,7 +711,6 @@ impl<'a> Sim<'a> {
             .iter()
             .copied()
             .filter(|s| *s != j && self.ranks[*s].alive && self.ranks[*s].stage == Stage::Boundary)
-            .filter(|s| !self.membership.as_ref().is_some_and(|m| m.recovering.iter().any(|(r, _)| r == s)))
             .collect();
         sources.sort_by_key(|s| (self.fabric.dc_of_host(self.fabric.host_of(*s)) != dc, *s));
         sources.truncate(4);
@@ -678,36 +746,28 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// Joiner `j` has the state: it enters through the admission barrier.
     fn recovered(&mut self, j: usize) {
-        self.ranks[j].stage = Stage::Boundary;
         let Some(m) = self.membership.as_mut() else { return };
         m.report.ranks_readmitted += 1;
         tracing::debug!(t = self.now as f64 / SEC, rank = j, "readmitted with its state");
         if let Some(t) = m.restarted_at[j].take() {
             m.report.readmission_s.push((self.now - t) as f64 / SEC);
         }
-        self.admission_check();
+        self.member_call(j, MemberCall::JoinBarrier, 0);
     }
 
-    /// Every joiner has its state: the members step on.
-    fn admission_check(&mut self) {
-        let Some(m) = self.membership.as_ref() else { return };
-        if m.recovering.is_empty() && m.members.iter().all(|s| self.ranks[*s].stage != Stage::Recovering) {
-            self.boundary_release();
-        }
-    }
-
-    /// Live rank `r` is not a member of the new epoch: what it carried dies with its process,
-    /// which restarts and rejoins.
+    /// Live rank `r` is not a member of the new epoch (or its boundary failed): its process
+    /// stops — what it carried and what it was doing die with it — and its supervisor restarts
+    /// it to rejoin.
     fn fence(&mut self, r: usize) {
-        let rk = &mut self.ranks[r];
-        self.contrib.died_with_rank += rk.carried();
-        rk.carry_units = [0, 0];
-        rk.alive = false;
-        self.alive_count -= 1;
+        if !self.ranks[r].alive {
+            return;
+        }
         if let Some(m) = self.membership.as_mut() {
             m.report.ranks_fenced += 1;
         }
+        self.crash(r);
         self.restart_rank(r);
     }
 
@@ -721,37 +781,36 @@ impl<'a> Sim<'a> {
         rk.alive = true;
         rk.incarnation += 1;
         rk.stage = Stage::Joining;
-        rk.group = None;
-        rk.dc_group = None;
+        rk.drop_groups();
         // A new process: its semi-sync state comes with its admission.
         rk.plan = None;
         rk.sync_call = None;
         rk.realign_sent = None;
+        rk.boundary = None;
+        rk.member_call = None;
+        rk.awaiting_epoch = None;
         rk.carry = [None, None];
         rk.carry_units = [0, 0];
         rk.timer_at = None;
         let incarnation = rk.incarnation;
         self.alive_count += 1;
         let Some(m) = self.membership.as_mut() else { return };
-        if m.members.contains(&r) {
-            // The member of this epoch was the old process.
-            m.known_lost.insert(r);
-        }
+        m.ids[r] = None;
         m.clients[r] = Client::new(r, incarnation);
         m.report.ranks_restarted += 1;
         m.restarted_at[r] = Some(self.now);
         self.submit(r, RequestBody::Propose(join(r, dc, incarnation)));
     }
 
-    /// Rank `r` crashed: a joiner no longer holds up the admission barrier, a proposer's work
-    /// passes to the next one once the loss is reported.
+    /// Rank `r` crashed: a joiner no longer recovers, a rebuild that waited for it may go on.
     pub(super) fn membership_crashed(&mut self, r: usize) {
         let Some(m) = self.membership.as_mut() else { return };
         m.recovering.retain(|(j, _)| *j != r);
-        if m.proposer == Some(r) {
-            m.proposer = None;
-        }
-        self.admission_check();
+        let rk = &mut self.ranks[r];
+        rk.boundary = None;
+        rk.member_call = None;
+        rk.awaiting_epoch = None;
+        self.rebuild_check();
     }
 
     pub(super) fn membership_report(&mut self) -> Option<MembershipReport> {
