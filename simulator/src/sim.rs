@@ -142,6 +142,11 @@ enum Ev {
         attempt: u64,
         rotate: bool,
     },
+    /// A joining rank's pause between two reads of the view is over.
+    AdmissionWait {
+        slot: u32,
+        incarnation: u64,
+    },
 }
 
 impl Ev {
@@ -176,6 +181,7 @@ impl Ev {
             }
             Ev::ToRank { slot, incarnation, bytes } => (17, *slot as u64, *incarnation ^ (bytes.len() as u64) << 32),
             Ev::ClientRetry { slot, attempt, .. } => (18, *slot as u64, *attempt),
+            Ev::AdmissionWait { slot, incarnation } => (19, *slot as u64, *incarnation),
         }
     }
 }
@@ -255,6 +261,8 @@ struct RankSim {
     sync_result: Option<RoundResult>,
     /// `semisync`: per fragment, a late outer gradient (real payloads) to fold into the next.
     outer_carry: Vec<Option<Vec<u8>>>,
+    /// Membership: a restarted process's admission (the real `AdmissionPlan`) while it runs.
+    admission: Option<phalanx_runtime::membership::AdmissionPlan>,
     /// Membership: the rank's step-boundary protocol (the real `BoundaryPlan`) while it runs.
     boundary: Option<phalanx_runtime::membership::BoundaryPlan>,
     /// Membership: the boundary's (or admission's) collective running on the rank.
@@ -584,6 +592,7 @@ impl<'a> Sim<'a> {
                 sync_result: None,
                 outer_carry: Vec::new(),
                 realign_sent: None,
+                admission: None,
                 boundary: None,
                 member_call: None,
                 awaiting_epoch: None,
@@ -1616,7 +1625,7 @@ impl<'a> Sim<'a> {
             | Ev::JobResume { epoch } => *epoch == self.epoch,
             Ev::HostsCut { .. } | Ev::Frame { .. } | Ev::EndpointTimer { .. } => true,
             Ev::CoordTick { .. } => false,
-            Ev::ToCoordinator { .. } | Ev::ToRank { .. } | Ev::ClientRetry { .. } => true,
+            Ev::ToCoordinator { .. } | Ev::ToRank { .. } | Ev::ClientRetry { .. } | Ev::AdmissionWait { .. } => true,
         });
         if busy_pair || carrying || unsettled || pending_work {
             return;
@@ -1954,6 +1963,7 @@ impl<'a> Sim<'a> {
             Ev::ClientRetry { slot, incarnation, attempt, rotate } => {
                 self.client_retry(slot as usize, incarnation, attempt, rotate)
             }
+            Ev::AdmissionWait { slot, incarnation } => self.admission_waited(slot as usize, incarnation),
             Ev::JobResume { .. } => {
                 self.restarting = false;
                 self.form_groups();

@@ -35,7 +35,8 @@ use phalanx_collectives::reduce::{DType, ReduceOp};
 use phalanx_net::{LinkKind, Node, NodeConfig, NodeError, NodeHandle, PathFaults, PathSpec};
 use phalanx_proto::{Epoch, Event, RankId, TransportConfig};
 use phalanx_runtime::membership::{
-    BoundaryAction, BoundaryInput, BoundaryOutcome, BoundaryPlan, ClusterView, Command, Outcome, RankStatus, ViewError,
+    AdmissionAction, AdmissionInput, AdmissionPlan, BoundaryAction, BoundaryInput, BoundaryOutcome, BoundaryPlan,
+    ClusterView, Command, Outcome, ViewError,
 };
 use phalanx_runtime::recovery::StateServer;
 use thiserror::Error;
@@ -304,9 +305,7 @@ impl ElasticMember {
             heartbeat,
         };
         info!(rank, "joined; waiting to be admitted into an epoch");
-        let view = me.await_admission().await?;
-        me.rebuild(&view).await?;
-        me.sync_step().await?;
+        me.admit().await?;
         // It enters the epoch's training with the admission barrier: in
         // [`ElasticMember::recover_state`] once it has the state, or [`ElasticMember::enter`].
         me.owes_barrier = true;
@@ -594,39 +593,48 @@ impl ElasticMember {
         }
     }
 
-    async fn sync_step(&mut self) -> Result<(), ElasticError> {
-        let (step, _) = self.agree_max(self.step as i64).await?;
-        self.step = step as u64;
-        self.boundary_done_for = Some(self.step);
-        Ok(())
-    }
-
-    async fn await_admission(&mut self) -> Result<ClusterView, ElasticError> {
+    /// Runs `phalanx_runtime`'s sans-IO [`AdmissionPlan`]: reads the view until this rank is a
+    /// member of an epoch (the lowest joiner of a job that has not started begins the first
+    /// epoch once `start_world` ranks joined), builds its communicator and takes the group's
+    /// step. Gives up after the admission timeout.
+    async fn admit(&mut self) -> Result<(), ElasticError> {
         let start = tokio::time::Instant::now();
+        let mut plan = AdmissionPlan::new(self.rank, self.config.start_world);
+        let mut epoch_seen = 0;
         loop {
-            let (_, view) = self.client.read_view().await?;
-            if view.members().contains(&self.rank) {
-                return Ok(view);
-            }
-            // Nobody is running yet: the lowest joiner begins the first epoch once enough ranks
-            // have joined.
-            let joining: Vec<u32> =
-                view.ranks().filter(|(_, m)| m.status == RankStatus::Joining).map(|(r, _)| r).collect();
-            if view.members().is_empty()
-                && joining.len() >= self.config.start_world
-                && joining.first() == Some(&self.rank)
-            {
-                let _ = self.client.propose(Command::BeginEpoch { expected: view.epoch() }).await?;
-                continue;
-            }
-            if start.elapsed() > self.config.admission_timeout {
-                return Err(ElasticError::NotAdmitted {
-                    rank: self.rank,
-                    waited: start.elapsed(),
-                    epoch: view.epoch(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let input = match plan.poll() {
+                AdmissionAction::ReadView => {
+                    let (_, view) = self.client.read_view().await?;
+                    epoch_seen = view.epoch();
+                    AdmissionInput::View(view)
+                }
+                AdmissionAction::Propose(command) => {
+                    let _ = self.client.propose(command).await?;
+                    AdmissionInput::Proposed
+                }
+                AdmissionAction::Wait => {
+                    if start.elapsed() > self.config.admission_timeout {
+                        return Err(ElasticError::NotAdmitted {
+                            rank: self.rank,
+                            waited: start.elapsed(),
+                            epoch: epoch_seen,
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    AdmissionInput::Waited
+                }
+                AdmissionAction::Rebuild { view } => {
+                    self.rebuild(&view).await?;
+                    AdmissionInput::Rebuilt
+                }
+                AdmissionAction::Agree { value } => AdmissionInput::Agreed { value: self.agree_max(value).await?.0 },
+                AdmissionAction::Admitted { step, .. } => {
+                    self.step = step;
+                    self.boundary_done_for = Some(step);
+                    return Ok(());
+                }
+            };
+            plan.handle(input);
         }
     }
 

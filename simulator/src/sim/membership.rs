@@ -28,7 +28,8 @@ use phalanx_runtime::coordinator::{
     entry_context, eraftpb, Coordinator, CoordinatorConfig, DurableLog, MemoryLog, Recovered, ReplicatedState,
 };
 use phalanx_runtime::membership::{
-    self, BoundaryAction, BoundaryInput, BoundaryOutcome, BoundaryPlan, ClusterView, Command, Outcome, ViewError,
+    self, AdmissionAction, AdmissionInput, AdmissionPlan, BoundaryAction, BoundaryInput, BoundaryOutcome, BoundaryPlan,
+    ClusterView, Command, Outcome, ViewError,
 };
 use sha2::{Digest, Sha256};
 
@@ -421,6 +422,16 @@ impl<'a> Sim<'a> {
     /// What rank `slot` does with the answer to `asked`.
     fn answered(&mut self, slot: usize, asked: RequestBody, answer: ReplyBody) {
         let in_boundary = self.ranks[slot].boundary.is_some();
+        if self.ranks[slot].admission.is_some() {
+            return match (asked, answer) {
+                (RequestBody::Read, ReplyBody::View { view, .. }) => {
+                    self.admission_input(slot, AdmissionInput::View(view))
+                }
+                (RequestBody::Read, _) => self.submit(slot, RequestBody::Read),
+                (RequestBody::Propose(_), _) => self.admission_input(slot, AdmissionInput::Proposed),
+                _ => {}
+            };
+        }
         match (asked, answer) {
             (RequestBody::Read, ReplyBody::View { view, .. }) if in_boundary => {
                 self.boundary_input(slot, BoundaryInput::View(view));
@@ -439,6 +450,12 @@ impl<'a> Sim<'a> {
                 if let Some(m) = self.membership.as_mut() {
                     m.report.joins_committed += 1;
                     m.ids[slot] = Some(rank);
+                }
+                // `ElasticMember::join`: it waits to be admitted (the real `AdmissionPlan`; the
+                // job is running, so `start_world` never matters here).
+                if self.ranks[slot].stage == Stage::Joining && self.ranks[slot].admission.is_none() {
+                    self.ranks[slot].admission = Some(AdmissionPlan::new(rank, 1));
+                    self.admission_drive(slot);
                 }
             }
             (RequestBody::Propose(command), answer) if in_boundary => {
@@ -562,20 +579,68 @@ impl<'a> Sim<'a> {
         match kind {
             MemberCall::Agree => self.boundary_input(r, BoundaryInput::Agreed { value, participants }),
             MemberCall::Barrier => self.boundary_input(r, BoundaryInput::BarrierPassed),
-            MemberCall::JoinSync => {
-                // A joiner has the group's step; it recovers the state of that step.
-                self.ranks[r].step = u64::try_from(value).unwrap_or(0);
-                let (members, state) = match self.membership.as_ref() {
-                    Some(m) => (m.members.clone(), m.spec.state_bytes.0),
-                    None => return,
-                };
-                self.start_recovery(r, &members, state);
-            }
+            MemberCall::JoinSync => self.admission_input(r, AdmissionInput::Agreed { value }),
             MemberCall::JoinBarrier => {
                 let rk = &mut self.ranks[r];
                 rk.boundary_done = Some(rk.step);
                 rk.stage = Stage::Idle;
                 self.begin_step(r);
+            }
+        }
+    }
+
+    /// Hands rank `r`'s admission plan an answer and drives it on.
+    fn admission_input(&mut self, r: usize, input: AdmissionInput) {
+        if let Some(plan) = self.ranks[r].admission.as_mut() {
+            plan.handle(input);
+            self.admission_drive(r);
+        }
+    }
+
+    /// A joiner's pause between two reads is over.
+    pub(super) fn admission_waited(&mut self, r: usize, incarnation: u64) {
+        if self.ranks[r].alive && self.ranks[r].incarnation == incarnation {
+            self.admission_input(r, AdmissionInput::Waited);
+        }
+    }
+
+    /// Does what joiner `r`'s admission plan asks next.
+    fn admission_drive(&mut self, r: usize) {
+        let Some(plan) = self.ranks[r].admission.as_mut() else { return };
+        match plan.poll() {
+            AdmissionAction::ReadView => self.submit(r, RequestBody::Read),
+            AdmissionAction::Propose(command) => self.submit(r, RequestBody::Propose(command)),
+            AdmissionAction::Wait => {
+                // `ElasticMember`'s poll interval.
+                let incarnation = self.ranks[r].incarnation;
+                self.push(self.now + (50.0 * MS) as u64, Ev::AdmissionWait { slot: r as u32, incarnation });
+            }
+            AdmissionAction::Rebuild { view } => {
+                let built = self.membership.as_ref().is_some_and(|m| m.report.epochs >= view.epoch());
+                if built && self.ranks[r].grouped() {
+                    return self.admission_input(r, AdmissionInput::Rebuilt);
+                }
+                self.ranks[r].awaiting_epoch = Some(view.epoch());
+                if let Some(m) = self.membership.as_mut() {
+                    if view.epoch() > m.report.epochs {
+                        m.pending_view = Some(view);
+                    }
+                }
+                self.rebuild_check();
+            }
+            AdmissionAction::Agree { value } => {
+                self.ranks[r].stage = Stage::Recovering;
+                self.member_call(r, MemberCall::JoinSync, value);
+            }
+            AdmissionAction::Admitted { step, .. } => {
+                // It has the group's step: it recovers the state of that step, then enters.
+                self.ranks[r].admission = None;
+                self.ranks[r].step = step;
+                let (members, state) = match self.membership.as_ref() {
+                    Some(m) => (m.members.clone(), m.spec.state_bytes.0),
+                    None => return,
+                };
+                self.start_recovery(r, &members, state);
             }
         }
     }
@@ -696,10 +761,11 @@ impl<'a> Sim<'a> {
             self.boundary_input(s, BoundaryInput::Rebuilt);
         }
         for j in joiners {
-            // `ElasticMember::join`: admitted, it builds the epoch's communicator and syncs the
-            // step with the group (then recovers the state and enters through the barrier).
-            self.ranks[j].stage = Stage::Recovering;
-            self.member_call(j, MemberCall::JoinSync, 0);
+            // A joiner that read this epoch's view and waits for its group goes on (the others
+            // find it built when they read it).
+            if self.ranks[j].awaiting_epoch.take().is_some() {
+                self.admission_input(j, AdmissionInput::Rebuilt);
+            }
         }
     }
 
@@ -787,6 +853,7 @@ impl<'a> Sim<'a> {
         rk.sync_call = None;
         rk.realign_sent = None;
         rk.boundary = None;
+        rk.admission = None;
         rk.member_call = None;
         rk.awaiting_epoch = None;
         rk.carry = [None, None];

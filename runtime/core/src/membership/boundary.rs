@@ -298,6 +298,117 @@ impl BoundaryPlan {
     }
 }
 
+/// What a joining rank's driver must do next ([`AdmissionPlan`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdmissionAction {
+    /// Read the view; answer [`AdmissionInput::View`].
+    ReadView,
+    /// Propose `BeginEpoch` (the lowest joiner of a job that has not started, once enough
+    /// ranks joined); answer [`AdmissionInput::Proposed`].
+    Propose(Command),
+    /// Not admitted yet: pause (the driver's poll interval), then answer
+    /// [`AdmissionInput::Waited`]. The driver gives up after its admission timeout.
+    Wait,
+    /// Build the group of `view`'s epoch; answer [`AdmissionInput::Rebuilt`].
+    Rebuild {
+        /// The view of the epoch this rank was admitted into.
+        view: ClusterView,
+    },
+    /// All-reduce (max, `Shrink`) of this rank's step over the new group; answer
+    /// [`AdmissionInput::Agreed`].
+    Agree {
+        /// This rank's step.
+        value: i64,
+    },
+    /// Admitted into `epoch` at the group's `step`. The rank then recovers the state of that
+    /// step (or not) and enters through the admission barrier.
+    Admitted {
+        /// The epoch.
+        epoch: u64,
+        /// The step to go on from.
+        step: u64,
+    },
+}
+
+/// What happened, for an [`AdmissionPlan`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdmissionInput {
+    /// The view read.
+    View(ClusterView),
+    /// The proposal was answered.
+    Proposed,
+    /// The pause is over.
+    Waited,
+    /// The group is built.
+    Rebuilt,
+    /// The step agreement's result.
+    Agreed {
+        /// The group's step.
+        value: i64,
+    },
+}
+
+/// A joining rank's admission, sans-IO (`ElasticMember::join` after its `Join` committed): read
+/// the view until this rank is a member of an epoch — the lowest joiner of a job with no members
+/// yet begins the first epoch once `start_world` ranks have joined — then build that epoch's
+/// group and take the group's step.
+#[derive(Clone, Debug)]
+pub struct AdmissionPlan {
+    rank: u32,
+    start_world: usize,
+    /// The epoch admitted into (once known).
+    epoch: u64,
+    last: AdmissionAction,
+    input: Option<AdmissionInput>,
+}
+
+impl AdmissionPlan {
+    /// Rank `rank` (its id from `Join`) waiting to be admitted; `start_world`: members the
+    /// first epoch waits for.
+    pub fn new(rank: u32, start_world: usize) -> AdmissionPlan {
+        AdmissionPlan { rank, start_world, epoch: 0, last: AdmissionAction::ReadView, input: None }
+    }
+
+    /// Hands the answer to the last action in.
+    pub fn handle(&mut self, input: AdmissionInput) {
+        self.input = Some(input);
+    }
+
+    /// The next action (the last one again while it is unanswered).
+    pub fn poll(&mut self) -> AdmissionAction {
+        let next = match (&self.last, self.input.take()) {
+            (AdmissionAction::ReadView, Some(AdmissionInput::View(view))) => {
+                if view.members().contains(&self.rank) {
+                    AdmissionAction::Rebuild { view }
+                } else {
+                    let joining: Vec<u32> =
+                        view.ranks().filter(|(_, m)| m.status == RankStatus::Joining).map(|(r, _)| r).collect();
+                    if view.members().is_empty()
+                        && joining.len() >= self.start_world
+                        && joining.first() == Some(&self.rank)
+                    {
+                        AdmissionAction::Propose(Command::BeginEpoch { expected: view.epoch() })
+                    } else {
+                        AdmissionAction::Wait
+                    }
+                }
+            }
+            (AdmissionAction::Propose(_), Some(AdmissionInput::Proposed))
+            | (AdmissionAction::Wait, Some(AdmissionInput::Waited)) => AdmissionAction::ReadView,
+            (AdmissionAction::Rebuild { view }, Some(AdmissionInput::Rebuilt)) => {
+                self.epoch = view.epoch();
+                AdmissionAction::Agree { value: 0 }
+            }
+            (AdmissionAction::Agree { .. }, Some(AdmissionInput::Agreed { value })) => {
+                AdmissionAction::Admitted { epoch: self.epoch, step: u64::try_from(value).unwrap_or(0) }
+            }
+            (last, _) => last.clone(),
+        };
+        self.last = next.clone();
+        next
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +548,44 @@ mod tests {
         });
         let departed = BoundaryOutcome::Departed { epoch: 2, members: vec![0, 1] };
         assert_eq!(actions.last(), Some(&BoundaryAction::Done(departed)));
+    }
+
+    #[test]
+    fn a_joiner_waits_until_it_is_a_member_then_builds_the_group_and_takes_its_step() {
+        let mut v = view();
+        v.apply(&join("d")).expect("rank 3 joins");
+        let mut p = AdmissionPlan::new(3, 1);
+        assert_eq!(p.poll(), AdmissionAction::ReadView);
+        p.handle(AdmissionInput::View(v.clone()));
+        assert_eq!(p.poll(), AdmissionAction::Wait, "pending, not a member yet");
+        assert_eq!(p.poll(), AdmissionAction::Wait, "asked again until answered");
+        p.handle(AdmissionInput::Waited);
+        assert_eq!(p.poll(), AdmissionAction::ReadView);
+        v.apply(&Command::BeginEpoch { expected: 1 }).expect("epoch 2 with rank 3");
+        p.handle(AdmissionInput::View(v.clone()));
+        assert_eq!(p.poll(), AdmissionAction::Rebuild { view: v.clone() });
+        p.handle(AdmissionInput::Rebuilt);
+        assert_eq!(p.poll(), AdmissionAction::Agree { value: 0 });
+        p.handle(AdmissionInput::Agreed { value: 40 });
+        assert_eq!(p.poll(), AdmissionAction::Admitted { epoch: 2, step: 40 });
+    }
+
+    #[test]
+    fn the_lowest_joiner_begins_the_first_epoch_once_enough_have_joined() {
+        let mut v = ClusterView::new();
+        v.apply(&join("a")).expect("joins");
+        let (mut first, mut second) = (AdmissionPlan::new(0, 2), AdmissionPlan::new(1, 2));
+        first.poll();
+        first.handle(AdmissionInput::View(v.clone()));
+        assert_eq!(first.poll(), AdmissionAction::Wait, "one of two");
+        v.apply(&join("b")).expect("joins");
+        second.poll();
+        second.handle(AdmissionInput::View(v.clone()));
+        assert_eq!(second.poll(), AdmissionAction::Wait, "not the lowest");
+        first.handle(AdmissionInput::Waited);
+        first.poll();
+        first.handle(AdmissionInput::View(v.clone()));
+        assert_eq!(first.poll(), AdmissionAction::Propose(Command::BeginEpoch { expected: 0 }));
     }
 
     #[test]

@@ -15,7 +15,9 @@ mod boundary;
 mod codec;
 mod view;
 
-pub use boundary::{BoundaryAction, BoundaryInput, BoundaryOutcome, BoundaryPlan};
+pub use boundary::{
+    AdmissionAction, AdmissionInput, AdmissionPlan, BoundaryAction, BoundaryInput, BoundaryOutcome, BoundaryPlan,
+};
 pub use codec::{
     decode, decode_view, encode, encode_view, get_result, get_view, put_result, put_view, DecodeError, MAX_ADDRS,
     MAX_ENTRY_BYTES, MAX_VIEW_BYTES,
