@@ -151,6 +151,11 @@ async fn train(mut m: ElasticMember, steps: u64, fate: Fate, tally: Arc<Mutex<Ta
             }
             Fate::CrashesAt(s) if s == m.step() => {
                 println!("  step {:>3}: rank {} crashes (its endpoint vanishes)", m.step(), m.rank());
+                // As a killed process's sockets close at once: not when the last task holding
+                // the endpoint lets go of it (a background task may hold it a while longer).
+                if let Ok(comm) = m.communicator() {
+                    comm.handle().shutdown();
+                }
                 return Ok(());
             }
             _ => {}
