@@ -1153,11 +1153,13 @@ impl<'a> Sim<'a> {
         let semisync = self.sc.workload.kind == WorkloadKind::Semisync;
         self.layout = layout::Layout::everyone(self.world, per_dc, semisync);
         let elastic = self.sc.membership.is_some();
+        // One topology, shared by every rank's group (it is reference-counted).
+        let topology = Topology::uniform(dcs, per_dc);
         for r in 0..self.world {
             // `semisync`: the group of all ranks is the DCs' leaders' (index 0 of each DC), and
             // with membership the boundary agrees over a third group of everyone.
             let g = match semisync {
-                false => Some(self.new_group(r, self.world, Some(Topology::uniform(dcs, per_dc)))),
+                false => Some(self.new_group(r, self.world, Some(topology.clone()))),
                 true => (r % per_dc == 0).then(|| self.new_group(r / per_dc, dcs, None)),
             };
             let dc_group = semisync.then(|| self.new_group(r % per_dc, per_dc, None));
@@ -1187,7 +1189,7 @@ impl<'a> Sim<'a> {
         let semisync = self.sc.workload.kind == WorkloadKind::Semisync;
         let per_dc = self.per_dc();
         self.layout = layout::Layout::of(members, self.world, per_dc, semisync);
-        let dc_of: Vec<usize> = members.iter().map(|m| m / per_dc).collect();
+        let topology = Topology::new(members.iter().map(|m| m / per_dc).collect());
         self.computing = 0;
         for r in 0..self.world {
             let rk = &mut self.ranks[r];
@@ -1205,7 +1207,7 @@ impl<'a> Sim<'a> {
                 continue;
             }
             if let Some(i) = index {
-                let g = self.new_group(i, members.len(), Some(Topology::new(dc_of.clone())));
+                let g = self.new_group(i, members.len(), Some(topology.clone()));
                 self.ranks[r].group = Some(g);
             }
         }
@@ -1407,9 +1409,17 @@ impl<'a> Sim<'a> {
         match f {
             Finished::Buffer { data, participants } => {
                 // A group's indices, as ranks (a DC's group: its members; the leaders': one a DC).
-                let as_ranks: Vec<usize> = participants.iter().map(|p| self.group_rank(r, channel, *p)).collect();
-                self.ranks[r].sync_result = Some(RoundResult::Done { participants });
-                let participants = as_ranks;
+                let participants = match self.layout.maps(channel) {
+                    true => {
+                        let ranks = participants.iter().map(|p| self.group_rank(r, channel, *p)).collect();
+                        if semisync {
+                            // For the plan (only a semi-sync rank keeps it: a list per rank adds up).
+                            self.ranks[r].sync_result = Some(RoundResult::Done { participants });
+                        }
+                        ranks
+                    }
+                    false => participants,
+                };
                 outcome = "done";
                 self.contrib.applied += units;
                 self.useful_since_checkpoint += useful;
@@ -1491,7 +1501,9 @@ impl<'a> Sim<'a> {
                 self.contrib.late += 1;
                 let real = self.sc.workload.payload == PayloadKind::Real;
                 let rk = &mut self.ranks[r];
-                rk.sync_result = Some(RoundResult::Late { participants });
+                if semisync {
+                    rk.sync_result = Some(RoundResult::Late { participants });
+                }
                 match sync_call {
                     // A late gradient is stale by the next step: reported dropped (the plan's
                     // ledger too); a late outer gradient is carried (the ledger holds it pending).

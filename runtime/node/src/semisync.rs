@@ -157,22 +157,7 @@ impl SemiSync {
     /// The state a recovering rank needs to take this rank's place in the next round (what
     /// to publish for live recovery): the anchors and the outer momentum, as named buffers.
     pub fn export(&self) -> Vec<(String, Bytes)> {
-        let s = &self.state;
-        let mut velocity = Vec::with_capacity(s.anchor.len());
-        for (f, r) in s.ranges.iter().enumerate() {
-            let v = s.outer[f].velocity();
-            if v.len() == r.len() {
-                velocity.extend_from_slice(v);
-            } else {
-                velocity.extend(std::iter::repeat_n(0.0, r.len()));
-            }
-        }
-        let unhealed: Vec<u8> = self.plan.unhealed().into_iter().map(u8::from).collect();
-        vec![
-            ("anchor".into(), Bytes::from(f32_bytes(&s.anchor))),
-            ("velocity".into(), Bytes::from(f32_bytes(&velocity))),
-            ("unhealed".into(), Bytes::from(unhealed)),
-        ]
+        self.state.export(&self.plan)
     }
 
     /// A rank's state rebuilt from what a healthy peer exported at inner step `step` (live
@@ -443,6 +428,26 @@ impl OuterState {
         (result, report)
     }
 
+    /// The anchors, the outer momentum (zeros where there is none yet) and `plan`'s heal
+    /// flags, as named buffers (what a recovering rank imports).
+    fn export(&self, plan: &RoundPlan) -> Vec<(String, Bytes)> {
+        let mut velocity = Vec::with_capacity(self.anchor.len());
+        for (f, r) in self.ranges.iter().enumerate() {
+            let v = self.outer[f].velocity();
+            if v.len() == r.len() {
+                velocity.extend_from_slice(v);
+            } else {
+                velocity.extend(std::iter::repeat_n(0.0, r.len()));
+            }
+        }
+        let unhealed: Vec<u8> = plan.unhealed().into_iter().map(u8::from).collect();
+        vec![
+            ("anchor".into(), Bytes::from(f32_bytes(&self.anchor))),
+            ("velocity".into(), Bytes::from(f32_bytes(&velocity))),
+            ("unhealed".into(), Bytes::from(unhealed)),
+        ]
+    }
+
     /// Fragment `f`'s outer state as one vector: anchor, momentum, carried outer gradient,
     /// error-feedback residual (each the fragment's length; zeros where there is none yet),
     /// then the plan's flags (lagging, heal due).
@@ -684,23 +689,9 @@ impl CrossDcSemiSync {
 
     /// What a recovering rank needs to take this rank's place: the model and the outer state.
     pub fn export(&self, params: &[f32]) -> Vec<(String, Bytes)> {
-        let unhealed: Vec<u8> = self.plan.outer().unhealed().into_iter().map(u8::from).collect();
-        let s = &self.outer;
-        let mut velocity = Vec::with_capacity(s.anchor.len());
-        for (f, r) in s.ranges.iter().enumerate() {
-            let v = s.outer[f].velocity();
-            if v.len() == r.len() {
-                velocity.extend_from_slice(v);
-            } else {
-                velocity.extend(std::iter::repeat_n(0.0, r.len()));
-            }
-        }
-        vec![
-            ("anchor".into(), Bytes::from(f32_bytes(&s.anchor))),
-            ("velocity".into(), Bytes::from(f32_bytes(&velocity))),
-            ("unhealed".into(), Bytes::from(unhealed)),
-            ("params".into(), Bytes::from(f32_bytes(params))),
-        ]
+        let mut out = self.outer.export(self.plan.outer());
+        out.push(("params".into(), Bytes::from(f32_bytes(params))));
+        out
     }
 
     /// A rank's state rebuilt from what a healthy rank of its DC exported at inner step `step`

@@ -66,6 +66,11 @@ impl Layout {
         }
     }
 
+    /// Whether group `channel`'s indices differ from ranks.
+    pub(super) fn maps(&self, channel: u8) -> bool {
+        self.semisync || channel != 0 || self.all.is_some()
+    }
+
     /// Where slot `rank` is in slot `r`'s group `channel` (`None`: not in it).
     pub(super) fn index(&self, r: usize, channel: u8, rank: usize, per_dc: usize) -> Option<usize> {
         let pos = |v: &[usize]| v.get(rank).copied().filter(|p| *p != NONE);
