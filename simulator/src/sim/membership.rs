@@ -5,18 +5,18 @@
 //! leaves no route). A coordinator that crashes loses what its log had not synced and restarts
 //! from the rest; the others elect a leader as they would in production.
 //!
-//! The rank side models `phalanx_node::elastic::ElasticMember`'s step-boundary protocol:
-//! every `boundary_every` steps the members meet (waiting for a crashed member until the
-//! transport declares it lost); the lowest live member reports the lost ones
-//! (`ReportFailure`), reads the view linearizably and, if a change is pending, proposes
-//! `BeginEpoch`; everyone then rebuilds its group over the new epoch's members (the collectives'
-//! `Group`, with the old epoch's messages dropped). A restarted process (`crash` with
-//! `restart_after_s`) is a new incarnation: it sends `Join`, waits to be admitted at a
-//! boundary, recovers the training state (`state_bytes`) from up to four members of the epoch
-//! (flows of the fabric, its own data centre first) while the others wait at the admission
-//! barrier, and then steps with the group. Requests go to one coordinator at a time: a
-//! "not leader" answer redirects, silence for `client_retry_ms` moves on to the next one, and a
-//! retried request keeps its (client, request) id so the log applies it once.
+//! The rank side runs the real protocols of `phalanx_runtime::membership`, as
+//! `phalanx_node::elastic::ElasticMember` drives them in production: every member runs
+//! [`BoundaryPlan`] every `boundary_every` steps (view reads and proposals through its own
+//! client; the agreement, step sync and admission barrier as real collectives on its group), and
+//! a restarted process (`crash` with `restart_after_s`, or a fenced or departed rank) sends
+//! `Join` and runs [`AdmissionPlan`] (reads the view every 50 ms until it is a member, syncs the
+//! step, recovers `state_bytes` from up to four members — flows of the fabric, its own data
+//! centre first — and enters through the barrier). Modelled rather than run: the moment of the
+//! rebuild — the groups of a new epoch are formed for every member at once, when the last live
+//! member asks, and the old epoch's messages are dropped. Requests go to one coordinator at a
+//! time: a "not leader" answer redirects, silence for `client_retry_ms` moves on to the next
+//! one, and a retried request keeps its (client, request) id so the log applies it once.
 
 use std::collections::VecDeque;
 
