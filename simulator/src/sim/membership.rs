@@ -676,15 +676,23 @@ impl<'a> Sim<'a> {
     /// The slots of `view`'s members, in the view's order (which process each is: its host
     /// name and the incarnation that joined).
     fn slots_of(&self, view: &ClusterView) -> Vec<usize> {
-        let mut slots = Vec::new();
+        self.members_of(view).into_iter().map(|(slot, _)| slot).collect()
+    }
+
+    /// `view`'s members that are live processes here, in the view's order: (slot, rank id).
+    fn members_of(&self, view: &ClusterView) -> Vec<(usize, u32)> {
+        let mut members: Vec<(usize, u32)> = Vec::new();
         for id in view.members() {
             let Some(rec) = view.rank(*id) else { continue };
             let Some(slot) = rec.host.strip_prefix("sim-slot-").and_then(|s| s.parse::<usize>().ok()) else { continue };
-            if slot < self.world && self.ranks[slot].incarnation == rec.incarnation && !slots.contains(&slot) {
-                slots.push(slot);
+            if slot < self.world
+                && self.ranks[slot].incarnation == rec.incarnation
+                && !members.iter().any(|m| m.0 == slot)
+            {
+                members.push((slot, *id));
             }
         }
-        slots
+        members
     }
 
     /// Epoch `view.epoch()` began: drop the old epoch's traffic, form the groups of its members;
@@ -692,7 +700,7 @@ impl<'a> Sim<'a> {
     /// recover the state and pass the barrier.
     fn rebuild(&mut self, view: &ClusterView) {
         let world = self.world;
-        let members = self.slots_of(view);
+        let (members, ids): (Vec<usize>, Vec<u32>) = self.members_of(view).into_iter().unzip();
         tracing::debug!(t = self.now as f64 / SEC, epoch = view.epoch(), members = members.len(), "epoch began");
         let step =
             members.iter().filter(|s| self.ranks[**s].awaiting_epoch.is_some()).map(|s| self.ranks[*s].step).max();
@@ -711,19 +719,8 @@ impl<'a> Sim<'a> {
         m.pending_view = None;
         m.report.epochs = view.epoch();
         m.members = members.clone();
-        m.member_ids = view
-            .members()
-            .iter()
-            .copied()
-            .filter(|id| {
-                view.rank(*id).is_some_and(|rec| {
-                    rec.host
-                        .strip_prefix("sim-slot-")
-                        .and_then(|s| s.parse::<usize>().ok())
-                        .is_some_and(|s| members.contains(&s))
-                })
-            })
-            .collect();
+        // The group's order: ids aligned with the slots, index by index.
+        m.member_ids = ids;
         m.report.members_at_end = members.len();
         let mut joiners = Vec::new();
         let mut rebuilt = Vec::new();
