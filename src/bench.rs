@@ -164,6 +164,10 @@ pub struct LinkTuning {
     /// QUIC: streams per connection (each a link).
     #[arg(long, default_value_t = 1)]
     pub quic_streams: u32,
+    /// Collectives: how long a call polls for its next message before it sleeps, in
+    /// microseconds (0: it sleeps at once).
+    #[arg(long, default_value_t = phalanx_node::DEFAULT_SPIN.as_micros() as u64)]
+    pub spin_us: u64,
 }
 
 impl LinkTuning {
@@ -189,6 +193,8 @@ impl LinkTuning {
             self.window.to_string(),
             "--quic-streams".into(),
             self.quic_streams.to_string(),
+            "--spin-us".into(),
+            self.spin_us.to_string(),
         ]
     }
 }

@@ -176,6 +176,7 @@ async fn in_process(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, Str
     let mut tasks = Vec::new();
     for (r, node) in nodes.into_iter().enumerate() {
         let comm = Communicator::new(node, r, world);
+        comm.set_spin_wait(Duration::from_micros(args.tuning.spin_us)).await;
         tasks.push(tokio::spawn(rank_loop(
             comm,
             args.op,
@@ -296,6 +297,7 @@ pub async fn worker(args: CollWorkerArgs) -> Result<(), String> {
     let addr = node.tcp_addrs().first().copied().or(node.quic_addr()).ok_or("no listener bound")?;
     println!("{}", json!({ "listening": addr.to_string() }));
     let comm = Communicator::new(node, args.rank, args.world);
+    comm.set_spin_wait(Duration::from_micros(args.tuning.spin_us)).await;
     let samples = rank_loop(comm, args.op, args.bytes as usize, args.warmup, args.iters, args.compression).await?;
     println!("{}", json!({ "samples_us": samples }));
     Ok(())

@@ -106,9 +106,23 @@ fn main() {
         Command::Sim(a) => exit_with(sim_cmd::run_sim(a)),
         other => Cli { command: other },
     };
-    // PHALANX_THREADS sets the runtime's worker threads (default: one per core).
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("PHALANX_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0) {
+    // A process that only communicates (a benchmark rank, a state source) runs its node and
+    // its command on one thread by default: every message passes the caller, the endpoint task
+    // and the link tasks, and on a multi-threaded runtime each hand-off between them can be a
+    // cross-thread wake-up (a futex each way); one thread measured 1.2-1.5x faster at every
+    // size (docs/performance.md). A process that also computes (`node`, `train-worker`) keeps
+    // the multi-threaded runtime: on one thread its computation would hold up the transport's
+    // heartbeats and acknowledgements, and its communicator's background task. PHALANX_THREADS=N
+    // overrides it for every command (1: one thread; more: that many workers).
+    let threads = std::env::var("PHALANX_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0);
+    let communicates_only =
+        matches!(cli.command, Command::BenchWorker(_) | Command::CollWorker(_) | Command::StateSource(_));
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        None if communicates_only => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if let Some(n) = threads.filter(|n| *n > 1) {
         builder.worker_threads(n);
     }
     let runtime = match builder.enable_all().build() {
@@ -118,7 +132,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let result = runtime.block_on(async move {
+    // The command runs as a spawned task, not as `block_on`'s own future: that future runs on
+    // the main thread, apart from the workers that run the node's tasks, so every hand-off
+    // between the command and its node would cross threads (a futex wake each way).
+    let command = async move {
         match cli.command {
             Command::Demo(a) => {
                 if a.ranks < 4 || a.every == 0 || a.fragments == 0 || !(a.lr > 0.0 && a.lr.is_finite()) {
@@ -140,6 +157,9 @@ fn main() {
             Command::StateSource(a) => recovery_cmd::run(a).await.map_err(CliError::from),
             Command::Sim(_) => unreachable!("handled above"),
         }
+    };
+    let result = runtime.block_on(async move {
+        tokio::spawn(command).await.unwrap_or_else(|e| Err(CliError::Failed(format!("the command's task failed: {e}"))))
     });
     // Do not wait for background tasks (dialers, link tasks) to wind down.
     runtime.shutdown_background();

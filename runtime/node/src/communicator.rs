@@ -26,6 +26,9 @@ use thiserror::Error;
 use tokio::sync::{oneshot, Mutex, Notify};
 use tracing::{info, info_span, warn, Instrument};
 
+/// How long a call polls for the next message before it sleeps (see [`Communicator`]).
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
 /// The transport channel collectives use.
 pub const COLLECTIVE_CHANNEL: ChannelId = ChannelId(1000);
 
@@ -141,6 +144,8 @@ struct Driver {
     background: Option<std::task::Waker>,
     /// The group timer the background task waits for.
     armed: Option<tokio::time::Instant>,
+    /// How long a call polls for its next event before it sleeps.
+    spin: Duration,
 }
 
 impl Driver {
@@ -220,6 +225,27 @@ impl Driver {
         }
     }
 
+    /// Polls for an event for up to `self.spin`, yielding to the runtime (whose I/O driver then
+    /// polls the sockets without sleeping) and to the OS scheduler between polls. Returns
+    /// `Some(open)` once one was applied, `None` if none came.
+    async fn spin(&mut self) -> Option<bool> {
+        if self.spin.is_zero() {
+            return None;
+        }
+        let start = std::time::Instant::now();
+        loop {
+            let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(self.node.poll_event(cx))).await;
+            if let std::task::Poll::Ready(ev) = polled {
+                return Some(self.apply(ev));
+            }
+            if start.elapsed() >= self.spin {
+                return None;
+            }
+            tokio::task::yield_now().await;
+            std::thread::yield_now();
+        }
+    }
+
     /// Waits for one event (a message, a lost peer, or the group's timer) and applies it.
     /// Returns false once the node has closed.
     async fn step(&mut self, until: Option<tokio::time::Instant>) -> bool {
@@ -241,6 +267,13 @@ impl Driver {
 /// calls a background task does, so this rank keeps answering and coordinating. The
 /// background task holds the group only while it applies events, never while it waits, so a
 /// call takes it without waking anyone.
+///
+/// While a call waits for a message it first polls for it, for [`DEFAULT_SPIN`] (see
+/// [`Communicator::set_spin_wait`]), then sleeps until the node wakes it: small collectives
+/// take about one network round trip per step instead of one process wake-up per message.
+/// Run a rank's node and calls on one thread (a current-thread runtime) where the trainer
+/// allows it: on a multi-threaded runtime every hand-off between the call, the endpoint task
+/// and the link tasks may cross threads.
 ///
 /// [`Communicator::with_subgroups`] makes, over the same node, communicators of subsets of the
 /// ranks (e.g. the ranks of one data centre): each has its own channel, its own sequence of
@@ -353,6 +386,7 @@ impl Communicator {
             closed: false,
             background: None,
             armed: None,
+            spin: DEFAULT_SPIN,
         }));
         let call_ended = Arc::new(Notify::new());
         let (stop, stopped) = oneshot::channel();
@@ -370,6 +404,15 @@ impl Communicator {
         };
         let subs = mine.into_iter().map(|m| m.map(|(slot, me, ids)| make(slot, me, ids))).collect();
         Ok((make(0, rank, (0..world as u32).collect()), subs))
+    }
+
+    /// Sets how long a call of this communicator (and of the others over the same node) polls
+    /// for its next message before it sleeps; default [`DEFAULT_SPIN`], zero sleeps at once.
+    /// Polling trades CPU for latency: a sleeping process pays a wake-up per message (tens of
+    /// microseconds on a VM), which dominates small collectives. Between polls the call yields
+    /// to the runtime and to the OS scheduler, so ranks sharing a core still make progress.
+    pub async fn set_spin_wait(&self, spin: Duration) {
+        self.take_driver().await.spin = spin;
     }
 
     /// Takes the driver (the background task only holds it for a moment).
@@ -625,7 +668,11 @@ impl Communicator {
                 let _ = d.flush().await;
                 return Err(CommError::Deadline { op_seq, deadline, waiting });
             }
-            if !d.step(Some(until)).await {
+            let open = match d.spin().await {
+                Some(open) => open,
+                None => d.step(Some(until)).await,
+            };
+            if !open {
                 let now = d.now();
                 d.slots[slot].group.abandon(now);
                 return Err(NodeError::Closed.into());
