@@ -19,7 +19,10 @@
 //! Wire format of one message: `op_seq u64 | round u32 | first block u32 | segment u32 | bytes`
 //! (little endian; the first block names the range). `op_seq` numbers the collectives of a
 //! communicator (and their attempts) so that a late message from an earlier one is never
-//! mistaken for this one's.
+//! mistaken for this one's. The executor hands each message over with its CRC32C, computed in
+//! the pass that copies the segment, while the bytes are in cache (see
+//! `phalanx_proto::Payload::push_checked`): the transport does not read them again to checksum
+//! the frame.
 //!
 //! **Phantom payloads.** An executor made with [`Executor::phantom`] runs the same schedule,
 //! dataflow and checks on a buffer that has a length but no bytes (the simulator uses it at
@@ -33,14 +36,19 @@ use std::ops::Range;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
+use phalanx_proto::checksum::Crc32c;
+use phalanx_proto::Payload;
+
 use crate::reduce::{divide, reduce_into, DType, ReduceOp};
 use crate::schedule::{block_range, Combine, Schedule};
 
 /// Bytes of the per-message header.
 pub const MESSAGE_HEADER: usize = 20;
 
-/// Largest segment of a block sent as one message (the unit of pipelining).
-pub const SEGMENT_BYTES: usize = 1 << 20;
+/// Largest segment of a block sent as one message (the unit of pipelining): just under 1 MiB,
+/// so that a segment's message, header included, is one frame of the transport's default
+/// 1 MiB chunk, and the checksum [`Executor`] takes while it copies the segment is the frame's.
+pub const SEGMENT_BYTES: usize = (1 << 20) - 64;
 
 /// Why a message was refused.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -226,7 +234,7 @@ pub struct Executor {
     /// Segments that arrived before they could be applied: `(recv, segment)` → data.
     early: BTreeMap<(usize, usize), Vec<Bytes>>,
     /// `(destination, message, phantom bytes)`.
-    outbox: VecDeque<(usize, Bytes, usize)>,
+    outbox: VecDeque<(usize, Payload, usize)>,
     sends_left: usize,
     recvs_left: usize,
     finished: bool,
@@ -484,8 +492,11 @@ impl Executor {
         })
     }
 
-    /// The message of segment `seg` of send `i`, and its phantom length.
-    fn encode(&self, i: usize, seg: usize) -> (Bytes, usize) {
+    /// The message of segment `seg` of send `i`, and its phantom length: the header and a
+    /// snapshot of the segment (later rounds may rewrite the buffer before the transport is
+    /// done with it), with the CRC32C of both, taken slice by slice right after each slice is
+    /// copied, so the transport does not read the bytes again to checksum the frame.
+    fn encode(&self, i: usize, seg: usize) -> (Payload, usize) {
         let t = &self.sends[i];
         let elems = self.segment(t, seg);
         let len = elems.len() * self.dtype.size();
@@ -496,13 +507,21 @@ impl Executor {
         m.put_u32_le(t.blocks.start as u32);
         m.put_u32_le(seg as u32);
         if self.phantom {
-            return (m.freeze(), len);
+            return (Payload::from(m.freeze()), len);
         }
         let size = self.dtype.size();
+        let mut crc = Crc32c::new();
+        crc.update(&m);
         for r in self.pieces(elems) {
-            m.put_slice(&self.buf[r.start * size..r.end * size]);
+            // In slices that stay in the L1/L2 cache between the copy and the checksum.
+            for piece in self.buf[r.start * size..r.end * size].chunks(32 << 10) {
+                m.put_slice(piece);
+                crc.update(&m[m.len() - piece.len()..]);
+            }
         }
-        (m.freeze(), 0)
+        let mut p = Payload::new();
+        p.push_checked(m.freeze(), crc.finish());
+        (p, 0)
     }
 
     /// Combines a received segment, given as consecutive chunks (the transport's frame
@@ -629,15 +648,15 @@ impl Executor {
         self.recvs_left -= 1;
     }
 
-    /// The next message to send: `(destination rank, bytes)` (of a real buffer; a phantom
+    /// The next message to send: `(destination rank, its parts)` (of a real buffer; a phantom
     /// one's messages need [`Executor::poll_send_sized`]).
-    pub fn poll_send(&mut self) -> Option<(usize, Bytes)> {
+    pub fn poll_send(&mut self) -> Option<(usize, Payload)> {
         self.outbox.pop_front().map(|(to, m, _)| (to, m))
     }
 
     /// The next message to send: `(destination rank, bytes, phantom bytes)`; the phantom
     /// length is 0 for a real buffer.
-    pub fn poll_send_sized(&mut self) -> Option<(usize, Bytes, usize)> {
+    pub fn poll_send_sized(&mut self) -> Option<(usize, Payload, usize)> {
         self.outbox.pop_front()
     }
 

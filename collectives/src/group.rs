@@ -730,7 +730,7 @@ impl Group {
         let call = self.running.as_mut()?;
         let out = match &mut call.phase {
             Phase::Running { exec, participants, .. } => {
-                exec.poll_send_sized().map(|(v, m, phantom)| (participants[v], m.into(), phantom))
+                exec.poll_send_sized().map(|(v, m, phantom)| (participants[v], m, phantom))
             }
             Phase::AllToAll(a) => a.poll_send().map(|(to, m)| (to, m, 0)),
             _ => None,

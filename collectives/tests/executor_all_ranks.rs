@@ -16,7 +16,9 @@ fn run(mut ex: Vec<Executor>, picks: &[usize]) -> Vec<Vec<u8>> {
     for i in 0..1_000_000 {
         for (r, e) in ex.iter_mut().enumerate() {
             while let Some((to, m)) = e.poll_send() {
-                queues.entry((r, to)).or_default().push_back(m);
+                // Joined here so the delivery below can cut it anywhere (header and data are
+                // separate parts on the wire).
+                queues.entry((r, to)).or_default().push_back(m.to_bytes());
             }
         }
         let live: Vec<(usize, usize)> = queues.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();

@@ -41,7 +41,7 @@ fn run_direct(mut ex: Vec<Executor>) -> Vec<Vec<u8>> {
         }
         assert!(!sent.is_empty(), "no progress");
         for (from, to, m) in sent {
-            ex[to].handle_message(from, m).expect("valid");
+            ex[to].handle_chunks(from, m.chunks()).expect("valid");
         }
     }
     ex.into_iter().map(Executor::into_buffer).collect()

@@ -169,7 +169,7 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
                 continue;
             }
             let input = match FrameDecoder::verify(&head, payload.as_ref(), crc) {
-                Ok(()) => LinkInput::Frame(link, Frame { header, payload: payload.freeze() }),
+                Ok(()) => LinkInput::Frame(link, Frame { header, payload: payload.freeze(), payload_crc: None }),
                 Err(e) => LinkInput::DecodeError(link, e),
             };
             if !send(input) {

@@ -30,6 +30,12 @@ impl Default for Crc32c {
     }
 }
 
+/// CRC32C of `a` followed by `b`, from CRC32C of `a`, CRC32C of `b` and the length of `b`
+/// (no pass over the bytes).
+pub fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
+    crc_fast::checksum_combine(CrcAlgorithm::Crc32Iscsi, u64::from(crc_a), u64::from(crc_b), len_b as u64) as u32
+}
+
 /// CRC32C of `data`.
 pub fn crc32c(data: &[u8]) -> u32 {
     crc_fast::checksum(CrcAlgorithm::Crc32Iscsi, data) as u32
@@ -49,5 +55,9 @@ mod tests {
         inc.update(&data[..777]);
         inc.update(&data[777..]);
         assert_eq!(inc.finish(), crc32c(&data));
+        for split in [0, 1, 48, 777, data.len()] {
+            let (a, b) = data.split_at(split);
+            assert_eq!(crc32c_combine(crc32c(a), crc32c(b), b.len()), crc32c(&data), "split at {split}");
+        }
     }
 }

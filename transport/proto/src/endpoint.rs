@@ -561,6 +561,7 @@ impl Endpoint {
                 aux,
             },
             payload,
+            payload_crc: None,
         }
     }
 

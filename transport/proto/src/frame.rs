@@ -110,13 +110,26 @@ pub struct Header {
 }
 
 /// A frame: header plus payload. Cloning is cheap (the payload is reference counted).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Equality compares header and payload (not `payload_crc`, which only saves work).
+#[derive(Clone, Debug)]
 pub struct Frame {
     /// Header fields.
     pub header: Header,
     /// Payload bytes.
     pub payload: Bytes,
+    /// CRC32C of `payload` if the sender already has it (see [`crate::Payload::push_checked`]):
+    /// [`Frame::encode_header`] then checksums the header alone and combines the two. Frames
+    /// decoded from the wire have `None`; whoever changes `payload` must reset it.
+    pub payload_crc: Option<u32>,
 }
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Frame) -> bool {
+        self.header == other.header && self.payload == other.payload
+    }
+}
+
+impl Eq for Frame {}
 
 impl Frame {
     /// Bytes this frame occupies on the wire.
@@ -142,10 +155,19 @@ impl Frame {
         w.put_u64_le(h.aux);
         let len = u32::try_from(self.payload.len()).expect("payload length checked by sender");
         w.put_u32_le(len);
-        let mut crc = Crc32c::new();
-        crc.update(&out[..HEADER_LEN - 4]);
-        crc.update(&self.payload);
-        let crc = crc.finish();
+        let crc = match self.payload_crc {
+            Some(payload) => crate::checksum::crc32c_combine(
+                crate::checksum::crc32c(&out[..HEADER_LEN - 4]),
+                payload,
+                self.payload.len(),
+            ),
+            None => {
+                let mut crc = Crc32c::new();
+                crc.update(&out[..HEADER_LEN - 4]);
+                crc.update(&self.payload);
+                crc.finish()
+            }
+        };
         out[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
         out
     }
@@ -324,7 +346,7 @@ impl FrameDecoder {
         let mut whole = buf.split_to(total);
         Self::verify(&whole[..HEADER_LEN], &whole[HEADER_LEN..], expected)?;
         let payload = whole.split_off(HEADER_LEN).freeze();
-        Ok(Some(Frame { header, payload }))
+        Ok(Some(Frame { header, payload, payload_crc: None }))
     }
 }
 
@@ -388,6 +410,7 @@ mod tests {
                 aux: payload.len() as u64,
             },
             payload: Bytes::copy_from_slice(payload),
+            payload_crc: None,
         }
     }
 
@@ -462,8 +485,9 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 0..2048),
+            any::<bool>(),
         )
-            .prop_map(|(k, flags, epoch, src, dst, ch, seq, aux, payload)| Frame {
+            .prop_map(|(k, flags, epoch, src, dst, ch, seq, aux, payload, checked)| Frame {
                 header: Header {
                     kind: FrameKind::from_u8(k).unwrap(),
                     flags: FrameFlags(flags),
@@ -474,6 +498,8 @@ mod tests {
                     seq,
                     aux,
                 },
+                // Half the frames carry their payload's checksum (the header's is then combined).
+                payload_crc: checked.then(|| crate::checksum::crc32c(&payload)),
                 payload: Bytes::from(payload),
             })
     }

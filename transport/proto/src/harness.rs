@@ -161,7 +161,7 @@ impl Harness {
     }
 
     /// Queues a message.
-    pub fn send(&mut self, from: RankId, to: RankId, channel: ChannelId, payload: Bytes) {
+    pub fn send(&mut self, from: RankId, to: RankId, channel: ChannelId, payload: impl Into<crate::Payload>) {
         let now = self.now;
         self.endpoints.get_mut(&from).expect("rank").send(now, to, channel, payload).expect("send accepted");
     }

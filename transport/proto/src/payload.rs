@@ -10,6 +10,8 @@ use bytes::{Bytes, BytesMut};
 #[derive(Clone, Debug, Default)]
 pub struct Payload {
     chunks: Vec<Bytes>,
+    /// CRC32C of each chunk, where its maker computed it ([`Payload::push_checked`]).
+    crcs: Vec<Option<u32>>,
     len: usize,
 }
 
@@ -21,10 +23,30 @@ impl Payload {
 
     /// Appends a chunk.
     pub fn push(&mut self, chunk: Bytes) {
+        self.push_with(chunk, None);
+    }
+
+    /// Appends a chunk whose CRC32C the caller has computed (`crc`), typically in the pass that
+    /// wrote it, while the bytes were in cache. A transport that sends the chunk as one frame
+    /// uses it for the frame's checksum instead of reading the bytes again. The checksum is not
+    /// trusted beyond that: a wrong one makes the receiver refuse the frame as corrupt (and
+    /// debug builds check it here).
+    pub fn push_checked(&mut self, chunk: Bytes, crc: u32) {
+        debug_assert_eq!(crate::checksum::crc32c(&chunk), crc, "push_checked: the checksum is not the chunk's");
+        self.push_with(chunk, Some(crc));
+    }
+
+    fn push_with(&mut self, chunk: Bytes, crc: Option<u32>) {
         self.len += chunk.len();
         if !chunk.is_empty() {
             self.chunks.push(chunk);
+            self.crcs.push(crc);
         }
+    }
+
+    /// The CRC32C of chunk `i` if its maker gave it ([`Payload::push_checked`]).
+    pub(crate) fn chunk_crc(&self, i: usize) -> Option<u32> {
+        self.crcs.get(i).copied().flatten()
     }
 
     /// Total length in bytes.
@@ -113,5 +135,17 @@ mod tests {
         assert_eq!(a.to_bytes(), Bytes::from_static(b"hello"));
         assert!(a == b"hello"[..]);
         assert_ne!(a, Payload::from(Bytes::from_static(b"hellp")));
+    }
+
+    #[test]
+    fn a_checked_chunk_keeps_its_checksum_and_others_have_none() {
+        let mut p = Payload::new();
+        p.push(Bytes::from_static(b"head"));
+        p.push(Bytes::new());
+        p.push_checked(Bytes::from_static(b"body"), crate::checksum::crc32c(b"body"));
+        assert_eq!(p.chunk_crc(0), None);
+        assert_eq!(p.chunk_crc(1), Some(crate::checksum::crc32c(b"body")));
+        assert_eq!(p.chunk_crc(2), None);
+        assert_eq!(p, Payload::from(Bytes::from_static(b"headbody")));
     }
 }

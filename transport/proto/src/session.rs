@@ -46,18 +46,20 @@ impl Outgoing {
         self.payload.chunks().get(self.part).map_or(0, |p| (p.len() - self.in_part).min(chunk))
     }
 
-    /// Takes the next frame's bytes (see [`Outgoing::next_len`]) without copying.
-    fn take(&mut self, chunk: usize) -> Bytes {
-        let Some(p) = self.payload.chunks().get(self.part) else { return Bytes::new() };
+    /// Takes the next frame's bytes (see [`Outgoing::next_len`]) without copying, with their
+    /// CRC32C when they are a whole part whose checksum the sender gave.
+    fn take(&mut self, chunk: usize) -> (Bytes, Option<u32>) {
+        let Some(p) = self.payload.chunks().get(self.part) else { return (Bytes::new(), None) };
         let end = (self.in_part + chunk).min(p.len());
         let piece = p.slice(self.in_part..end);
+        let crc = if self.in_part == 0 && end == p.len() { self.payload.chunk_crc(self.part) } else { None };
         self.offset += piece.len();
         if end == p.len() {
             (self.part, self.in_part) = (self.part + 1, 0);
         } else {
             self.in_part = end;
         }
-        piece
+        (piece, crc)
     }
 }
 
@@ -192,7 +194,7 @@ impl PeerSession {
         let msg = self.queue.front_mut()?;
         let total = msg.payload.len();
         let start = msg.offset;
-        let piece = msg.take(chunk);
+        let (piece, payload_crc) = msg.take(chunk);
         let end = msg.offset;
         let mut flags = FrameFlags::default();
         if start == 0 {
@@ -213,6 +215,7 @@ impl PeerSession {
                 aux: total as u64,
             },
             payload: piece,
+            payload_crc,
         };
         if end == total {
             self.queue.pop_front();
@@ -510,6 +513,7 @@ mod tests {
                 aux: 3,
             },
             payload: Bytes::from_static(b"abc"),
+            payload_crc: None,
         };
         let (msgs, violations) = b.accept(frame, 1 << 20);
         assert!(msgs.is_empty());
