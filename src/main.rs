@@ -109,8 +109,8 @@ fn main() {
     // A process that only communicates (a benchmark rank, a state source) runs its node and
     // its command on one thread by default: every message passes the caller, the endpoint task
     // and the link tasks, and on a multi-threaded runtime each hand-off between them can be a
-    // cross-thread wake-up (a futex each way); one thread measured 1.2-1.5x faster at every
-    // size (docs/performance.md). A process that also computes (`node`, `train-worker`) keeps
+    // cross-thread wake-up (a futex each way); one thread measured 1.2-1.7x faster at the
+    // sizes tried (docs/performance.md). A process that also computes (`node`, `train-worker`) keeps
     // the multi-threaded runtime: on one thread its computation would hold up the transport's
     // heartbeats and acknowledgements, and its communicator's background task. PHALANX_THREADS=N
     // overrides it for every command (1: one thread; more: that many workers).

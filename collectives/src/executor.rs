@@ -21,8 +21,8 @@
 //! communicator (and their attempts) so that a late message from an earlier one is never
 //! mistaken for this one's. The executor hands each message over with its CRC32C, computed in
 //! the pass that copies the segment, while the bytes are in cache (see
-//! `phalanx_proto::Payload::push_checked`): the transport does not read them again to checksum
-//! the frame.
+//! `phalanx_proto::Payload::push_checked`): from 256 KiB the transport does not read them again
+//! to checksum the frame.
 //!
 //! **Phantom payloads.** An executor made with [`Executor::phantom`] runs the same schedule,
 //! dataflow and checks on a buffer that has a length but no bytes (the simulator uses it at

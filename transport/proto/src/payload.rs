@@ -27,8 +27,9 @@ impl Payload {
     }
 
     /// Appends a chunk whose CRC32C the caller has computed (`crc`), typically in the pass that
-    /// wrote it, while the bytes were in cache. A transport that sends the chunk as one frame
-    /// uses it for the frame's checksum instead of reading the bytes again. The checksum is not
+    /// wrote it, while the bytes were in cache. A transport that sends the chunk as one frame of
+    /// at least [`crate::frame::PRECOMPUTED_CRC_MIN`] bytes uses it for the frame's checksum
+    /// instead of reading the bytes again. The checksum is not
     /// trusted beyond that: a wrong one makes the receiver refuse the frame as corrupt (and
     /// debug builds check it here).
     pub fn push_checked(&mut self, chunk: Bytes, crc: u32) {
