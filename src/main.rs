@@ -117,10 +117,11 @@ fn main() {
     let threads = std::env::var("PHALANX_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0);
     let communicates_only =
         matches!(cli.command, Command::BenchWorker(_) | Command::CollWorker(_) | Command::StateSource(_));
-    let mut builder = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        None if communicates_only => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
+    let one_thread = threads == Some(1) || (threads.is_none() && communicates_only);
+    let mut builder = if one_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
     };
     if let Some(n) = threads.filter(|n| *n > 1) {
         builder.worker_threads(n);
@@ -132,9 +133,13 @@ fn main() {
             std::process::exit(1);
         }
     };
-    // The command runs as a spawned task, not as `block_on`'s own future: that future runs on
-    // the main thread, apart from the workers that run the node's tasks, so every hand-off
-    // between the command and its node would cross threads (a futex wake each way).
+    // On the multi-threaded runtime the command is `block_on`'s own future, which runs on the
+    // main thread, apart from the workers that run the node's tasks: a command that computes
+    // for long (`node` filling a 64 MiB contribution in a debug build) cannot hold up a worker
+    // and the transport tasks queued on it (spawning it there starved a peer's heartbeats past
+    // the 1.5 s link timeout in `tests/collectives_processes.rs`, once in two CI runs). On the
+    // current-thread runtime it is a spawned task like the node's: `block_on`'s future polled
+    // between them made the 4 KiB all-reduce bimodal (21 or 53 us per run, against 21 us).
     let command = async move {
         match cli.command {
             Command::Demo(a) => {
@@ -158,9 +163,15 @@ fn main() {
             Command::Sim(_) => unreachable!("handled above"),
         }
     };
-    let result = runtime.block_on(async move {
-        tokio::spawn(command).await.unwrap_or_else(|e| Err(CliError::Failed(format!("the command's task failed: {e}"))))
-    });
+    let result = if one_thread {
+        runtime.block_on(async move {
+            tokio::spawn(command)
+                .await
+                .unwrap_or_else(|e| Err(CliError::Failed(format!("the command's task failed: {e}"))))
+        })
+    } else {
+        runtime.block_on(command)
+    };
     // Do not wait for background tasks (dialers, link tasks) to wind down.
     runtime.shutdown_background();
     exit_with(result)
