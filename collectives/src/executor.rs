@@ -21,8 +21,8 @@
 //! communicator (and their attempts) so that a late message from an earlier one is never
 //! mistaken for this one's. The executor hands each message over with its CRC32C, computed in
 //! the pass that copies the segment, while the bytes are in cache (see
-//! `phalanx_proto::Payload::push_checked`): from 256 KiB the transport does not read them again
-//! to checksum the frame.
+//! `phalanx_proto::Payload::push_checked`; only from 256 KiB, where the transport uses it): the
+//! transport does not read them again to checksum the frame.
 //!
 //! **Phantom payloads.** An executor made with [`Executor::phantom`] runs the same schedule,
 //! dataflow and checks on a buffer that has a length but no bytes (the simulator uses it at
@@ -37,6 +37,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
 use phalanx_proto::checksum::Crc32c;
+use phalanx_proto::frame::PRECOMPUTED_CRC_MIN;
 use phalanx_proto::Payload;
 
 use crate::reduce::{divide, reduce_into, DType, ReduceOp};
@@ -510,17 +511,25 @@ impl Executor {
             return (Payload::from(m.freeze()), len);
         }
         let size = self.dtype.size();
+        // Only where the transport will use it (below that, it checksums the frame itself).
+        let checked = MESSAGE_HEADER + len >= PRECOMPUTED_CRC_MIN;
         let mut crc = Crc32c::new();
         crc.update(&m);
         for r in self.pieces(elems) {
             // In slices that stay in the L1/L2 cache between the copy and the checksum.
             for piece in self.buf[r.start * size..r.end * size].chunks(32 << 10) {
                 m.put_slice(piece);
-                crc.update(&m[m.len() - piece.len()..]);
+                if checked {
+                    crc.update(&m[m.len() - piece.len()..]);
+                }
             }
         }
         let mut p = Payload::new();
-        p.push_checked(m.freeze(), crc.finish());
+        if checked {
+            p.push_checked(m.freeze(), crc.finish());
+        } else {
+            p.push(m.freeze());
+        }
         (p, 0)
     }
 

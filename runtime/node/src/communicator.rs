@@ -232,7 +232,7 @@ impl Driver {
         if self.spin.is_zero() {
             return None;
         }
-        let start = std::time::Instant::now();
+        let start = tokio::time::Instant::now();
         loop {
             let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(self.node.poll_event(cx))).await;
             if let std::task::Poll::Ready(ev) = polled {
