@@ -26,8 +26,19 @@ use thiserror::Error;
 use tokio::sync::{oneshot, Mutex, Notify};
 use tracing::{info, info_span, warn, Instrument};
 
-/// How long a call polls for the next message before it sleeps (see [`Communicator`]).
+/// How long a call polls for the next message before it sleeps, on a current-thread runtime
+/// (see [`Communicator`]).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
+/// [`DEFAULT_SPIN`] where the rank has the runtime's one thread to itself; none on a
+/// multi-threaded runtime, which often carries several ranks (tests, the demo) or a trainer's
+/// own work, where polling workers would take the CPU from them.
+fn default_spin() -> Duration {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => DEFAULT_SPIN,
+        _ => Duration::ZERO,
+    }
+}
 
 /// The transport channel collectives use.
 pub const COLLECTIVE_CHANNEL: ChannelId = ChannelId(1000);
@@ -268,8 +279,9 @@ impl Driver {
 /// background task holds the group only while it applies events, never while it waits, so a
 /// call takes it without waking anyone.
 ///
-/// While a call waits for a message it first polls for it, for [`DEFAULT_SPIN`] (see
-/// [`Communicator::set_spin_wait`]), then sleeps until the node wakes it: small collectives
+/// While a call waits for a message it first polls for it — for [`DEFAULT_SPIN`] on a
+/// current-thread runtime, not at all by default on a multi-threaded one (see
+/// [`Communicator::set_spin_wait`]) — then sleeps until the node wakes it: small collectives
 /// take about one network round trip per step instead of one process wake-up per message.
 /// Run a rank's node and calls on one thread (a current-thread runtime) where the trainer
 /// allows it: on a multi-threaded runtime every hand-off between the call, the endpoint task
@@ -386,7 +398,7 @@ impl Communicator {
             closed: false,
             background: None,
             armed: None,
-            spin: DEFAULT_SPIN,
+            spin: default_spin(),
         }));
         let call_ended = Arc::new(Notify::new());
         let (stop, stopped) = oneshot::channel();
@@ -407,7 +419,8 @@ impl Communicator {
     }
 
     /// Sets how long a call of this communicator (and of the others over the same node) polls
-    /// for its next message before it sleeps; default [`DEFAULT_SPIN`], zero sleeps at once.
+    /// for its next message before it sleeps; default [`DEFAULT_SPIN`] on a current-thread
+    /// runtime and zero (sleep at once) on a multi-threaded one.
     /// Polling trades CPU for latency: a sleeping process pays a wake-up per message (tens of
     /// microseconds on a VM), which dominates small collectives. Between polls the call yields
     /// to the runtime and to the OS scheduler, so ranks sharing a core still make progress.
