@@ -100,6 +100,39 @@ async fn traffic_relays_through_c_when_every_a_b_path_is_cut_and_returns_to_the_
     assert_eq!(hc.counters().await.unwrap().0.relayed_bytes, relayed, "nothing more went through C");
 }
 
+/// A message of many frames on one path is read into one buffer and delivered as that buffer
+/// (no join for the application); when a frame of it is lost on the way (a flipped bit, then a
+/// retransmission out of order) it is delivered as its frames, still intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_on_one_path_arrives_as_one_buffer_and_intact_when_a_frame_is_resent() {
+    let mut b = Node::start(config(1, SECRET, Some(LinkKind::Tcp), None)).await.unwrap();
+    let faults = PathFaults::new();
+    let mut a_cfg = config(0, SECRET, None, None);
+    a_cfg.paths.push(path(1, LinkKind::Tcp, addr(&b, LinkKind::Tcp), &faults));
+    let a = Node::start(a_cfg).await.unwrap();
+    let sizes = [8 << 20, 300 << 10, (5 << 20) + 7, 1000];
+    for (round, corrupt) in [(0u64, false), (1, true)] {
+        if corrupt {
+            faults.corrupt_every(3);
+        }
+        let sent: Vec<_> = sizes.iter().enumerate().map(|(i, n)| payload(*n, round * 10 + i as u64)).collect();
+        for m in &sent {
+            a.handle().send(RankId(1), ChannelId(2), m.clone()).await.unwrap();
+        }
+        for (i, want) in sent.iter().enumerate() {
+            let got =
+                b.next_message(Duration::from_secs(60), |_| {}).await.unwrap_or_else(|| panic!("message {i} lost"));
+            assert_eq!(got.payload, *want, "message {i} of round {round} intact and in order");
+            if !corrupt {
+                assert_eq!(got.payload.chunks().len(), 1, "message {i} ({} bytes) as one buffer", want.len());
+            }
+        }
+    }
+    assert!(faults.corrupted() > 0, "the fault fired");
+    let (cb, _) = b.handle().counters().await.unwrap();
+    assert_eq!(cb.checksum_failures, faults.corrupted());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bit_flips_on_one_path_are_detected_retransmitted_and_charged_to_that_path() {
     let b = Node::start(config(1, SECRET, Some(LinkKind::Tcp), None)).await.unwrap();

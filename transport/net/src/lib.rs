@@ -29,6 +29,7 @@ mod driver;
 mod faults;
 mod link;
 mod mem;
+mod message_buf;
 mod quic;
 #[cfg(feature = "rdma")]
 pub mod rdma;

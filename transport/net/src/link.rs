@@ -3,12 +3,14 @@
 //! The link knows nothing of sessions: it moves frames between the socket and the endpoint task.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use phalanx_proto::{
-    frame::HEADER_LEN, DecodeError, Frame, FrameDecoder, FrameKind, Handshake, HandshakeError, HandshakeStep, LinkId,
-    LinkIdentity, RankId, Role,
+    frame::{Header, HEADER_LEN},
+    ChannelId, DecodeError, Epoch, Frame, FrameDecoder, FrameFlags, FrameKind, Handshake, HandshakeError,
+    HandshakeStep, LinkId, LinkIdentity, RankId, Role,
 };
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -16,6 +18,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, Instrument};
 
 use crate::faults::{PathFaults, WriteVerdict};
+use crate::message_buf::MessageWriter;
 use crate::recv_pool::RecvPool;
 
 /// Bytes read per socket read at least, for headers and small frames.
@@ -99,25 +102,114 @@ pub(crate) enum LinkInput {
 
 /// Payloads at least this large are read straight into a pooled buffer of their own.
 const DIRECT_READ: usize = 64 << 10;
-/// Idle receive buffers kept per link.
-const POOL_BUFFERS: usize = 64;
+/// Bytes of idle receive buffers kept per link.
+const POOL_BYTES: usize = 64 << 20;
+/// Messages of this many bytes and more, up to [`IN_ORDER_MAX`], are read into one buffer of
+/// their own while their frames arrive in order on one link (see `crate::message_buf`).
+const IN_ORDER_MIN: u64 = 256 << 10;
+/// Largest message read into one buffer: the length is the peer's word until the last frame is
+/// in, and the buffer is allocated on the first.
+const IN_ORDER_MAX: u64 = 256 << 20;
+
+/// A message being read into one buffer: whose it is, and the sequence number of its next frame.
+struct InOrder {
+    writer: MessageWriter,
+    src: RankId,
+    channel: ChannelId,
+    epoch: Epoch,
+    total: u64,
+    next_seq: u64,
+}
+
+impl InOrder {
+    /// Whether `h` is the next frame of this message, and its `len` bytes fit.
+    fn continues(&self, h: &Header, len: usize) -> bool {
+        h.kind == FrameKind::Data
+            && !h.flags.contains(FrameFlags::FIRST)
+            && (h.src, h.channel, h.epoch, h.seq, h.aux)
+                == (self.src, self.channel, self.epoch, self.next_seq, self.total)
+            && len <= self.writer.remaining()
+    }
+}
+
+/// Where a data frame's payload goes.
+enum Placement {
+    /// A buffer of its own (small frames: a slice of the read buffer).
+    Own,
+    /// The next bytes of the message being read into one buffer.
+    Message,
+}
+
+/// Decides where the payload of a frame with header `h` and `len` bytes goes, starting or
+/// dropping the one-buffer read of a message as needed. A frame of the message out of order (it
+/// went by another path, or was lost here) ends the one-buffer read: the message's frames are
+/// then delivered as they are, which is always correct.
+fn place(in_order: &mut Option<InOrder>, h: &Header, len: usize, me: RankId, pool: &Arc<RecvPool>) -> Placement {
+    if h.kind != FrameKind::Data {
+        return Placement::Own;
+    }
+    if in_order.as_ref().is_some_and(|m| m.continues(h, len)) {
+        return Placement::Message;
+    }
+    let starts = h.flags.contains(FrameFlags::FIRST)
+        && !h.flags.contains(FrameFlags::LAST)
+        && h.dst == me
+        && (IN_ORDER_MIN..=IN_ORDER_MAX).contains(&h.aux)
+        && len as u64 <= h.aux;
+    if starts {
+        *in_order = Some(InOrder {
+            writer: MessageWriter::new(pool.take(h.aux as usize)),
+            src: h.src,
+            channel: h.channel,
+            epoch: h.epoch,
+            total: h.aux,
+            next_seq: h.seq,
+        });
+        return Placement::Message;
+    }
+    // A later frame of the same peer: ours is incomplete for good (an earlier one is a
+    // retransmission or a duplicate and leaves it be).
+    if in_order.as_ref().is_some_and(|m| m.src == h.src && h.seq >= m.next_seq) {
+        *in_order = None;
+    }
+    Placement::Own
+}
+
+/// The frame of a payload just written into the message buffer: the payload becomes its slice
+/// of the buffer, and the last frame carries the whole message.
+fn committed(in_order: &mut Option<InOrder>, header: Header, len: usize) -> Frame {
+    let m = in_order.as_mut().expect("placed into the message");
+    let payload = m.writer.commit(len);
+    m.next_seq += 1;
+    let mut message = None;
+    if header.flags.contains(FrameFlags::LAST) {
+        message = m.writer.whole();
+        *in_order = None;
+    }
+    Frame { header, payload, payload_crc: None, message }
+}
 
 /// Reads frames until the stream ends or fails; reports each to the endpoint task.
 ///
 /// Small frames are split off a shared read buffer without copying; large payloads are read
-/// directly into a pooled buffer (one copy, from the kernel). Checksums are verified here, so
-/// the endpoint only ever sees intact frames.
+/// directly into a pooled buffer (one copy, from the kernel), and the frames of a large
+/// message that arrive in order into one buffer for the whole message (see
+/// `crate::message_buf`). Checksums are verified here, so the endpoint only ever sees intact
+/// frames.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: R,
     mut buf: BytesMut,
     link: LinkId,
+    me: RankId,
     decoder: FrameDecoder,
     faults: Option<PathFaults>,
     to_endpoint: mpsc::UnboundedSender<crate::driver::Command>,
 ) {
     let send = |input: LinkInput| to_endpoint.send(crate::driver::Command::Link(input)).is_ok();
-    let pool = RecvPool::new(POOL_BUFFERS);
+    let pool = RecvPool::new(POOL_BYTES);
     let discard = || faults.as_ref().is_some_and(|f| f.discard_reads());
+    let mut in_order: Option<InOrder> = None;
     loop {
         // Small frames: decode whatever the buffer holds.
         loop {
@@ -133,7 +225,13 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
             match decoder.decode(&mut buf) {
-                Ok(Some(frame)) => {
+                Ok(Some(mut frame)) => {
+                    let len = frame.payload.len();
+                    if let Placement::Message = place(&mut in_order, &frame.header, len, me, &pool) {
+                        let m = in_order.as_mut().expect("placed into the message");
+                        m.writer.next_mut(len).copy_from_slice(&frame.payload);
+                        frame = committed(&mut in_order, frame.header, len);
+                    }
                     if !send(LinkInput::Frame(link, frame)) {
                         return;
                     }
@@ -156,11 +254,19 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
             let Ok((header, len, crc)) = decoder.decode_header(&buf) else { unreachable!("checked above") };
             let head = buf.split_to(HEADER_LEN);
             let len = len as usize;
-            let mut payload = pool.take(len);
+            let mut own = match place(&mut in_order, &header, len, me, &pool) {
+                Placement::Own => Some(pool.take(len)),
+                Placement::Message => None,
+            };
+            let dst = match (&mut own, &mut in_order) {
+                (Some(p), _) => p.as_mut_slice(),
+                (None, Some(m)) => m.writer.next_mut(len),
+                (None, None) => unreachable!("placed into the message"),
+            };
             let have = buf.len().min(len);
-            payload.as_mut_slice()[..have].copy_from_slice(&buf[..have]);
+            dst[..have].copy_from_slice(&buf[..have]);
             buf.advance(have);
-            if have < len && reader.read_exact(&mut payload.as_mut_slice()[have..]).await.is_err() {
+            if have < len && reader.read_exact(&mut dst[have..]).await.is_err() {
                 send(LinkInput::Closed(link));
                 return;
             }
@@ -168,8 +274,16 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
                 buf.clear();
                 continue;
             }
-            let input = match FrameDecoder::verify(&head, payload.as_ref(), crc) {
-                Ok(()) => LinkInput::Frame(link, Frame { header, payload: payload.freeze(), payload_crc: None }),
+            // A frame that fails its checksum is not committed: its retransmission takes the
+            // same place.
+            let input = match FrameDecoder::verify(&head, dst, crc) {
+                Ok(()) => LinkInput::Frame(
+                    link,
+                    match own {
+                        Some(p) => Frame { header, payload: p.freeze(), payload_crc: None, message: None },
+                        None => committed(&mut in_order, header, len),
+                    },
+                ),
                 Err(e) => LinkInput::DecodeError(link, e),
             };
             if !send(input) {
@@ -313,7 +427,8 @@ where
     let decoder = FrameDecoder::new(node.max_payload());
     let to_endpoint = node.command_sender();
     let reader_task = tokio::spawn(
-        read_loop(reader, leftover, link, decoder, faults.clone(), to_endpoint.clone()).instrument(span.clone()),
+        read_loop(reader, leftover, link, node.rank(), decoder, faults.clone(), to_endpoint.clone())
+            .instrument(span.clone()),
     );
     tokio::spawn(write_loop(writer, frame_rx, link, faults, to_endpoint.clone()).instrument(span));
     let _ = to_endpoint.send(crate::driver::Command::LinkUp {

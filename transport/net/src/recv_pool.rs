@@ -7,25 +7,29 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-/// A bounded pool of equally sized buffers.
+/// A pool of buffers (frame payloads, and whole messages: see `crate::message_buf`) bounded
+/// by the bytes it keeps idle.
 #[derive(Debug)]
 pub(crate) struct RecvPool {
     free: Mutex<Vec<Vec<u8>>>,
-    max_free: usize,
+    max_free_bytes: usize,
 }
 
 impl RecvPool {
-    /// A pool keeping at most `max_free` idle buffers.
-    pub fn new(max_free: usize) -> Arc<RecvPool> {
-        Arc::new(RecvPool { free: Mutex::new(Vec::new()), max_free })
+    /// A pool keeping at most `max_free_bytes` in idle buffers.
+    pub fn new(max_free_bytes: usize) -> Arc<RecvPool> {
+        Arc::new(RecvPool { free: Mutex::new(Vec::new()), max_free_bytes })
     }
 
-    /// A buffer of exactly `len` initialised bytes (contents unspecified), reused when one is
-    /// idle and large enough.
+    /// A buffer of exactly `len` initialised bytes (contents unspecified): the smallest idle
+    /// one that holds `len` and is not more than twice as large (a message buffer is not spent
+    /// on a frame), or a fresh one.
     pub fn take(self: &Arc<Self>, len: usize) -> PooledBuf {
         let reused = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            free.iter().position(|b| b.len() >= len).map(|i| free.swap_remove(i))
+            let fits = |b: &Vec<u8>| b.len() >= len && b.len() / 2 <= len;
+            let best = free.iter().enumerate().filter(|(_, b)| fits(b)).min_by_key(|(_, b)| b.len()).map(|(i, _)| i);
+            best.map(|i| free.swap_remove(i))
         };
         let buf = reused.unwrap_or_else(|| vec![0u8; len.next_multiple_of(64 << 10)]);
         PooledBuf { buf, len, pool: Arc::clone(self) }
@@ -33,9 +37,16 @@ impl RecvPool {
 
     fn give_back(&self, buf: Vec<u8>) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < self.max_free {
+        let idle: usize = free.iter().map(Vec::len).sum();
+        if idle + buf.len() <= self.max_free_bytes {
             free.push(buf);
         }
+    }
+
+    /// Bytes held in idle buffers.
+    #[cfg(test)]
+    pub fn idle_bytes(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).iter().map(Vec::len).sum()
     }
 }
 
@@ -77,7 +88,7 @@ mod tests {
 
     #[test]
     fn buffers_come_back_when_the_last_bytes_handle_drops_and_the_pool_stays_bounded() {
-        let pool = RecvPool::new(1);
+        let pool = RecvPool::new(100_000 + (64 << 10));
         let mut a = pool.take(100_000);
         a.as_mut_slice()[0] = 7;
         let bytes = a.freeze();
@@ -92,5 +103,18 @@ mod tests {
         let c = pool.take(10);
         drop((b, c));
         assert_eq!(pool.free.lock().unwrap().len(), 1, "bounded");
+    }
+
+    #[test]
+    fn the_smallest_fitting_buffer_is_reused_and_never_one_more_than_twice_the_size() {
+        let pool = RecvPool::new(64 << 20);
+        let (big, small) = (pool.take(16 << 20), pool.take(1 << 20));
+        drop((big, small));
+        assert_eq!(pool.take(900 << 10).buf.len(), 1 << 20, "the 1 MiB one, not the 16 MiB one");
+        assert_eq!(pool.take(10 << 20).buf.len(), 16 << 20);
+        let idle = pool.idle_bytes();
+        let fresh = pool.take(4 << 20);
+        assert_eq!(fresh.buf.len(), 4 << 20, "16 MiB is more than twice 4 MiB: a fresh one");
+        assert_eq!(pool.idle_bytes(), idle, "nothing taken from the pool");
     }
 }

@@ -562,6 +562,7 @@ impl Endpoint {
             },
             payload,
             payload_crc: None,
+            message: None,
         }
     }
 

@@ -117,7 +117,7 @@ pub struct Header {
 pub const PRECOMPUTED_CRC_MIN: usize = 256 << 10;
 
 /// A frame: header plus payload. Cloning is cheap (the payload is reference counted).
-/// Equality compares header and payload (not `payload_crc`, which only saves work).
+/// Equality compares header and payload (not `payload_crc` or `message`, which only save work).
 #[derive(Clone, Debug)]
 pub struct Frame {
     /// Header fields.
@@ -129,6 +129,12 @@ pub struct Frame {
     /// payloads of at least [`PRECOMPUTED_CRC_MIN`]). Frames
     /// decoded from the wire have `None`; whoever changes `payload` must reset it.
     pub payload_crc: Option<u32>,
+    /// On the last data frame of a message: the whole message in one buffer, when the receiving
+    /// link read every frame of it, in order, into that buffer (`payload` and the payloads of the
+    /// message's earlier frames are then slices of it). The session delivers it instead of the
+    /// frames' list only if the frames it assembled are exactly those slices (see
+    /// [`crate::Payload::is_laid_out_in`]); it is never trusted for content. Senders set `None`.
+    pub message: Option<Bytes>,
 }
 
 impl PartialEq for Frame {
@@ -354,7 +360,7 @@ impl FrameDecoder {
         let mut whole = buf.split_to(total);
         Self::verify(&whole[..HEADER_LEN], &whole[HEADER_LEN..], expected)?;
         let payload = whole.split_off(HEADER_LEN).freeze();
-        Ok(Some(Frame { header, payload, payload_crc: None }))
+        Ok(Some(Frame { header, payload, payload_crc: None, message: None }))
     }
 }
 
@@ -419,6 +425,7 @@ mod tests {
             },
             payload: Bytes::copy_from_slice(payload),
             payload_crc: None,
+            message: None,
         }
     }
 
@@ -506,6 +513,7 @@ mod tests {
                     aux,
                 },
                 payload_crc: None,
+                message: None,
                 payload: Bytes::from(payload),
             })
     }

@@ -60,6 +60,22 @@ impl Payload {
         self.len == 0
     }
 
+    /// Whether the chunks are consecutive slices of `whole`'s memory that cover it exactly
+    /// (same bytes, no copy needed to make them one buffer: `whole` *is* the content).
+    pub fn is_laid_out_in(&self, whole: &Bytes) -> bool {
+        if self.len != whole.len() {
+            return false;
+        }
+        let mut at = whole.as_ptr() as usize;
+        for c in &self.chunks {
+            if c.as_ptr() as usize != at {
+                return false;
+            }
+            at += c.len();
+        }
+        true
+    }
+
     /// The chunks, in order.
     pub fn chunks(&self) -> &[Bytes] {
         &self.chunks

@@ -216,6 +216,7 @@ impl PeerSession {
             },
             payload: piece,
             payload_crc,
+            message: None,
         };
         if end == total {
             self.queue.pop_front();
@@ -326,7 +327,13 @@ impl PeerSession {
             if asm.buf.len() != asm.total {
                 return Err(StreamViolation::BadChunk);
             }
-            return Ok(Some(Message { from: h.src, channel: asm.channel, payload: asm.buf }));
+            // The link read the whole message into one buffer: deliver that buffer (the same
+            // memory as the frames, so the application need not join them).
+            let payload = match frame.message {
+                Some(whole) if asm.buf.is_laid_out_in(&whole) => Payload::from(whole),
+                _ => asm.buf,
+            };
+            return Ok(Some(Message { from: h.src, channel: asm.channel, payload }));
         }
         Ok(None)
     }
@@ -456,6 +463,49 @@ mod tests {
     }
 
     #[test]
+    fn a_message_read_into_one_buffer_is_delivered_as_that_buffer_only_if_its_frames_are_its_slices() {
+        let mut a = PeerSession::new(RankId(1), Instant(0));
+        a.enqueue(ChannelId(3), Bytes::from((0..10u8).collect::<Vec<u8>>()));
+        let frames = drain(&mut a, &mut 0);
+        assert_eq!(frames.len(), 3, "4 + 4 + 2 bytes");
+        // What a link reader does: one buffer, each frame's payload a slice of it, the whole on
+        // the last frame.
+        let whole = Bytes::from(frames.iter().flat_map(|f| f.payload.to_vec()).collect::<Vec<u8>>());
+        let laid_out = |frames: &[Frame], whole: &Bytes| -> Vec<Frame> {
+            let mut at = 0;
+            let n = frames.len();
+            frames
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let mut f = f.clone();
+                    f.payload = whole.slice(at..at + f.payload.len());
+                    at += f.payload.len();
+                    f.message = (i == n - 1).then(|| whole.clone());
+                    f
+                })
+                .collect()
+        };
+        let mut b = PeerSession::new(RankId(0), Instant(0));
+        let got: Vec<Message> = laid_out(&frames, &whole).into_iter().flat_map(|f| b.accept(f, 1 << 20).0).collect();
+        assert_eq!(got[0].payload.chunks().len(), 1, "delivered as the one buffer");
+        assert_eq!(got[0].payload.chunks()[0].as_ptr(), whole.as_ptr());
+        assert_eq!(got[0].payload, (0..10u8).collect::<Vec<u8>>()[..]);
+        // A frame that came from elsewhere (a copy on another path): the frames are delivered,
+        // and a `message` that claims other bytes is never believed.
+        let mut mixed = laid_out(&frames, &whole);
+        mixed[1].payload = Bytes::copy_from_slice(&mixed[1].payload);
+        let mut liar = laid_out(&frames, &whole);
+        liar[2].message = Some(Bytes::from(vec![9u8; 10]));
+        for frames in [mixed, liar] {
+            let mut b = PeerSession::new(RankId(0), Instant(0));
+            let got: Vec<Message> = frames.into_iter().flat_map(|f| b.accept(f, 1 << 20).0).collect();
+            assert_eq!(got[0].payload.chunks().len(), 3, "the frames themselves");
+            assert_eq!(got[0].payload, (0..10u8).collect::<Vec<u8>>()[..]);
+        }
+    }
+
+    #[test]
     fn selective_acks_clear_exactly_the_acknowledged_frames() {
         let mut a = PeerSession::new(RankId(1), Instant(0));
         a.enqueue(ChannelId(0), Bytes::from(vec![7u8; 40]));
@@ -514,6 +564,7 @@ mod tests {
             },
             payload: Bytes::from_static(b"abc"),
             payload_crc: None,
+            message: None,
         };
         let (msgs, violations) = b.accept(frame, 1 << 20);
         assert!(msgs.is_empty());
