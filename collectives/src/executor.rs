@@ -119,6 +119,21 @@ impl Default for Layout {
     }
 }
 
+/// Where a send segment's bytes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// A snapshot of the buffer, copied when the segment is encoded.
+    Buffer,
+    /// The data of receive segment `.0` (global index), unchanged: it copied exactly these
+    /// elements and nothing wrote them since. Sent as the received buffer itself (a ring
+    /// all-gather's forwarded blocks).
+    Forward(u32),
+    /// The reduction of receive segment `.0` into exactly these elements, which nothing reads
+    /// after this send before a copying receive overwrites them: the reduction is written
+    /// straight into the message, not into the buffer (a ring reduce-scatter's partial sums).
+    Reduced(u32),
+}
+
 /// A send or receive of the schedule: a range of blocks, cut into segments.
 struct Transfer {
     round: usize,
@@ -234,6 +249,15 @@ pub struct Executor {
     ready: VecDeque<Waiter>,
     /// Segments that arrived before they could be applied: `(recv, segment)` → data.
     early: BTreeMap<(usize, usize), Vec<Bytes>>,
+    /// Per send segment: where its bytes come from (see [`Executor::send_sources`]); empty
+    /// for a phantom buffer.
+    sources: Vec<Source>,
+    /// Per receive segment: the send segment (`(send, segment)`) that sends its data on
+    /// ([`Source::Forward`]) or its reduction ([`Source::Reduced`]).
+    sent_on: Vec<Option<(u32, u32)>>,
+    /// Per send segment: its message, made when the receive it sends on was applied (only when
+    /// that data arrived as one buffer; otherwise the send takes a snapshot as usual).
+    prepared: Vec<Option<Payload>>,
     /// `(destination, message, phantom bytes)`.
     outbox: VecDeque<(usize, Payload, usize)>,
     sends_left: usize,
@@ -337,6 +361,9 @@ impl Executor {
             applied: Vec::new(),
             ready: VecDeque::new(),
             early: BTreeMap::new(),
+            sources: Vec::new(),
+            sent_on: Vec::new(),
+            prepared: Vec::new(),
             outbox: VecDeque::new(),
             sends_left: 0,
             recvs_left: 0,
@@ -418,6 +445,18 @@ impl Executor {
         }
         e.version_waiters = Waiters::new(units, version_entries);
         e.encoded_waiters = Waiters::new(units, encoded_entries);
+        if !e.phantom {
+            e.sources = e.send_sources(schedule.rounds.len());
+            e.sent_on = vec![None; recv_segs];
+            e.prepared = vec![None; send_segs];
+            for (i, t) in e.sends.iter().enumerate() {
+                for seg in 0..t.segs {
+                    if let Source::Forward(src) | Source::Reduced(src) = e.sources[t.first_seg + seg] {
+                        e.sent_on[src as usize] = Some((i as u32, seg as u32));
+                    }
+                }
+            }
+        }
         e.sends_left = send_segs;
         e.recvs_left = recv_segs;
         for (i, t) in e.sends.iter().enumerate() {
@@ -429,6 +468,79 @@ impl Executor {
         }
         e.advance();
         e
+    }
+
+    /// Where each send segment's bytes can come from other than a snapshot of the buffer
+    /// (see [`Source`]), from the order in which the schedule's rounds touch each unit (sends of
+    /// a round read a unit before its receives write it). At encode time a send's units hold
+    /// exactly what the receive before it left there: the send waits for every receive into
+    /// them from earlier rounds, and later receives into them wait for the send.
+    fn send_sources(&self, rounds: usize) -> Vec<Source> {
+        /// What touched a unit, in order: a send segment read it, or a receive segment wrote it.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Touch {
+            Read(u32),
+            Write(u32, Combine),
+        }
+        let mut touches: Vec<Vec<Touch>> = vec![Vec::new(); self.bounds.len() - 1];
+        let (mut si, mut ri) = (0, 0);
+        for r in 0..rounds {
+            while si < self.sends.len() && self.sends[si].round == r {
+                let t = &self.sends[si];
+                for seg in 0..t.segs {
+                    for u in self.units(self.segment(t, seg)) {
+                        touches[u].push(Touch::Read((t.first_seg + seg) as u32));
+                    }
+                }
+                si += 1;
+            }
+            while ri < self.recvs.len() && self.recvs[ri].t.round == r {
+                let v = &self.recvs[ri];
+                for seg in 0..v.t.segs {
+                    for u in self.units(self.segment(&v.t, seg)) {
+                        touches[u].push(Touch::Write((v.t.first_seg + seg) as u32, v.combine));
+                    }
+                }
+                ri += 1;
+            }
+        }
+        let mut sources = vec![Source::Buffer; self.send_wait.len()];
+        for t in &self.sends {
+            for seg in 0..t.segs {
+                let at = (t.first_seg + seg) as u32;
+                let elems = self.segment(t, seg);
+                // Per unit: what touched it just before and just after this send.
+                let around: Vec<(Option<Touch>, Option<Touch>)> = self
+                    .units(elems.clone())
+                    .map(|u| {
+                        let l = &touches[u];
+                        let p = l.iter().position(|x| *x == Touch::Read(at)).expect("the send touched its units");
+                        (p.checked_sub(1).map(|q| l[q]), l.get(p + 1).copied())
+                    })
+                    .collect();
+                let Some(&(Some(Touch::Write(src, combine)), _)) = around.first() else { continue };
+                if !around.iter().all(|(before, _)| *before == Some(Touch::Write(src, combine)))
+                    || self.recv_segment_elems(src as usize) != elems
+                {
+                    continue;
+                }
+                let overwritten_next =
+                    around.iter().all(|(_, after)| matches!(after, Some(Touch::Write(_, Combine::Copy))));
+                sources[at as usize] = match combine {
+                    Combine::Copy => Source::Forward(src),
+                    Combine::Reduce if overwritten_next => Source::Reduced(src),
+                    Combine::Reduce => Source::Buffer,
+                };
+            }
+        }
+        sources
+    }
+
+    /// Elements (schedule order) of receive segment `at` (global index).
+    fn recv_segment_elems(&self, at: usize) -> Range<usize> {
+        let j = self.recvs.partition_point(|v| v.t.first_seg + v.t.segs <= at);
+        let t = &self.recvs[j].t;
+        self.segment(t, at - t.first_seg)
     }
 
     /// Where schedule block `b` starts when the schedule's blocks are laid end to end
@@ -493,23 +605,33 @@ impl Executor {
         })
     }
 
-    /// The message of segment `seg` of send `i`, and its phantom length: the header and a
-    /// snapshot of the segment (later rounds may rewrite the buffer before the transport is
-    /// done with it), with the CRC32C of both, taken slice by slice right after each slice is
-    /// copied, so the transport does not read the bytes again to checksum the frame.
-    fn encode(&self, i: usize, seg: usize) -> (Payload, usize) {
+    /// The header of segment `seg` of send `i`, in a buffer with room for `data` bytes after it.
+    fn header(&self, i: usize, seg: usize, data: usize) -> BytesMut {
         let t = &self.sends[i];
-        let elems = self.segment(t, seg);
-        let len = elems.len() * self.dtype.size();
-        let data = if self.phantom { 0 } else { len };
         let mut m = BytesMut::with_capacity(MESSAGE_HEADER + data);
         m.put_u64_le(self.op_seq);
         m.put_u32_le(t.round as u32);
         m.put_u32_le(t.blocks.start as u32);
         m.put_u32_le(seg as u32);
-        if self.phantom {
-            return (Payload::from(m.freeze()), len);
+        m
+    }
+
+    /// The message of segment `seg` of send `i`, and its phantom length: the header and a
+    /// snapshot of the segment (later rounds may rewrite the buffer before the transport is
+    /// done with it), with the CRC32C of both, taken slice by slice right after each slice is
+    /// copied, so the transport does not read the bytes again to checksum the frame — or the
+    /// message made when the receive it sends on was applied (see [`Source`]).
+    fn encode(&mut self, i: usize, seg: usize) -> (Payload, usize) {
+        let t = &self.sends[i];
+        if let Some(p) = self.prepared.get_mut(t.first_seg + seg).and_then(Option::take) {
+            return (p, 0);
         }
+        let elems = self.segment(t, seg);
+        let len = elems.len() * self.dtype.size();
+        if self.phantom {
+            return (Payload::from(self.header(i, seg, 0).freeze()), len);
+        }
+        let mut m = self.header(i, seg, len);
         let size = self.dtype.size();
         // Only where the transport will use it (below that, it checksums the frame itself).
         let checked = MESSAGE_HEADER + len >= PRECOMPUTED_CRC_MIN;
@@ -524,13 +646,34 @@ impl Executor {
                 }
             }
         }
-        let mut p = Payload::new();
-        if checked {
-            p.push_checked(m.freeze(), crc.finish());
-        } else {
-            p.push(m.freeze());
+        (checked_payload(m, checked.then(|| crc.finish())), 0)
+    }
+
+    /// The message of segment `seg` of send `i` ([`Source::Reduced`]): the header and the
+    /// buffer's elements `elems` reduced with `data` (the received segment, one buffer), in 32 KiB
+    /// slices, each copied, reduced and checksummed while in cache. The buffer is not written:
+    /// nothing reads these elements again before a receive overwrites them. Operands in the
+    /// same order as [`Executor::apply_contiguous`], so the bits are the same.
+    fn reduce_into_message(&self, i: usize, seg: usize, elems: Range<usize>, data: &[u8]) -> Payload {
+        let size = self.dtype.size();
+        let len = elems.len() * size;
+        let mut m = self.header(i, seg, len);
+        let checked = MESSAGE_HEADER + len >= PRECOMPUTED_CRC_MIN;
+        let mut crc = Crc32c::new();
+        crc.update(&m);
+        let mut off = 0;
+        for r in self.pieces(elems) {
+            for piece in self.buf[r.start * size..r.end * size].chunks(32 << 10) {
+                let at = m.len();
+                m.put_slice(piece);
+                reduce_into(self.dtype, self.op, &mut m[at..], &data[off..off + piece.len()]);
+                off += piece.len();
+                if checked {
+                    crc.update(&m[at..]);
+                }
+            }
         }
-        (p, 0)
+        checked_payload(m, checked.then(|| crc.finish()))
     }
 
     /// Combines a received segment, given as consecutive chunks (the transport's frame
@@ -646,12 +789,29 @@ impl Executor {
 
     fn apply_recv(&mut self, j: usize, seg: usize, data: &[Bytes]) {
         let elems = self.segment(&self.recvs[j].t, seg);
-        self.apply(elems.clone(), self.recvs[j].combine, data);
+        let at = self.recvs[j].t.first_seg + seg;
+        // A receive that a send sends on makes that send's message now, when its data arrived
+        // as one buffer (else the send takes a snapshot, as any other).
+        match (self.sent_on.get(at).copied().flatten(), data) {
+            (Some((i, s)), [one]) => {
+                let (i, s) = (i as usize, s as usize);
+                let message = match self.sources[self.sends[i].first_seg + s] {
+                    Source::Reduced(_) => self.reduce_into_message(i, s, elems.clone(), one),
+                    _ => {
+                        self.apply(elems.clone(), Combine::Copy, data);
+                        let mut p = Payload::from(self.header(i, s, 0).freeze());
+                        p.push(one.clone());
+                        p
+                    }
+                };
+                self.prepared[self.sends[i].first_seg + s] = Some(message);
+            }
+            _ => self.apply(elems.clone(), self.recvs[j].combine, data),
+        }
         for u in self.units(elems) {
             self.version[u] += 1;
             self.release(u, self.version[u], true);
         }
-        let at = self.recvs[j].t.first_seg + seg;
         self.applied[at] = true;
         self.recvs[j].left -= 1;
         self.recvs_left -= 1;
@@ -764,6 +924,16 @@ impl Executor {
     pub fn into_buffer(self) -> Vec<u8> {
         self.buf
     }
+}
+
+/// A message of one part, with its CRC32C when one was taken.
+fn checked_payload(m: BytesMut, crc: Option<u32>) -> Payload {
+    let mut p = Payload::new();
+    match crc {
+        Some(crc) => p.push_checked(m.freeze(), crc),
+        None => p.push(m.freeze()),
+    }
+    p
 }
 
 /// `len` bytes from byte `start` of the concatenation of `chunks`, as slices of them.

@@ -27,10 +27,14 @@ fn run(mut ex: Vec<Executor>, picks: &[usize]) -> Vec<Vec<u8>> {
         }
         let (from, to) = live[picks.get(i).copied().unwrap_or(0) % live.len()];
         let m = queues.get_mut(&(from, to)).unwrap().pop_front().unwrap();
-        // Deliver as chunks split at arbitrary bytes (mid-header, mid-element), as the
-        // transport may.
+        // Deliver whole (as the transport delivers a message read into one buffer: the case in
+        // which an executor forwards received data without copying it), or as chunks split at
+        // arbitrary bytes (mid-header, mid-element), as the transport may.
         let pick = picks.get(i).copied().unwrap_or(0);
         let mut cuts = [pick % (m.len() + 1), (pick / 7) % (m.len() + 1)];
+        if pick % 3 == 0 {
+            cuts = [0, 0];
+        }
         cuts.sort_unstable();
         let chunks = [m.slice(..cuts[0]), m.slice(cuts[0]..cuts[1]), m.slice(cuts[1]..)];
         ex[to].handle_chunks(from, &chunks).expect("a valid message");
@@ -105,6 +109,54 @@ proptest! {
         let out = run(ex, &[]);
         for b in &out {
             prop_assert_eq!(b, &input(dtype, root, count));
+        }
+    }
+}
+
+/// A ring all-gather forwards the blocks it receives: from its second round on, each message
+/// is the header and the received buffer itself (the same memory, not a copy), and the result
+/// is still every rank's block everywhere.
+#[test]
+fn a_ring_all_gather_forwards_received_segments_without_copying_them() {
+    let (world, count, seg) = (4, 4000, 1000);
+    let mut ex: Vec<Executor> = (0..world)
+        .map(|r| {
+            let s = ring::schedule(Collective::AllGather, r, world).unwrap();
+            Executor::with_layout(s, 2, DType::I32, ReduceOp::Sum, world, input(DType::I32, r, count), segments(seg))
+        })
+        .collect();
+    // Addresses of the data of every message received, and how many sent messages reuse one.
+    let mut received: Vec<Vec<usize>> = vec![Vec::new(); world];
+    let (mut sent, mut forwarded) = (0, 0);
+    let mut queue: VecDeque<(usize, usize, Bytes)> = VecDeque::new();
+    loop {
+        for (r, e) in ex.iter_mut().enumerate() {
+            while let Some((to, m)) = e.poll_send() {
+                sent += 1;
+                if let [header, data] = m.chunks() {
+                    assert_eq!(header.len(), phalanx_collectives::executor::MESSAGE_HEADER);
+                    assert!(received[r].contains(&(data.as_ptr() as usize)), "rank {r} forwards what it received");
+                    forwarded += 1;
+                }
+                // Each message arrives as one buffer whose data is what was sent.
+                queue.push_back((r, to, m.to_bytes()));
+            }
+        }
+        let Some((from, to, m)) = queue.pop_front() else { break };
+        received[to].push(m[phalanx_collectives::executor::MESSAGE_HEADER..].as_ptr() as usize);
+        ex[to].handle_message(from, m).expect("a valid message");
+    }
+    // 4 segments per block, 3 rounds: the first sends the own block, the other two forward.
+    assert_eq!(sent, world * 3 * 4);
+    assert_eq!(forwarded, world * 2 * 4);
+    let ranks: Vec<Vec<u8>> = (0..world).map(|r| input(DType::I32, r, count)).collect();
+    for (r, e) in ex.into_iter().enumerate() {
+        assert!(e.is_done());
+        let out = e.into_buffer();
+        for (b, owner) in ranks.iter().enumerate() {
+            let range = phalanx_collectives::schedule::block_range(count, world, b);
+            let bytes = range.start * 4..range.end * 4;
+            assert_eq!(out[bytes.clone()], owner[bytes], "rank {r} block {b}");
         }
     }
 }
