@@ -67,6 +67,17 @@ pub enum BenchOp {
     Membership,
 }
 
+/// Where the rank processes of a collective benchmark run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchBind {
+    /// Each rank on a CPU of its own (rank `r` on the `r`-th CPU this process may use) when
+    /// there are at least as many CPUs as ranks, else wherever the OS puts them — Open MPI's
+    /// default (`--bind-to core` up to two ranks), and how trainers pin one rank per GPU.
+    Core,
+    /// Wherever the OS puts them.
+    None,
+}
+
 /// Compression of an all-reduce's contributions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchCompression {
@@ -112,6 +123,11 @@ pub struct BenchArgs {
     pub warmup: u32,
     #[command(flatten)]
     pub tuning: LinkTuning,
+    /// Collectives over processes: pin each rank to a CPU of its own (when there are enough).
+    /// Two ranks left to the OS scheduler share one core in some runs (it keeps processes that
+    /// wake each other together), and then a 4 KiB exchange takes 50-60 µs instead of 15-20.
+    #[arg(long, value_enum, default_value_t = BenchBind::Core)]
+    pub bind: BenchBind,
     /// All-reduce only: send contributions compressed (`Compression` with error feedback).
     #[arg(long, value_enum, default_value_t = BenchCompression::None)]
     pub compression: BenchCompression,

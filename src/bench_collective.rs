@@ -15,7 +15,7 @@ use phalanx_proto::RankId;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::bench::{BenchArgs, BenchCompression, BenchOp, BenchTransport, LinkTuning};
+use crate::bench::{BenchArgs, BenchBind, BenchCompression, BenchOp, BenchTransport, LinkTuning};
 
 const SECRET: &[u8] = b"phalanx-bench";
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -211,6 +211,37 @@ async fn processes(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, Stri
     result
 }
 
+/// The CPUs this process may run on, ascending (`None` if the OS does not say).
+fn allowed_cpus() -> Option<Vec<usize>> {
+    // SAFETY: `sched_getaffinity` fills the zeroed set it is given, of the size it is told.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        set
+    };
+    // SAFETY: `CPU_ISSET` reads the set within its size.
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|c| unsafe { libc::CPU_ISSET(*c, &set) }).collect();
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+/// Restricts the calling process to `cpu` (runs in a forked child before `exec`).
+fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: the set is zeroed, then one bit within its size is set and it is passed with
+    // its size.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 async fn spawn_ranks(
     args: &BenchArgs,
     world: usize,
@@ -219,9 +250,20 @@ async fn spawn_ranks(
 ) -> Result<Vec<Vec<f64>>, String> {
     let mut children = Vec::new();
     let mut addrs: Vec<(usize, String)> = Vec::new();
+    let cpus = match args.bind {
+        BenchBind::Core => allowed_cpus().filter(|c| c.len() >= world),
+        BenchBind::None => None,
+    };
     // Highest rank first: each rank dials the ranks above it, which are already listening.
     for r in (0..world).rev() {
         let mut cmd = tokio::process::Command::new(exe);
+        if let Some(cpu) = cpus.as_ref().map(|c| c[r]) {
+            // SAFETY: between fork and exec the closure makes one system call on a set built
+            // on its own stack; it allocates nothing and takes no lock.
+            unsafe {
+                cmd.pre_exec(move || pin_to_cpu(cpu));
+            }
+        }
         cmd.arg("coll-worker")
             .args(["--op", &format!("{:?}", args.op).to_lowercase()])
             .args(["--rank", &r.to_string(), "--world", &world.to_string()])

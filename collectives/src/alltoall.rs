@@ -36,6 +36,10 @@ const MESSAGE_HEADER: usize = 16;
 /// (docs/performance.md).
 const SEND_WINDOW: usize = 2;
 
+/// Buffers up to this size are copied behind the message header (one part, one transport
+/// frame); larger ones are sent as a part of their own, uncopied.
+const COPY_MAX: usize = 64 << 10;
+
 /// The pairwise schedule of `rank`: for each round, `(send to, receive from)`.
 pub fn pairwise(rank: usize, world: usize) -> Vec<(usize, usize)> {
     assert!(rank < world, "rank {rank} outside world {world}");
@@ -116,15 +120,21 @@ impl AllToAll {
             let data = self.outgoing[to].take().unwrap_or_default();
             self.sent[to] = Some(data.clone());
             if !self.lost.contains(&to) {
-                // The header and the caller's buffer go out as two parts of one message:
-                // the buffer is not copied.
-                let mut h = BytesMut::with_capacity(MESSAGE_HEADER);
+                // A large buffer goes out as the second part of the message, not copied; a
+                // small one is copied behind the header, so that the message is one frame.
+                let small = data.len() <= COPY_MAX;
+                let mut h = BytesMut::with_capacity(MESSAGE_HEADER + if small { data.len() } else { 0 });
                 h.put_u64_le(self.op_seq);
                 h.put_u32_le(self.posted as u32);
                 h.put_u32_le(self.rank as u32);
                 let mut m = Payload::new();
-                m.push(h.freeze());
-                m.push(data);
+                if small {
+                    h.put_slice(&data);
+                    m.push(h.freeze());
+                } else {
+                    m.push(h.freeze());
+                    m.push(data);
+                }
                 self.outbox = Some((to, m));
             }
             self.posted += 1;
@@ -272,6 +282,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_large_buffer_goes_out_uncopied_behind_its_header_and_a_small_one_in_one_part() {
+        let big = payload(0, 1, COPY_MAX + 1);
+        let small = payload(0, 2, COPY_MAX);
+        let mut a = AllToAll::new(0, 1, vec![payload(0, 0, 3), big.clone(), small.clone()]);
+        let mut sent = Vec::new();
+        while let Some((to, m)) = a.poll_send() {
+            sent.push((to, m));
+            // Round 0 receives from rank 2; round 1 from rank 1: let both rounds post.
+            let round = sent.len() - 1;
+            let from = pairwise(0, 3)[round].1;
+            let mut msg = 1u64.to_le_bytes().to_vec();
+            msg.extend_from_slice(&(round as u32).to_le_bytes());
+            msg.extend_from_slice(&(from as u32).to_le_bytes());
+            a.handle_message(from, Bytes::from(msg)).unwrap();
+        }
+        assert_eq!(sent.len(), 2);
+        let (to_big, m_big) = &sent[0];
+        assert_eq!(*to_big, 1);
+        assert_eq!(m_big.chunks().len(), 2, "header, then the buffer");
+        assert_eq!(m_big.chunks()[1].as_ptr(), big.as_ptr(), "the caller's buffer itself");
+        let (to_small, m_small) = &sent[1];
+        assert_eq!(*to_small, 2);
+        assert_eq!(m_small.chunks().len(), 1, "one part");
+        assert_eq!(&m_small.to_bytes()[MESSAGE_HEADER..], &small[..]);
+        assert!(a.is_done());
     }
 
     #[test]
