@@ -73,7 +73,8 @@ async fn one_op(
     let e = |e: phalanx_node::CommError| e.to_string();
     // Inputs are made before the clock starts: a repeating pattern of small floats (exact
     // sums), copied in blocks rather than computed per element.
-    let count = bytes / 4;
+    // (All-to-all sends its own buffers below.)
+    let count = if op == BenchOp::Alltoall { 0 } else { bytes / 4 };
     let pattern: Vec<u8> = (0..1024).flat_map(|i| (((rank + i) % 7) as f32).to_le_bytes()).collect();
     let mut buf = Vec::with_capacity(count * 4);
     while buf.len() < count * 4 {

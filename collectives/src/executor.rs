@@ -127,11 +127,11 @@ enum Source {
     /// The data of receive segment `.0` (global index), unchanged: it copied exactly these
     /// elements and nothing wrote them since. Sent as the received buffer itself (a ring
     /// all-gather's forwarded blocks).
+    ///
+    /// (Writing a ring reduce-scatter's partial sums straight into their messages instead of
+    /// the buffer, which nothing reads again before the all-gather overwrites it, was tried on
+    /// 2026-12-01 and measured slower: docs/performance.md.)
     Forward(u32),
-    /// The reduction of receive segment `.0` into exactly these elements, which nothing reads
-    /// after this send before a copying receive overwrites them: the reduction is written
-    /// straight into the message, not into the buffer (a ring reduce-scatter's partial sums).
-    Reduced(u32),
 }
 
 /// A send or receive of the schedule: a range of blocks, cut into segments.
@@ -253,7 +253,7 @@ pub struct Executor {
     /// for a phantom buffer.
     sources: Vec<Source>,
     /// Per receive segment: the send segment (`(send, segment)`) that sends its data on
-    /// ([`Source::Forward`]) or its reduction ([`Source::Reduced`]).
+    /// ([`Source::Forward`]).
     sent_on: Vec<Option<(u32, u32)>>,
     /// Per send segment: its message, made when the receive it sends on was applied (only when
     /// that data arrived as one buffer; otherwise the send takes a snapshot as usual).
@@ -451,7 +451,7 @@ impl Executor {
             e.prepared = vec![None; send_segs];
             for (i, t) in e.sends.iter().enumerate() {
                 for seg in 0..t.segs {
-                    if let Source::Forward(src) | Source::Reduced(src) = e.sources[t.first_seg + seg] {
+                    if let Source::Forward(src) = e.sources[t.first_seg + seg] {
                         e.sent_on[src as usize] = Some((i as u32, seg as u32));
                     }
                 }
@@ -509,28 +509,21 @@ impl Executor {
             for seg in 0..t.segs {
                 let at = (t.first_seg + seg) as u32;
                 let elems = self.segment(t, seg);
-                // Per unit: what touched it just before and just after this send.
-                let around: Vec<(Option<Touch>, Option<Touch>)> = self
+                // Per unit: what touched it just before this send.
+                let before: Vec<Option<Touch>> = self
                     .units(elems.clone())
                     .map(|u| {
                         let l = &touches[u];
                         let p = l.iter().position(|x| *x == Touch::Read(at)).expect("the send touched its units");
-                        (p.checked_sub(1).map(|q| l[q]), l.get(p + 1).copied())
+                        p.checked_sub(1).map(|q| l[q])
                     })
                     .collect();
-                let Some(&(Some(Touch::Write(src, combine)), _)) = around.first() else { continue };
-                if !around.iter().all(|(before, _)| *before == Some(Touch::Write(src, combine)))
-                    || self.recv_segment_elems(src as usize) != elems
+                let Some(&Some(Touch::Write(src, Combine::Copy))) = before.first() else { continue };
+                if before.iter().all(|b| *b == Some(Touch::Write(src, Combine::Copy)))
+                    && self.recv_segment_elems(src as usize) == elems
                 {
-                    continue;
+                    sources[at as usize] = Source::Forward(src);
                 }
-                let overwritten_next =
-                    around.iter().all(|(_, after)| matches!(after, Some(Touch::Write(_, Combine::Copy))));
-                sources[at as usize] = match combine {
-                    Combine::Copy => Source::Forward(src),
-                    Combine::Reduce if overwritten_next => Source::Reduced(src),
-                    Combine::Reduce => Source::Buffer,
-                };
             }
         }
         sources
@@ -649,33 +642,6 @@ impl Executor {
         (checked_payload(m, checked.then(|| crc.finish())), 0)
     }
 
-    /// The message of segment `seg` of send `i` ([`Source::Reduced`]): the header and the
-    /// buffer's elements `elems` reduced with `data` (the received segment, one buffer), in 32 KiB
-    /// slices, each copied, reduced and checksummed while in cache. The buffer is not written:
-    /// nothing reads these elements again before a receive overwrites them. Operands in the
-    /// same order as [`Executor::apply_contiguous`], so the bits are the same.
-    fn reduce_into_message(&self, i: usize, seg: usize, elems: Range<usize>, data: &[u8]) -> Payload {
-        let size = self.dtype.size();
-        let len = elems.len() * size;
-        let mut m = self.header(i, seg, len);
-        let checked = MESSAGE_HEADER + len >= PRECOMPUTED_CRC_MIN;
-        let mut crc = Crc32c::new();
-        crc.update(&m);
-        let mut off = 0;
-        for r in self.pieces(elems) {
-            for piece in self.buf[r.start * size..r.end * size].chunks(32 << 10) {
-                let at = m.len();
-                m.put_slice(piece);
-                reduce_into(self.dtype, self.op, &mut m[at..], &data[off..off + piece.len()]);
-                off += piece.len();
-                if checked {
-                    crc.update(&m[at..]);
-                }
-            }
-        }
-        checked_payload(m, checked.then(|| crc.finish()))
-    }
-
     /// Combines a received segment, given as consecutive chunks (the transport's frame
     /// buffers, uncopied), into the elements `elems` (schedule order).
     fn apply(&mut self, elems: Range<usize>, combine: Combine, data: &[Bytes]) {
@@ -790,23 +756,14 @@ impl Executor {
     fn apply_recv(&mut self, j: usize, seg: usize, data: &[Bytes]) {
         let elems = self.segment(&self.recvs[j].t, seg);
         let at = self.recvs[j].t.first_seg + seg;
-        // A receive that a send sends on makes that send's message now, when its data arrived
+        self.apply(elems.clone(), self.recvs[j].combine, data);
+        // A receive that a send forwards makes that send's message now, when its data arrived
         // as one buffer (else the send takes a snapshot, as any other).
-        match (self.sent_on.get(at).copied().flatten(), data) {
-            (Some((i, s)), [one]) => {
-                let (i, s) = (i as usize, s as usize);
-                let message = match self.sources[self.sends[i].first_seg + s] {
-                    Source::Reduced(_) => self.reduce_into_message(i, s, elems.clone(), one),
-                    _ => {
-                        self.apply(elems.clone(), Combine::Copy, data);
-                        let mut p = Payload::from(self.header(i, s, 0).freeze());
-                        p.push(one.clone());
-                        p
-                    }
-                };
-                self.prepared[self.sends[i].first_seg + s] = Some(message);
-            }
-            _ => self.apply(elems.clone(), self.recvs[j].combine, data),
+        if let (Some((i, s)), [one]) = (self.sent_on.get(at).copied().flatten(), data) {
+            let (i, s) = (i as usize, s as usize);
+            let mut p = Payload::from(self.header(i, s, 0).freeze());
+            p.push(one.clone());
+            self.prepared[self.sends[i].first_seg + s] = Some(p);
         }
         for u in self.units(elems) {
             self.version[u] += 1;
