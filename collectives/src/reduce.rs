@@ -114,8 +114,10 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) {
             min: |a, b| fmin(a, b, f32::is_nan), max: |a, b| fmax(a, b, f32::is_nan)),
         DType::F64 => by_op!(dst, src, op, f64, 8, add: |a, b| a + b, mul: |a, b| a * b,
             min: |a, b| fmin(a, b, f64::is_nan), max: |a, b| fmax(a, b, f64::is_nan)),
+        DType::F16 if matches!(op, ReduceOp::Sum | ReduceOp::Avg) => add_f16(dst, src),
         DType::F16 => by_op!(dst, src, op, f16, 2, add: |a, b| a + b, mul: |a, b| a * b,
             min: |a, b| fmin(a, b, f16::is_nan), max: |a, b| fmax(a, b, f16::is_nan)),
+        DType::BF16 if matches!(op, ReduceOp::Sum | ReduceOp::Avg) => add_bf16(dst, src),
         DType::BF16 => by_op!(dst, src, op, bf16, 2, add: |a, b| a + b, mul: |a, b| a * b,
             min: |a, b| fmin(a, b, bf16::is_nan), max: |a, b| fmax(a, b, bf16::is_nan)),
         DType::I32 => by_op!(dst, src, op, i32, 4, add: |a, b| a.wrapping_add(b), mul: |a, b| a.wrapping_mul(b),
@@ -125,6 +127,99 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, dst: &mut [u8], src: &[u8]) {
         DType::U8 => by_op!(dst, src, op, u8, 1, add: |a, b| a.wrapping_add(b), mul: |a, b| a.wrapping_mul(b),
             min: |a, b| a.min(b), max: |a, b| a.max(b)),
     }
+}
+
+/// `dst[i] += src[i]` over little-endian bfloat16: each pair widened to f32 (exact), added, and
+/// rounded back to nearest-even with NaNs kept quiet — bit for bit what `half`'s `bf16 + bf16`
+/// gives (a property test checks every kind of value; of two NaNs either may come out, as with
+/// any vectorised float sum: which NaN an addition returns is not fixed), but without branches,
+/// so that it vectorises (with AVX-512 where the CPU has it). `half`'s per-element path took
+/// 212 µs per MiB here against 21 µs for an f32 sum; this takes 38 µs (`cargo bench -p
+/// phalanx-collectives --bench reduce`).
+fn add_bf16(dst: &mut [u8], src: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has AVX-512 F and BW, checked just above (BW implies F).
+        unsafe { add_bf16_avx512(dst, src) };
+        return;
+    }
+    add_bf16_lanes(dst, src);
+}
+
+/// [`add_bf16_lanes`] compiled for AVX-512: it narrows 32-bit lanes to 16-bit ones in one
+/// instruction (`vpmovdw`), which neither the baseline x86-64 target nor AVX2 has, and the loop
+/// vectorises (1 MiB in ~40 µs against ~130 µs without).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn add_bf16_avx512(dst: &mut [u8], src: &[u8]) {
+    add_bf16_lanes(dst, src);
+}
+
+#[inline(always)]
+fn add_bf16_lanes(dst: &mut [u8], src: &[u8]) {
+    // SAFETY: every bit pattern is a valid `u16`; `align_to` splits only at alignment boundaries.
+    let (dp, dm, ds) = unsafe { dst.align_to_mut::<u16>() };
+    // SAFETY: as above.
+    let (sp, sm, _) = unsafe { src.align_to::<u16>() };
+    if !dp.is_empty() || !sp.is_empty() || dm.len() != sm.len() {
+        // Odd addresses (never for the executor's buffers): element by element.
+        return add_bf16_bytes(dst, src);
+    }
+    for (x, y) in dm.iter_mut().zip(sm) {
+        let sum = f32::from_bits(u32::from(u16::from_le(*x)) << 16) + f32::from_bits(u32::from(u16::from_le(*y)) << 16);
+        *x = f32_to_bf16_bits(sum).to_le();
+    }
+    debug_assert!(ds.is_empty(), "whole elements");
+}
+
+/// [`add_bf16`] on unaligned bytes.
+fn add_bf16_bytes(dst: &mut [u8], src: &[u8]) {
+    for (d, s) in dst.chunks_exact_mut(2).zip(src.chunks_exact(2)) {
+        let sum = f32::from_bits(u32::from(u16::from_le_bytes([d[0], d[1]])) << 16)
+            + f32::from_bits(u32::from(u16::from_le_bytes([s[0], s[1]])) << 16);
+        d.copy_from_slice(&f32_to_bf16_bits(sum).to_le_bytes());
+    }
+}
+
+/// `dst[i] += src[i]` over little-endian IEEE binary16, bit for bit `half`'s `f16 + f16` (f32
+/// sum, rounded to nearest-even), converting 256 elements at a time with `half`'s slice
+/// conversions (F16C instructions where the CPU has them): `half`'s per-element path ran at
+/// 0.7 GB/s here (1 MiB in 1.6 ms).
+fn add_f16(dst: &mut [u8], src: &[u8]) {
+    use half::slice::HalfFloatSliceExt;
+    const BLOCK: usize = 256;
+    // SAFETY: `f16` is a transparent `u16`, every bit pattern valid; `align_to` splits only at
+    // alignment boundaries.
+    let (dp, dm, _) = unsafe { dst.align_to_mut::<f16>() };
+    // SAFETY: as above.
+    let (sp, sm, _) = unsafe { src.align_to::<f16>() };
+    if !dp.is_empty() || !sp.is_empty() || dm.len() != sm.len() || cfg!(target_endian = "big") {
+        // Odd addresses (never for the executor's buffers): element by element.
+        return by_op!(dst, src, ReduceOp::Sum, f16, 2, add: |a, b| a + b, mul: |a, b| a * b,
+            min: |a, _| a, max: |a, _| a);
+    }
+    let (mut a, mut b) = ([0f32; BLOCK], [0f32; BLOCK]);
+    for (d, s) in dm.chunks_mut(BLOCK).zip(sm.chunks(BLOCK)) {
+        let n = d.len();
+        d.convert_to_f32_slice(&mut a[..n]);
+        s.convert_to_f32_slice(&mut b[..n]);
+        for (x, y) in a[..n].iter_mut().zip(&b[..n]) {
+            *x += *y;
+        }
+        d.convert_from_f32_slice(&a[..n]);
+    }
+}
+
+/// `half::bf16::from_f32(x).to_bits()`, without branches: round to nearest, ties to even; a
+/// NaN keeps its high bits and becomes quiet.
+#[inline(always)]
+fn f32_to_bf16_bits(x: f32) -> u16 {
+    let x = x.to_bits();
+    let nan = x & 0x7FFF_FFFF > 0x7F80_0000;
+    let round_up = (x & 0x8000 != 0) & (x & 0x1_7FFF != 0);
+    let rounded = (x >> 16) + u32::from(round_up);
+    let quiet = (x >> 16) | 0x40;
+    (if nan { quiet } else { rounded }) as u16
 }
 
 /// Divides every element by `divisor` (the last step of [`ReduceOp::Avg`]).
@@ -142,11 +237,64 @@ pub fn divide(dtype: DType, buf: &mut [u8], divisor: usize) {
     match dtype {
         DType::F32 => each!(f32, 4, |v| v / d as f32),
         DType::F64 => each!(f64, 8, |v| v / d as f64),
-        DType::F16 => each!(f16, 2, |v: f16| f16::from_f32(v.to_f32() / d as f32)),
-        DType::BF16 => each!(bf16, 2, |v: bf16| bf16::from_f32(v.to_f32() / d as f32)),
+        DType::F16 => divide_f16(buf, d as f32),
+        DType::BF16 => divide_bf16(buf, d as f32),
         DType::I32 => each!(i32, 4, |v| v / d as i32),
         DType::I64 => each!(i64, 8, |v| v / d as i64),
         DType::U8 => each!(u8, 1, |v| (v as usize / d) as u8),
+    }
+}
+
+/// `v = v / d` over little-endian bfloat16, bit for bit `bf16::from_f32(v.to_f32() / d)`,
+/// vectorised like [`add_bf16`] (AVX-512 where the CPU has it).
+fn divide_bf16(buf: &mut [u8], d: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has AVX-512 F and BW, checked just above.
+        unsafe { divide_bf16_avx512(buf, d) };
+        return;
+    }
+    divide_bf16_lanes(buf, d);
+}
+
+/// [`divide_bf16_lanes`] compiled for AVX-512 (see [`add_bf16_avx512`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn divide_bf16_avx512(buf: &mut [u8], d: f32) {
+    divide_bf16_lanes(buf, d);
+}
+
+#[inline(always)]
+fn divide_bf16_lanes(buf: &mut [u8], d: f32) {
+    for c in buf.chunks_exact_mut(2) {
+        let v = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16) / d;
+        c.copy_from_slice(&f32_to_bf16_bits(v).to_le_bytes());
+    }
+}
+
+/// `v = v / d` over little-endian IEEE binary16, bit for bit
+/// `f16::from_f32(v.to_f32() / d)`, converting blocks with `half`'s slice conversions.
+fn divide_f16(buf: &mut [u8], d: f32) {
+    use half::slice::HalfFloatSliceExt;
+    const BLOCK: usize = 256;
+    // SAFETY: `f16` is a transparent `u16`, every bit pattern valid; `align_to` splits only at
+    // alignment boundaries.
+    let (prefix, mid, _) = unsafe { buf.align_to_mut::<f16>() };
+    if !prefix.is_empty() || cfg!(target_endian = "big") {
+        for c in buf.chunks_exact_mut(2) {
+            let v = f16::from_le_bytes([c[0], c[1]]);
+            c.copy_from_slice(&f16::from_f32(v.to_f32() / d).to_le_bytes());
+        }
+        return;
+    }
+    let mut a = [0f32; BLOCK];
+    for m in mid.chunks_mut(BLOCK) {
+        let n = m.len();
+        m.convert_to_f32_slice(&mut a[..n]);
+        for x in &mut a[..n] {
+            *x /= d;
+        }
+        m.convert_from_f32_slice(&a[..n]);
     }
 }
 
@@ -210,6 +358,91 @@ mod tests {
             divide(dtype, &mut d, 4);
             assert_eq!(element_f64(dtype, &d, 0), 2.0);
             assert_eq!(element_f64(dtype, &d, 1), if matches!(dtype, DType::I32 | DType::I64) { -1.0 } else { -1.5 });
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_vectorised_bf16_sum_is_bit_for_bit_half_s(
+            pairs in proptest::collection::vec((proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>()), 1..500),
+            specials in proptest::collection::vec(0usize..8, 1..50),
+        ) {
+            // Random bit patterns (every class: normal, subnormal, zero, infinity, NaN), plus
+            // pairs built to hit the rounding boundaries and the special values.
+            const SPECIAL: [u16; 8] = [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0x0001, 0x7F7F];
+            let mut all = pairs;
+            for w in specials.windows(2) {
+                all.push((SPECIAL[w[0]], SPECIAL[w[1]]));
+            }
+            let a: Vec<u8> = all.iter().flat_map(|(x, _)| x.to_le_bytes()).collect();
+            let b: Vec<u8> = all.iter().flat_map(|(_, y)| y.to_le_bytes()).collect();
+            // The dispatching entry (AVX-512 where the CPU has it), the portable loop, and the
+            // loop for unaligned bytes.
+            let mut fast = a.clone();
+            reduce_into(DType::BF16, ReduceOp::Sum, &mut fast, &b);
+            let mut portable = a.clone();
+            add_bf16_lanes(&mut portable, &b);
+            let mut bytes = a.clone();
+            add_bf16_bytes(&mut bytes, &b);
+            for (i, (x, y)) in all.iter().enumerate() {
+                let want = bf16::from_bits(*x) + bf16::from_bits(*y);
+                for out in [&fast, &portable, &bytes] {
+                let got = bf16::from_bits(u16::from_le_bytes([out[2 * i], out[2 * i + 1]]));
+                // Which NaN a sum of two NaNs returns is not fixed (Rust, IEEE 754): a NaN.
+                proptest::prop_assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{:#06x} + {:#06x}: {:#06x}, want {:#06x}", x, y, got.to_bits(), want.to_bits());
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_blockwise_f16_sum_is_bit_for_bit_half_s(
+            pairs in proptest::collection::vec((proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>()), 1..700),
+        ) {
+            let mut all = pairs;
+            // Rounding boundaries and specials: zeros, infinities, quiet and signalling NaNs,
+            // the smallest subnormal, the largest finite.
+            for x in [0x0000u16, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0x0001, 0x7BFF] {
+                for y in [0x0000u16, 0x7C00, 0x7C01, 0x0001, 0x7BFF, 0x3C00] {
+                    all.push((x, y));
+                }
+            }
+            let a: Vec<u8> = all.iter().flat_map(|(x, _)| x.to_le_bytes()).collect();
+            let b: Vec<u8> = all.iter().flat_map(|(_, y)| y.to_le_bytes()).collect();
+            let mut fast = a.clone();
+            reduce_into(DType::F16, ReduceOp::Sum, &mut fast, &b);
+            for (i, (x, y)) in all.iter().enumerate() {
+                let want = f16::from_bits(*x) + f16::from_bits(*y);
+                let got = f16::from_bits(u16::from_le_bytes([fast[2 * i], fast[2 * i + 1]]));
+                // Which NaN a sum of two NaNs returns is not fixed (Rust, IEEE 754): a NaN.
+                proptest::prop_assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{:#06x} + {:#06x}: {:#06x}, want {:#06x}", x, y, got.to_bits(), want.to_bits());
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn half_precision_division_is_bit_for_bit_half_s(
+            values in proptest::collection::vec(proptest::prelude::any::<u16>(), 1..700),
+            divisor in 1usize..40,
+        ) {
+            let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let (mut h, mut b) = (bytes.clone(), bytes.clone());
+            divide(DType::F16, &mut h, divisor);
+            divide(DType::BF16, &mut b, divisor);
+            let mut portable = bytes.clone();
+            divide_bf16_lanes(&mut portable, divisor as f32);
+            for (i, x) in values.iter().enumerate() {
+                let wf = f16::from_f32(f16::from_bits(*x).to_f32() / divisor as f32);
+                let wb = bf16::from_f32(bf16::from_bits(*x).to_f32() / divisor as f32);
+                let gf = f16::from_bits(u16::from_le_bytes([h[2 * i], h[2 * i + 1]]));
+                let gb = bf16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]]));
+                let gp = bf16::from_bits(u16::from_le_bytes([portable[2 * i], portable[2 * i + 1]]));
+                proptest::prop_assert!(gf.to_bits() == wf.to_bits() || (gf.is_nan() && wf.is_nan()), "f16 {:#06x}", x);
+                proptest::prop_assert!(gb.to_bits() == wb.to_bits() || (gb.is_nan() && wb.is_nan()), "bf16 {:#06x}", x);
+                proptest::prop_assert!(gp.to_bits() == wb.to_bits() || (gp.is_nan() && wb.is_nan()), "bf16 portable {:#06x}", x);
+            }
         }
     }
 
