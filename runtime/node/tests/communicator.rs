@@ -266,11 +266,15 @@ async fn subgroups_over_one_node_run_their_own_collectives_and_do_not_wait_for_e
                 all.all_reduce(f32s(std::iter::once(1.0)), DType::F32, ReduceOp::Sum, AllReduceAlgorithm::Auto, d);
             let whole = sum_of(&whole.await.unwrap())[0];
             let from_leader = dc.broadcast(f32s(std::iter::once(rank as f64)), 0, d).await.unwrap();
-            (rank, dc_sums, lead, whole, sum_of(&from_leader)[0])
+            // Kept alive until every rank is done: a broadcast's root is done once it has sent,
+            // and closing its node then would lose the message to the others (a lost rank).
+            (rank, dc_sums, lead, whole, sum_of(&from_leader)[0], (all, dc))
         }));
     }
+    let mut keep = Vec::new();
     for t in tasks {
-        let (rank, dc_sums, lead, whole, from_leader) = t.await.unwrap();
+        let (rank, dc_sums, lead, whole, from_leader, comms) = t.await.unwrap();
+        keep.push(comms);
         let first = rank - rank % 2;
         for (round, s) in dc_sums.iter().enumerate() {
             assert_eq!(*s, ((first * 100 + round) + ((first + 1) * 100 + round)) as f64, "rank {rank} round {round}");
