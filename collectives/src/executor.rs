@@ -119,21 +119,6 @@ impl Default for Layout {
     }
 }
 
-/// Where a send segment's bytes come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Source {
-    /// A snapshot of the buffer, copied when the segment is encoded.
-    Buffer,
-    /// The data of receive segment `.0` (global index), unchanged: it copied exactly these
-    /// elements and nothing wrote them since. Sent as the received buffer itself (a ring
-    /// all-gather's forwarded blocks).
-    ///
-    /// (Writing a ring reduce-scatter's partial sums straight into their messages instead of
-    /// the buffer, which nothing reads again before the all-gather overwrites it, was tried on
-    /// 2026-12-01 and measured slower: docs/performance.md.)
-    Forward(u32),
-}
-
 /// A send or receive of the schedule: a range of blocks, cut into segments.
 struct Transfer {
     round: usize,
@@ -249,11 +234,8 @@ pub struct Executor {
     ready: VecDeque<Waiter>,
     /// Segments that arrived before they could be applied: `(recv, segment)` → data.
     early: BTreeMap<(usize, usize), Vec<Bytes>>,
-    /// Per send segment: where its bytes come from (see [`Executor::send_sources`]); empty
-    /// for a phantom buffer.
-    sources: Vec<Source>,
-    /// Per receive segment: the send segment (`(send, segment)`) that sends its data on
-    /// ([`Source::Forward`]).
+    /// Per receive segment: the send segment (`(send, segment)`) that forwards its data
+    /// unchanged (see [`Executor::forwarding_sends`]); empty for a phantom buffer.
     sent_on: Vec<Option<(u32, u32)>>,
     /// Per send segment: its message, made when the receive it sends on was applied (only when
     /// that data arrived as one buffer; otherwise the send takes a snapshot as usual).
@@ -361,7 +343,6 @@ impl Executor {
             applied: Vec::new(),
             ready: VecDeque::new(),
             early: BTreeMap::new(),
-            sources: Vec::new(),
             sent_on: Vec::new(),
             prepared: Vec::new(),
             outbox: VecDeque::new(),
@@ -446,16 +427,8 @@ impl Executor {
         e.version_waiters = Waiters::new(units, version_entries);
         e.encoded_waiters = Waiters::new(units, encoded_entries);
         if !e.phantom {
-            e.sources = e.send_sources(schedule.rounds.len());
-            e.sent_on = vec![None; recv_segs];
+            e.sent_on = e.forwarding_sends(schedule.rounds.len(), recv_segs);
             e.prepared = vec![None; send_segs];
-            for (i, t) in e.sends.iter().enumerate() {
-                for seg in 0..t.segs {
-                    if let Source::Forward(src) = e.sources[t.first_seg + seg] {
-                        e.sent_on[src as usize] = Some((i as u32, seg as u32));
-                    }
-                }
-            }
         }
         e.sends_left = send_segs;
         e.recvs_left = recv_segs;
@@ -470,12 +443,19 @@ impl Executor {
         e
     }
 
-    /// Where each send segment's bytes can come from other than a snapshot of the buffer
-    /// (see [`Source`]), from the order in which the schedule's rounds touch each unit (sends of
-    /// a round read a unit before its receives write it). At encode time a send's units hold
-    /// exactly what the receive before it left there: the send waits for every receive into
-    /// them from earlier rounds, and later receives into them wait for the send.
-    fn send_sources(&self, rounds: usize) -> Vec<Source> {
+    /// For each of the `recv_segs` receive segments, the send segment (`(send, segment)`) that
+    /// sends its data on unchanged, if any: a send of exactly the elements that receive copied
+    /// (`Combine::Copy`), with nothing touching them in between — a ring all-gather's forwarded
+    /// blocks. Such a send goes out as the received buffer itself behind a new header, not a
+    /// snapshot of the buffer (see [`Executor::apply_recv`]). Found from the order in which the
+    /// rounds touch each unit (sends of a round read a unit before its receives write it); at
+    /// encode time a send's units hold exactly what the receive before it left there, since the
+    /// send waits for every receive into them from earlier rounds and later receives wait for
+    /// the send.
+    ///
+    /// (Writing a ring reduce-scatter's partial sums straight into their messages instead of
+    /// the buffer was tried on 2026-12-01 and measured slower: docs/performance.md.)
+    fn forwarding_sends(&self, rounds: usize, recv_segs: usize) -> Vec<Option<(u32, u32)>> {
         /// What touched a unit, in order: a send segment read it, or a receive segment wrote it.
         #[derive(Clone, Copy, PartialEq)]
         enum Touch {
@@ -504,8 +484,8 @@ impl Executor {
                 ri += 1;
             }
         }
-        let mut sources = vec![Source::Buffer; self.send_wait.len()];
-        for t in &self.sends {
+        let mut sent_on = vec![None; recv_segs];
+        for (i, t) in self.sends.iter().enumerate() {
             for seg in 0..t.segs {
                 let at = (t.first_seg + seg) as u32;
                 let elems = self.segment(t, seg);
@@ -522,11 +502,11 @@ impl Executor {
                 if before.iter().all(|b| *b == Some(Touch::Write(src, Combine::Copy)))
                     && self.recv_segment_elems(src as usize) == elems
                 {
-                    sources[at as usize] = Source::Forward(src);
+                    sent_on[src as usize] = Some((i as u32, seg as u32));
                 }
             }
         }
-        sources
+        sent_on
     }
 
     /// Elements (schedule order) of receive segment `at` (global index).
@@ -613,7 +593,8 @@ impl Executor {
     /// snapshot of the segment (later rounds may rewrite the buffer before the transport is
     /// done with it), with the CRC32C of both, taken slice by slice right after each slice is
     /// copied, so the transport does not read the bytes again to checksum the frame — or the
-    /// message made when the receive it sends on was applied (see [`Source`]).
+    /// message made when the receive it forwards was applied (see
+    /// [`Executor::forwarding_sends`]).
     fn encode(&mut self, i: usize, seg: usize) -> (Payload, usize) {
         let t = &self.sends[i];
         if let Some(p) = self.prepared.get_mut(t.first_seg + seg).and_then(Option::take) {

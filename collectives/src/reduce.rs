@@ -166,28 +166,28 @@ unsafe fn add_bf16_avx512(dst: &mut [u8], src: &[u8]) {
 
 #[inline(always)]
 fn add_bf16_lanes(dst: &mut [u8], src: &[u8]) {
-    // SAFETY: every bit pattern is a valid `u16`; `align_to` splits only at alignment boundaries.
-    let (dp, dm, ds) = unsafe { dst.align_to_mut::<u16>() };
-    // SAFETY: as above.
-    let (sp, sm, _) = unsafe { src.align_to::<u16>() };
-    if !dp.is_empty() || !sp.is_empty() || dm.len() != sm.len() {
-        // Odd addresses (never for the executor's buffers): element by element.
-        return add_bf16_bytes(dst, src);
+    if let (Some(d), Some(s)) = (as_u16s_mut(dst), as_u16s(src)) {
+        for (x, y) in d.iter_mut().zip(s) {
+            *x = f32_to_bf16_bits(bf16_to_f32(*x) + bf16_to_f32(*y));
+        }
+        return;
     }
-    for (x, y) in dm.iter_mut().zip(sm) {
-        let sum = f32::from_bits(u32::from(u16::from_le(*x)) << 16) + f32::from_bits(u32::from(u16::from_le(*y)) << 16);
-        *x = f32_to_bf16_bits(sum).to_le();
-    }
-    debug_assert!(ds.is_empty(), "whole elements");
+    // Odd addresses (never for the executor's buffers): element by element.
+    add_bf16_bytes(dst, src);
 }
 
 /// [`add_bf16`] on unaligned bytes.
 fn add_bf16_bytes(dst: &mut [u8], src: &[u8]) {
     for (d, s) in dst.chunks_exact_mut(2).zip(src.chunks_exact(2)) {
-        let sum = f32::from_bits(u32::from(u16::from_le_bytes([d[0], d[1]])) << 16)
-            + f32::from_bits(u32::from(u16::from_le_bytes([s[0], s[1]])) << 16);
+        let sum = bf16_to_f32(u16::from_le_bytes([d[0], d[1]])) + bf16_to_f32(u16::from_le_bytes([s[0], s[1]]));
         d.copy_from_slice(&f32_to_bf16_bits(sum).to_le_bytes());
     }
+}
+
+/// The f32 of bfloat16 `bits` (exact: bfloat16 is f32's upper half).
+#[inline(always)]
+fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
 }
 
 /// `dst[i] += src[i]` over little-endian IEEE binary16, bit for bit `half`'s `f16 + f16` (f32
@@ -217,8 +217,11 @@ fn add_f16_blocks(dst: &mut [u8], src: &[u8]) {
     let (sp, sm, _) = unsafe { src.align_to::<f16>() };
     if !dp.is_empty() || !sp.is_empty() || dm.len() != sm.len() || cfg!(target_endian = "big") {
         // Odd addresses (never for the executor's buffers): element by element.
-        return by_op!(dst, src, ReduceOp::Sum, f16, 2, add: |a, b| a + b, mul: |a, b| a * b,
-            min: |a, _| a, max: |a, _| a);
+        for (d, s) in dst.chunks_exact_mut(2).zip(src.chunks_exact(2)) {
+            let sum = f16::from_le_bytes([d[0], d[1]]) + f16::from_le_bytes([s[0], s[1]]);
+            d.copy_from_slice(&sum.to_le_bytes());
+        }
+        return;
     }
     let (mut a, mut b) = ([0f32; BLOCK], [0f32; BLOCK]);
     for (d, s) in dm.chunks_mut(BLOCK).zip(sm.chunks(BLOCK)) {
@@ -403,8 +406,7 @@ mod bf16_avx2 {
             i += 8;
         }
         for (x, y) in d[n..].iter_mut().zip(&s[n..]) {
-            let sum = f32::from_bits(u32::from(*x) << 16) + f32::from_bits(u32::from(*y) << 16);
-            *x = super::f32_to_bf16_bits(sum);
+            *x = super::f32_to_bf16_bits(super::bf16_to_f32(*x) + super::bf16_to_f32(*y));
         }
     }
 
@@ -424,7 +426,7 @@ mod bf16_avx2 {
             i += 8;
         }
         for x in &mut d[n..] {
-            *x = super::f32_to_bf16_bits(f32::from_bits(u32::from(*x) << 16) / divisor);
+            *x = super::f32_to_bf16_bits(super::bf16_to_f32(*x) / divisor);
         }
     }
 }
@@ -439,7 +441,7 @@ unsafe fn divide_bf16_avx512(buf: &mut [u8], d: f32) {
 #[inline(always)]
 fn divide_bf16_lanes(buf: &mut [u8], d: f32) {
     for c in buf.chunks_exact_mut(2) {
-        let v = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16) / d;
+        let v = bf16_to_f32(u16::from_le_bytes([c[0], c[1]])) / d;
         c.copy_from_slice(&f32_to_bf16_bits(v).to_le_bytes());
     }
 }
