@@ -78,6 +78,28 @@ pub enum BenchBind {
     None,
 }
 
+/// Which all-reduce algorithm a benchmark runs (the override of the automatic choice).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchAlgorithm {
+    /// By size: recursive doubling below `SMALL_ALL_REDUCE_BYTES`, else the ring.
+    Auto,
+    /// The ring, at every size.
+    Ring,
+    /// Recursive doubling, at every size.
+    RecursiveDoubling,
+}
+
+impl BenchAlgorithm {
+    /// The collectives' setting.
+    pub fn algorithm(self) -> phalanx_node::AllReduceAlgorithm {
+        match self {
+            BenchAlgorithm::Auto => phalanx_node::AllReduceAlgorithm::Auto,
+            BenchAlgorithm::Ring => phalanx_node::AllReduceAlgorithm::Ring,
+            BenchAlgorithm::RecursiveDoubling => phalanx_node::AllReduceAlgorithm::RecursiveDoubling,
+        }
+    }
+}
+
 /// Compression of an all-reduce's contributions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchCompression {
@@ -131,6 +153,9 @@ pub struct BenchArgs {
     /// All-reduce only: send contributions compressed (`Compression` with error feedback).
     #[arg(long, value_enum, default_value_t = BenchCompression::None)]
     pub compression: BenchCompression,
+    /// All-reduce only: the algorithm (default: chosen by size).
+    #[arg(long, value_enum, default_value_t = BenchAlgorithm::Auto)]
+    pub algorithm: BenchAlgorithm,
     /// Print one JSON object.
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
@@ -181,9 +206,10 @@ pub struct LinkTuning {
     #[arg(long, default_value_t = 1)]
     pub quic_streams: u32,
     /// Collectives: how long a call polls for its next message before it sleeps, in
-    /// microseconds (0: it sleeps at once).
-    #[arg(long, default_value_t = phalanx_node::DEFAULT_SPIN.as_micros() as u64)]
-    pub spin_us: u64,
+    /// microseconds (0: it sleeps at once). Default: the communicator's (`BOUND_SPIN` for a
+    /// rank bound to a CPU of its own, else `DEFAULT_SPIN`).
+    #[arg(long)]
+    pub spin_us: Option<u64>,
 }
 
 impl LinkTuning {
@@ -200,7 +226,7 @@ impl LinkTuning {
 
     /// The same settings as command-line arguments (for the worker processes).
     pub fn to_args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "--paths".into(),
             self.paths.to_string(),
             "--chunk".into(),
@@ -209,9 +235,11 @@ impl LinkTuning {
             self.window.to_string(),
             "--quic-streams".into(),
             self.quic_streams.to_string(),
-            "--spin-us".into(),
-            self.spin_us.to_string(),
-        ]
+        ];
+        if let Some(us) = self.spin_us {
+            args.extend(["--spin-us".into(), us.to_string()]);
+        }
+        args
     }
 }
 

@@ -8,14 +8,15 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use clap::ValueEnum;
 use phalanx_collectives::reduce::{DType, ReduceOp};
 use phalanx_net::{LinkKind, Node, NodeConfig, PathFaults, PathSpec};
-use phalanx_node::{AllReduceAlgorithm, CallOptions, Communicator, ErrorFeedback};
+use phalanx_node::{CallOptions, Communicator, ErrorFeedback};
 use phalanx_proto::RankId;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::bench::{BenchArgs, BenchBind, BenchCompression, BenchOp, BenchTransport, LinkTuning};
+use crate::bench::{BenchAlgorithm, BenchArgs, BenchBind, BenchCompression, BenchOp, BenchTransport, LinkTuning};
 
 const SECRET: &[u8] = b"phalanx-bench";
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -41,6 +42,9 @@ pub struct CollWorkerArgs {
     /// All-reduce contributions compressed.
     #[arg(long, value_enum, default_value_t = BenchCompression::None)]
     pub compression: BenchCompression,
+    /// All-reduce algorithm.
+    #[arg(long, value_enum, default_value_t = BenchAlgorithm::Auto)]
+    pub algorithm: BenchAlgorithm,
     /// Links over QUIC (with the certificates in `--tls-dir`) instead of TCP.
     #[arg(long)]
     pub quic: bool,
@@ -67,6 +71,7 @@ async fn one_op(
     op: BenchOp,
     bytes: usize,
     compression: BenchCompression,
+    algorithm: BenchAlgorithm,
 ) -> Result<f64, String> {
     let world = comm.world();
     let rank = comm.rank();
@@ -97,7 +102,7 @@ async fn one_op(
                 .map_err(e)?;
         }
         BenchOp::Allreduce => {
-            comm.all_reduce(buf, DType::F32, ReduceOp::Sum, AllReduceAlgorithm::Auto, DEADLINE).await.map_err(e)?;
+            comm.all_reduce(buf, DType::F32, ReduceOp::Sum, algorithm.algorithm(), DEADLINE).await.map_err(e)?;
         }
         BenchOp::Reducescatter => {
             comm.reduce_scatter(buf, DType::F32, ReduceOp::Sum, DEADLINE).await.map_err(e)?;
@@ -123,10 +128,11 @@ async fn rank_loop(
     warmup: u32,
     iters: u32,
     compression: BenchCompression,
+    algorithm: BenchAlgorithm,
 ) -> Result<Vec<f64>, String> {
     let mut samples = Vec::with_capacity(iters as usize);
     for i in 0..warmup + iters {
-        let us = one_op(&mut comm, op, bytes, compression).await?;
+        let us = one_op(&mut comm, op, bytes, compression, algorithm).await?;
         if i >= warmup {
             samples.push(us);
         }
@@ -177,7 +183,10 @@ async fn in_process(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, Str
     let mut tasks = Vec::new();
     for (r, node) in nodes.into_iter().enumerate() {
         let comm = Communicator::new(node, r, world);
-        comm.set_spin_wait(Duration::from_micros(args.tuning.spin_us)).await;
+        // Ranks in one process share its CPUs: they poll as a rank with a thread of its own
+        // but no CPU of its own does.
+        let spin = args.tuning.spin_us.map_or(phalanx_node::DEFAULT_SPIN, Duration::from_micros);
+        comm.set_spin_wait(spin).await;
         tasks.push(tokio::spawn(rank_loop(
             comm,
             args.op,
@@ -185,6 +194,7 @@ async fn in_process(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, Str
             args.warmup,
             args.iters,
             args.compression,
+            args.algorithm,
         )));
     }
     let mut out = Vec::new();
@@ -271,6 +281,7 @@ async fn spawn_ranks(
             .args(["--bytes", &args.bytes.to_string(), "--iters", &args.iters.to_string()])
             .args(["--warmup", &args.warmup.to_string()])
             .args(["--compression", &format!("{:?}", args.compression).to_lowercase()])
+            .args(["--algorithm", args.algorithm.to_possible_value().expect("no skipped variants").get_name()])
             .args(args.tuning.to_args())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -340,8 +351,12 @@ pub async fn worker(args: CollWorkerArgs) -> Result<(), String> {
     let addr = node.tcp_addrs().first().copied().or(node.quic_addr()).ok_or("no listener bound")?;
     println!("{}", json!({ "listening": addr.to_string() }));
     let comm = Communicator::new(node, args.rank, args.world);
-    comm.set_spin_wait(Duration::from_micros(args.tuning.spin_us)).await;
-    let samples = rank_loop(comm, args.op, args.bytes as usize, args.warmup, args.iters, args.compression).await?;
+    if let Some(us) = args.tuning.spin_us {
+        comm.set_spin_wait(Duration::from_micros(us)).await;
+    }
+    let samples =
+        rank_loop(comm, args.op, args.bytes as usize, args.warmup, args.iters, args.compression, args.algorithm)
+            .await?;
     println!("{}", json!({ "samples_us": samples }));
     Ok(())
 }

@@ -27,17 +27,33 @@ use tokio::sync::{oneshot, Mutex, Notify};
 use tracing::{info, info_span, warn, Instrument};
 
 /// How long a call polls for the next message before it sleeps, on a current-thread runtime
-/// (see [`Communicator`]).
+/// whose process may run on more than one CPU (see [`Communicator`]).
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
-/// [`DEFAULT_SPIN`] where the rank has the runtime's one thread to itself; none on a
-/// multi-threaded runtime, which often carries several ranks (tests, the demo) or a trainer's
-/// own work, where polling workers would take the CPU from them.
+/// How long a call polls for the next message before it sleeps, on a current-thread runtime
+/// whose process is bound to one CPU (as `mpirun --bind-to core` and one-rank-per-GPU
+/// launchers bind ranks): the rank owns that CPU, so polling takes it from no one, and it
+/// spares the rank a wake-up that on a VM can cost hundreds of microseconds.
+pub const BOUND_SPIN: Duration = Duration::from_millis(2);
+
+/// The polling time of a new communicator: [`BOUND_SPIN`] where the rank has the runtime's one
+/// thread and one CPU to itself, [`DEFAULT_SPIN`] where it has the thread but may share CPUs
+/// (oversubscribed ranks that poll long take turns from each other, as Open MPI yields when
+/// oversubscribed), none on a multi-threaded runtime, which often carries several ranks
+/// (tests, the demo) or a trainer's own work, where polling workers would take the CPU from
+/// them.
 fn default_spin() -> Duration {
     match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread if bound_to_one_cpu() => BOUND_SPIN,
         tokio::runtime::RuntimeFlavor::CurrentThread => DEFAULT_SPIN,
         _ => Duration::ZERO,
     }
+}
+
+/// Whether this process may run on one CPU only (its affinity mask or CPU quota; the standard
+/// library reads both on Linux).
+fn bound_to_one_cpu() -> bool {
+    std::thread::available_parallelism().is_ok_and(|n| n.get() == 1)
 }
 
 /// The transport channel collectives use.
@@ -279,9 +295,9 @@ impl Driver {
 /// background task holds the group only while it applies events, never while it waits, so a
 /// call takes it without waking anyone.
 ///
-/// While a call waits for a message it first polls for it — for [`DEFAULT_SPIN`] on a
-/// current-thread runtime, not at all by default on a multi-threaded one (see
-/// [`Communicator::set_spin_wait`]) — then sleeps until the node wakes it: small collectives
+/// While a call waits for a message it first polls for it — for [`BOUND_SPIN`] on a
+/// current-thread runtime in a process bound to one CPU, [`DEFAULT_SPIN`] on one that is not,
+/// not at all by default on a multi-threaded runtime (see [`Communicator::set_spin_wait`]) — then sleeps until the node wakes it: small collectives
 /// take about one network round trip per step instead of one process wake-up per message.
 /// Run a rank's node and calls on one thread (a current-thread runtime) where the trainer
 /// allows it: on a multi-threaded runtime every hand-off between the call, the endpoint task
@@ -419,8 +435,9 @@ impl Communicator {
     }
 
     /// Sets how long a call of this communicator (and of the others over the same node) polls
-    /// for its next message before it sleeps; default [`DEFAULT_SPIN`] on a current-thread
-    /// runtime and zero (sleep at once) on a multi-threaded one.
+    /// for its next message before it sleeps; default [`BOUND_SPIN`] on a current-thread
+    /// runtime in a process bound to one CPU, [`DEFAULT_SPIN`] on a current-thread runtime
+    /// otherwise, and zero (sleep at once) on a multi-threaded one.
     /// Polling trades CPU for latency: a sleeping process pays a wake-up per message (tens of
     /// microseconds on a VM), which dominates small collectives. Between polls the call yields
     /// to the runtime and to the OS scheduler, so ranks sharing a core still make progress.

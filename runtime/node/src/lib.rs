@@ -18,5 +18,5 @@ pub mod semisync;
 
 pub use communicator::{
     AllReduceAlgorithm, AllToAllResult, CallOptions, CommError, Communicator, Compression, ErrorFeedback, FaultPolicy,
-    GroupCounters, GroupError, Op, Outcome, Subgroup, Topology, COLLECTIVE_CHANNEL, DEFAULT_SPIN,
+    GroupCounters, GroupError, Op, Outcome, Subgroup, Topology, BOUND_SPIN, COLLECTIVE_CHANNEL, DEFAULT_SPIN,
 };

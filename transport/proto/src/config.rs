@@ -25,7 +25,11 @@ pub struct TransportConfig {
     pub unreachable_after: Duration,
     /// Lower bound of the per-path retransmission timeout.
     pub min_rto: Duration,
-    /// Send an ack after this many data frames without one.
+    /// Send an ack after this many data frames without one (at most a quarter of
+    /// `session_window_frames` is used), or once the frames without one carry a quarter of
+    /// `path_window_bytes`, whichever comes first. Each ack costs both ranks a system call and
+    /// a wake-up, so small messages are acknowledged in batches (or by the `ack_delay` timer),
+    /// while a stream of large frames is acknowledged well before its sender's window fills.
     pub ack_every_frames: u32,
     /// Send an ack at the latest this long after unacknowledged data arrived.
     pub ack_delay: Duration,
@@ -44,7 +48,7 @@ impl Default for TransportConfig {
             link_timeout: Duration::from_millis(1500),
             unreachable_after: Duration::from_secs(5),
             min_rto: Duration::from_millis(400),
-            ack_every_frames: 2,
+            ack_every_frames: 64,
             ack_delay: Duration::from_micros(500),
             max_sack_ranges: 32,
         }
@@ -52,6 +56,13 @@ impl Default for TransportConfig {
 }
 
 impl TransportConfig {
+    /// When a receiver acknowledges at the latest: `(frames, payload bytes)` without an ack
+    /// (see [`TransportConfig::ack_every_frames`]); both at least 1.
+    pub fn ack_thresholds(&self) -> (u32, u64) {
+        let frames_cap = u32::try_from(self.session_window_frames / 4).unwrap_or(u32::MAX).max(1);
+        (self.ack_every_frames.min(frames_cap).max(1), (self.path_window_bytes / 4).max(1))
+    }
+
     /// Checks the knobs are consistent; the error names the first bad one.
     pub fn validate(&self) -> Result<(), String> {
         if self.chunk_bytes == 0 {

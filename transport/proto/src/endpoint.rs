@@ -652,8 +652,9 @@ impl Endpoint {
     fn on_data(&mut self, now: Instant, link: LinkId, via: RankId, frame: Frame) {
         let src = frame.header.src;
         let seq = frame.header.seq;
+        let payload_len = frame.payload.len() as u64;
         let window = self.config.session_window_frames;
-        let cfg_ack_every = self.config.ack_every_frames;
+        let (ack_frames, ack_bytes) = self.config.ack_thresholds();
         let ack_delay = self.config.ack_delay;
         let s = self.session(src);
         let class = s.classify_incoming(seq, window);
@@ -667,7 +668,10 @@ impl Endpoint {
             Incoming::InOrder | Incoming::OutOfOrder => {
                 let (msgs, violations) = s.accept(frame, MAX_MESSAGE_BYTES);
                 s.frames_since_ack += 1;
-                let now_due = class == Incoming::OutOfOrder || s.frames_since_ack >= cfg_ack_every;
+                s.bytes_since_ack += payload_len;
+                let now_due = class == Incoming::OutOfOrder
+                    || s.frames_since_ack >= ack_frames
+                    || s.bytes_since_ack >= ack_bytes;
                 if !now_due && s.ack_due.is_none() {
                     s.ack_due = Some(now + ack_delay);
                 }
@@ -692,6 +696,7 @@ impl Endpoint {
         let max = self.config.max_sack_ranges;
         let s = self.session(peer);
         s.frames_since_ack = 0;
+        s.bytes_since_ack = 0;
         s.ack_due = None;
         let (cum, ranges, complete_below) = s.ack_state(max);
         let mut ack = self.control_frame(FrameKind::Ack, peer, complete_below, frame::encode_sack(&ranges));

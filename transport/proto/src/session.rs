@@ -103,6 +103,8 @@ pub(crate) struct PeerSession {
     reorder: BTreeMap<u64, Frame>,
     assembling: Option<Assembly>,
     pub frames_since_ack: u32,
+    /// Payload bytes of the data frames counted in `frames_since_ack`.
+    pub bytes_since_ack: u64,
     pub ack_due: Option<Instant>,
     pub ack_link: Option<LinkId>,
     // Route and liveness.
@@ -130,6 +132,7 @@ impl PeerSession {
             reorder: BTreeMap::new(),
             assembling: None,
             frames_since_ack: 0,
+            bytes_since_ack: 0,
             ack_due: None,
             ack_link: None,
             ever_connected: false,
@@ -376,6 +379,7 @@ impl PeerSession {
         self.reorder.clear();
         self.assembling = None;
         self.frames_since_ack = 0;
+        self.bytes_since_ack = 0;
         self.ack_due = None;
         self.ack_link = None;
     }

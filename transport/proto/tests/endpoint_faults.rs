@@ -294,6 +294,48 @@ fn data_for_several_peers_is_interleaved_so_no_peer_waits_behind_another() {
     assert!(b.min(c) / b.max(c) > 0.5, "B got {b} bytes, C got {c}");
 }
 
+/// Feeds every frame `from` has to send into `to`; returns how many acks `to` sent back (and
+/// hands them to `from`).
+fn deliver_and_count_acks(from: &mut Endpoint, to: &mut Endpoint, now: Instant) -> usize {
+    let mut acks = 0;
+    while let Some(t) = from.poll_transmit(now) {
+        to.handle_frame(now, t.link, t.frame);
+        while let Some(back) = to.poll_transmit(now) {
+            if back.frame.header.kind == phalanx_proto::FrameKind::Ack {
+                acks += 1;
+            }
+            from.handle_frame(now, back.link, back.frame);
+        }
+    }
+    acks
+}
+
+#[test]
+fn small_frames_are_acknowledged_in_batches_and_large_ones_before_a_quarter_window_is_unacknowledged() {
+    let cfg = TransportConfig::default();
+    let (every, bytes) = cfg.ack_thresholds();
+    assert!(every > 2 && bytes < cfg.path_window_bytes, "{every} frames, {bytes} bytes");
+    let mut a = Endpoint::new(A, 1, Epoch(1), cfg.clone());
+    let mut b = Endpoint::new(B, 2, Epoch(1), cfg.clone());
+    let now = Instant(0);
+    a.handle_link_up(now, LinkId(1), b.identity());
+    b.handle_link_up(now, LinkId(1), a.identity());
+    // Small messages: one ack per `every` frames, none in between.
+    for i in 0..every - 1 {
+        a.send(now, B, ChannelId(0), pattern(100, u64::from(i))).unwrap();
+    }
+    assert_eq!(deliver_and_count_acks(&mut a, &mut b, now), 0, "no ack before {every} frames");
+    a.send(now, B, ChannelId(0), pattern(100, 0)).unwrap();
+    assert_eq!(deliver_and_count_acks(&mut a, &mut b, now), 1, "one ack at {every} frames");
+    assert_eq!(a.undelivered_messages(B), 0, "everything acknowledged");
+    // Large frames: an ack as soon as the unacknowledged frames carry `bytes`, so the sender's
+    // window never fills waiting for the timer.
+    let frames = 4 * (bytes as usize).div_ceil(cfg.chunk_bytes);
+    a.send(now, B, ChannelId(0), pattern(frames * cfg.chunk_bytes, 3)).unwrap();
+    assert_eq!(deliver_and_count_acks(&mut a, &mut b, now), 4);
+    assert_eq!(a.undelivered_messages(B), 0, "everything acknowledged");
+}
+
 #[test]
 fn flushing_acks_acknowledges_at_once_what_the_delayed_ack_timer_would_send_later() {
     let cfg = TransportConfig { ack_every_frames: 100, ack_delay: Duration::from_secs(1), ..small_config() };
