@@ -153,6 +153,10 @@ pub struct BenchArgs {
     /// All-reduce only: send contributions compressed (`Compression` with error feedback).
     #[arg(long, value_enum, default_value_t = BenchCompression::None)]
     pub compression: BenchCompression,
+    /// Collectives: the largest data message, the unit of pipelining (default: the
+    /// executor's, just under 1 MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub segment: Option<u64>,
     /// All-reduce only: the algorithm (default: chosen by size).
     #[arg(long, value_enum, default_value_t = BenchAlgorithm::Auto)]
     pub algorithm: BenchAlgorithm,
@@ -286,6 +290,9 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         return Err(CliError::Usage("--paths and --iters must be at least 1".into()));
     }
     args.tuning.transport().map_err(CliError::Usage)?;
+    if args.segment.is_some_and(|b| !(64..=64 << 20).contains(&b)) {
+        return Err(CliError::Usage("--segment must be 64 bytes..=64 MiB".into()));
+    }
     let (med, op_name) = if args.op == BenchOp::P2p {
         let mut samples = match args.transport {
             BenchTransport::Mem => p2p_in_process(&args).await?,

@@ -42,6 +42,9 @@ pub struct CollWorkerArgs {
     /// All-reduce contributions compressed.
     #[arg(long, value_enum, default_value_t = BenchCompression::None)]
     pub compression: BenchCompression,
+    /// Largest data message.
+    #[arg(long)]
+    pub segment: Option<u64>,
     /// All-reduce algorithm.
     #[arg(long, value_enum, default_value_t = BenchAlgorithm::Auto)]
     pub algorithm: BenchAlgorithm,
@@ -187,6 +190,9 @@ async fn in_process(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, Str
         // but no CPU of its own does.
         let spin = args.tuning.spin_us.map_or(phalanx_node::DEFAULT_SPIN, Duration::from_micros);
         comm.set_spin_wait(spin).await;
+        if let Some(b) = args.segment {
+            comm.set_segment_bytes(b as usize).await;
+        }
         tasks.push(tokio::spawn(rank_loop(
             comm,
             args.op,
@@ -292,6 +298,9 @@ async fn spawn_ranks(
         if let Some(d) = tls_dir {
             cmd.arg("--quic").arg("--tls-dir").arg(d);
         }
+        if let Some(b) = args.segment {
+            cmd.arg("--segment").arg(b.to_string());
+        }
         let mut child = cmd.spawn().map_err(|e| format!("cannot start rank {r}: {e}"))?;
         let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
         let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
@@ -353,6 +362,9 @@ pub async fn worker(args: CollWorkerArgs) -> Result<(), String> {
     let comm = Communicator::new(node, args.rank, args.world);
     if let Some(us) = args.tuning.spin_us {
         comm.set_spin_wait(Duration::from_micros(us)).await;
+    }
+    if let Some(b) = args.segment {
+        comm.set_segment_bytes(b as usize).await;
     }
     let samples =
         rank_loop(comm, args.op, args.bytes as usize, args.warmup, args.iters, args.compression, args.algorithm)

@@ -30,6 +30,8 @@ fn unknown_subcommands_and_bad_flags_exit_with_status_2_and_say_why() {
         (&["bench", "allreduce", "--world", "0"], "--world"),
         (&["bench", "p2p", "--world", "3"], "2 ranks"),
         (&["bench", "p2p", "--paths", "0"], "--paths"),
+        (&["bench", "allreduce", "--segment", "8"], "--segment"),
+        (&["bench", "allreduce", "--algorithm", "tree"], "tree"),
         (&["demo", "--messages", "many"], "many"),
         (&["node", "--rank", "0", "--path", "1=udp://1.2.3.4:5"], "scheme"),
     ];

@@ -445,6 +445,14 @@ impl Communicator {
         self.take_driver().await.spin = spin;
     }
 
+    /// Sets the largest data message of this communicator's collectives started from now on
+    /// (the executor's unit of pipelining; default `SEGMENT_BYTES`, just under 1 MiB). Every
+    /// rank of the group must set the same value before the same call, or their messages will
+    /// not match (the call then fails at its deadline, naming the rank it waited for).
+    pub async fn set_segment_bytes(&self, bytes: usize) {
+        self.take_driver().await.slots[self.slot].group.set_segment_bytes(bytes);
+    }
+
     /// Takes the driver (the background task only holds it for a moment).
     async fn take_driver(&self) -> tokio::sync::MutexGuard<'_, Driver> {
         self.driver.lock().await

@@ -434,12 +434,27 @@ async fn run_endpoint(
 ) {
     let now = move || phalanx_proto::Instant(start.elapsed().as_nanos() as u64);
     let mut links: BTreeMap<LinkId, LinkEntry> = BTreeMap::new();
+    // One timer for the task's life, moved only when the endpoint's deadline moves: a timer
+    // registered anew on every pass (a new `sleep_until`) costs a trip through the timer wheel,
+    // and one that fires earlier than the runtime's next wake-up also a write to its eventfd.
+    let timer = tokio::time::sleep_until(start);
+    tokio::pin!(timer);
+    let mut armed: Option<phalanx_proto::Instant> = None;
     loop {
-        let timer = endpoint.poll_timeout();
-        let sleep_until = timer.map(|t| start + Duration::from_nanos(t.as_nanos()));
+        let deadline = endpoint.poll_timeout();
+        if deadline != armed {
+            if let Some(t) = deadline {
+                timer.as_mut().reset(start + Duration::from_nanos(t.as_nanos()));
+            }
+            armed = deadline;
+        }
         let cmd = tokio::select! {
             c = commands.recv() => match c { Some(c) => Some(c), None => break },
-            _ = async { match sleep_until { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => None,
+            _ = &mut timer, if armed.is_some() => {
+                // Fired: the next pass re-arms it for whatever the endpoint says then.
+                armed = None;
+                None
+            }
         };
         let mut batch = 0;
         let mut next = cmd;

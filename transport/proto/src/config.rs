@@ -26,10 +26,11 @@ pub struct TransportConfig {
     /// Lower bound of the per-path retransmission timeout.
     pub min_rto: Duration,
     /// Send an ack after this many data frames without one (at most a quarter of
-    /// `session_window_frames` is used), or once the frames without one carry a quarter of
-    /// `path_window_bytes`, whichever comes first. Each ack costs both ranks a system call and
-    /// a wake-up, so small messages are acknowledged in batches (or by the `ack_delay` timer),
-    /// while a stream of large frames is acknowledged well before its sender's window fills.
+    /// `session_window_frames` is used), or after two once they carry an eighth of
+    /// `path_window_bytes`, whichever comes first ([`TransportConfig::ack_due`]). Each ack
+    /// costs both ranks a system call and a wake-up, so small messages are acknowledged in
+    /// batches (or by the `ack_delay` timer), while a stream of large frames is acknowledged
+    /// every two frames, long before its sender's window fills.
     pub ack_every_frames: u32,
     /// Send an ack at the latest this long after unacknowledged data arrived.
     pub ack_delay: Duration,
@@ -56,11 +57,15 @@ impl Default for TransportConfig {
 }
 
 impl TransportConfig {
-    /// When a receiver acknowledges at the latest: `(frames, payload bytes)` without an ack
-    /// (see [`TransportConfig::ack_every_frames`]); both at least 1.
-    pub fn ack_thresholds(&self) -> (u32, u64) {
+    /// Whether a receiver acknowledges now, holding `frames` data frames of `bytes` payload
+    /// bytes without an ack (see [`TransportConfig::ack_every_frames`]): after
+    /// `ack_every_frames` frames (at most a quarter of `session_window_frames`), or after two
+    /// frames once they carry an eighth of `path_window_bytes` — so a stream of large frames
+    /// is acknowledged every two frames (1 MiB frames, 8 MiB window), long before its sender's
+    /// window fills.
+    pub fn ack_due(&self, frames: u32, bytes: u64) -> bool {
         let frames_cap = u32::try_from(self.session_window_frames / 4).unwrap_or(u32::MAX).max(1);
-        (self.ack_every_frames.min(frames_cap).max(1), (self.path_window_bytes / 4).max(1))
+        frames >= self.ack_every_frames.min(frames_cap).max(1) || (frames >= 2 && bytes >= self.path_window_bytes / 8)
     }
 
     /// Checks the knobs are consistent; the error names the first bad one.

@@ -654,9 +654,10 @@ impl Endpoint {
         let seq = frame.header.seq;
         let payload_len = frame.payload.len() as u64;
         let window = self.config.session_window_frames;
-        let (ack_frames, ack_bytes) = self.config.ack_thresholds();
         let ack_delay = self.config.ack_delay;
-        let s = self.session(src);
+        let config = &self.config;
+        let started = self.now;
+        let s = self.sessions.entry(src).or_insert_with(|| PeerSession::new(src, started));
         let class = s.classify_incoming(seq, window);
         s.ack_link = (via == src).then_some(link);
         let ack_now = match class {
@@ -669,9 +670,7 @@ impl Endpoint {
                 let (msgs, violations) = s.accept(frame, MAX_MESSAGE_BYTES);
                 s.frames_since_ack += 1;
                 s.bytes_since_ack += payload_len;
-                let now_due = class == Incoming::OutOfOrder
-                    || s.frames_since_ack >= ack_frames
-                    || s.bytes_since_ack >= ack_bytes;
+                let now_due = class == Incoming::OutOfOrder || config.ack_due(s.frames_since_ack, s.bytes_since_ack);
                 if !now_due && s.ack_due.is_none() {
                     s.ack_due = Some(now + ack_delay);
                 }

@@ -313,8 +313,8 @@ fn deliver_and_count_acks(from: &mut Endpoint, to: &mut Endpoint, now: Instant) 
 #[test]
 fn small_frames_are_acknowledged_in_batches_and_large_ones_before_a_quarter_window_is_unacknowledged() {
     let cfg = TransportConfig::default();
-    let (every, bytes) = cfg.ack_thresholds();
-    assert!(every > 2 && bytes < cfg.path_window_bytes, "{every} frames, {bytes} bytes");
+    let every = cfg.ack_every_frames;
+    assert!(every > 2 && u64::from(every) <= cfg.session_window_frames / 4, "{every} frames");
     let mut a = Endpoint::new(A, 1, Epoch(1), cfg.clone());
     let mut b = Endpoint::new(B, 2, Epoch(1), cfg.clone());
     let now = Instant(0);
@@ -328,11 +328,14 @@ fn small_frames_are_acknowledged_in_batches_and_large_ones_before_a_quarter_wind
     a.send(now, B, ChannelId(0), pattern(100, 0)).unwrap();
     assert_eq!(deliver_and_count_acks(&mut a, &mut b, now), 1, "one ack at {every} frames");
     assert_eq!(a.undelivered_messages(B), 0, "everything acknowledged");
-    // Large frames: an ack as soon as the unacknowledged frames carry `bytes`, so the sender's
-    // window never fills waiting for the timer.
-    let frames = 4 * (bytes as usize).div_ceil(cfg.chunk_bytes);
-    a.send(now, B, ChannelId(0), pattern(frames * cfg.chunk_bytes, 3)).unwrap();
+    // Large frames (whole chunks, and the collectives' 1 MiB − 44 byte messages): an ack every
+    // two frames, so the sender's window never fills waiting for the timer.
+    a.send(now, B, ChannelId(0), pattern(8 * cfg.chunk_bytes, 3)).unwrap();
     assert_eq!(deliver_and_count_acks(&mut a, &mut b, now), 4);
+    for i in 0..4 {
+        a.send(now, B, ChannelId(0), pattern(cfg.chunk_bytes - 44, i)).unwrap();
+    }
+    assert_eq!(deliver_and_count_acks(&mut a, &mut b, now), 2);
     assert_eq!(a.undelivered_messages(B), 0, "everything acknowledged");
 }
 
