@@ -81,7 +81,8 @@ pub enum BenchBind {
 /// Which all-reduce algorithm a benchmark runs (the override of the automatic choice).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchAlgorithm {
-    /// By size: recursive doubling below `SMALL_ALL_REDUCE_BYTES`, else the ring.
+    /// By size: recursive doubling below 64 KiB (world 2) or 128 KiB (larger worlds), else the
+    /// ring.
     Auto,
     /// The ring, at every size.
     Ring,

@@ -56,9 +56,23 @@ use crate::reduce::{DType, ReduceOp};
 use crate::schedule::hierarchical::{self, Topology};
 use crate::schedule::{block_range, halving_doubling, ring, tree, Collective, Schedule};
 
-/// Buffers below this size use recursive doubling (fewer rounds), larger ones the ring (fewer
-/// bytes per rank). A first heuristic, to be tuned by `phalanx bench`.
+/// At world 2, buffers below this size use recursive doubling (fewer rounds), larger ones the
+/// ring (fewer bytes per rank); larger worlds use twice it (see [`small_all_reduce_limit`]).
 pub const SMALL_ALL_REDUCE_BYTES: usize = 64 << 10;
+
+/// The size below which [`AllReduceAlgorithm::Auto`] picks recursive doubling for `world`
+/// ranks: [`SMALL_ALL_REDUCE_BYTES`] at world 2, where the ring has two steps against one,
+/// twice it from world 3 up, where the ring takes `2 (world - 1)` steps against about
+/// `log2 world`. Measured (docs/performance.md, 2026-12-02): at world 4 a 64 KiB all-reduce
+/// took 455–778 µs by recursive doubling against 690–1028 µs by the ring, 128 KiB was even; at
+/// world 2 the ring was faster at 64 KiB.
+pub fn small_all_reduce_limit(world: usize) -> usize {
+    if world > 2 {
+        2 * SMALL_ALL_REDUCE_BYTES
+    } else {
+        SMALL_ALL_REDUCE_BYTES
+    }
+}
 
 /// Tag bit of control messages (reports and decisions); data messages carry
 /// `op_seq << ATTEMPT_BITS | attempt`.
@@ -74,7 +88,7 @@ const COORDINATOR_HISTORY: usize = 256;
 /// How to run an all-reduce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AllReduceAlgorithm {
-    /// Choose by size and topology: below [`SMALL_ALL_REDUCE_BYTES`] recursive doubling (fewest
+    /// Choose by size and topology: below [`small_all_reduce_limit`] recursive doubling (fewest
     /// rounds, and with data centres of consecutive ranks only its last rounds cross the WAN);
     /// above it hierarchical when the ranks span data centres, else the ring.
     Auto,
@@ -90,7 +104,9 @@ pub enum AllReduceAlgorithm {
 /// What [`AllReduceAlgorithm::Auto`] picks for `bytes` on `topology` (never `Auto`).
 pub fn choose_all_reduce(algorithm: AllReduceAlgorithm, topology: &Topology, bytes: usize) -> AllReduceAlgorithm {
     match algorithm {
-        AllReduceAlgorithm::Auto if bytes < SMALL_ALL_REDUCE_BYTES => AllReduceAlgorithm::RecursiveDoubling,
+        AllReduceAlgorithm::Auto if bytes < small_all_reduce_limit(topology.world()) => {
+            AllReduceAlgorithm::RecursiveDoubling
+        }
         AllReduceAlgorithm::Auto | AllReduceAlgorithm::Hierarchical if topology.is_multi_dc() => {
             AllReduceAlgorithm::Hierarchical
         }

@@ -513,12 +513,20 @@ fn hierarchical_all_reduce_over_two_data_centres_is_exact_and_survives_a_lost_ra
 fn auto_picks_by_size_and_topology() {
     let two = Topology::uniform(2, 4);
     let one = Topology::flat(8);
-    let big = SMALL_ALL_REDUCE_BYTES;
+    let big = small_all_reduce_limit(8);
+    assert_eq!(big, 2 * SMALL_ALL_REDUCE_BYTES);
     assert_eq!(choose_all_reduce(AllReduceAlgorithm::Auto, &two, big), AllReduceAlgorithm::Hierarchical);
     assert_eq!(choose_all_reduce(AllReduceAlgorithm::Auto, &one, big), AllReduceAlgorithm::Ring);
     assert_eq!(choose_all_reduce(AllReduceAlgorithm::Auto, &two, big - 1), AllReduceAlgorithm::RecursiveDoubling);
     assert_eq!(choose_all_reduce(AllReduceAlgorithm::Hierarchical, &one, 1), AllReduceAlgorithm::Ring);
     assert_eq!(choose_all_reduce(AllReduceAlgorithm::Ring, &two, big), AllReduceAlgorithm::Ring);
+    // Two ranks: the ring from SMALL_ALL_REDUCE_BYTES; more: recursive doubling up to twice it.
+    let (pair, four) = (Topology::flat(2), Topology::flat(4));
+    let small = SMALL_ALL_REDUCE_BYTES;
+    assert_eq!(choose_all_reduce(AllReduceAlgorithm::Auto, &pair, small), AllReduceAlgorithm::Ring);
+    assert_eq!(choose_all_reduce(AllReduceAlgorithm::Auto, &pair, small - 1), AllReduceAlgorithm::RecursiveDoubling);
+    assert_eq!(choose_all_reduce(AllReduceAlgorithm::Auto, &four, small), AllReduceAlgorithm::RecursiveDoubling);
+    assert_eq!(choose_all_reduce(AllReduceAlgorithm::Auto, &four, 2 * small), AllReduceAlgorithm::Ring);
 }
 
 #[test]
