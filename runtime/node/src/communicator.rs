@@ -297,8 +297,9 @@ impl Driver {
 ///
 /// While a call waits for a message it first polls for it — for [`BOUND_SPIN`] on a
 /// current-thread runtime in a process bound to one CPU, [`DEFAULT_SPIN`] on one that is not,
-/// not at all by default on a multi-threaded runtime (see [`Communicator::set_spin_wait`]) — then sleeps until the node wakes it: small collectives
-/// take about one network round trip per step instead of one process wake-up per message.
+/// not at all by default on a multi-threaded runtime (see [`Communicator::set_spin_wait`]) —
+/// then sleeps until the node wakes it: small collectives take about one network round trip
+/// per step instead of one process wake-up per message.
 /// Run a rank's node and calls on one thread (a current-thread runtime) where the trainer
 /// allows it: on a multi-threaded runtime every hand-off between the call, the endpoint task
 /// and the link tasks may cross threads.
@@ -438,8 +439,8 @@ impl Communicator {
     /// for its next message before it sleeps; default [`BOUND_SPIN`] on a current-thread
     /// runtime in a process bound to one CPU, [`DEFAULT_SPIN`] on a current-thread runtime
     /// otherwise, and zero (sleep at once) on a multi-threaded one.
-    /// Polling trades CPU for latency: a sleeping process pays a wake-up per message (tens of
-    /// microseconds on a VM), which dominates small collectives. Between polls the call yields
+    /// Polling trades CPU for latency: a sleeping process pays a wake-up per message (tens to
+    /// hundreds of microseconds on a VM), which dominates small collectives. Between polls the call yields
     /// to the runtime and to the OS scheduler, so ranks sharing a core still make progress.
     pub async fn set_spin_wait(&self, spin: Duration) {
         self.take_driver().await.spin = spin;

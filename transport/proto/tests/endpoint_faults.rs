@@ -311,7 +311,7 @@ fn deliver_and_count_acks(from: &mut Endpoint, to: &mut Endpoint, now: Instant) 
 }
 
 #[test]
-fn small_frames_are_acknowledged_in_batches_and_large_ones_before_a_quarter_window_is_unacknowledged() {
+fn small_frames_are_acknowledged_in_batches_and_large_ones_every_two_frames() {
     let cfg = TransportConfig::default();
     let every = cfg.ack_every_frames;
     assert!(every > 2 && u64::from(every) <= cfg.session_window_frames / 4, "{every} frames");
