@@ -58,9 +58,7 @@ impl Drop for Coordinators {
 }
 
 fn free_addr() -> Result<SocketAddr, CliError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| CliError::Failed(format!("no free port: {e}")))
+    phalanx_net::free_loopback_addr().map_err(|e| CliError::Failed(format!("no free port: {e}")))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -32,7 +32,7 @@ struct Tally {
 }
 
 fn free_addr() -> Result<SocketAddr, String> {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| format!("no free port: {e}"))
+    phalanx_net::free_loopback_addr().map_err(|e| format!("no free port: {e}"))
 }
 
 /// Runs the membership part; returns an error if a result was wrong or a rank got stuck.

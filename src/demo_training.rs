@@ -110,7 +110,7 @@ pub struct TrainingOutcome {
 }
 
 fn free_addr() -> Result<SocketAddr, String> {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| format!("no free port: {e}"))
+    phalanx_net::free_loopback_addr().map_err(|e| format!("no free port: {e}"))
 }
 
 struct Worker {

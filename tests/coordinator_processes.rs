@@ -36,12 +36,7 @@ impl Group {
     fn new(name: &str, snapshot_after: u64) -> Group {
         let root = std::env::temp_dir().join(format!("phalanx-coord-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let peers = (1..=3u64)
-            .map(|id| {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-                (id, l.local_addr().expect("bound"))
-            })
-            .collect();
+        let peers = (1..=3u64).map(|id| (id, phalanx_net::free_loopback_addr().expect("a free port"))).collect();
         let mut g = Group { peers, root, children: BTreeMap::new(), snapshot_after };
         for id in 1..=3 {
             g.start(id);
@@ -413,7 +408,7 @@ async fn a_coordinator_added_as_a_learner_at_run_time_catches_up_and_follows_the
         assert!(client.propose(join(format!("early-{i}"))).await.expect("the group commits").1.is_ok());
     }
     // A fourth coordinator, started knowing the voters and itself as a learner.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("bound");
+    let addr = phalanx_net::free_loopback_addr().expect("a free port");
     let dir = g.root.join("c4");
     let peers: Vec<String> = g.peers.iter().map(|(i, a)| format!("{i}={a}")).collect();
     let mut learner = Process::new(env!("CARGO_BIN_EXE_phalanx"))

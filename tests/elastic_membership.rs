@@ -24,7 +24,7 @@ use tokio::sync::watch;
 const SECRET: &[u8] = b"elastic-test-secret";
 
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("bound")
+    phalanx_net::free_loopback_addr().expect("a free port")
 }
 
 /// One coordinator in this process; returns its (id, address).

@@ -18,7 +18,7 @@ use serde_json::Value;
 const SECRET: &str = "zombie-process-test";
 
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("bound")
+    phalanx_net::free_loopback_addr().expect("a free port")
 }
 
 struct Worker {
