@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use phalanx_proto::{
     frame::{Header, HEADER_LEN},
-    ChannelId, DecodeError, Epoch, Frame, FrameDecoder, FrameFlags, FrameKind, Handshake, HandshakeError,
-    HandshakeStep, LinkId, LinkIdentity, RankId, Role,
+    ChannelId, DecodeError, Epoch, Frame, FrameDecoder, FrameFlags, FrameKind, FrameVerifier, Handshake,
+    HandshakeError, HandshakeStep, LinkId, LinkIdentity, RankId, Role,
 };
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -102,6 +102,10 @@ pub(crate) enum LinkInput {
 
 /// Payloads at least this large are read straight into a pooled buffer of their own.
 const DIRECT_READ: usize = 64 << 10;
+/// Largest read of a large payload: each read's bytes are checksummed right after it, while
+/// the kernel's copy left them in the CPU's cache (a 1 MiB frame read whole and checksummed
+/// after is read again from further out: docs/performance.md).
+const VERIFY_SLICE: usize = 256 << 10;
 /// Bytes of idle receive buffers kept per link.
 const POOL_BYTES: usize = 64 << 20;
 /// Messages of this many bytes and more, up to [`IN_ORDER_MAX`], are read into one buffer of
@@ -263,12 +267,23 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
                 (None, Some(m)) => m.writer.next_mut(len),
                 (None, None) => unreachable!("placed into the message"),
             };
-            let have = buf.len().min(len);
-            dst[..have].copy_from_slice(&buf[..have]);
-            buf.advance(have);
-            if have < len && reader.read_exact(&mut dst[have..]).await.is_err() {
-                send(LinkInput::Closed(link));
-                return;
+            let mut at = buf.len().min(len);
+            dst[..at].copy_from_slice(&buf[..at]);
+            buf.advance(at);
+            let mut verifier = FrameVerifier::new(&head);
+            verifier.update(&dst[..at]);
+            while at < len {
+                let end = (at + VERIFY_SLICE).min(len);
+                match reader.read(&mut dst[at..end]).await {
+                    Ok(0) | Err(_) => {
+                        send(LinkInput::Closed(link));
+                        return;
+                    }
+                    Ok(n) => {
+                        verifier.update(&dst[at..at + n]);
+                        at += n;
+                    }
+                }
             }
             if discard() {
                 buf.clear();
@@ -276,7 +291,7 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
             }
             // A frame that fails its checksum is not committed: its retransmission takes the
             // same place.
-            let input = match FrameDecoder::verify(&head, dst, crc) {
+            let input = match verifier.finish(crc) {
                 Ok(()) => LinkInput::Frame(
                     link,
                     match own {

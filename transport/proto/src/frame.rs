@@ -327,14 +327,9 @@ impl FrameDecoder {
 
     /// Checks a frame's checksum over its header bytes and payload (recoverable error).
     pub fn verify(header: &[u8], payload: &[u8], expected: u32) -> Result<(), DecodeError> {
-        let mut crc = Crc32c::new();
-        crc.update(&header[..HEADER_LEN - 4]);
-        crc.update(payload);
-        let computed = crc.finish();
-        if computed != expected {
-            return Err(DecodeError::Checksum { expected, computed });
-        }
-        Ok(())
+        let mut v = FrameVerifier::new(header);
+        v.update(payload);
+        v.finish(expected)
     }
 
     /// Splits one complete frame off the front of `buf`.
@@ -404,6 +399,36 @@ pub fn decode_ranks(mut payload: &[u8], max: usize) -> Vec<RankId> {
         out.push(RankId(payload.get_u32_le()));
     }
     out
+}
+
+/// A frame's checksum taken piece by piece as its payload arrives, so that a reader can check
+/// each piece right after the socket wrote it, while it is still in the cache, instead of
+/// reading the whole payload again once it is complete (see `phalanx_net`'s link reader).
+pub struct FrameVerifier(Crc32c);
+
+impl FrameVerifier {
+    /// Starts with the frame's encoded header (`HEADER_LEN` bytes; its checksum field is not
+    /// covered).
+    pub fn new(header: &[u8]) -> FrameVerifier {
+        let mut crc = Crc32c::new();
+        crc.update(&header[..HEADER_LEN - 4]);
+        FrameVerifier(crc)
+    }
+
+    /// Feeds the next bytes of the payload.
+    pub fn update(&mut self, payload: &[u8]) {
+        self.0.update(payload);
+    }
+
+    /// Whether header and payload fed so far match `expected` (the header's checksum field);
+    /// [`DecodeError::Checksum`], a recoverable error, if not.
+    pub fn finish(&self, expected: u32) -> Result<(), DecodeError> {
+        let computed = self.0.finish();
+        if computed != expected {
+            return Err(DecodeError::Checksum { expected, computed });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -542,6 +567,35 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn a_payload_checked_piece_by_piece_passes_and_one_flipped_bit_fails(
+            len in 0usize..5000,
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+            flip in any::<prop::sample::Index>(),
+        ) {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 31 + i / 5) as u8).collect();
+            let wire = sample(FrameKind::Data, &payload).to_bytes();
+            let (head, body) = wire.split_at(HEADER_LEN);
+            let expected = u32::from_le_bytes(head[HEADER_LEN - 4..].try_into().expect("4 bytes"));
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(len + 1)).collect();
+            at.push(0);
+            at.push(len);
+            at.sort_unstable();
+            let mut v = FrameVerifier::new(head);
+            for w in at.windows(2) {
+                v.update(&body[w[0]..w[1]]);
+            }
+            prop_assert_eq!(v.finish(expected), Ok(()));
+            prop_assert_eq!(FrameDecoder::verify(head, body, expected), Ok(()));
+            if len > 0 {
+                let mut bad = body.to_vec();
+                bad[flip.index(len)] ^= 0x10;
+                let mut v = FrameVerifier::new(head);
+                v.update(&bad);
+                prop_assert!(matches!(v.finish(expected), Err(DecodeError::Checksum { .. })), "corruption caught");
+            }
+        }
+
         #[test]
         fn encode_decode_round_trips_across_arbitrary_split_points(
             frames in proptest::collection::vec(arb_frame(), 1..6),
