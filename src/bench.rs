@@ -88,6 +88,9 @@ pub enum BenchAlgorithm {
     Ring,
     /// Recursive doubling, at every size.
     RecursiveDoubling,
+    /// Recursive halving then doubling (Rabenseifner) at every size; the ring when the world is
+    /// not a power of two.
+    HalvingDoubling,
 }
 
 impl BenchAlgorithm {
@@ -97,6 +100,7 @@ impl BenchAlgorithm {
             BenchAlgorithm::Auto => phalanx_node::AllReduceAlgorithm::Auto,
             BenchAlgorithm::Ring => phalanx_node::AllReduceAlgorithm::Ring,
             BenchAlgorithm::RecursiveDoubling => phalanx_node::AllReduceAlgorithm::RecursiveDoubling,
+            BenchAlgorithm::HalvingDoubling => phalanx_node::AllReduceAlgorithm::HalvingDoubling,
         }
     }
 }

@@ -74,6 +74,13 @@ pub fn small_all_reduce_limit(world: usize) -> usize {
     }
 }
 
+/// All-gathers of fewer bytes (the gathered buffer) over a power-of-two group of more than two
+/// ranks run by recursive doubling (`log₂ n` rounds) instead of the ring (`n − 1` rounds; the
+/// same bytes). Measured (docs/performance.md, 2026-12-02, world 4): 4 KiB 150–222 µs against
+/// 186–350 by the ring, 16 KiB 144–151 against 185–283, 32 KiB 175–383 against 247–399; at
+/// 64 KiB the ring was faster in four runs of five.
+pub const SMALL_ALL_GATHER_BYTES: usize = 64 << 10;
+
 /// Tag bit of control messages (reports and decisions); data messages carry
 /// `op_seq << ATTEMPT_BITS | attempt`.
 const CONTROL: u64 = 1 << 63;
@@ -96,6 +103,9 @@ pub enum AllReduceAlgorithm {
     Ring,
     /// Recursive doubling (latency-optimal).
     RecursiveDoubling,
+    /// Recursive halving then doubling (Rabenseifner: bandwidth-optimal in `2·log₂ n` rounds);
+    /// the ring when the world is not a power of two.
+    HalvingDoubling,
     /// Hierarchical: reduce-scatter in each data centre, all-reduce across them, all-gather
     /// (see [`hierarchical`]); the ring when there is one data centre.
     Hierarchical,
@@ -131,6 +141,9 @@ pub fn all_reduce_schedule_on(
     let world = topology.world();
     match choose_all_reduce(algorithm, topology, bytes) {
         AllReduceAlgorithm::RecursiveDoubling => halving_doubling::all_reduce(rank, world),
+        AllReduceAlgorithm::HalvingDoubling if world.is_power_of_two() => {
+            halving_doubling::reduce_scatter_all_gather(rank, world).expect("a power of two")
+        }
         AllReduceAlgorithm::Hierarchical => hierarchical::all_reduce(rank, topology),
         _ => ring::schedule(Collective::AllReduce, rank, world).expect("the ring implements all-reduce"),
     }
@@ -266,6 +279,10 @@ impl Op {
                 (all_reduce_schedule_on(algorithm, v, &topology.restrict(participants), bytes), None)
             }
             Op::ReduceScatter { .. } => mapped(Collective::ReduceScatter),
+            Op::AllGather if k > 2 && k.is_power_of_two() && bytes < SMALL_ALL_GATHER_BYTES => {
+                let s = halving_doubling::all_gather(v, k).expect("a power of two");
+                (s, Some((world, participants.to_vec())))
+            }
             Op::AllGather | Op::CompressedAllReduce { .. } => mapped(Collective::AllGather),
             Op::Broadcast { root } => (tree::broadcast(index(root).ok_or(root)?, v, k), None),
             Op::Reduce { root, .. } => (tree::reduce(index(root).ok_or(root)?, v, k), None),

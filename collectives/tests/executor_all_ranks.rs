@@ -80,7 +80,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
-    fn all_reduce_ring_and_recursive_doubling_agree_with_the_reference(
+    fn all_reduce_schedules_agree_with_the_reference(
         world in 1usize..=16,
         count in prop_oneof![Just(0usize), Just(1), Just(13), 0usize..300],
         dtype_i in 0usize..6,
@@ -94,6 +94,9 @@ proptest! {
         check_all_reduce(ring, dtype, op, count, &picks, seg);
         let rd: Vec<_> = (0..world).map(|r| halving_doubling::all_reduce(r, world)).collect();
         check_all_reduce(rd, dtype, op, count, &picks, seg);
+        if let Some(hd) = (0..world).map(|r| halving_doubling::reduce_scatter_all_gather(r, world)).collect::<Option<Vec<_>>>() {
+            check_all_reduce(hd, dtype, op, count, &picks, seg);
+        }
         let t = hierarchical::Topology::new((0..world).map(|r| r * 3 / world.max(1)).collect());
         let hier: Vec<_> = (0..world).map(|r| hierarchical::all_reduce(r, &t)).collect();
         check_all_reduce(hier, dtype, op, count, &picks, seg);

@@ -323,6 +323,8 @@ pub enum AlgorithmKind {
     Ring,
     /// Recursive doubling.
     RecursiveDoubling,
+    /// Recursive halving then doubling (the ring when the world is not a power of two).
+    HalvingDoubling,
     /// Hierarchical across data centres.
     Hierarchical,
 }

@@ -1114,6 +1114,7 @@ impl<'a> Sim<'a> {
             AlgorithmKind::Auto => AllReduceAlgorithm::Auto,
             AlgorithmKind::Ring => AllReduceAlgorithm::Ring,
             AlgorithmKind::RecursiveDoubling => AllReduceAlgorithm::RecursiveDoubling,
+            AlgorithmKind::HalvingDoubling => AllReduceAlgorithm::HalvingDoubling,
             AlgorithmKind::Hierarchical => AllReduceAlgorithm::Hierarchical,
         }
     }

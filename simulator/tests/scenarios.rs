@@ -81,7 +81,7 @@ fn chaos_scenario(seed: u64, flow_level: bool) -> String {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dcs = rng.random_range(2..=3);
     let policy = ["shrink", "quorum", "abort"][rng.random_range(0..3)];
-    let algorithm = ["auto", "ring", "hierarchical", "recursive_doubling"][rng.random_range(0..4)];
+    let algorithm = ["auto", "ring", "hierarchical", "recursive_doubling", "halving_doubling"][rng.random_range(0..5)];
     let ranks = dcs * 2 * 2;
     let mut text = format!(
         r#"name = "chaos-{seed}"

@@ -530,6 +530,23 @@ fn auto_picks_by_size_and_topology() {
 }
 
 #[test]
+fn small_all_gathers_over_a_power_of_two_group_take_log2_rounds() {
+    let rounds = |participants: &[usize], world: usize, bytes: usize| {
+        let (s, map) = Op::AllGather.schedule(participants[0], participants, &Topology::flat(world), bytes).unwrap();
+        assert_eq!(map, Some((world, participants.to_vec())), "blocks stay the participants' own");
+        s.rounds.len()
+    };
+    let small = SMALL_ALL_GATHER_BYTES - 1;
+    assert_eq!(rounds(&[0, 1, 2, 3], 4, small), 2, "recursive doubling");
+    assert_eq!(rounds(&(0..8).collect::<Vec<_>>(), 8, small), 3);
+    assert_eq!(rounds(&[0, 1, 2, 3], 4, SMALL_ALL_GATHER_BYTES), 3, "the ring from the limit on");
+    assert_eq!(rounds(&[0, 1, 2], 3, small), 2, "the ring: not a power of two");
+    assert_eq!(rounds(&[0, 1, 3, 5, 6], 7, small), 4, "five survivors of seven: the ring");
+    assert_eq!(rounds(&[1, 2, 4, 6], 7, small), 2, "four survivors of seven: recursive doubling");
+    assert_eq!(rounds(&[0, 1], 2, small), 1, "two ranks: one exchange either way");
+}
+
+#[test]
 fn a_compressed_all_reduce_is_bit_identical_everywhere_and_close_to_the_exact_sum() {
     for compression in [Compression::Int8, Compression::Int4] {
         let (world, len) = (4, 700);

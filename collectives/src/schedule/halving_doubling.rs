@@ -109,6 +109,16 @@ pub fn all_gather(rank: usize, world: usize) -> Option<Schedule> {
     Some(Schedule { blocks: world, rounds })
 }
 
+/// Recursive-halving reduce-scatter followed by recursive-doubling all-gather (Rabenseifner's
+/// all-reduce) for a power-of-two `world` (`None` otherwise): bandwidth-optimal like the ring,
+/// `(n − 1)·S/n` bytes each way per rank, in `2·log₂ n` rounds instead of `2(n − 1)`, with
+/// larger messages per round (half the buffer in the first and last).
+pub fn reduce_scatter_all_gather(rank: usize, world: usize) -> Option<Schedule> {
+    let mut s = reduce_scatter(rank, world)?;
+    s.rounds.extend(all_gather(rank, world)?.rounds);
+    Some(s)
+}
+
 /// The schedule of `collective`: all-reduce by recursive doubling (any world), reduce-scatter
 /// by recursive halving and all-gather by recursive doubling (power-of-two worlds); `None`
 /// otherwise.
@@ -129,6 +139,11 @@ mod tests {
     #[test]
     fn halving_and_doubling_are_correct_for_every_power_of_two_up_to_64() {
         for world in [1usize, 2, 4, 8, 16, 32, 64] {
+            let rabenseifner: Vec<Schedule> =
+                (0..world).map(|r| reduce_scatter_all_gather(r, world).expect("power of two")).collect();
+            symbolic::check(Collective::AllReduce, world, &rabenseifner)
+                .unwrap_or_else(|e| panic!("halving-doubling all-reduce over {world}: {e:?}"));
+            assert_eq!(rabenseifner[0].rounds.len(), 2 * world.trailing_zeros() as usize, "2·log₂ n rounds");
             for c in [Collective::ReduceScatter, Collective::AllGather, Collective::AllReduce] {
                 let s: Vec<Schedule> = (0..world).map(|r| schedule(c, r, world).expect("power of two")).collect();
                 symbolic::check(c, world, &s).unwrap_or_else(|e| panic!("{c:?} over {world}: {e:?}"));
@@ -141,5 +156,6 @@ mod tests {
             }
         }
         assert!(reduce_scatter(0, 6).is_none() && all_gather(0, 12).is_none());
+        assert!(reduce_scatter_all_gather(2, 3).is_none());
     }
 }

@@ -18,10 +18,11 @@ use phalanx_proto::RankId;
 
 const DTYPES: [DType; 6] = [DType::F32, DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64];
 const OPS: [ReduceOp; 5] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Min, ReduceOp::Max, ReduceOp::Prod];
-const ALGORITHMS: [AllReduceAlgorithm; 4] = [
+const ALGORITHMS: [AllReduceAlgorithm; 5] = [
     AllReduceAlgorithm::Auto,
     AllReduceAlgorithm::Ring,
     AllReduceAlgorithm::RecursiveDoubling,
+    AllReduceAlgorithm::HalvingDoubling,
     AllReduceAlgorithm::Hierarchical,
 ];
 const DEADLINE: Duration = Duration::from_secs(60);
