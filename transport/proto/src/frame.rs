@@ -408,7 +408,8 @@ pub struct FrameVerifier(Crc32c);
 
 impl FrameVerifier {
     /// Starts with the frame's encoded header (`HEADER_LEN` bytes; its checksum field is not
-    /// covered).
+    /// covered). Panics if `header` is shorter than `HEADER_LEN - 4` (a caller's bug: readers
+    /// pass the header they decoded).
     pub fn new(header: &[u8]) -> FrameVerifier {
         let mut crc = Crc32c::new();
         crc.update(&header[..HEADER_LEN - 4]);
