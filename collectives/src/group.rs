@@ -270,20 +270,18 @@ impl Op {
         let k = participants.len();
         let index = |r: usize| participants.iter().position(|p| *p == r);
         let v = index(rank).expect("a participant");
-        let mapped = |c| {
-            let s = ring::schedule(c, v, k).expect("the ring implements reduce-scatter and all-gather");
-            (s, Some((world, participants.to_vec())))
-        };
+        // Over the participants' own blocks of the caller's buffer.
+        let mapped = |s: Schedule| (s, Some((world, participants.to_vec())));
+        let ring = |c| ring::schedule(c, v, k).expect("the ring implements reduce-scatter and all-gather");
         Ok(match self {
             Op::AllReduce { algorithm, .. } => {
                 (all_reduce_schedule_on(algorithm, v, &topology.restrict(participants), bytes), None)
             }
-            Op::ReduceScatter { .. } => mapped(Collective::ReduceScatter),
+            Op::ReduceScatter { .. } => mapped(ring(Collective::ReduceScatter)),
             Op::AllGather if k > 2 && k.is_power_of_two() && bytes < SMALL_ALL_GATHER_BYTES => {
-                let s = halving_doubling::all_gather(v, k).expect("a power of two");
-                (s, Some((world, participants.to_vec())))
+                mapped(halving_doubling::all_gather(v, k).expect("a power of two"))
             }
-            Op::AllGather | Op::CompressedAllReduce { .. } => mapped(Collective::AllGather),
+            Op::AllGather | Op::CompressedAllReduce { .. } => mapped(ring(Collective::AllGather)),
             Op::Broadcast { root } => (tree::broadcast(index(root).ok_or(root)?, v, k), None),
             Op::Reduce { root, .. } => (tree::reduce(index(root).ok_or(root)?, v, k), None),
             Op::Barrier => (halving_doubling::all_reduce(v, k), None),

@@ -288,7 +288,8 @@ impl FrameDecoder {
 
     /// Parses and checks a frame header (the first [`HEADER_LEN`] bytes of `header`).
     /// Returns the header, the payload length and the checksum it carries. Fatal errors only:
-    /// the checksum is checked by [`FrameDecoder::verify`] once the payload is there.
+    /// the checksum is checked by [`FrameDecoder::verify`] once the payload is there (or by a
+    /// [`FrameVerifier`] fed as it arrives).
     pub fn decode_header(&self, header: &[u8]) -> Result<(Header, u32, u32), DecodeError> {
         assert!(header.len() >= HEADER_LEN, "decode_header needs a whole header");
         let mut h = &header[..HEADER_LEN];
