@@ -36,12 +36,13 @@ use std::ops::Range;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
-use phalanx_proto::checksum::Crc32c;
+use phalanx_proto::checksum::{crc32c, crc32c_combine, Crc32c};
 use phalanx_proto::frame::PRECOMPUTED_CRC_MIN;
 use phalanx_proto::Payload;
 
 use crate::reduce::{divide, reduce_into, DType, ReduceOp};
 use crate::schedule::{block_range, Combine, Schedule};
+use crate::streaming_copy::{self, STREAMING_MIN};
 
 /// Bytes of the per-message header.
 pub const MESSAGE_HEADER: usize = 20;
@@ -147,6 +148,14 @@ enum Waiter {
     Recv(u32, u32),
 }
 
+/// What touched a unit of the buffer, in schedule order: a send segment read it, or a receive
+/// segment wrote it (global segment indices).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Touch {
+    Read(u32),
+    Write(u32, Combine),
+}
+
 /// For every unit of the buffer, the segments waiting on its count of receives applied (or of
 /// sends encoded), sorted by the count they need; stored flat (one list for all units, with
 /// offsets).
@@ -232,11 +241,15 @@ pub struct Executor {
     /// Segments free to go (sends) or to be applied (receives whose data is here), in the
     /// order they became so.
     ready: VecDeque<Waiter>,
-    /// Segments that arrived before they could be applied: `(recv, segment)` → data.
-    early: BTreeMap<(usize, usize), Vec<Bytes>>,
+    /// Segments that arrived before they could be applied: `(recv, segment)` → data, and its
+    /// checksum when the transport gave it and the data is one chunk.
+    early: BTreeMap<(usize, usize), (Vec<Bytes>, Option<u32>)>,
     /// Per receive segment: the send segment (`(send, segment)`) that forwards its data
     /// unchanged (see [`Executor::forwarding_sends`]); empty for a phantom buffer.
     sent_on: Vec<Option<(u32, u32)>>,
+    /// Per receive segment: copied into the buffer with streaming stores (empty: none; see
+    /// [`Executor::streamed_receives`]).
+    streamed: Vec<bool>,
     /// Per send segment: its message, made when the receive it sends on was applied (only when
     /// that data arrived as one buffer; otherwise the send takes a snapshot as usual).
     prepared: Vec<Option<Payload>>,
@@ -344,6 +357,7 @@ impl Executor {
             ready: VecDeque::new(),
             early: BTreeMap::new(),
             sent_on: Vec::new(),
+            streamed: Vec::new(),
             prepared: Vec::new(),
             outbox: VecDeque::new(),
             sends_left: 0,
@@ -427,7 +441,11 @@ impl Executor {
         e.version_waiters = Waiters::new(units, version_entries);
         e.encoded_waiters = Waiters::new(units, encoded_entries);
         if !e.phantom {
-            e.sent_on = e.forwarding_sends(schedule.rounds.len(), recv_segs);
+            let touches = e.touches(schedule.rounds.len());
+            e.sent_on = e.forwarding_sends(&touches, recv_segs);
+            if e.buf.len() >= STREAMING_MIN {
+                e.streamed = e.streamed_receives(&touches, &e.sent_on);
+            }
             e.prepared = vec![None; send_segs];
         }
         e.sends_left = send_segs;
@@ -455,13 +473,9 @@ impl Executor {
     ///
     /// (Writing a ring reduce-scatter's partial sums straight into their messages instead of
     /// the buffer was tried on 2026-12-01 and measured slower: docs/performance.md.)
-    fn forwarding_sends(&self, rounds: usize, recv_segs: usize) -> Vec<Option<(u32, u32)>> {
-        /// What touched a unit, in order: a send segment read it, or a receive segment wrote it.
-        #[derive(Clone, Copy, PartialEq)]
-        enum Touch {
-            Read(u32),
-            Write(u32, Combine),
-        }
+    /// Per unit, what touched it, in schedule order (sends of a round read a unit before its
+    /// receives write it).
+    fn touches(&self, rounds: usize) -> Vec<Vec<Touch>> {
         let mut touches: Vec<Vec<Touch>> = vec![Vec::new(); self.bounds.len() - 1];
         let (mut si, mut ri) = (0, 0);
         for r in 0..rounds {
@@ -484,6 +498,37 @@ impl Executor {
                 ri += 1;
             }
         }
+        touches
+    }
+
+    /// For each receive segment, whether it may be copied into the buffer with streaming
+    /// stores ([`crate::streaming_copy`]): a `Copy` whose elements nothing reads afterwards in
+    /// this collective — no later send (except the one that forwards the received buffer
+    /// itself, [`Executor::forwarding_sends`]) and no later reduction into them. Data copied so
+    /// bypasses the cache, so a later read would have to fetch it from memory.
+    fn streamed_receives(&self, touches: &[Vec<Touch>], sent_on: &[Option<(u32, u32)>]) -> Vec<bool> {
+        let mut streamed = vec![false; sent_on.len()];
+        for v in self.recvs.iter().filter(|v| v.combine == Combine::Copy) {
+            for seg in 0..v.t.segs {
+                let at = v.t.first_seg + seg;
+                let forward = sent_on[at].map(|(i, s)| (self.sends[i as usize].first_seg + s as usize) as u32);
+                streamed[at] = self.units(self.segment(&v.t, seg)).all(|u| {
+                    let l = &touches[u];
+                    let p = l
+                        .iter()
+                        .position(|x| *x == Touch::Write(at as u32, Combine::Copy))
+                        .expect("it wrote its units");
+                    l[p + 1..].iter().all(|x| match *x {
+                        Touch::Read(send) => Some(send) == forward,
+                        Touch::Write(_, c) => c == Combine::Copy,
+                    })
+                });
+            }
+        }
+        streamed
+    }
+
+    fn forwarding_sends(&self, touches: &[Vec<Touch>], recv_segs: usize) -> Vec<Option<(u32, u32)>> {
         let mut sent_on = vec![None; recv_segs];
         for (i, t) in self.sends.iter().enumerate() {
             for seg in 0..t.segs {
@@ -625,13 +670,13 @@ impl Executor {
 
     /// Combines a received segment, given as consecutive chunks (the transport's frame
     /// buffers, uncopied), into the elements `elems` (schedule order).
-    fn apply(&mut self, elems: Range<usize>, combine: Combine, data: &[Bytes]) {
+    fn apply(&mut self, elems: Range<usize>, combine: Combine, data: &[Bytes], streamed: bool) {
         if self.phantom {
             return;
         }
         let size = self.dtype.size();
         if self.mapped.is_none() {
-            return self.apply_contiguous(elems.start * size..elems.end * size, combine, data);
+            return self.apply_contiguous(elems.start * size..elems.end * size, combine, data, streamed);
         }
         let pieces: Vec<Range<usize>> = self.pieces(elems).collect();
         let mut off = 0;
@@ -639,13 +684,13 @@ impl Executor {
             let len = (r.end - r.start) * size;
             let part = slice_chunks(data, off, len);
             off += len;
-            self.apply_contiguous(r.start * size..r.end * size, combine, &part);
+            self.apply_contiguous(r.start * size..r.end * size, combine, &part, streamed);
         }
     }
 
     /// Combines `data` (chunks whose boundaries may split an element) into the buffer's bytes
-    /// `range`.
-    fn apply_contiguous(&mut self, range: Range<usize>, combine: Combine, data: &[Bytes]) {
+    /// `range`; a `Copy` with streaming stores if `streamed`.
+    fn apply_contiguous(&mut self, range: Range<usize>, combine: Combine, data: &[Bytes], streamed: bool) {
         let dst = &mut self.buf[range];
         let size = self.dtype.size();
         // Bytes of the segment consumed so far, and the start of an element split across chunks.
@@ -654,7 +699,11 @@ impl Executor {
         for chunk in data {
             let mut c = &chunk[..];
             if combine == Combine::Copy {
-                dst[off..off + c.len()].copy_from_slice(c);
+                if streamed {
+                    streaming_copy::copy(&mut dst[off..off + c.len()], c);
+                } else {
+                    dst[off..off + c.len()].copy_from_slice(c);
+                }
                 off += c.len();
                 continue;
             }
@@ -721,8 +770,8 @@ impl Executor {
                 }
                 Waiter::Recv(j, seg) => {
                     let (j, seg) = (j as usize, seg as usize);
-                    let data = self.early.remove(&(j, seg)).expect("queued with its data");
-                    self.apply_recv(j, seg, &data);
+                    let (data, crc) = self.early.remove(&(j, seg)).expect("queued with its data");
+                    self.apply_recv(j, seg, &data, crc);
                 }
             }
         }
@@ -734,16 +783,21 @@ impl Executor {
         }
     }
 
-    fn apply_recv(&mut self, j: usize, seg: usize, data: &[Bytes]) {
+    /// Applies a receive segment's `data`; `crc` is its checksum if the transport gave one
+    /// (a single chunk only).
+    fn apply_recv(&mut self, j: usize, seg: usize, data: &[Bytes], crc: Option<u32>) {
         let elems = self.segment(&self.recvs[j].t, seg);
         let at = self.recvs[j].t.first_seg + seg;
-        self.apply(elems.clone(), self.recvs[j].combine, data);
+        self.apply(elems.clone(), self.recvs[j].combine, data, self.streamed.get(at).copied().unwrap_or(false));
         // A receive that a send forwards makes that send's message now, when its data arrived
         // as one buffer (else the send takes a snapshot, as any other).
         if let (Some((i, s)), [one]) = (self.sent_on.get(at).copied().flatten(), data) {
             let (i, s) = (i as usize, s as usize);
             let mut p = Payload::from(self.header(i, s, 0).freeze());
-            p.push(one.clone());
+            match crc {
+                Some(crc) => p.push_checked(one.clone(), crc),
+                None => p.push(one.clone()),
+            }
             self.prepared[self.sends[i].first_seg + s] = Some(p);
         }
         for u in self.units(elems) {
@@ -783,6 +837,24 @@ impl Executor {
     /// than it holds (0 for a real one). A real executor refuses phantom data and a phantom
     /// one real data, as [`ExecError::WrongLength`].
     pub fn handle_chunks_sized(&mut self, from: usize, chunks: &[Bytes], phantom: usize) -> Result<(), ExecError> {
+        self.receive(from, chunks, |_| None, phantom)
+    }
+
+    /// Like [`Executor::handle_chunks_sized`] for a message as the transport delivered it,
+    /// with the checksums it verified ([`Payload::chunk_crc`]): a segment that a later send
+    /// forwards unchanged goes out with its checksum, so the transport does not read it again
+    /// to checksum the frame.
+    pub fn handle_payload_sized(&mut self, from: usize, payload: &Payload, phantom: usize) -> Result<(), ExecError> {
+        self.receive(from, payload.chunks(), |i| payload.chunk_crc(i), phantom)
+    }
+
+    fn receive(
+        &mut self,
+        from: usize,
+        chunks: &[Bytes],
+        crcs: impl Fn(usize) -> Option<u32>,
+        phantom: usize,
+    ) -> Result<(), ExecError> {
         let len: usize = chunks.iter().map(|c| c.len()).sum();
         if len < MESSAGE_HEADER {
             return Err(ExecError::Truncated { from, len, need: MESSAGE_HEADER });
@@ -790,14 +862,22 @@ impl Executor {
         // The header may straddle chunks; the data after it is kept as slices of the chunks.
         let mut header = [0u8; MESSAGE_HEADER];
         let mut data = Vec::with_capacity(chunks.len());
+        // The data's checksum, when it is one chunk whose checksum (or its chunk's) is known.
+        let mut data_crc = None;
         let mut skip = MESSAGE_HEADER;
-        for c in chunks {
+        for (i, c) in chunks.iter().enumerate() {
             let h = skip.min(c.len());
             header[MESSAGE_HEADER - skip..MESSAGE_HEADER - skip + h].copy_from_slice(&c[..h]);
             skip -= h;
             if h < c.len() {
                 data.push(c.slice(h..));
+                data_crc = (data.len() == 1 && c.len() - h >= PRECOMPUTED_CRC_MIN)
+                    .then(|| crcs(i).map(|crc| suffix_crc(crc, &c[..h], c.len() - h)))
+                    .flatten();
             }
+        }
+        if data.len() != 1 {
+            data_crc = None;
         }
         let mut hdr = &header[..];
         let op_seq = hdr.get_u64_le();
@@ -823,7 +903,7 @@ impl Executor {
             return Err(ExecError::WrongLength { from, block, len, expected });
         }
         let ready = self.recv_wait[t.first_seg + seg] == 0;
-        self.early.insert((j, seg), data);
+        self.early.insert((j, seg), (data, data_crc));
         if ready {
             self.ready.push_back(Waiter::Recv(j as u32, seg as u32));
             self.advance();
@@ -864,6 +944,13 @@ impl Executor {
     }
 }
 
+/// The CRC32C of the last `len` bytes of a chunk, from the chunk's (`whole`) and its first
+/// bytes (`head`): `crc(head ‖ tail) = crc(head)·x^(8·len) ⊕ crc(tail)`, so the tail's is
+/// `whole ⊕ crc(head)·x^(8·len)`, which `crc32c_combine` with an empty second part computes.
+fn suffix_crc(whole: u32, head: &[u8], len: usize) -> u32 {
+    whole ^ crc32c_combine(crc32c(head), 0, len)
+}
+
 /// A message of one part, with its CRC32C when one was taken.
 fn checked_payload(m: BytesMut, crc: Option<u32>) -> Payload {
     let mut p = Payload::new();
@@ -892,4 +979,42 @@ fn slice_chunks(chunks: &[Bytes], start: usize, len: usize) -> Vec<Bytes> {
         skip = 0;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::{halving_doubling, ring, Collective};
+
+    /// Per receive segment: (its round, how it combines, streamed).
+    fn plan(schedule: Schedule, world: usize, bytes: usize) -> Vec<(usize, Combine, bool)> {
+        let e = Executor::new(schedule, 1, DType::U8, ReduceOp::Sum, world, vec![0; bytes]);
+        let mut out = Vec::new();
+        for v in &e.recvs {
+            for seg in 0..v.t.segs {
+                out.push((v.t.round, v.combine, e.streamed.get(v.t.first_seg + seg).copied().unwrap_or(false)));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn only_copies_that_nothing_reads_afterwards_are_streamed_and_only_into_large_buffers() {
+        let (world, big) = (4, STREAMING_MIN + 4096);
+        // Ring all-gather: each receive is forwarded as the received buffer, or never read.
+        let p = plan(ring::schedule(Collective::AllGather, 1, world).expect("ring"), world, big);
+        assert!(p.len() > world && p.iter().all(|(.., s)| *s), "{p:?}");
+        // Ring all-reduce: the reduce-scatter's receives are reductions, the all-gather's copies.
+        let p = plan(ring::schedule(Collective::AllReduce, 2, world).expect("ring"), world, big);
+        assert!(p.iter().any(|(_, c, _)| *c == Combine::Reduce));
+        assert!(p.iter().all(|(_, c, s)| *s == (*c == Combine::Copy)), "{p:?}");
+        // Recursive doubling: what a round receives the next one sends as part of a larger
+        // range, from the buffer; only the last round's receives are left unread.
+        let p = plan(halving_doubling::all_gather(0, world).expect("power of two"), world, big);
+        let last = p.iter().map(|(r, ..)| *r).max().expect("receives");
+        assert!(p.iter().all(|(r, _, s)| *s == (*r == last)), "{p:?}");
+        // A buffer the caches may hold: nothing streamed.
+        let p = plan(ring::schedule(Collective::AllGather, 1, world).expect("ring"), world, STREAMING_MIN - 4096);
+        assert!(p.iter().all(|(.., s)| !*s));
+    }
 }

@@ -501,7 +501,7 @@ pub struct Group {
     running: Option<Call>,
     /// Data messages for later collectives or attempts: `(op_seq, attempt, from, chunks,
     /// phantom bytes)`.
-    backlog: Vec<(u64, u32, usize, Vec<Bytes>, usize)>,
+    backlog: Vec<(u64, u32, usize, Payload, usize)>,
     /// Decisions for collectives this rank has not started yet, in arrival order.
     early_decisions: BTreeMap<u64, Vec<Decision>>,
     /// The latest report of each rank (what a coordinator decides from, also after it takes
@@ -738,8 +738,8 @@ impl Group {
         let before = self.backlog.len();
         self.backlog.retain(|(s, a, ..)| *s > op_seq || *a > attempt);
         self.counters.stale_messages += (before - self.backlog.len()) as u64;
-        for (_, _, from, chunks, phantom) in mine {
-            self.deliver(from, chunks, phantom);
+        for (_, _, from, payload, phantom) in mine {
+            self.deliver(from, payload, phantom);
         }
     }
 
@@ -837,10 +837,25 @@ impl Group {
     /// Like [`Group::handle_message`], for a message standing for `phantom` more bytes than it
     /// holds (what [`Group::poll_send_sized`] said at the sender).
     pub fn handle_message_sized(&mut self, from: usize, chunks: Vec<Bytes>, phantom: usize, now: u64) {
+        let mut payload = Payload::new();
+        for c in chunks {
+            payload.push(c);
+        }
+        self.receive(from, payload, phantom, now)
+    }
+
+    /// Like [`Group::handle_message`], for a message as the transport delivered it, with the
+    /// checksums it verified ([`Payload::chunk_crc`]; a segment forwarded unchanged is sent on
+    /// with its checksum, not read again).
+    pub fn handle_payload(&mut self, from: usize, payload: Payload, now: u64) {
+        self.receive(from, payload, 0, now)
+    }
+
+    fn receive(&mut self, from: usize, payload: Payload, phantom: usize, now: u64) {
         self.now = now.max(self.now);
         let mut head = [0u8; 8];
         let mut have = 0;
-        for c in &chunks {
+        for c in payload.chunks() {
             let n = (8 - have).min(c.len());
             head[have..have + n].copy_from_slice(&c[..n]);
             have += n;
@@ -851,7 +866,7 @@ impl Group {
         }
         let tag = u64::from_le_bytes(head);
         if tag & CONTROL != 0 {
-            let mut body = concat(chunks);
+            let mut body = payload.to_bytes();
             body.advance(8);
             match decode_control(body, self.world) {
                 Some(Control::Report(r)) => self.handle_report(from, r),
@@ -872,9 +887,9 @@ impl Group {
                 },
             };
             if deliver {
-                self.deliver(from, chunks, phantom);
+                self.deliver(from, payload, phantom);
             } else if keep {
-                self.backlog.push((op_seq, attempt, from, chunks, phantom));
+                self.backlog.push((op_seq, attempt, from, payload, phantom));
             } else {
                 self.counters.stale_messages += 1;
             }
@@ -886,16 +901,16 @@ impl Group {
         matches!(self.running.as_ref().map(|c| &c.phase), Some(Phase::Finished(_)))
     }
 
-    fn deliver(&mut self, from: usize, chunks: Vec<Bytes>, phantom: usize) {
+    fn deliver(&mut self, from: usize, payload: Payload, phantom: usize) {
         let Some(call) = self.running.as_mut() else { return };
         let result: Result<(), ExecError> = match &mut call.phase {
             // Participant lists are ascending (plans are built so, and decoded ones checked).
             Phase::Running { exec, participants, .. } => match participants.binary_search(&from) {
-                Ok(v) => exec.handle_chunks_sized(v, &chunks, phantom),
+                Ok(v) => exec.handle_payload_sized(v, &payload, phantom),
                 Err(_) => Err(ExecError::Unexpected { from, round: 0, block: 0 }),
             },
             Phase::AllToAll(_) if phantom != 0 => Err(ExecError::Unexpected { from, round: 0, block: 0 }),
-            Phase::AllToAll(a) => a.handle_message(from, concat(chunks)),
+            Phase::AllToAll(a) => a.handle_message(from, payload.to_bytes()),
             _ => Ok(()),
         };
         if result.is_err() {
@@ -1478,15 +1493,6 @@ fn result_hash(result: &[u8], op: Op, dtype: DType, participants: &[usize], worl
         d.update(result);
     }
     d.finalize().max(1)
-}
-
-/// One contiguous buffer from chunks (no copy for a single chunk).
-fn concat(chunks: Vec<Bytes>) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.into_iter().next().expect("one chunk"),
-        _ => chunks.concat().into(),
-    }
 }
 
 // ---- control messages ----

@@ -21,4 +21,5 @@ pub mod group;
 pub mod reduce;
 pub mod reference;
 pub mod schedule;
+pub mod streaming_copy;
 pub mod symbolic;

@@ -164,6 +164,63 @@ fn a_ring_all_gather_forwards_received_segments_without_copying_them() {
     }
 }
 
+/// A segment the transport delivered with its checksum is forwarded with the checksum of its
+/// data (derived, not recomputed), whether the header and the data came as one chunk or two;
+/// without checksums from the transport, the forwarded data has none either (the transport
+/// then checksums the frame itself).
+#[test]
+fn a_forwarded_segment_carries_the_checksum_the_transport_verified() {
+    use phalanx_proto::checksum::crc32c;
+    use phalanx_proto::Payload;
+    let header = phalanx_collectives::executor::MESSAGE_HEADER;
+    // Blocks of 300 000 bytes: one segment each, large enough for the transport to use a
+    // precomputed checksum.
+    let (world, count) = (3, 3 * 75_000);
+    for with_crcs in [true, false] {
+        let mut ex: Vec<Executor> = (0..world)
+            .map(|r| {
+                let s = ring::schedule(Collective::AllGather, r, world).unwrap();
+                Executor::new(s, 2, DType::I32, ReduceOp::Sum, world, input(DType::I32, r, count))
+            })
+            .collect();
+        let mut queue: VecDeque<(usize, usize, Bytes)> = VecDeque::new();
+        let (mut forwarded, mut delivered) = (0, 0);
+        loop {
+            for (r, e) in ex.iter_mut().enumerate() {
+                while let Some((to, m)) = e.poll_send() {
+                    if let [_, data] = m.chunks() {
+                        forwarded += 1;
+                        let expected = with_crcs.then(|| crc32c(data));
+                        assert_eq!(m.chunk_crc(1), expected, "rank {r}'s forwarded data and its checksum");
+                    }
+                    queue.push_back((r, to, m.to_bytes()));
+                }
+            }
+            let Some((from, to, m)) = queue.pop_front() else { break };
+            let mut p = Payload::new();
+            let crc = |b: &[u8]| with_crcs.then(|| crc32c(b));
+            if delivered % 2 == 0 {
+                p.push_verified(m.clone(), crc(&m));
+            } else {
+                p.push_verified(m.slice(..header), crc(&m[..header]));
+                p.push_verified(m.slice(header..), crc(&m[header..]));
+            }
+            delivered += 1;
+            ex[to].handle_payload_sized(from, &p, 0).expect("a valid message");
+        }
+        // Two rounds; the second forwards what the first received.
+        assert_eq!(forwarded, world);
+        let ranks: Vec<Vec<u8>> = (0..world).map(|r| input(DType::I32, r, count)).collect();
+        for e in ex {
+            let out = e.into_buffer();
+            for (b, owner) in ranks.iter().enumerate() {
+                let range = phalanx_collectives::schedule::block_range(count, world, b);
+                assert_eq!(out[range.start * 4..range.end * 4], owner[range.start * 4..range.end * 4]);
+            }
+        }
+    }
+}
+
 #[test]
 fn messages_from_another_collective_or_out_of_schedule_are_refused_without_effect() {
     let world = 3;

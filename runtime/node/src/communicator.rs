@@ -200,7 +200,7 @@ impl Driver {
                 // for a collective: ignored.
                 if let Some(slot) = self.slots.iter_mut().find(|s| s.channel == m.channel) {
                     if let Some(from) = slot.index.get(&m.from.0) {
-                        slot.group.handle_message(*from, m.payload.chunks().to_vec(), now);
+                        slot.group.handle_payload(*from, m.payload, now);
                     }
                 }
             }

@@ -292,11 +292,13 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
             // A frame that fails its checksum is not committed: its retransmission takes the
             // same place.
             let input = match verifier.finish(crc) {
-                Ok(()) => LinkInput::Frame(
+                // The payload's own checksum goes up with it: a forwarded payload is sent on
+                // without being read again.
+                Ok(payload_crc) => LinkInput::Frame(
                     link,
                     match own {
-                        Some(p) => Frame { header, payload: p.freeze(), payload_crc: None, message: None },
-                        None => committed(&mut in_order, header, len),
+                        Some(p) => Frame { header, payload: p.freeze(), payload_crc: Some(payload_crc), message: None },
+                        None => Frame { payload_crc: Some(payload_crc), ..committed(&mut in_order, header, len) },
                     },
                 ),
                 Err(e) => LinkInput::DecodeError(link, e),

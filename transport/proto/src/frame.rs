@@ -126,8 +126,10 @@ pub struct Frame {
     pub payload: Bytes,
     /// CRC32C of `payload` if the sender already has it (see [`crate::Payload::push_checked`]):
     /// [`Frame::encode_header`] then checksums the header alone and combines the two (for
-    /// payloads of at least [`PRECOMPUTED_CRC_MIN`]). Frames
-    /// decoded from the wire have `None`; whoever changes `payload` must reset it.
+    /// payloads of at least [`PRECOMPUTED_CRC_MIN`]). A receiving link sets it for the large
+    /// frames it verified piece by piece ([`FrameVerifier::finish`]), and the session hands it
+    /// on with the message ([`crate::Payload::chunk_crc`]); frames decoded whole
+    /// ([`FrameDecoder::decode`]) have `None`. Whoever changes `payload` must reset it.
     pub payload_crc: Option<u32>,
     /// On the last data frame of a message: the whole message in one buffer, when the receiving
     /// link read every frame of it, in order, into that buffer (`payload` and the payloads of the
@@ -327,10 +329,17 @@ impl FrameDecoder {
     }
 
     /// Checks a frame's checksum over its header bytes and payload (recoverable error).
+    /// One pass over both, as a frame decoded whole is (see [`FrameVerifier`] for a payload
+    /// that arrives in pieces).
     pub fn verify(header: &[u8], payload: &[u8], expected: u32) -> Result<(), DecodeError> {
-        let mut v = FrameVerifier::new(header);
-        v.update(payload);
-        v.finish(expected)
+        let mut crc = Crc32c::new();
+        crc.update(&header[..HEADER_LEN - 4]);
+        crc.update(payload);
+        let computed = crc.finish();
+        if computed != expected {
+            return Err(DecodeError::Checksum { expected, computed });
+        }
+        Ok(())
     }
 
     /// Splits one complete frame off the front of `buf`.
@@ -405,31 +414,39 @@ pub fn decode_ranks(mut payload: &[u8], max: usize) -> Vec<RankId> {
 /// A frame's checksum taken piece by piece as its payload arrives, so that a reader can check
 /// each piece right after the socket wrote it, while it is still in the cache, instead of
 /// reading the whole payload again once it is complete (see `phalanx_net`'s link reader).
-pub struct FrameVerifier(Crc32c);
+pub struct FrameVerifier {
+    /// CRC32C of the header's covered bytes.
+    header: u32,
+    /// CRC32C of the payload fed so far, and its length.
+    payload: Crc32c,
+    len: usize,
+}
 
 impl FrameVerifier {
     /// Starts with the frame's encoded header (`HEADER_LEN` bytes; its checksum field is not
     /// covered). Panics if `header` is shorter than `HEADER_LEN - 4` (a caller's bug: readers
     /// pass the header they decoded).
     pub fn new(header: &[u8]) -> FrameVerifier {
-        let mut crc = Crc32c::new();
-        crc.update(&header[..HEADER_LEN - 4]);
-        FrameVerifier(crc)
+        FrameVerifier { header: crate::checksum::crc32c(&header[..HEADER_LEN - 4]), payload: Crc32c::new(), len: 0 }
     }
 
     /// Feeds the next bytes of the payload.
     pub fn update(&mut self, payload: &[u8]) {
-        self.0.update(payload);
+        self.payload.update(payload);
+        self.len += payload.len();
     }
 
     /// Whether header and payload fed so far match `expected` (the header's checksum field);
-    /// [`DecodeError::Checksum`], a recoverable error, if not.
-    pub fn finish(&self, expected: u32) -> Result<(), DecodeError> {
-        let computed = self.0.finish();
+    /// [`DecodeError::Checksum`], a recoverable error, if not. On a match, the CRC32C of the
+    /// payload alone, which a receiver may hand on with the payload (see
+    /// [`Frame::payload_crc`]) so that whoever sends the bytes on need not read them again.
+    pub fn finish(&self, expected: u32) -> Result<u32, DecodeError> {
+        let payload = self.payload.finish();
+        let computed = crate::checksum::crc32c_combine(self.header, payload, self.len);
         if computed != expected {
             return Err(DecodeError::Checksum { expected, computed });
         }
-        Ok(())
+        Ok(payload)
     }
 }
 
@@ -587,7 +604,7 @@ mod tests {
             for w in at.windows(2) {
                 v.update(&body[w[0]..w[1]]);
             }
-            prop_assert_eq!(v.finish(expected), Ok(()));
+            prop_assert_eq!(v.finish(expected), Ok(crate::checksum::crc32c(body)), "the payload's own checksum");
             prop_assert_eq!(FrameDecoder::verify(head, body, expected), Ok(()));
             if len > 0 {
                 let mut bad = body.to_vec();

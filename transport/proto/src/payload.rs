@@ -37,6 +37,13 @@ impl Payload {
         self.push_with(chunk, Some(crc));
     }
 
+    /// Appends a chunk with the CRC32C the transport verified for it, if any: like
+    /// [`Payload::push_checked`] without the debug check (a receiver's checksum was derived
+    /// from the frame's, which matched the bytes).
+    pub fn push_verified(&mut self, chunk: Bytes, crc: Option<u32>) {
+        self.push_with(chunk, crc);
+    }
+
     fn push_with(&mut self, chunk: Bytes, crc: Option<u32>) {
         self.len += chunk.len();
         if !chunk.is_empty() {
@@ -45,8 +52,10 @@ impl Payload {
         }
     }
 
-    /// The CRC32C of chunk `i` if its maker gave it ([`Payload::push_checked`]).
-    pub(crate) fn chunk_crc(&self, i: usize) -> Option<u32> {
+    /// The CRC32C of chunk `i` if its maker gave it ([`Payload::push_checked`]) or the
+    /// transport that received it verified it ([`Payload::push_verified`]): whoever sends the
+    /// chunk on can hand it over instead of reading the bytes again.
+    pub fn chunk_crc(&self, i: usize) -> Option<u32> {
         self.crcs.get(i).copied().flatten()
     }
 

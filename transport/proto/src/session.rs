@@ -75,6 +75,19 @@ struct Assembly {
     channel: ChannelId,
     total: usize,
     buf: Payload,
+    /// CRC32C of `buf`'s bytes so far, while every frame's is known ([`known_crc`]).
+    crc: Option<u32>,
+}
+
+/// Payloads up to this size whose checksum the link did not hand on are checksummed when they
+/// join a message (they are in cache, and a message's checksum needs every part's): the small
+/// first frame of a message sent as a header part and a data part.
+const SMALL_PART: usize = 4096;
+
+/// The CRC32C of a data frame's payload: the one the link verified, or, for a small payload,
+/// computed now.
+fn known_crc(frame: &Frame) -> Option<u32> {
+    frame.payload_crc.or_else(|| (frame.payload.len() <= SMALL_PART).then(|| crate::checksum::crc32c(&frame.payload)))
 }
 
 /// What went wrong with the peer's data stream. The frame is dropped; the stream goes on.
@@ -307,14 +320,17 @@ impl PeerSession {
                 if frame.payload.len() != total {
                     return Err(StreamViolation::BadChunk);
                 }
-                return Ok(Some(Message { from: h.src, channel: h.channel, payload: frame.payload.into() }));
+                let mut payload = Payload::new();
+                payload.push_verified(frame.payload, frame.payload_crc);
+                return Ok(Some(Message { from: h.src, channel: h.channel, payload }));
             }
             if frame.payload.len() >= total {
                 return Err(StreamViolation::BadChunk);
             }
+            let crc = known_crc(&frame);
             let mut buf = Payload::new();
-            buf.push(frame.payload);
-            self.assembling = Some(Assembly { channel: h.channel, total, buf });
+            buf.push_verified(frame.payload, frame.payload_crc);
+            self.assembling = Some(Assembly { channel: h.channel, total, buf, crc });
             return Ok(None);
         }
         let Some(asm) = self.assembling.as_mut() else {
@@ -324,16 +340,25 @@ impl PeerSession {
             self.assembling = None;
             return Err(StreamViolation::BadChunk);
         }
-        asm.buf.push(frame.payload);
+        asm.crc = match (asm.crc, known_crc(&frame)) {
+            (Some(a), Some(b)) => Some(crate::checksum::crc32c_combine(a, b, frame.payload.len())),
+            _ => None,
+        };
+        asm.buf.push_verified(frame.payload, frame.payload_crc);
         if h.flags.contains(FrameFlags::LAST) {
             let asm = self.assembling.take().expect("present");
             if asm.buf.len() != asm.total {
                 return Err(StreamViolation::BadChunk);
             }
             // The link read the whole message into one buffer: deliver that buffer (the same
-            // memory as the frames, so the application need not join them).
+            // memory as the frames, so the application need not join them), with the checksum
+            // of the whole when every frame's was known.
             let payload = match frame.message {
-                Some(whole) if asm.buf.is_laid_out_in(&whole) => Payload::from(whole),
+                Some(whole) if asm.buf.is_laid_out_in(&whole) => {
+                    let mut p = Payload::new();
+                    p.push_verified(whole, asm.crc);
+                    p
+                }
                 _ => asm.buf,
             };
             return Ok(Some(Message { from: h.src, channel: asm.channel, payload }));
@@ -506,6 +531,58 @@ mod tests {
             let got: Vec<Message> = frames.into_iter().flat_map(|f| b.accept(f, 1 << 20).0).collect();
             assert_eq!(got[0].payload.chunks().len(), 3, "the frames themselves");
             assert_eq!(got[0].payload, (0..10u8).collect::<Vec<u8>>()[..]);
+        }
+    }
+
+    /// The checksums a link verified go up with the message: per frame, or combined for a
+    /// message delivered as one buffer; a large frame without one leaves the whole without.
+    #[test]
+    fn a_delivered_message_carries_the_checksums_its_link_verified() {
+        use crate::checksum::crc32c;
+        let body: Vec<u8> = (0..20_000u32).map(|i| (i * 7 + i / 300) as u8).collect();
+        let mut a = PeerSession::new(RankId(1), Instant(0));
+        a.enqueue(ChannelId(3), Bytes::from(body.clone()));
+        a.enqueue(ChannelId(3), Bytes::from_static(b"single"));
+        let mut frames = Vec::new();
+        let mut tx = 0;
+        while let Some((f, _)) = a.take_frame(RankId(0), Epoch(1), 8192, 1000, tx) {
+            tx += 1;
+            frames.push(f);
+        }
+        assert_eq!(frames.len(), 4, "8192 + 8192 + 3616 bytes, then one frame");
+        let whole = Bytes::from(body.clone());
+        // As a link reader leaves them: slices of one buffer, each with its verified checksum
+        // (`verified`), or the large ones without (`!verified`).
+        for verified in [true, false] {
+            let mut at = 0;
+            let mut b = PeerSession::new(RankId(0), Instant(0));
+            let mut got = Vec::new();
+            for (i, f) in frames.iter().enumerate() {
+                let mut f = f.clone();
+                if i < 3 {
+                    f.payload = whole.slice(at..at + f.payload.len());
+                    at += f.payload.len();
+                    f.message = (i == 2).then(|| whole.clone());
+                }
+                f.payload_crc = (verified || f.payload.len() <= SMALL_PART).then(|| crc32c(&f.payload));
+                got.extend(b.accept(f, 1 << 20).0);
+            }
+            assert_eq!(got.len(), 2);
+            assert_eq!(got[0].payload.chunks().len(), 1, "one buffer");
+            assert_eq!(got[0].payload, body[..]);
+            assert_eq!(got[0].payload.chunk_crc(0), verified.then(|| crc32c(&body)));
+            assert_eq!(got[1].payload.chunk_crc(0), Some(crc32c(b"single")));
+        }
+        // Delivered as its frames (not read into one buffer): each keeps its own.
+        let mut b = PeerSession::new(RankId(0), Instant(0));
+        let got: Vec<Message> = frames
+            .iter()
+            .map(|f| Frame { payload_crc: Some(crc32c(&f.payload)), ..f.clone() })
+            .flat_map(|f| b.accept(f, 1 << 20).0)
+            .collect();
+        assert_eq!(got[0].payload.chunks().len(), 3);
+        for (i, c) in got[0].payload.chunks().iter().enumerate() {
+            assert_eq!(got[0].payload.chunk_crc(i), Some(crc32c(c)));
         }
     }
 
