@@ -40,6 +40,7 @@ use phalanx_proto::checksum::{crc32c, crc32c_combine, Crc32c};
 use phalanx_proto::frame::PRECOMPUTED_CRC_MIN;
 use phalanx_proto::Payload;
 
+use crate::lending::{LendingBuffer, Returned};
 use crate::reduce::{divide, reduce_into, DType, ReduceOp};
 use crate::schedule::{block_range, Combine, Schedule};
 use crate::streaming_copy::{self, STREAMING_MIN};
@@ -112,11 +113,16 @@ pub struct Layout {
     pub block_map: Option<(usize, Vec<usize>)>,
     /// Largest segment sent as one message, rounded down to whole elements (at least one).
     pub segment_bytes: usize,
+    /// Send segments that nothing writes afterwards as the buffer's own bytes, lent to the
+    /// transport instead of copied (see [`crate::lending`] and [`Executor::lent`]): for a
+    /// driver that waits for the transport to return them before it takes the result back
+    /// (else [`Executor::into_buffer`] copies). Only large buffers and not for `Avg`.
+    pub lend: bool,
 }
 
 impl Default for Layout {
     fn default() -> Self {
-        Layout { block_map: None, segment_bytes: SEGMENT_BYTES }
+        Layout { block_map: None, segment_bytes: SEGMENT_BYTES, lend: false }
     }
 }
 
@@ -213,7 +219,7 @@ pub struct Executor {
     blocks: usize,
     world: usize,
     /// The buffer (empty for a phantom one).
-    buf: Vec<u8>,
+    buf: LendingBuffer,
     /// Phantom: the buffer is a length only; messages carry no data bytes.
     phantom: bool,
     /// With a block map (see [`Layout::block_map`]): the buffer's block of each schedule block,
@@ -250,6 +256,9 @@ pub struct Executor {
     /// Per receive segment: copied into the buffer with streaming stores (empty: none; see
     /// [`Executor::streamed_receives`]).
     streamed: Vec<bool>,
+    /// Per send segment: sent as the buffer's own bytes, lent (empty: none; see
+    /// [`Executor::lendable_sends`]).
+    lendable: Vec<bool>,
     /// Per send segment: its message, made when the receive it sends on was applied (only when
     /// that data arrived as one buffer; otherwise the send takes a snapshot as usual).
     prepared: Vec<Option<Payload>>,
@@ -317,7 +326,7 @@ impl Executor {
         phantom: Option<usize>,
         layout: Layout,
     ) -> Executor {
-        let Layout { block_map, segment_bytes } = layout;
+        let Layout { block_map, segment_bytes, lend } = layout;
         let len = phantom.unwrap_or(buf.len());
         assert_eq!(len % dtype.size(), 0, "buffer is not whole elements");
         let count = len / dtype.size();
@@ -339,7 +348,7 @@ impl Executor {
             count,
             blocks,
             world,
-            buf,
+            buf: LendingBuffer::new(buf),
             phantom: phantom.is_some(),
             mapped,
             seg_elems: (segment_bytes / dtype.size()).max(1),
@@ -358,6 +367,7 @@ impl Executor {
             early: BTreeMap::new(),
             sent_on: Vec::new(),
             streamed: Vec::new(),
+            lendable: Vec::new(),
             prepared: Vec::new(),
             outbox: VecDeque::new(),
             sends_left: 0,
@@ -445,6 +455,9 @@ impl Executor {
             e.sent_on = e.forwarding_sends(&touches, recv_segs);
             if e.buf.len() >= STREAMING_MIN {
                 e.streamed = e.streamed_receives(&touches, &e.sent_on);
+                if lend && op != ReduceOp::Avg {
+                    e.lendable = e.lendable_sends(&touches);
+                }
             }
             e.prepared = vec![None; send_segs];
         }
@@ -526,6 +539,30 @@ impl Executor {
             }
         }
         streamed
+    }
+
+    /// For each send segment, whether it may go out as the buffer's own bytes, lent to the
+    /// transport ([`crate::lending`]): nothing writes its elements after it (no later receive),
+    /// they are one contiguous range of the buffer, and large enough for the transport to
+    /// take the checksum given with them ([`PRECOMPUTED_CRC_MIN`]). An all-gather's own block,
+    /// and in a ring all-reduce the reduced block a rank sends first in the gathering half.
+    fn lendable_sends(&self, touches: &[Vec<Touch>]) -> Vec<bool> {
+        let mut lendable = vec![false; self.send_wait.len()];
+        for t in &self.sends {
+            for seg in 0..t.segs {
+                let at = (t.first_seg + seg) as u32;
+                let elems = self.segment(t, seg);
+                let big = elems.len() * self.dtype.size() >= PRECOMPUTED_CRC_MIN;
+                lendable[at as usize] = big
+                    && self.pieces(elems.clone()).count() == 1
+                    && self.units(elems).all(|u| {
+                        let l = &touches[u];
+                        let p = l.iter().position(|x| *x == Touch::Read(at)).expect("the send touched its units");
+                        l[p + 1..].iter().all(|x| matches!(x, Touch::Read(_)))
+                    });
+            }
+        }
+        lendable
     }
 
     fn forwarding_sends(&self, touches: &[Vec<Touch>], recv_segs: usize) -> Vec<Option<(u32, u32)>> {
@@ -650,15 +687,25 @@ impl Executor {
         if self.phantom {
             return (Payload::from(self.header(i, seg, 0).freeze()), len);
         }
-        let mut m = self.header(i, seg, len);
         let size = self.dtype.size();
+        if self.lendable.get(t.first_seg + seg).copied().unwrap_or(false) {
+            // Nothing writes these bytes again: they go out as they are, with their checksum
+            // (one read; the snapshot's copy is what this saves).
+            let piece = self.pieces(elems).next().expect("a lendable segment is one piece");
+            let range = piece.start * size..piece.end * size;
+            let crc = crc32c(&self.buf.bytes()[range.clone()]);
+            let mut p = Payload::from(self.header(i, seg, 0).freeze());
+            p.push_checked(self.buf.lend(range), crc);
+            return (p, 0);
+        }
+        let mut m = self.header(i, seg, len);
         // Only where the transport will use it (below that, it checksums the frame itself).
         let checked = MESSAGE_HEADER + len >= PRECOMPUTED_CRC_MIN;
         let mut crc = Crc32c::new();
         crc.update(&m);
         for r in self.pieces(elems) {
             // In slices that stay in the L1/L2 cache between the copy and the checksum.
-            for piece in self.buf[r.start * size..r.end * size].chunks(32 << 10) {
+            for piece in self.buf.bytes()[r.start * size..r.end * size].chunks(32 << 10) {
                 m.put_slice(piece);
                 if checked {
                     crc.update(&m[m.len() - piece.len()..]);
@@ -691,8 +738,9 @@ impl Executor {
     /// Combines `data` (chunks whose boundaries may split an element) into the buffer's bytes
     /// `range`; a `Copy` with streaming stores if `streamed`.
     fn apply_contiguous(&mut self, range: Range<usize>, combine: Combine, data: &[Bytes], streamed: bool) {
-        let dst = &mut self.buf[range];
-        let size = self.dtype.size();
+        let (dtype, op) = (self.dtype, self.op);
+        let size = dtype.size();
+        let dst = self.buf.range_mut(range);
         // Bytes of the segment consumed so far, and the start of an element split across chunks.
         let mut off = 0usize;
         let mut carry: Vec<u8> = Vec::new();
@@ -714,12 +762,12 @@ impl Executor {
                 c = &c[take..];
                 off += take;
                 if carry.len() == size {
-                    reduce_into(self.dtype, self.op, &mut dst[off - size..off], &carry);
+                    reduce_into(dtype, op, &mut dst[off - size..off], &carry);
                     carry.clear();
                 }
             }
             let whole = c.len() / size * size;
-            reduce_into(self.dtype, self.op, &mut dst[off..off + whole], &c[..whole]);
+            reduce_into(dtype, op, &mut dst[off..off + whole], &c[..whole]);
             off += whole;
             carry.extend_from_slice(&c[whole..]);
             off += c.len() - whole;
@@ -777,7 +825,8 @@ impl Executor {
         }
         if !self.finished && self.sends_left == 0 && self.recvs_left == 0 {
             if self.op == ReduceOp::Avg && !self.phantom {
-                divide(self.dtype, &mut self.buf, self.world);
+                let len = self.buf.len();
+                divide(self.dtype, self.buf.range_mut(0..len), self.world);
             }
             self.finished = true;
         }
@@ -935,12 +984,21 @@ impl Executor {
 
     /// The buffer (the result once [`Executor::is_done`]; empty for a phantom one).
     pub fn buffer(&self) -> &[u8] {
-        &self.buf
+        self.buf.bytes()
     }
 
-    /// Consumes the executor, returning the buffer (empty for a phantom one).
+    /// While segments sent as the buffer's own bytes are still held by the transport (see
+    /// [`Layout::lend`]): a handle that says when they have all come back. A driver that has
+    /// a finished executor waits for it before [`Executor::into_buffer`], which otherwise
+    /// copies the buffer.
+    pub fn lent(&self) -> Option<Returned> {
+        self.buf.is_lent().then(|| self.buf.returned())
+    }
+
+    /// Consumes the executor, returning the buffer (empty for a phantom one): the caller's
+    /// own allocation, or a copy of it if some of it is still lent ([`Executor::lent`]).
     pub fn into_buffer(self) -> Vec<u8> {
-        self.buf
+        self.buf.into_vec()
     }
 }
 
@@ -996,6 +1054,44 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Per send segment of `schedule` with lending on: (its round, lent).
+    fn lending(schedule: Schedule, op: ReduceOp, world: usize, bytes: usize) -> Vec<(usize, bool)> {
+        let layout = Layout { lend: true, ..Layout::default() };
+        let e = Executor::with_layout(schedule, 1, DType::F32, op, world, vec![0; bytes], layout);
+        let mut out = Vec::new();
+        for t in &e.sends {
+            for seg in 0..t.segs {
+                out.push((t.round, e.lendable.get(t.first_seg + seg).copied().unwrap_or(false)));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn only_sends_that_nothing_writes_afterwards_are_lent() {
+        // Blocks of three whole segments, above the streaming threshold.
+        let world = 4;
+        let big = world * 3 * SEGMENT_BYTES;
+        assert!(big >= STREAMING_MIN);
+        // Ring all-gather: nothing is written after it is sent (the forwarded blocks go out as
+        // the received buffers when they arrived as one, lent only otherwise).
+        let p = lending(ring::schedule(Collective::AllGather, 1, world).expect("ring"), ReduceOp::Sum, world, big);
+        assert!(p.iter().all(|(_, lent)| *lent), "{p:?}");
+        // Ring all-reduce: the reduce-scatter's partial sums (rounds 0..world-1) are
+        // overwritten by the gathering half, whose sends are never written again.
+        let p = lending(ring::schedule(Collective::AllReduce, 1, world).expect("ring"), ReduceOp::Sum, world, big);
+        assert!(p.iter().all(|(r, lent)| *lent == (*r >= world - 1)), "{p:?}");
+        // Avg divides the whole buffer at the end; small buffers are copied as before.
+        let p = lending(ring::schedule(Collective::AllGather, 1, world).expect("ring"), ReduceOp::Avg, world, big);
+        assert!(p.iter().all(|(_, lent)| !lent));
+        let p = lending(ring::schedule(Collective::AllGather, 1, world).expect("ring"), ReduceOp::Sum, world, 1 << 20);
+        assert!(p.iter().all(|(_, lent)| !lent));
+        // Segments below the transport's precomputed-checksum size are copied.
+        let odd = big + 4 * world;
+        let p = lending(ring::schedule(Collective::AllGather, 1, world).expect("ring"), ReduceOp::Sum, world, odd);
+        assert_eq!(p.iter().filter(|(_, lent)| !lent).count(), world - 1, "one small tail per block sent: {p:?}");
     }
 
     #[test]

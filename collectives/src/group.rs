@@ -52,6 +52,7 @@ use phalanx_proto::Payload;
 use crate::alltoall::{AllToAll, AllToAllResult};
 use crate::codec::{self, Compression};
 use crate::executor::{ExecError, Executor, Layout};
+use crate::lending::Returned;
 use crate::reduce::{DType, ReduceOp};
 use crate::schedule::hierarchical::{self, Topology};
 use crate::schedule::{block_range, halving_doubling, ring, tree, Collective, Schedule};
@@ -514,6 +515,8 @@ pub struct Group {
     corrupt_next: bool,
     /// Largest message of a scheduled collective (the executor's segment).
     segment_bytes: usize,
+    /// Lend unwritten send segments to the transport ([`Group::set_lend_sends`]).
+    lend_sends: bool,
 }
 
 impl Group {
@@ -538,6 +541,7 @@ impl Group {
             counters: GroupCounters::default(),
             corrupt_next: false,
             segment_bytes: crate::executor::SEGMENT_BYTES,
+            lend_sends: false,
         }
     }
 
@@ -586,6 +590,38 @@ impl Group {
     /// per block is enough and far cheaper to simulate.
     pub fn set_segment_bytes(&mut self, bytes: usize) {
         self.segment_bytes = bytes.max(1);
+    }
+
+    /// Sends segments that nothing writes afterwards (an all-gather's own block) as the
+    /// caller's buffer itself, lent to the transport, not a copy ([`Layout::lend`]; large
+    /// buffers only). A finished collective then waits, before it hands the buffer back, until
+    /// the transport has returned them — a driver wakes the group with [`Group::lent`]'s handle
+    /// and calls [`Group::poll`] — or it copies the buffer if the call ends first. Off by default
+    /// (the simulator's transport keeps no such handles; the communicator turns it on).
+    pub fn set_lend_sends(&mut self, lend: bool) {
+        self.lend_sends = lend;
+    }
+
+    /// While the running collective is finished but parts of its buffer are still lent to the
+    /// transport (sent, not yet acknowledged): a handle that says when they are back; then
+    /// call [`Group::poll`].
+    pub fn lent(&self) -> Option<Returned> {
+        match self.running.as_ref().map(|c| &c.phase) {
+            Some(Phase::Running { exec, .. }) if exec.is_done() && !exec.has_outgoing() => exec.lent(),
+            _ => None,
+        }
+    }
+
+    /// Moves a collective on whose buffer has come back from the transport ([`Group::lent`]).
+    pub fn poll(&mut self) {
+        self.pump();
+    }
+
+    /// Moves a finished collective on even though parts of its buffer are still lent: its
+    /// result is then a copy (the transport keeps the lent bytes until it is done with them).
+    /// For a driver that will not wait longer for the transport's acknowledgements.
+    pub fn take_back(&mut self) {
+        self.pump_with(true);
     }
 
     /// Fault injection (tests, chaos runs): flip one bit of this rank's next result before it
@@ -920,9 +956,16 @@ impl Group {
 
     /// Moves a finished attempt on: to `Done` (coordinated) or `Finished`.
     fn pump(&mut self) {
+        self.pump_with(false)
+    }
+
+    /// [`Group::pump`]; with `take_back`, a finished collective whose buffer is still lent to
+    /// the transport finishes anyway, with a copy of it.
+    fn pump_with(&mut self, take_back: bool) {
         let Some(call) = self.running.as_mut() else { return };
         match &mut call.phase {
-            Phase::Running { exec, .. } if exec.is_done() && !exec.has_outgoing() => {}
+            Phase::Running { exec, .. }
+                if exec.is_done() && !exec.has_outgoing() && (take_back || exec.lent().is_none()) => {}
             Phase::AllToAll(a) if a.is_done() => {
                 let Phase::AllToAll(a) = std::mem::replace(&mut call.phase, Phase::Ready) else { unreachable!() };
                 call.phase = Phase::Finished(Finished::AllToAll(a.into_result()));
@@ -1062,7 +1105,7 @@ impl Group {
                 };
                 let tag = data_tag(op_seq, attempt);
                 let (dtype, rop, k) = (call.dtype, op.reduce_op(), participants.len());
-                let layout = Layout { block_map: map, segment_bytes: self.segment_bytes };
+                let layout = Layout { block_map: map, segment_bytes: self.segment_bytes, lend: self.lend_sends };
                 let exec = match call.phantom {
                     Some(len) => Executor::phantom(schedule, tag, dtype, rop, k, len, layout),
                     None => Executor::with_layout(schedule, tag, dtype, rop, k, buf, layout),

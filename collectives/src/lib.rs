@@ -18,6 +18,7 @@ pub mod alltoall;
 pub mod codec;
 pub mod executor;
 pub mod group;
+pub mod lending;
 pub mod reduce;
 pub mod reference;
 pub mod schedule;

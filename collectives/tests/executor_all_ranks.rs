@@ -52,7 +52,7 @@ fn input(dtype: DType, rank: usize, count: usize) -> Vec<u8> {
 }
 
 fn segments(segment_bytes: usize) -> Layout {
-    Layout { block_map: None, segment_bytes }
+    Layout { block_map: None, segment_bytes, lend: false }
 }
 
 fn check_all_reduce(schedules: Vec<Schedule>, dtype: DType, op: ReduceOp, count: usize, picks: &[usize], seg: usize) {
@@ -221,6 +221,103 @@ fn a_forwarded_segment_carries_the_checksum_the_transport_verified() {
     }
 }
 
+/// With lending on, an all-gather's own block goes out as the buffer's own bytes (no copy):
+/// the executor is done but holds its buffer back (`lent`) while any of those messages lives,
+/// and hands back the caller's own allocation, every block right, once they are dropped. Only
+/// the own block is lent (forwarded blocks go out as the received buffers).
+#[test]
+fn an_all_gather_lends_its_own_block_and_hands_the_same_buffer_back_once_it_is_returned() {
+    let (world, count, seg) = (3, 3 * 720_000, 1 << 20);
+    let lend = Layout { block_map: None, segment_bytes: seg, lend: true };
+    let mut ex: Vec<Executor> = (0..world)
+        .map(|r| {
+            let s = ring::schedule(Collective::AllGather, r, world).unwrap();
+            Executor::with_layout(s, 2, DType::I32, ReduceOp::Sum, world, input(DType::I32, r, count), lend.clone())
+        })
+        .collect();
+    let buffers: Vec<std::ops::Range<usize>> = ex
+        .iter()
+        .map(|e| {
+            let at = e.buffer().as_ptr() as usize;
+            at..at + e.buffer().len()
+        })
+        .collect();
+    let own_block_segments = (count / world * 4).div_ceil(seg);
+    let mut lent = vec![0; world];
+    // Every message sent, kept alive until the end (as a transport keeps unacknowledged frames).
+    let mut kept = Vec::new();
+    let mut queue: VecDeque<(usize, usize, Bytes)> = VecDeque::new();
+    loop {
+        for (r, e) in ex.iter_mut().enumerate() {
+            while let Some((to, m)) = e.poll_send() {
+                if let [_, data] = m.chunks() {
+                    if buffers[r].contains(&(data.as_ptr() as usize)) {
+                        lent[r] += 1;
+                    }
+                }
+                queue.push_back((r, to, m.to_bytes()));
+                kept.push(m);
+            }
+        }
+        let Some((from, to, m)) = queue.pop_front() else { break };
+        ex[to].handle_message(from, m).expect("a valid message");
+    }
+    assert_eq!(lent, vec![own_block_segments; world], "each rank lent its own block's segments");
+    assert!(ex.iter().all(|e| e.is_done() && e.lent().is_some()), "done, buffer still lent");
+    drop(kept);
+    let ranks: Vec<Vec<u8>> = (0..world).map(|r| input(DType::I32, r, count)).collect();
+    for (r, e) in ex.into_iter().enumerate() {
+        assert!(e.lent().is_none(), "rank {r}: returned");
+        let out = e.into_buffer();
+        assert_eq!(out.as_ptr() as usize, buffers[r].start, "rank {r}: the same allocation back");
+        for (b, owner) in ranks.iter().enumerate() {
+            let range = phalanx_collectives::schedule::block_range(count, world, b);
+            assert_eq!(
+                out[range.start * 4..range.end * 4],
+                owner[range.start * 4..range.end * 4],
+                "rank {r} block {b}"
+            );
+        }
+    }
+}
+
+/// Lending changes how sends are made, never what arrives: every schedule family over a large
+/// buffer (where lending applies), with lending on, gives the same bits as without, in a random
+/// delivery order (a broadcast's root lends one block to several children).
+#[test]
+fn every_schedule_gives_the_same_result_with_its_sends_lent() {
+    type Family = fn(Collective, usize, usize) -> Option<Schedule>;
+    let cases: [(Collective, Family, usize); 8] = [
+        (Collective::AllReduce, ring::schedule, 5),
+        (Collective::AllGather, ring::schedule, 5),
+        (Collective::ReduceScatter, ring::schedule, 4),
+        (Collective::AllReduce, halving_doubling::schedule, 4),
+        (Collective::AllGather, halving_doubling::schedule, 4),
+        (Collective::Broadcast { root: 1 }, tree::schedule, 5),
+        (Collective::Reduce { root: 2 }, tree::schedule, 5),
+        (Collective::AllReduce, |_, r, w| Some(halving_doubling::reduce_scatter_all_gather(r, w).unwrap()), 4),
+    ];
+    let count = 2_200_000; // f32: 8.8 MB, above the lending threshold
+    let picks: Vec<usize> = (0..4000).map(|i| (i * 7919 + 13) % 1009).collect();
+    for (collective, family, world) in cases {
+        let results: Vec<Vec<Vec<u8>>> = [false, true]
+            .into_iter()
+            .map(|lend| {
+                let ex = (0..world)
+                    .map(|r| {
+                        let s = family(collective, r, world).expect("a schedule");
+                        let layout = Layout { block_map: None, segment_bytes: 1 << 20, lend };
+                        let buf = input(DType::F32, r, count);
+                        Executor::with_layout(s, 3, DType::F32, ReduceOp::Sum, world, buf, layout)
+                    })
+                    .collect();
+                run(ex, &picks)
+            })
+            .collect();
+        assert!(results[0] == results[1], "{collective:?} over {world}: lending changed the result");
+    }
+}
+
 #[test]
 fn messages_from_another_collective_or_out_of_schedule_are_refused_without_effect() {
     let world = 3;
@@ -275,7 +372,7 @@ proptest! {
         all.sort_by_key(|b| order[*b % order.len()].wrapping_mul(*b as u32 + 1));
         let map: Vec<usize> = all[..world].to_vec();
         let dtype = DType::I64;
-        let layout = || Layout { block_map: Some((space, map.clone())), segment_bytes: seg };
+        let layout = || Layout { block_map: Some((space, map.clone())), segment_bytes: seg, lend: false };
         let phase = |ex: Vec<Executor>| run(ex, &picks);
         let rs = phase(
             (0..world)

@@ -808,3 +808,66 @@ fn a_quorum_wait_that_passed_with_too_few_ready_arms_no_timer_and_the_next_repor
         assert_eq!(participants, vec![0, 1, 2], "the third report makes the quorum at once");
     }
 }
+
+/// With lending on, a finished all-gather holds its result back while the transport still
+/// holds its own block's messages: returned, the caller gets its own allocation back; taken
+/// back early (`take_back`), a correct copy, the messages still valid.
+#[test]
+fn a_collective_that_lent_its_buffer_finishes_when_the_bytes_are_back_or_with_a_copy_if_taken_back() {
+    let world = 2;
+    let count = 2_200_000; // 8.8 MB of f32: above the streaming and lending threshold
+    let block = |r: usize| crate::schedule::block_range(count, world, r);
+    let mut groups: Vec<Group> = (0..world).map(|r| Group::new(r, world)).collect();
+    let mut addrs = Vec::new();
+    for (r, g) in groups.iter_mut().enumerate() {
+        g.set_lend_sends(true);
+        let mut buf = vec![0u8; count * 4];
+        for i in block(r) {
+            set_element_f64(DType::F32, &mut buf, i, (r * 10 + i % 7) as f64);
+        }
+        addrs.push(buf.as_ptr() as usize);
+        g.start(0, Op::AllGather, DType::F32, buf, CallOptions::default());
+    }
+    // The transport's part: deliver a copy of every message, keep the message itself.
+    let mut held: Vec<Vec<Payload>> = vec![Vec::new(); world];
+    loop {
+        let mut moved = false;
+        for r in 0..world {
+            while let Some((to, m)) = groups[r].poll_send() {
+                groups[to].handle_message(r, vec![m.to_bytes()], 0);
+                held[r].push(m);
+                moved = true;
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    let expect = |data: &[u8]| {
+        for r in 0..world {
+            for i in block(r) {
+                assert_eq!(element_f64(DType::F32, data, i), (r * 10 + i % 7) as f64, "element {i}");
+            }
+        }
+    };
+    for g in &mut groups {
+        assert!(g.finish().is_none(), "done, but the buffer is still lent");
+    }
+    // Rank 0: the transport lets go; the group finishes with the caller's own allocation.
+    let returned = groups[0].lent().expect("lent");
+    drop(std::mem::take(&mut held[0]));
+    let waker = std::task::Waker::noop();
+    assert!(returned.poll(&mut std::task::Context::from_waker(waker)).is_ready());
+    groups[0].poll();
+    let Some(Finished::Buffer { data, .. }) = groups[0].finish() else { panic!("rank 0 finished") };
+    assert_eq!(data.as_ptr() as usize, addrs[0], "the same allocation");
+    expect(&data);
+    // Rank 1: taken back while still lent: a copy, and the lent messages stay intact.
+    assert!(groups[1].lent().is_some());
+    let before: Vec<Bytes> = held[1].iter().map(|m| m.to_bytes()).collect();
+    groups[1].take_back();
+    let Some(Finished::Buffer { data, .. }) = groups[1].finish() else { panic!("rank 1 finished") };
+    assert_ne!(data.as_ptr() as usize, addrs[1], "a copy");
+    expect(&data);
+    assert!(held[1].iter().zip(&before).all(|(m, b)| m.to_bytes() == b), "lent bytes unchanged");
+}

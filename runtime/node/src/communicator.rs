@@ -24,7 +24,7 @@ use phalanx_proto::{ChannelId, Event, RankId};
 use std::sync::Arc;
 use thiserror::Error;
 use tokio::sync::{oneshot, Mutex, Notify};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 /// How long a call polls for the next message before it sleeps, on a current-thread runtime
 /// whose process may run on more than one CPU (see [`Communicator`]).
@@ -374,6 +374,9 @@ impl Communicator {
         let slot = |channel: ChannelId, ids: Vec<u32>, me: usize, topology: Topology| {
             let mut group = Group::new(me, ids.len());
             group.set_topology(topology);
+            // Segments nothing rewrites go out as the caller's buffer itself; a finished call
+            // waits for the transport to hand them back (`drive_call`).
+            group.set_lend_sends(true);
             let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
             Slot { channel, ids, index, group }
         };
@@ -698,6 +701,26 @@ impl Communicator {
             }
             if let Some(f) = d.slots[slot].group.finish() {
                 return Ok((op_seq, f));
+            }
+            if let Some(returned) = d.slots[slot].group.lent() {
+                // Finished, but parts of the buffer went out as the buffer itself and the
+                // transport still holds them (queued, or sent and not yet acknowledged). The call
+                // ends when its sends are done with the caller's buffer, as an MPI call does;
+                // the peer acknowledges a large message as soon as it has it, and a peer that
+                // is lost has its frames dropped. Should the deadline come first, the result
+                // is a copy (never wrong, only slower).
+                let since = tokio::time::Instant::now();
+                match tokio::time::timeout_at(until, std::future::poll_fn(|cx| returned.poll(cx))).await {
+                    Ok(()) => {
+                        debug!(op_seq, waited_us = since.elapsed().as_micros() as u64, "lent segments back");
+                        d.slots[slot].group.poll();
+                    }
+                    Err(_) => {
+                        debug!(op_seq, "lent segments not back by the deadline: the result is a copy");
+                        d.slots[slot].group.take_back();
+                    }
+                }
+                continue;
             }
             if tokio::time::Instant::now() >= until {
                 let waiting = d.slots[slot].group.waiting_on();

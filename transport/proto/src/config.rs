@@ -62,7 +62,8 @@ impl TransportConfig {
     /// `ack_every_frames` frames (at most a quarter of `session_window_frames`), or after two
     /// frames once they carry an eighth of `path_window_bytes` — so a stream of large frames
     /// is acknowledged every two frames (1 MiB frames, 8 MiB window), long before its sender's
-    /// window fills.
+    /// window fills. (The endpoint also acknowledges at once the last frame of a message of at
+    /// least [`crate::PROMPT_ACK_MESSAGE`] bytes.)
     pub fn ack_due(&self, frames: u32, bytes: u64) -> bool {
         let frames_cap = u32::try_from(self.session_window_frames / 4).unwrap_or(u32::MAX).max(1);
         frames >= self.ack_every_frames.min(frames_cap).max(1) || (frames >= 2 && bytes >= self.path_window_bytes / 8)

@@ -40,6 +40,13 @@ pub const MAX_MESSAGE_BYTES: u64 = 1 << 34;
 /// Most ranks listed in one heartbeat's reachability list.
 const MAX_ADVERTISED: usize = 4096;
 
+/// The last frame of a message of at least this many bytes is acknowledged at once, not with
+/// the next batch or after the ack delay: a sender that sent a large buffer uncopied (a
+/// collective's own block, `phalanx_collectives::lending`) gets it back as soon as the peer
+/// has it — before the peer's application, done with the message, may be too busy to let its
+/// endpoint send the delayed ack. One small frame per such message, next to at least 256 KiB.
+pub const PROMPT_ACK_MESSAGE: u64 = 256 << 10;
+
 /// A frame to write on a link.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
@@ -653,6 +660,8 @@ impl Endpoint {
         let src = frame.header.src;
         let seq = frame.header.seq;
         let payload_len = frame.payload.len() as u64;
+        let ends_large_message =
+            frame.header.flags.contains(FrameFlags::LAST) && frame.header.aux >= PROMPT_ACK_MESSAGE;
         let window = self.config.session_window_frames;
         let ack_delay = self.config.ack_delay;
         let config = &self.config;
@@ -670,7 +679,9 @@ impl Endpoint {
                 let (msgs, violations) = s.accept(frame, MAX_MESSAGE_BYTES);
                 s.frames_since_ack += 1;
                 s.bytes_since_ack += payload_len;
-                let now_due = class == Incoming::OutOfOrder || config.ack_due(s.frames_since_ack, s.bytes_since_ack);
+                let now_due = class == Incoming::OutOfOrder
+                    || ends_large_message
+                    || config.ack_due(s.frames_since_ack, s.bytes_since_ack);
                 if !now_due && s.ack_due.is_none() {
                     s.ack_due = Some(now + ack_delay);
                 }

@@ -311,7 +311,7 @@ fn deliver_and_count_acks(from: &mut Endpoint, to: &mut Endpoint, now: Instant) 
 }
 
 #[test]
-fn small_frames_are_acknowledged_in_batches_and_large_ones_every_two_frames() {
+fn small_frames_are_acknowledged_in_batches_large_ones_every_two_frames_and_large_messages_at_their_end() {
     let cfg = TransportConfig::default();
     let every = cfg.ack_every_frames;
     assert!(every > 2 && u64::from(every) <= cfg.session_window_frames / 4, "{every} frames");
@@ -328,15 +328,24 @@ fn small_frames_are_acknowledged_in_batches_and_large_ones_every_two_frames() {
     a.send(now, B, ChannelId(0), pattern(100, 0)).unwrap();
     assert_eq!(deliver_and_count_acks(&mut a, &mut b, now), 1, "one ack at {every} frames");
     assert_eq!(a.undelivered_messages(B), 0, "everything acknowledged");
-    // Large frames (whole chunks, and the collectives' 1 MiB − 44 byte messages): an ack every
-    // two frames, so the sender's window never fills waiting for the timer.
+    // Large frames (whole chunks): an ack every two frames, so the sender's window never fills
+    // waiting for the timer.
     a.send(now, B, ChannelId(0), pattern(8 * cfg.chunk_bytes, 3)).unwrap();
     assert_eq!(deliver_and_count_acks(&mut a, &mut b, now), 4);
+    // The last frame of a message of at least PROMPT_ACK_MESSAGE bytes is acknowledged at
+    // once, so its sender is done with it without waiting for the timer: the collectives'
+    // 1 MiB − 44 byte messages one ack each, a message of two and a half chunks two.
     for i in 0..4 {
         a.send(now, B, ChannelId(0), pattern(cfg.chunk_bytes - 44, i)).unwrap();
     }
+    assert_eq!(deliver_and_count_acks(&mut a, &mut b, now), 4);
+    a.send(now, B, ChannelId(0), pattern(5 * cfg.chunk_bytes / 2, 5)).unwrap();
     assert_eq!(deliver_and_count_acks(&mut a, &mut b, now), 2);
     assert_eq!(a.undelivered_messages(B), 0, "everything acknowledged");
+    // Below it, a message's end waits for the batch or the timer.
+    let small = phalanx_proto::PROMPT_ACK_MESSAGE as usize - 1;
+    a.send(now, B, ChannelId(0), pattern(small, 6)).unwrap();
+    assert_eq!(deliver_and_count_acks(&mut a, &mut b, now), 0);
 }
 
 #[test]

@@ -1,0 +1,281 @@
+//! A collective's buffer, ranges of which can be lent to the transport as `Bytes`.
+//!
+//! A send normally goes out as a *snapshot*: the segment copied into a message of its own,
+//! because the transport keeps a sent frame until the peer acknowledges it (to send it again
+//! after a failover) and later rounds may rewrite the buffer meanwhile. A segment that nothing
+//! writes after its send (an all-gather's own block; see `Executor::lendable_sends`) can go out
+//! as the buffer's own bytes instead: [`LendingBuffer::lend`] hands the range to the transport
+//! as a `Bytes` that points into the buffer, with no copy.
+//!
+//! The buffer then belongs to the lent ranges as much as to the executor, so the executor can
+//! give it back to its caller only once every lent range has been returned — the transport has
+//! dropped its last handle, which it does when the frames are acknowledged (or the peer is
+//! given up). [`LendingBuffer::returned`] says when; [`LendingBuffer::into_vec`] before that
+//! copies the bytes out (always correct, never blocking).
+//!
+//! `bytes` cannot express a buffer that is lent in parts and written elsewhere meanwhile (the
+//! parts of a `BytesMut` are not unique while their siblings live), so this holds the buffer
+//! behind a pointer, as the transport's `message_buf` does: the executor writes only ranges it
+//! has not lent ([`LendingBuffer::range_mut`] checks), and lent ranges are only read.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+
+/// The buffer once a range of it has been lent.
+struct Shared {
+    /// Start of the buffer's `len` bytes, taken once from `owner`, whose heap allocation does
+    /// not move while it lives (the `Vec` itself is never touched until it is taken back).
+    ptr: *mut u8,
+    len: usize,
+    owner: Vec<u8>,
+}
+
+// SAFETY: the bytes are written only through `LendingBuffer::range_mut` (one `LendingBuffer`
+// per buffer, `&mut self`), never in a lent range, and read through `&self` or through `Lent`
+// handles of lent ranges only; `Vec<u8>` is `Send` and `Sync`.
+unsafe impl Send for Shared {}
+// SAFETY: as above: shared access is to lent ranges, which no one writes, or through `&self`.
+unsafe impl Sync for Shared {}
+
+/// Who to wake when a lent range comes back.
+type WakeSlot = Arc<Mutex<Option<Waker>>>;
+
+/// A lent range, as the owner of a `Bytes`.
+struct Lent {
+    /// `None` only while dropping (released before the waker is woken).
+    buf: Option<Arc<Shared>>,
+    range: Range<usize>,
+    wake: WakeSlot,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        let buf = self.buf.as_ref().expect("alive until dropped");
+        // SAFETY: `range` lies within the buffer (checked by `lend`), and no one writes a lent
+        // range while any handle of it lives (`range_mut` refuses).
+        unsafe { std::slice::from_raw_parts(buf.ptr.add(self.range.start), self.range.len()) }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        // Release the buffer first, so that whoever is woken sees it released.
+        drop(self.buf.take());
+        if let Some(w) = self.wake.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.wake();
+        }
+    }
+}
+
+enum State {
+    /// Nothing lent yet: a plain vector.
+    Owned(Vec<u8>),
+    /// Ranges lent (some may have come back).
+    Shared(Arc<Shared>),
+}
+
+/// A collective's buffer; see the module documentation.
+pub struct LendingBuffer {
+    state: State,
+    /// Byte ranges lent so far (sorted, disjoint: overlapping loans merged).
+    lent: Vec<Range<usize>>,
+    wake: WakeSlot,
+}
+
+impl LendingBuffer {
+    /// The buffer `buf`, nothing lent.
+    pub fn new(buf: Vec<u8>) -> LendingBuffer {
+        LendingBuffer { state: State::Owned(buf), lent: Vec::new(), wake: Arc::default() }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        match &self.state {
+            State::Owned(v) => v.len(),
+            State::Shared(s) => s.len,
+        }
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// All of its bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match &self.state {
+            State::Owned(v) => v,
+            // SAFETY: the whole buffer, read only: lent ranges are only ever read, and the
+            // rest is written only through `&mut self`, which this borrow excludes.
+            State::Shared(s) => unsafe { std::slice::from_raw_parts(s.ptr, s.len) },
+        }
+    }
+
+    /// The bytes `range`, to write. Panics if it is out of bounds or overlaps a range ever lent
+    /// by this buffer (the executor never writes what it has lent: its bug, caught here, before
+    /// the transport could send bytes other than those it checksummed).
+    pub fn range_mut(&mut self, range: Range<usize>) -> &mut [u8] {
+        assert!(range.start <= range.end && range.end <= self.len(), "{range:?} outside {} bytes", self.len());
+        let at = self.lent.partition_point(|l| l.end <= range.start);
+        assert!(
+            self.lent.get(at).is_none_or(|l| l.start >= range.end || range.is_empty()),
+            "writing {range:?}, which overlaps the lent {:?}",
+            self.lent[at]
+        );
+        match &mut self.state {
+            State::Owned(v) => &mut v[range],
+            // SAFETY: within the buffer, overlapping no lent range (checked above), and
+            // `&mut self` makes this the only reference into the unlent part.
+            State::Shared(s) => unsafe { std::slice::from_raw_parts_mut(s.ptr.add(range.start), range.len()) },
+        }
+    }
+
+    /// The bytes `range` as a `Bytes` that shares the buffer (no copy). From now on the range
+    /// is never written again ([`LendingBuffer::range_mut`] refuses). A range may be lent more
+    /// than once (a broadcast's root sends one block to several children). Panics if it is out
+    /// of bounds.
+    pub fn lend(&mut self, range: Range<usize>) -> Bytes {
+        assert!(range.start <= range.end && range.end <= self.len(), "{range:?} outside {} bytes", self.len());
+        // Kept sorted and disjoint: overlapping or touching ranges are merged.
+        let first = self.lent.partition_point(|l| l.end < range.start);
+        let last = self.lent.partition_point(|l| l.start <= range.end);
+        let merged = self.lent[first..last].iter().fold(range.clone(), |m, l| m.start.min(l.start)..m.end.max(l.end));
+        self.lent.splice(first..last, [merged]);
+        let shared = match &mut self.state {
+            State::Shared(s) => Arc::clone(s),
+            State::Owned(v) => {
+                let mut owner = std::mem::take(v);
+                let (ptr, len) = (owner.as_mut_ptr(), owner.len());
+                let s = Arc::new(Shared { ptr, len, owner });
+                self.state = State::Shared(Arc::clone(&s));
+                s
+            }
+        };
+        Bytes::from_owner(Lent { buf: Some(shared), range, wake: Arc::clone(&self.wake) })
+    }
+
+    /// Whether some lent range is still held (by the transport).
+    pub fn is_lent(&self) -> bool {
+        matches!(&self.state, State::Shared(s) if Arc::strong_count(s) > 1)
+    }
+
+    /// A handle that says when every range lent so far has come back (for a driver that
+    /// waits without holding the buffer).
+    pub fn returned(&self) -> Returned {
+        Returned { shared: self.shared(), wake: Arc::clone(&self.wake) }
+    }
+
+    fn shared(&self) -> Option<std::sync::Weak<Shared>> {
+        match &self.state {
+            State::Shared(s) => Some(Arc::downgrade(s)),
+            State::Owned(_) => None,
+        }
+    }
+
+    /// The buffer as a vector: itself when nothing is lent any more, else a copy (the lent
+    /// ranges stay valid for whoever holds them).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self.state {
+            State::Owned(v) => v,
+            State::Shared(s) => match Arc::try_unwrap(s) {
+                Ok(shared) => shared.owner,
+                // SAFETY: as in `bytes`.
+                Err(s) => unsafe { std::slice::from_raw_parts(s.ptr, s.len) }.to_vec(),
+            },
+        }
+    }
+}
+
+/// Says when every range a [`LendingBuffer`] had lent (when this was made) has come back.
+#[derive(Clone)]
+pub struct Returned {
+    shared: Option<std::sync::Weak<Shared>>,
+    wake: WakeSlot,
+}
+
+impl Returned {
+    /// Ready once only the buffer itself still holds it; otherwise `cx` is woken when a lent
+    /// range comes back.
+    pub fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        *self.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+        match self.shared.as_ref().map(std::sync::Weak::strong_count) {
+            Some(n) if n > 1 => Poll::Pending,
+            _ => Poll::Ready(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_lent_range_is_shared_not_copied_and_the_buffer_comes_back_whole_once_it_is_returned() {
+        let v: Vec<u8> = (0..100u8).collect();
+        let addr = v.as_ptr();
+        let mut b = LendingBuffer::new(v);
+        let lent = b.lend(10..20);
+        assert_eq!(lent.as_ptr(), addr.wrapping_add(10), "no copy");
+        assert_eq!(&lent[..], &(10..20u8).collect::<Vec<_>>()[..]);
+        // The rest can still be written; the lent range cannot.
+        b.range_mut(0..10).fill(7);
+        b.range_mut(20..100).fill(9);
+        assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.range_mut(15..25).fill(0))).is_err());
+        assert_eq!(&lent[..], &(10..20u8).collect::<Vec<_>>()[..], "untouched");
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let watch = b.returned();
+        assert!(b.is_lent());
+        assert!(watch.poll(&mut cx).is_pending());
+        let copy = lent.clone();
+        drop(lent);
+        assert!(b.is_lent(), "a clone still holds it");
+        drop(copy);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken when the last handle went");
+        assert!(watch.poll(&mut cx).is_ready());
+        assert!(!b.is_lent());
+        let out = b.into_vec();
+        assert_eq!(out.as_ptr(), addr, "the same allocation back");
+        assert!(out[..10].iter().all(|x| *x == 7) && out[20..].iter().all(|x| *x == 9));
+        assert_eq!(&out[10..20], &(10..20u8).collect::<Vec<_>>()[..]);
+    }
+
+    #[test]
+    fn a_range_lent_twice_or_overlapping_is_merged_and_still_never_written() {
+        let mut b = LendingBuffer::new(vec![1u8; 100]);
+        let (x, y, z) = (b.lend(10..20), b.lend(10..20), b.lend(15..30));
+        let w = b.lend(40..50);
+        assert_eq!(b.lent, vec![10..30, 40..50]);
+        let _ = b.lend(30..40);
+        assert_eq!(b.lent, vec![10..50], "touching ranges merged");
+        b.range_mut(0..10).fill(2);
+        b.range_mut(50..100).fill(3);
+        for bad in [5..11, 29..31, 49..60, 0..100] {
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.range_mut(bad.clone()).fill(0)));
+            assert!(caught.is_err(), "{bad:?} overlaps a loan");
+        }
+        assert!([x, y, z, w].iter().all(|l| l.iter().all(|v| *v == 1)));
+    }
+
+    #[test]
+    fn a_buffer_still_lent_is_copied_out_and_the_lent_bytes_stay_valid() {
+        let mut b = LendingBuffer::new(vec![5u8; 64]);
+        let lent = b.lend(0..32);
+        let out = b.into_vec();
+        assert_eq!(out, vec![5u8; 64]);
+        assert_eq!(&lent[..], &[5u8; 32][..], "still readable after the buffer was handed back");
+    }
+}
