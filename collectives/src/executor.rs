@@ -22,7 +22,12 @@
 //! mistaken for this one's. The executor hands each message over with its CRC32C, computed in
 //! the pass that copies the segment, while the bytes are in cache (see
 //! `phalanx_proto::Payload::push_checked`; only from 256 KiB, where the transport uses it): the
-//! transport does not read them again to checksum the frame.
+//! transport does not read them again to checksum the frame. A segment forwarded as received
+//! carries the checksum its transport verified ([`Executor::handle_payload_sized`]); with
+//! [`Layout::lend`], a segment nothing rewrites goes out as the buffer's own bytes
+//! ([`crate::lending`]), and [`Executor::lent`] says when the transport has let go of them.
+//! Received copies that nothing reads again go into large buffers with streaming stores
+//! ([`crate::streaming_copy`]).
 //!
 //! **Phantom payloads.** An executor made with [`Executor::phantom`] runs the same schedule,
 //! dataflow and checks on a buffer that has a length but no bytes (the simulator uses it at
@@ -474,18 +479,6 @@ impl Executor {
         e
     }
 
-    /// For each of the `recv_segs` receive segments, the send segment (`(send, segment)`) that
-    /// sends its data on unchanged, if any: a send of exactly the elements that receive copied
-    /// (`Combine::Copy`), with nothing touching them in between — a ring all-gather's forwarded
-    /// blocks. Such a send goes out as the received buffer itself behind a new header, not a
-    /// snapshot of the buffer (see [`Executor::apply_recv`]). Found from the order in which the
-    /// rounds touch each unit (sends of a round read a unit before its receives write it); at
-    /// encode time a send's units hold exactly what the receive before it left there, since the
-    /// send waits for every receive into them from earlier rounds and later receives wait for
-    /// the send.
-    ///
-    /// (Writing a ring reduce-scatter's partial sums straight into their messages instead of
-    /// the buffer was tried on 2026-12-01 and measured slower: docs/performance.md.)
     /// Per unit, what touched it, in schedule order (sends of a round read a unit before its
     /// receives write it).
     fn touches(&self, rounds: usize) -> Vec<Vec<Touch>> {
@@ -565,6 +558,18 @@ impl Executor {
         lendable
     }
 
+    /// For each of the `recv_segs` receive segments, the send segment (`(send, segment)`) that
+    /// sends its data on unchanged, if any: a send of exactly the elements that receive copied
+    /// (`Combine::Copy`), with nothing touching them in between — a ring all-gather's forwarded
+    /// blocks. Such a send goes out as the received buffer itself behind a new header, not a
+    /// snapshot of the buffer (see [`Executor::apply_recv`]). Found from the order in which the
+    /// rounds touch each unit (sends of a round read a unit before its receives write it); at
+    /// encode time a send's units hold exactly what the receive before it left there, since the
+    /// send waits for every receive into them from earlier rounds and later receives wait for
+    /// the send.
+    ///
+    /// (Writing a ring reduce-scatter's partial sums straight into their messages instead of
+    /// the buffer was tried on 2026-12-01 and measured slower: docs/performance.md.)
     fn forwarding_sends(&self, touches: &[Vec<Touch>], recv_segs: usize) -> Vec<Option<(u32, u32)>> {
         let mut sent_on = vec![None; recv_segs];
         for (i, t) in self.sends.iter().enumerate() {

@@ -390,6 +390,9 @@ pub struct GroupCounters {
     pub stale_messages: u64,
     /// Decisions this rank made as coordinator.
     pub decisions: u64,
+    /// Results handed back as a copy because the transport still held parts of the buffer
+    /// lent to it ([`Group::take_back`]); zero when every loan came back in time.
+    pub lent_copies: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -500,7 +503,7 @@ pub struct Group {
     next_op: u64,
     lost: BTreeSet<usize>,
     running: Option<Call>,
-    /// Data messages for later collectives or attempts: `(op_seq, attempt, from, chunks,
+    /// Data messages for later collectives or attempts: `(op_seq, attempt, from, message,
     /// phantom bytes)`.
     backlog: Vec<(u64, u32, usize, Payload, usize)>,
     /// Decisions for collectives this rank has not started yet, in arrival order.
@@ -621,6 +624,9 @@ impl Group {
     /// result is then a copy (the transport keeps the lent bytes until it is done with them).
     /// For a driver that will not wait longer for the transport's acknowledgements.
     pub fn take_back(&mut self) {
+        if self.lent().is_some() {
+            self.counters.lent_copies += 1;
+        }
         self.pump_with(true);
     }
 

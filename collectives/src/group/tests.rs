@@ -865,7 +865,10 @@ fn a_collective_that_lent_its_buffer_finishes_when_the_bytes_are_back_or_with_a_
     // Rank 1: taken back while still lent: a copy, and the lent messages stay intact.
     assert!(groups[1].lent().is_some());
     let before: Vec<Bytes> = held[1].iter().map(|m| m.to_bytes()).collect();
+    assert_eq!(groups[1].counters().lent_copies, 0);
     groups[1].take_back();
+    assert_eq!(groups[1].counters().lent_copies, 1, "counted");
+    assert_eq!(groups[0].counters().lent_copies, 0, "rank 0 got its loans back");
     let Some(Finished::Buffer { data, .. }) = groups[1].finish() else { panic!("rank 1 finished") };
     assert_ne!(data.as_ptr() as usize, addrs[1], "a copy");
     expect(&data);

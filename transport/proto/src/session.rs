@@ -79,15 +79,19 @@ struct Assembly {
     crc: Option<u32>,
 }
 
-/// Payloads up to this size whose checksum the link did not hand on are checksummed when they
-/// join a message (they are in cache, and a message's checksum needs every part's): the small
-/// first frame of a message sent as a header part and a data part.
+/// A message's first frame up to this size whose checksum the link did not hand on is
+/// checksummed when it starts the message (it is in cache, and the message's checksum needs
+/// every part's): the small header part of a message sent as a header part and a data part.
+/// Later small frames are not (a small chunk size would checksum every frame twice).
 const SMALL_PART: usize = 4096;
 
-/// The CRC32C of a data frame's payload: the one the link verified, or, for a small payload,
-/// computed now.
+/// The CRC32C of a data frame's payload: the one the link verified, or, for a small first
+/// frame, computed now.
 fn known_crc(frame: &Frame) -> Option<u32> {
-    frame.payload_crc.or_else(|| (frame.payload.len() <= SMALL_PART).then(|| crate::checksum::crc32c(&frame.payload)))
+    frame.payload_crc.or_else(|| {
+        (frame.header.flags.contains(FrameFlags::FIRST) && frame.payload.len() <= SMALL_PART)
+            .then(|| crate::checksum::crc32c(&frame.payload))
+    })
 }
 
 /// What went wrong with the peer's data stream. The frame is dropped; the stream goes on.
@@ -564,15 +568,35 @@ mod tests {
                     at += f.payload.len();
                     f.message = (i == 2).then(|| whole.clone());
                 }
-                f.payload_crc = (verified || f.payload.len() <= SMALL_PART).then(|| crc32c(&f.payload));
+                f.payload_crc = verified.then(|| crc32c(&f.payload));
                 got.extend(b.accept(f, 1 << 20).0);
             }
             assert_eq!(got.len(), 2);
             assert_eq!(got[0].payload.chunks().len(), 1, "one buffer");
             assert_eq!(got[0].payload, body[..]);
             assert_eq!(got[0].payload.chunk_crc(0), verified.then(|| crc32c(&body)));
-            assert_eq!(got[1].payload.chunk_crc(0), Some(crc32c(b"single")));
+            assert_eq!(got[1].payload.chunk_crc(0), verified.then(|| crc32c(b"single")));
         }
+        // A small header part (decoded whole: no checksum from the link) and a large data part
+        // read into one buffer: the header part is checksummed as it starts the message.
+        let mut a = PeerSession::new(RankId(1), Instant(0));
+        let mut parts = Payload::new();
+        parts.push(Bytes::from_static(b"a twenty-byte header"));
+        parts.push(Bytes::from(body.clone()));
+        a.enqueue(ChannelId(3), parts);
+        let (head, data) =
+            (a.take_frame(RankId(0), Epoch(1), 1 << 20, 1000, 0), a.take_frame(RankId(0), Epoch(1), 1 << 20, 1000, 1));
+        let (mut head, mut data) = (head.expect("header part").0, data.expect("data part").0);
+        let joined: Vec<u8> = head.payload.iter().chain(data.payload.iter()).copied().collect();
+        let joined = Bytes::from(joined);
+        head.payload = joined.slice(..20);
+        (data.payload, data.message) = (joined.slice(20..), Some(joined.clone()));
+        data.payload_crc = Some(crc32c(&data.payload));
+        let mut b = PeerSession::new(RankId(0), Instant(0));
+        assert!(b.accept(head, 1 << 20).0.is_empty());
+        let got = b.accept(data, 1 << 20).0;
+        assert_eq!(got[0].payload.chunks().len(), 1);
+        assert_eq!(got[0].payload.chunk_crc(0), Some(crc32c(&joined)));
         // Delivered as its frames (not read into one buffer): each keeps its own.
         let mut b = PeerSession::new(RankId(0), Instant(0));
         let got: Vec<Message> = frames
