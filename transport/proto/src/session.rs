@@ -79,19 +79,20 @@ struct Assembly {
     crc: Option<u32>,
 }
 
-/// A message's first frame up to this size whose checksum the link did not hand on is
-/// checksummed when it starts the message (it is in cache, and the message's checksum needs
-/// every part's): the small header part of a message sent as a header part and a data part.
-/// Later small frames are not (a small chunk size would checksum every frame twice).
+/// A message's first or last frame up to this size whose checksum the link did not hand on
+/// is checksummed as it joins the message (it is in cache, and the message's checksum needs
+/// every part's): the small header part of a message sent as a header part and a data part,
+/// and the short remainder of one cut into chunks. Small frames in between are not (a small
+/// chunk size would checksum every frame twice).
 const SMALL_PART: usize = 4096;
 
-/// The CRC32C of a data frame's payload: the one the link verified, or, for a small first
-/// frame, computed now.
+/// The CRC32C of a data frame's payload: the one the link verified, or, for a small first or
+/// last frame, computed now.
 fn known_crc(frame: &Frame) -> Option<u32> {
-    frame.payload_crc.or_else(|| {
-        (frame.header.flags.contains(FrameFlags::FIRST) && frame.payload.len() <= SMALL_PART)
-            .then(|| crate::checksum::crc32c(&frame.payload))
-    })
+    let end = frame.header.flags.contains(FrameFlags::FIRST) || frame.header.flags.contains(FrameFlags::LAST);
+    frame
+        .payload_crc
+        .or_else(|| (end && frame.payload.len() <= SMALL_PART).then(|| crate::checksum::crc32c(&frame.payload)))
 }
 
 /// What went wrong with the peer's data stream. The frame is dropped; the stream goes on.
