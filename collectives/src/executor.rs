@@ -167,6 +167,13 @@ enum Touch {
     Write(u32, Combine),
 }
 
+/// What touched a unit before `touch`, and after it (`touches` is the unit's list, which holds
+/// `touch`: each segment touches the units it covers).
+fn around(touches: &[Touch], touch: Touch) -> (&[Touch], &[Touch]) {
+    let p = touches.iter().position(|x| *x == touch).expect("a segment touches the units it covers");
+    (&touches[..p], &touches[p + 1..])
+}
+
 /// For every unit of the buffer, the segments waiting on its count of receives applied (or of
 /// sends encoded), sorted by the count they need; stored flat (one list for all units, with
 /// offsets).
@@ -253,7 +260,7 @@ pub struct Executor {
     /// order they became so.
     ready: VecDeque<Waiter>,
     /// Segments that arrived before they could be applied: `(recv, segment)` → data, and its
-    /// checksum when the transport gave it and the data is one chunk.
+    /// checksum when a send forwards it and the transport gave one (one chunk only).
     early: BTreeMap<(usize, usize), (Vec<Bytes>, Option<u32>)>,
     /// Per receive segment: the send segment (`(send, segment)`) that forwards its data
     /// unchanged (see [`Executor::forwarding_sends`]); empty for a phantom buffer.
@@ -519,12 +526,8 @@ impl Executor {
                 let at = v.t.first_seg + seg;
                 let forward = sent_on[at].map(|(i, s)| (self.sends[i as usize].first_seg + s as usize) as u32);
                 streamed[at] = self.units(self.segment(&v.t, seg)).all(|u| {
-                    let l = &touches[u];
-                    let p = l
-                        .iter()
-                        .position(|x| *x == Touch::Write(at as u32, Combine::Copy))
-                        .expect("it wrote its units");
-                    l[p + 1..].iter().all(|x| match *x {
+                    let (_, after) = around(&touches[u], Touch::Write(at as u32, Combine::Copy));
+                    after.iter().all(|x| match *x {
                         Touch::Read(send) => Some(send) == forward,
                         Touch::Write(_, c) => c == Combine::Copy,
                     })
@@ -548,11 +551,9 @@ impl Executor {
                 let big = elems.len() * self.dtype.size() >= PRECOMPUTED_CRC_MIN;
                 lendable[at as usize] = big
                     && self.pieces(elems.clone()).count() == 1
-                    && self.units(elems).all(|u| {
-                        let l = &touches[u];
-                        let p = l.iter().position(|x| *x == Touch::Read(at)).expect("the send touched its units");
-                        l[p + 1..].iter().all(|x| matches!(x, Touch::Read(_)))
-                    });
+                    && self
+                        .units(elems)
+                        .all(|u| around(&touches[u], Touch::Read(at)).1.iter().all(|x| matches!(x, Touch::Read(_))));
             }
         }
         lendable
@@ -577,14 +578,8 @@ impl Executor {
                 let at = (t.first_seg + seg) as u32;
                 let elems = self.segment(t, seg);
                 // Per unit: what touched it just before this send.
-                let before: Vec<Option<Touch>> = self
-                    .units(elems.clone())
-                    .map(|u| {
-                        let l = &touches[u];
-                        let p = l.iter().position(|x| *x == Touch::Read(at)).expect("the send touched its units");
-                        p.checked_sub(1).map(|q| l[q])
-                    })
-                    .collect();
+                let before: Vec<Option<Touch>> =
+                    self.units(elems.clone()).map(|u| around(&touches[u], Touch::Read(at)).0.last().copied()).collect();
                 let Some(&Some(Touch::Write(src, Combine::Copy))) = before.first() else { continue };
                 if before.iter().all(|b| *b == Some(Touch::Write(src, Combine::Copy)))
                     && self.recv_segment_elems(src as usize) == elems
@@ -916,22 +911,19 @@ impl Executor {
         // The header may straddle chunks; the data after it is kept as slices of the chunks.
         let mut header = [0u8; MESSAGE_HEADER];
         let mut data = Vec::with_capacity(chunks.len());
-        // The data's checksum, when it is one chunk whose checksum (or its chunk's) is known.
-        let mut data_crc = None;
+        // The chunk the data starts in, and how many header bytes precede it there.
+        let mut first_data = (0, 0);
         let mut skip = MESSAGE_HEADER;
         for (i, c) in chunks.iter().enumerate() {
             let h = skip.min(c.len());
             header[MESSAGE_HEADER - skip..MESSAGE_HEADER - skip + h].copy_from_slice(&c[..h]);
             skip -= h;
             if h < c.len() {
+                if data.is_empty() {
+                    first_data = (i, h);
+                }
                 data.push(c.slice(h..));
-                data_crc = (data.len() == 1 && c.len() - h >= PRECOMPUTED_CRC_MIN)
-                    .then(|| crcs(i).map(|crc| suffix_crc(crc, &c[..h], c.len() - h)))
-                    .flatten();
             }
-        }
-        if data.len() != 1 {
-            data_crc = None;
         }
         let mut hdr = &header[..];
         let op_seq = hdr.get_u64_le();
@@ -956,6 +948,16 @@ impl Executor {
             let len = if wrong_kind != 0 { wrong_kind } else { right_kind };
             return Err(ExecError::WrongLength { from, block, len, expected });
         }
+        // The data's checksum, for a segment a send forwards as received (one chunk, large
+        // enough for the transport to use it), derived from its chunk's.
+        let forwarded = self.sent_on.get(t.first_seg + seg).is_some_and(Option::is_some);
+        let data_crc = match (forwarded, data.as_slice()) {
+            (true, [one]) if one.len() >= PRECOMPUTED_CRC_MIN => {
+                let (i, h) = first_data;
+                crcs(i).map(|crc| suffix_crc(crc, &chunks[i][..h], one.len()))
+            }
+            _ => None,
+        };
         let ready = self.recv_wait[t.first_seg + seg] == 0;
         self.early.insert((j, seg), (data, data_crc));
         if ready {
@@ -997,7 +999,12 @@ impl Executor {
     /// a finished executor waits for it before [`Executor::into_buffer`], which otherwise
     /// copies the buffer.
     pub fn lent(&self) -> Option<Returned> {
-        self.buf.is_lent().then(|| self.buf.returned())
+        self.is_lent().then(|| self.buf.returned())
+    }
+
+    /// Whether segments sent as the buffer's own bytes are still held by the transport.
+    pub fn is_lent(&self) -> bool {
+        self.buf.is_lent()
     }
 
     /// Consumes the executor, returning the buffer (empty for a phantom one): the caller's

@@ -970,8 +970,8 @@ impl Group {
     fn pump_with(&mut self, take_back: bool) {
         let Some(call) = self.running.as_mut() else { return };
         match &mut call.phase {
-            Phase::Running { exec, .. }
-                if exec.is_done() && !exec.has_outgoing() && (take_back || exec.lent().is_none()) => {}
+            Phase::Running { exec, .. } if exec.is_done() && !exec.has_outgoing() && (take_back || !exec.is_lent()) => {
+            }
             Phase::AllToAll(a) if a.is_done() => {
                 let Phase::AllToAll(a) = std::mem::replace(&mut call.phase, Phase::Ready) else { unreachable!() };
                 call.phase = Phase::Finished(Finished::AllToAll(a.into_result()));
