@@ -274,3 +274,123 @@ async fn delayed_reordered_and_dropped_frames_still_give_every_message_once_in_o
     let (cb, _) = b.handle().counters().await.unwrap();
     assert_eq!(cb.messages_delivered, sent.len() as u64, "each exactly once");
 }
+
+/// A message sent as a small header part and a large data part, as a collective sends a
+/// segment.
+fn header_and_data(seq: u64, data: &bytes::Bytes) -> phalanx_proto::Payload {
+    let mut p = phalanx_proto::Payload::from(bytes::Bytes::from(format!("segment {seq:>12}").into_bytes()));
+    p.push(data.clone());
+    p
+}
+
+/// Data the receiver posted a place for is read straight into it (the delivered data *is* the
+/// posted range), intact; a data frame that fails its checksum abandons the posting and arrives
+/// as usual after its retransmission; a posting taken back before its message arrives is never
+/// written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_the_receiver_posted_a_place_for_is_read_into_it_and_a_corrupt_frame_arrives_as_usual() {
+    use phalanx_collectives::lending::LendingBuffer;
+    use phalanx_proto::PostingTable;
+    use std::sync::Arc;
+    let mut b = Node::start(config(1, SECRET, Some(LinkKind::Tcp), None)).await.unwrap();
+    let table = Arc::new(PostingTable::new());
+    b.handle().set_placer(Some(table.clone()));
+    let faults = PathFaults::new();
+    let mut a_cfg = config(0, SECRET, None, None);
+    a_cfg.paths.push(path(1, LinkKind::Tcp, addr(&b, LinkKind::Tcp), &faults));
+    let a = Node::start(a_cfg).await.unwrap();
+    let len = 700 << 10;
+    let n = 6u64;
+    for (round, corrupt) in [(0u64, false), (1, true)] {
+        if corrupt {
+            faults.corrupt_every(2);
+        }
+        let mut buf = LendingBuffer::new(vec![0u8; len * n as usize]);
+        let ranges: Vec<_> = (0..n as usize).map(|i| i * len..(i + 1) * len).collect();
+        let sent: Vec<_> = (0..n).map(|i| payload(len, round * 100 + i)).collect();
+        for (i, r) in ranges.iter().enumerate() {
+            let head = header_and_data(i as u64, &sent[i]).chunks()[0].to_vec();
+            let posting = buf.post(r.clone());
+            table.file(RankId(0), ChannelId(3), head, &posting);
+        }
+        // The last one is taken back before anything arrives: it must stay untouched.
+        assert_eq!(buf.settle(ranges[n as usize - 1].clone()), Some(false));
+        buf.range_mut(ranges[n as usize - 1].clone()).fill(0xab);
+        for (i, m) in sent.iter().enumerate() {
+            a.handle().send(RankId(1), ChannelId(3), header_and_data(i as u64, m)).await.unwrap();
+        }
+        let mut in_place = 0;
+        for (i, want) in sent.iter().enumerate() {
+            let got =
+                b.next_message(Duration::from_secs(60), |_| {}).await.unwrap_or_else(|| panic!("message {i} lost"));
+            let data = got.payload.chunks().last().expect("data").clone();
+            assert_eq!(got.payload.len(), want.len() + 20, "message {i} of round {round}");
+            assert!(got.payload.to_bytes().ends_with(want), "message {i} of round {round} intact");
+            if i + 1 < n as usize {
+                let filled = buf.settle(ranges[i].clone()).expect("posted");
+                if filled {
+                    assert_eq!(data.as_ptr(), buf.range(ranges[i].clone()).as_ptr(), "message {i}: read in place");
+                    assert_eq!(buf.range(ranges[i].clone()), &want[..]);
+                    in_place += 1;
+                } else {
+                    assert!(corrupt, "message {i} of a clean round not in place");
+                }
+            }
+        }
+        assert!(buf.range(ranges[n as usize - 1].clone()).iter().all(|b| *b == 0xab), "a revoked posting untouched");
+        if corrupt {
+            assert!(in_place < n - 1, "a corrupted data frame abandons its posting");
+        } else {
+            assert_eq!(in_place, n - 1, "every posted message of a clean round in place");
+        }
+    }
+    assert!(faults.corrupted() > 0, "the fault fired");
+}
+
+/// A placer that hands out its postings and takes each back at once, as an application does
+/// when a message came by another path while a link was reading it.
+struct TakenBackAtOnce {
+    table: phalanx_proto::PostingTable,
+    postings: std::sync::Mutex<Vec<std::sync::Arc<phalanx_proto::Posting>>>,
+}
+
+impl phalanx_proto::Placer for TakenBackAtOnce {
+    fn place(&self, src: RankId, channel: ChannelId, head: &[u8], rest: usize) -> Option<phalanx_proto::PostedWrite> {
+        let w = self.table.place(src, channel, head, rest)?;
+        for p in self.postings.lock().unwrap().iter() {
+            p.revoke();
+        }
+        Some(w)
+    }
+}
+
+/// A posting taken back while its data frame is being read: the link reads the rest of the
+/// frame past it and drops it (the stream stays in step), and the message still arrives —
+/// its data frame resent — intact, followed by the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_posting_taken_back_mid_frame_costs_a_retransmission_not_the_stream() {
+    use phalanx_collectives::lending::LendingBuffer;
+    use std::sync::Arc;
+    let mut b = Node::start(config(1, SECRET, Some(LinkKind::Tcp), None)).await.unwrap();
+    let placer = Arc::new(TakenBackAtOnce { table: phalanx_proto::PostingTable::new(), postings: Default::default() });
+    b.handle().set_placer(Some(placer.clone()));
+    let mut a_cfg = config(0, SECRET, None, None);
+    a_cfg.paths.push(path(1, LinkKind::Tcp, addr(&b, LinkKind::Tcp), &PathFaults::new()));
+    let a = Node::start(a_cfg).await.unwrap();
+    let len = 900 << 10;
+    let sent = [payload(len, 7), payload(len, 8)];
+    let mut buf = LendingBuffer::new(vec![0u8; len]);
+    let posting = buf.post(0..len);
+    placer.table.file(RankId(0), ChannelId(4), header_and_data(0, &sent[0]).chunks()[0].to_vec(), &posting);
+    placer.postings.lock().unwrap().push(posting);
+    for (i, m) in sent.iter().enumerate() {
+        a.handle().send(RankId(1), ChannelId(4), header_and_data(i as u64, m)).await.unwrap();
+    }
+    for (i, want) in sent.iter().enumerate() {
+        let got = b.next_message(Duration::from_secs(60), |_| {}).await.unwrap_or_else(|| panic!("message {i} lost"));
+        assert!(got.payload.len() == len + 20 && got.payload.to_bytes().ends_with(want), "message {i} intact");
+    }
+    assert_eq!(buf.settle(0..len), Some(false), "never filled");
+    let (ca, _) = a.handle().counters().await.unwrap();
+    assert!(ca.retransmits > 0, "the dropped data frame was sent again");
+}

@@ -27,7 +27,12 @@
 //! [`Layout::lend`], a segment nothing rewrites goes out as the buffer's own bytes
 //! ([`crate::lending`]), and [`Executor::lent`] says when the transport has let go of them.
 //! Received copies that nothing reads again go into large buffers with streaming stores
-//! ([`crate::streaming_copy`]).
+//! ([`crate::streaming_copy`]). With [`Layout::post`], a received segment that nothing writes
+//! afterwards is *posted*: its range of the buffer is offered to the transport
+//! ([`Executor::poll_posting`]), which reads the message's data straight into it, and the
+//! executor finds it in place — no copy at all (see `phalanx_proto::posting`). A large segment's
+//! message goes out as two parts, its header and its data, so that the data arrives as a frame
+//! of its own.
 //!
 //! **Phantom payloads.** An executor made with [`Executor::phantom`] runs the same schedule,
 //! dataflow and checks on a buffer that has a length but no bytes (the simulator uses it at
@@ -37,13 +42,14 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
 use phalanx_proto::checksum::{crc32c, crc32c_combine, Crc32c};
 use phalanx_proto::frame::PRECOMPUTED_CRC_MIN;
-use phalanx_proto::Payload;
+use phalanx_proto::{Payload, Posting};
 
 use crate::lending::{LendingBuffer, Returned};
 use crate::reduce::{divide, reduce_into, DType, ReduceOp};
@@ -54,8 +60,9 @@ use crate::streaming_copy::{self, STREAMING_MIN};
 pub const MESSAGE_HEADER: usize = 20;
 
 /// Largest segment of a block sent as one message (the unit of pipelining): just under 1 MiB,
-/// so that a segment's message, header included, is one frame of the transport's default
-/// 1 MiB chunk, and the checksum [`Executor`] takes while it copies the segment is the frame's.
+/// so that a segment's data is one frame of the transport's default 1 MiB chunk (a large
+/// segment's header goes as a part, hence a frame, of its own), and the checksum [`Executor`]
+/// takes while it copies the segment is the frame's.
 pub const SEGMENT_BYTES: usize = (1 << 20) - 64;
 
 /// Why a message was refused.
@@ -123,12 +130,32 @@ pub struct Layout {
     /// driver that waits for the transport to return them before it takes the result back
     /// (else [`Executor::into_buffer`] copies). Only large buffers and not for `Avg`.
     pub lend: bool,
+    /// Post receive segments that nothing writes afterwards, for the transport to read their
+    /// data straight into the buffer ([`Executor::poll_posting`]): for a driver that files the
+    /// postings with its transport. Only large buffers (8 MiB or more), where segments of
+    /// 256 KiB or more are then sent as a header part and a data part, so that the data
+    /// arrives as a frame of its own. Every rank of a collective should set it alike: a
+    /// receiver takes either form, but only a split one lands in a posting.
+    pub post: bool,
 }
 
 impl Default for Layout {
     fn default() -> Self {
-        Layout { block_map: None, segment_bytes: SEGMENT_BYTES, lend: false }
+        Layout { block_map: None, segment_bytes: SEGMENT_BYTES, lend: false, post: false }
     }
+}
+
+/// A receive segment posted in the buffer (see [`Layout::post`]): the data of the message from
+/// rank `from` (an index of the schedule's world) whose first part is `head` may be read
+/// straight into `posting`.
+#[derive(Debug)]
+pub struct PostedRecv {
+    /// The sender.
+    pub from: usize,
+    /// The message's header, as the sender sends it: the message's first part.
+    pub head: [u8; MESSAGE_HEADER],
+    /// The segment's range of the buffer.
+    pub posting: Arc<Posting>,
 }
 
 /// A send or receive of the schedule: a range of blocks, cut into segments.
@@ -259,9 +286,8 @@ pub struct Executor {
     /// Segments free to go (sends) or to be applied (receives whose data is here), in the
     /// order they became so.
     ready: VecDeque<Waiter>,
-    /// Segments that arrived before they could be applied: `(recv, segment)` → data, and its
-    /// checksum when a send forwards it and the transport gave one (one chunk only).
-    early: BTreeMap<(usize, usize), (Vec<Bytes>, Option<u32>)>,
+    /// Segments that arrived and wait to be applied: `(recv, segment)` → what arrived.
+    early: BTreeMap<(usize, usize), Arrived>,
     /// Per receive segment: the send segment (`(send, segment)`) that forwards its data
     /// unchanged (see [`Executor::forwarding_sends`]); empty for a phantom buffer.
     sent_on: Vec<Option<(u32, u32)>>,
@@ -271,6 +297,17 @@ pub struct Executor {
     /// Per send segment: sent as the buffer's own bytes, lent (empty: none; see
     /// [`Executor::lendable_sends`]).
     lendable: Vec<bool>,
+    /// Per receive segment: may be posted (empty: none; see [`Executor::postable_receives`]),
+    /// and is posted now.
+    postable: Vec<bool>,
+    posted: Vec<bool>,
+    /// Postings for the driver to file ([`Executor::poll_posting`]).
+    postings: VecDeque<PostedRecv>,
+    /// Large segments go as a header part and a data part, for receivers that post (every rank
+    /// of a collective has the same layout and, but for a caller's error, buffer length).
+    split_sends: bool,
+    /// Received segments found in place (posted and filled).
+    in_place: u64,
     /// Per send segment: its message, made when the receive it sends on was applied (only when
     /// that data arrived as one buffer; otherwise the send takes a snapshot as usual).
     prepared: Vec<Option<Payload>>,
@@ -279,6 +316,16 @@ pub struct Executor {
     sends_left: usize,
     recvs_left: usize,
     finished: bool,
+}
+
+/// A receive segment's message, waiting to be applied.
+struct Arrived {
+    /// Its data, as the transport's chunks.
+    data: Vec<Bytes>,
+    /// The data's checksum, when a send forwards it and the transport gave one (one chunk only).
+    crc: Option<u32>,
+    /// The transport read the data into its place in the buffer already (a posted segment).
+    in_place: bool,
 }
 
 /// A schedule over a subset of the buffer's blocks (see [`Layout::block_map`]).
@@ -338,7 +385,7 @@ impl Executor {
         phantom: Option<usize>,
         layout: Layout,
     ) -> Executor {
-        let Layout { block_map, segment_bytes, lend } = layout;
+        let Layout { block_map, segment_bytes, lend, post } = layout;
         let len = phantom.unwrap_or(buf.len());
         assert_eq!(len % dtype.size(), 0, "buffer is not whole elements");
         let count = len / dtype.size();
@@ -380,6 +427,11 @@ impl Executor {
             sent_on: Vec::new(),
             streamed: Vec::new(),
             lendable: Vec::new(),
+            postable: Vec::new(),
+            posted: Vec::new(),
+            postings: VecDeque::new(),
+            split_sends: false,
+            in_place: 0,
             prepared: Vec::new(),
             outbox: VecDeque::new(),
             sends_left: 0,
@@ -470,6 +522,11 @@ impl Executor {
                 if lend && op != ReduceOp::Avg {
                     e.lendable = e.lendable_sends(&touches);
                 }
+                if post {
+                    e.postable = e.postable_receives(&touches);
+                    e.posted = vec![false; recv_segs];
+                    e.split_sends = true;
+                }
             }
             e.prepared = vec![None; send_segs];
         }
@@ -479,6 +536,15 @@ impl Executor {
             for seg in 0..t.segs {
                 if e.send_wait[t.first_seg + seg] == 0 {
                     e.ready.push_back(Waiter::Send(i as u32, seg as u32));
+                }
+            }
+        }
+        if !e.postable.is_empty() {
+            for j in 0..e.recvs.len() {
+                for seg in 0..e.recvs[j].t.segs {
+                    if e.recv_wait[e.recvs[j].t.first_seg + seg] == 0 {
+                        e.post(j, seg);
+                    }
                 }
             }
         }
@@ -557,6 +623,51 @@ impl Executor {
             }
         }
         lendable
+    }
+
+    /// For each receive segment, whether it may be posted for the transport to fill
+    /// ([`Layout::post`]): a `Copy` into one contiguous range of the buffer that nothing writes
+    /// afterwards (a filled range stays the message's, as the forwarding send may go out as the
+    /// received bytes), of at least [`PRECOMPUTED_CRC_MIN`] bytes (then its message goes out
+    /// as a header part and a data part, and the data arrives as a frame of its own).
+    fn postable_receives(&self, touches: &[Vec<Touch>]) -> Vec<bool> {
+        let mut postable = vec![false; self.recv_wait.len()];
+        for v in self.recvs.iter().filter(|v| v.combine == Combine::Copy) {
+            for seg in 0..v.t.segs {
+                let at = v.t.first_seg + seg;
+                let elems = self.segment(&v.t, seg);
+                postable[at] = elems.len() * self.dtype.size() >= PRECOMPUTED_CRC_MIN
+                    && self.pieces(elems.clone()).count() == 1
+                    && self.units(elems).all(|u| {
+                        around(&touches[u], Touch::Write(at as u32, Combine::Copy))
+                            .1
+                            .iter()
+                            .all(|x| matches!(x, Touch::Read(_)))
+                    });
+            }
+        }
+        postable
+    }
+
+    /// Posts receive segment `seg` of receive `j` if it may be, and its data has not arrived:
+    /// called once nothing before it in the schedule still touches its range.
+    fn post(&mut self, j: usize, seg: usize) {
+        let t = &self.recvs[j].t;
+        let at = t.first_seg + seg;
+        if !self.postable.get(at).copied().unwrap_or(false) || self.posted[at] || self.early.contains_key(&(j, seg)) {
+            return;
+        }
+        let size = self.dtype.size();
+        let piece = self.pieces(self.segment(t, seg)).next().expect("a postable segment is one piece");
+        let mut head = [0u8; MESSAGE_HEADER];
+        head[..8].copy_from_slice(&self.op_seq.to_le_bytes());
+        head[8..12].copy_from_slice(&(t.round as u32).to_le_bytes());
+        head[12..16].copy_from_slice(&(t.blocks.start as u32).to_le_bytes());
+        head[16..].copy_from_slice(&(seg as u32).to_le_bytes());
+        let from = t.peer;
+        let posting = self.buf.post(piece.start * size..piece.end * size);
+        self.posted[at] = true;
+        self.postings.push_back(PostedRecv { from, head, posting });
     }
 
     /// For each of the `recv_segs` receive segments, the send segment (`(send, segment)`) that
@@ -693,26 +804,37 @@ impl Executor {
             // (one read; the snapshot's copy is what this saves).
             let piece = self.pieces(elems).next().expect("a lendable segment is one piece");
             let range = piece.start * size..piece.end * size;
-            let crc = crc32c(&self.buf.bytes()[range.clone()]);
+            let crc = crc32c(self.buf.range(range.clone()));
             let mut p = Payload::from(self.header(i, seg, 0).freeze());
             p.push_checked(self.buf.lend(range), crc);
             return (p, 0);
         }
-        let mut m = self.header(i, seg, len);
+        // Where the receiver may have posted a place for the data (see `Layout::post`), it goes
+        // as a part of its own, after the header.
+        let split = self.split_sends && len >= PRECOMPUTED_CRC_MIN;
+        let mut m = if split { BytesMut::with_capacity(len) } else { self.header(i, seg, len) };
         // Only where the transport will use it (below that, it checksums the frame itself).
-        let checked = MESSAGE_HEADER + len >= PRECOMPUTED_CRC_MIN;
+        let checked = m.len() + len >= PRECOMPUTED_CRC_MIN;
         let mut crc = Crc32c::new();
         crc.update(&m);
         for r in self.pieces(elems) {
             // In slices that stay in the L1/L2 cache between the copy and the checksum.
-            for piece in self.buf.bytes()[r.start * size..r.end * size].chunks(32 << 10) {
+            for piece in self.buf.range(r.start * size..r.end * size).chunks(32 << 10) {
                 m.put_slice(piece);
                 if checked {
                     crc.update(&m[m.len() - piece.len()..]);
                 }
             }
         }
-        (checked_payload(m, checked.then(|| crc.finish())), 0)
+        let mut p = Payload::new();
+        if split {
+            p.push(self.header(i, seg, 0).freeze());
+        }
+        match checked {
+            true => p.push_checked(m.freeze(), crc.finish()),
+            false => p.push(m.freeze()),
+        }
+        (p, 0)
     }
 
     /// Combines a received segment, given as consecutive chunks (the transport's frame
@@ -792,8 +914,12 @@ impl Executor {
                 Waiter::Recv(j, seg) => {
                     let at = self.recvs[j as usize].t.first_seg + seg as usize;
                     self.recv_wait[at] -= 1;
-                    if self.recv_wait[at] == 0 && self.early.contains_key(&(j as usize, seg as usize)) {
-                        self.ready.push_back(w);
+                    if self.recv_wait[at] == 0 {
+                        if self.early.contains_key(&(j as usize, seg as usize)) {
+                            self.ready.push_back(w);
+                        } else if !self.postable.is_empty() {
+                            self.post(j as usize, seg as usize);
+                        }
                     }
                 }
             }
@@ -818,8 +944,8 @@ impl Executor {
                 }
                 Waiter::Recv(j, seg) => {
                     let (j, seg) = (j as usize, seg as usize);
-                    let (data, crc) = self.early.remove(&(j, seg)).expect("queued with its data");
-                    self.apply_recv(j, seg, &data, crc);
+                    let a = self.early.remove(&(j, seg)).expect("queued with its data");
+                    self.apply_recv(j, seg, &a.data, a.crc, a.in_place);
                 }
             }
         }
@@ -833,11 +959,15 @@ impl Executor {
     }
 
     /// Applies a receive segment's `data`; `crc` is its checksum if the transport gave one
-    /// (a single chunk only).
-    fn apply_recv(&mut self, j: usize, seg: usize, data: &[Bytes], crc: Option<u32>) {
+    /// (a single chunk only); `in_place`: the transport read it into its place already.
+    fn apply_recv(&mut self, j: usize, seg: usize, data: &[Bytes], crc: Option<u32>, in_place: bool) {
         let elems = self.segment(&self.recvs[j].t, seg);
         let at = self.recvs[j].t.first_seg + seg;
-        self.apply(elems.clone(), self.recvs[j].combine, data, self.streamed.get(at).copied().unwrap_or(false));
+        if in_place {
+            self.in_place += 1;
+        } else {
+            self.apply(elems.clone(), self.recvs[j].combine, data, self.streamed.get(at).copied().unwrap_or(false));
+        }
         // A receive that a send forwards makes that send's message now, when its data arrived
         // as one buffer (else the send takes a snapshot, as any other).
         if let (Some((i, s)), [one]) = (self.sent_on.get(at).copied().flatten(), data) {
@@ -959,12 +1089,35 @@ impl Executor {
             _ => None,
         };
         let ready = self.recv_wait[t.first_seg + seg] == 0;
-        self.early.insert((j, seg), (data, data_crc));
+        // A posted segment: taken back from the transport, which may have filled it already
+        // (with this message's data, verified: whichever path delivered the message).
+        let at = t.first_seg + seg;
+        let mut in_place = false;
+        if self.posted.get(at).copied().unwrap_or(false) {
+            self.posted[at] = false;
+            let size = self.dtype.size();
+            let piece = self.pieces(self.segment(&self.recvs[j].t, seg)).next().expect("a posted segment is one piece");
+            in_place = self.buf.settle(piece.start * size..piece.end * size) == Some(true);
+        }
+        self.early.insert((j, seg), Arrived { data, crc: data_crc, in_place });
         if ready {
             self.ready.push_back(Waiter::Recv(j as u32, seg as u32));
             self.advance();
         }
         Ok(())
+    }
+
+    /// The next receive segment posted in the buffer, for the driver to file with its transport
+    /// (see [`Layout::post`]). A posting that is never filed costs nothing: the message then
+    /// arrives as any other.
+    pub fn poll_posting(&mut self) -> Option<PostedRecv> {
+        self.postings.pop_front()
+    }
+
+    /// Received segments the transport read straight into the buffer (posted, see
+    /// [`Layout::post`]), not copied.
+    pub fn received_in_place(&self) -> u64 {
+        self.in_place
     }
 
     /// Whether messages are still waiting to be handed out by [`Executor::poll_send`].
@@ -1019,16 +1172,6 @@ impl Executor {
 /// `whole ⊕ crc(head)·x^(8·len)`, which `crc32c_combine` with an empty second part computes.
 fn suffix_crc(whole: u32, head: &[u8], len: usize) -> u32 {
     whole ^ crc32c_combine(crc32c(head), 0, len)
-}
-
-/// A message of one part, with its CRC32C when one was taken.
-fn checked_payload(m: BytesMut, crc: Option<u32>) -> Payload {
-    let mut p = Payload::new();
-    match crc {
-        Some(crc) => p.push_checked(m.freeze(), crc),
-        None => p.push(m.freeze()),
-    }
-    p
 }
 
 /// `len` bytes from byte `start` of the concatenation of `chunks`, as slices of them.

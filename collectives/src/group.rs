@@ -42,12 +42,13 @@
 //! copy of the contribution.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
-use phalanx_proto::Payload;
+use phalanx_proto::{Payload, Posting};
 
 use crate::alltoall::{AllToAll, AllToAllResult};
 use crate::codec::{self, Compression};
@@ -393,6 +394,9 @@ pub struct GroupCounters {
     /// Results handed back as a copy because the transport still held parts of the buffer
     /// lent to it ([`Group::take_back`]); zero when every loan came back in time.
     pub lent_copies: u64,
+    /// Received segments the transport read straight into the caller's buffer (posted:
+    /// [`Group::set_post_receives`]), so no copy was made of them.
+    pub received_in_place: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -520,6 +524,8 @@ pub struct Group {
     segment_bytes: usize,
     /// Lend unwritten send segments to the transport ([`Group::set_lend_sends`]).
     lend_sends: bool,
+    /// Post receive segments for the transport to fill ([`Group::set_post_receives`]).
+    post_receives: bool,
 }
 
 impl Group {
@@ -545,6 +551,7 @@ impl Group {
             corrupt_next: false,
             segment_bytes: crate::executor::SEGMENT_BYTES,
             lend_sends: false,
+            post_receives: false,
         }
     }
 
@@ -603,6 +610,27 @@ impl Group {
     /// (the simulator's transport keeps no such handles; the communicator turns it on).
     pub fn set_lend_sends(&mut self, lend: bool) {
         self.lend_sends = lend;
+    }
+
+    /// Posts receive segments that nothing writes afterwards (the blocks an all-gather receives,
+    /// the gathering half of a ring all-reduce) for the transport to read their data straight
+    /// into the caller's buffer ([`Layout::post`]; large buffers only): the driver files each
+    /// posting [`Group::poll_posting`] gives with its transport (see `phalanx_proto::posting`).
+    /// Off by default (the simulator's transport has no such place; the communicator turns it
+    /// on).
+    pub fn set_post_receives(&mut self, post: bool) {
+        self.post_receives = post;
+    }
+
+    /// The next receive posted by the running collective: `(sending rank, the message's first
+    /// part, the posting)`, for the driver to file with its transport.
+    pub fn poll_posting(&mut self) -> Option<(usize, [u8; crate::executor::MESSAGE_HEADER], Arc<Posting>)> {
+        match &mut self.running.as_mut()?.phase {
+            Phase::Running { exec, participants, .. } => {
+                exec.poll_posting().map(|p| (participants[p.from], p.head, p.posting))
+            }
+            _ => None,
+        }
     }
 
     /// While the running collective is finished but parts of its buffer are still lent to the
@@ -982,6 +1010,7 @@ impl Group {
         let Phase::Running { attempt, participants, exec } = std::mem::replace(&mut call.phase, Phase::Ready) else {
             unreachable!("matched above")
         };
+        self.counters.received_in_place += exec.received_in_place();
         let mut result = exec.into_buffer();
         if let Some(Op::CompressedAllReduce { op, compression }) = call.op {
             match decode_and_sum(&result, op, compression, &participants, self.world) {
@@ -1111,7 +1140,12 @@ impl Group {
                 };
                 let tag = data_tag(op_seq, attempt);
                 let (dtype, rop, k) = (call.dtype, op.reduce_op(), participants.len());
-                let layout = Layout { block_map: map, segment_bytes: self.segment_bytes, lend: self.lend_sends };
+                let layout = Layout {
+                    block_map: map,
+                    segment_bytes: self.segment_bytes,
+                    lend: self.lend_sends,
+                    post: self.post_receives,
+                };
                 let exec = match call.phantom {
                     Some(len) => Executor::phantom(schedule, tag, dtype, rop, k, len, layout),
                     None => Executor::with_layout(schedule, tag, dtype, rop, k, buf, layout),

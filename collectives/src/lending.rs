@@ -13,16 +13,24 @@
 //! given up). [`LendingBuffer::returned`] says when; [`LendingBuffer::into_vec`] before that
 //! copies the bytes out (always correct, never blocking).
 //!
+//! Ranges can also be *posted* for a receive ([`LendingBuffer::post`], see
+//! `phalanx_proto::posting`): the transport reads a message's data straight into them. A
+//! posted range is the transport's until [`LendingBuffer::settle`] takes it back; if the
+//! transport filled it, it is lent from then on (the message's `Bytes` point into it).
+//!
 //! `bytes` cannot express a buffer that is lent in parts and written elsewhere meanwhile (the
 //! parts of a `BytesMut` are not unique while their siblings live), so this holds the buffer
 //! behind a pointer, as the transport's `message_buf` does: the executor writes only ranges it
-//! has not lent ([`LendingBuffer::range_mut`] checks), and lent ranges are only read.
+//! has neither lent nor posted ([`LendingBuffer::range_mut`] checks), lent ranges are only
+//! read, and posted ones are not touched at all until settled ([`LendingBuffer::range`]
+//! checks).
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use phalanx_proto::Posting;
 
 /// The buffer once a range of it has been lent.
 struct Shared {
@@ -34,8 +42,9 @@ struct Shared {
 }
 
 // SAFETY: the bytes are written only through `LendingBuffer::range_mut` (one `LendingBuffer`
-// per buffer, `&mut self`), never in a lent range, and read through `&self` or through `Lent`
-// handles of lent ranges only; `Vec<u8>` is `Send` and `Sync`.
+// per buffer, `&mut self`), never in a lent or posted range, or by the claimant of a posted
+// range (`phalanx_proto::Posting`'s rules); read through `&self` outside posted ranges, or
+// through `Lent` handles of lent ranges only; `Vec<u8>` is `Send` and `Sync`.
 unsafe impl Send for Shared {}
 // SAFETY: as above: shared access is to lent ranges, which no one writes, or through `&self`.
 unsafe impl Sync for Shared {}
@@ -82,13 +91,24 @@ pub struct LendingBuffer {
     state: State,
     /// Byte ranges lent so far (sorted, disjoint: overlapping loans merged).
     lent: Vec<Range<usize>>,
+    /// Ranges posted for receives and not yet settled (disjoint, in posting order).
+    posted: Vec<(Range<usize>, Arc<Posting>)>,
     wake: WakeSlot,
+}
+
+impl Drop for LendingBuffer {
+    fn drop(&mut self) {
+        // No transport writes into a buffer its owner has let go of.
+        for (_, p) in self.posted.drain(..) {
+            p.revoke();
+        }
+    }
 }
 
 impl LendingBuffer {
     /// The buffer `buf`, nothing lent.
     pub fn new(buf: Vec<u8>) -> LendingBuffer {
-        LendingBuffer { state: State::Owned(buf), lent: Vec::new(), wake: Arc::default() }
+        LendingBuffer { state: State::Owned(buf), lent: Vec::new(), posted: Vec::new(), wake: Arc::default() }
     }
 
     /// Its length in bytes.
@@ -104,21 +124,49 @@ impl LendingBuffer {
         self.len() == 0
     }
 
-    /// All of its bytes.
+    /// All of its bytes. Panics while a range is posted (the transport may be writing it).
     pub fn bytes(&self) -> &[u8] {
+        assert!(self.posted.is_empty(), "reading a buffer with {} ranges posted", self.posted.len());
+        self.whole()
+    }
+
+    /// The bytes `range`, to read. Panics if it is out of bounds or overlaps a posted range.
+    pub fn range(&self, range: Range<usize>) -> &[u8] {
+        assert!(range.start <= range.end && range.end <= self.len(), "{range:?} outside {} bytes", self.len());
+        self.check_not_posted(&range);
+        match &self.state {
+            State::Owned(v) => &v[range],
+            // SAFETY: within the buffer, read only: lent ranges are only ever read, posted ones
+            // are not in it (checked above), and the rest is written only through `&mut self`,
+            // which this borrow excludes.
+            State::Shared(s) => unsafe { std::slice::from_raw_parts(s.ptr.add(range.start), range.len()) },
+        }
+    }
+
+    fn check_not_posted(&self, range: &Range<usize>) {
+        if let Some((p, _)) = self.posted.iter().find(|(p, _)| p.start < range.end && range.start < p.end) {
+            panic!("touching {range:?}, which overlaps the posted {p:?}");
+        }
+    }
+
+    fn whole(&self) -> &[u8] {
         match &self.state {
             State::Owned(v) => v,
-            // SAFETY: the whole buffer, read only: lent ranges are only ever read, and the
-            // rest is written only through `&mut self`, which this borrow excludes.
+            // SAFETY: the whole buffer, read only: lent ranges are only ever read, none is
+            // posted (checked by the callers), and the rest is written only through `&mut
+            // self`, which this borrow excludes.
             State::Shared(s) => unsafe { std::slice::from_raw_parts(s.ptr, s.len) },
         }
     }
 
     /// The bytes `range`, to write. Panics if it is out of bounds or overlaps a range ever lent
     /// by this buffer (the executor never writes what it has lent: its bug, caught here, before
-    /// the transport could send bytes other than those it checksummed).
+    /// the transport could send bytes other than those it checksummed), or one posted.
     pub fn range_mut(&mut self, range: Range<usize>) -> &mut [u8] {
         assert!(range.start <= range.end && range.end <= self.len(), "{range:?} outside {} bytes", self.len());
+        if !range.is_empty() {
+            self.check_not_posted(&range);
+        }
         let at = self.lent.partition_point(|l| l.end <= range.start);
         assert!(
             self.lent.get(at).is_none_or(|l| l.start >= range.end || range.is_empty()),
@@ -127,8 +175,8 @@ impl LendingBuffer {
         );
         match &mut self.state {
             State::Owned(v) => &mut v[range],
-            // SAFETY: within the buffer, overlapping no lent range (checked above), and
-            // `&mut self` makes this the only reference into the unlent part.
+            // SAFETY: within the buffer, overlapping no lent or posted range (checked above), and
+            // `&mut self` makes this the only reference into the rest.
             State::Shared(s) => unsafe { std::slice::from_raw_parts_mut(s.ptr.add(range.start), range.len()) },
         }
     }
@@ -139,12 +187,23 @@ impl LendingBuffer {
     /// of bounds.
     pub fn lend(&mut self, range: Range<usize>) -> Bytes {
         assert!(range.start <= range.end && range.end <= self.len(), "{range:?} outside {} bytes", self.len());
+        self.check_not_posted(&range);
+        self.mark_lent(range.clone());
+        Bytes::from_owner(Lent { buf: Some(self.share()), range, wake: Arc::clone(&self.wake) })
+    }
+
+    /// Records `range` as lent: never written again.
+    fn mark_lent(&mut self, range: Range<usize>) {
         // Kept sorted and disjoint: overlapping or touching ranges are merged.
         let first = self.lent.partition_point(|l| l.end < range.start);
         let last = self.lent.partition_point(|l| l.start <= range.end);
-        let merged = self.lent[first..last].iter().fold(range.clone(), |m, l| m.start.min(l.start)..m.end.max(l.end));
+        let merged = self.lent[first..last].iter().fold(range, |m, l| m.start.min(l.start)..m.end.max(l.end));
         self.lent.splice(first..last, [merged]);
-        let shared = match &mut self.state {
+    }
+
+    /// The buffer, shared from now on.
+    fn share(&mut self) -> Arc<Shared> {
+        match &mut self.state {
             State::Shared(s) => Arc::clone(s),
             State::Owned(v) => {
                 let mut owner = std::mem::take(v);
@@ -153,8 +212,45 @@ impl LendingBuffer {
                 self.state = State::Shared(Arc::clone(&s));
                 s
             }
+        }
+    }
+
+    /// Posts `range` for a receive: the transport may read a message's data into it (see
+    /// `phalanx_proto::posting`) until [`LendingBuffer::settle`]. Until then the range is
+    /// neither read nor written here. Panics if it is out of bounds, empty, or overlaps a range
+    /// lent or posted.
+    pub fn post(&mut self, range: Range<usize>) -> Arc<Posting> {
+        assert!(range.start < range.end && range.end <= self.len(), "posting {range:?} of {} bytes", self.len());
+        self.check_not_posted(&range);
+        let at = self.lent.partition_point(|l| l.end <= range.start);
+        assert!(self.lent.get(at).is_none_or(|l| l.start >= range.end), "posting {range:?}, which overlaps a loan");
+        let shared = self.share();
+        // SAFETY: `range` lies within the buffer (checked), which the owner (a loan of the range,
+        // holding the buffer) keeps alive; this buffer neither reads nor writes a posted range
+        // until `settle` has revoked it (`range`/`range_mut`/`bytes` check), and a filled one
+        // becomes lent, never written again.
+        let posting = unsafe {
+            Posting::new(
+                shared.ptr.add(range.start),
+                range.len(),
+                Box::new(Lent { buf: Some(Arc::clone(&shared)), range: range.clone(), wake: Arc::clone(&self.wake) }),
+            )
         };
-        Bytes::from_owner(Lent { buf: Some(shared), range, wake: Arc::clone(&self.wake) })
+        self.posted.push((range, Arc::clone(&posting)));
+        posting
+    }
+
+    /// Takes back the posted `range`: `Some(true)` if the transport filled it with the message's
+    /// data (from now on it is lent, never written again, as the message's `Bytes` point into
+    /// it), `Some(false)` if not (it is this buffer's again), `None` if it was not posted.
+    pub fn settle(&mut self, range: Range<usize>) -> Option<bool> {
+        let at = self.posted.iter().position(|(r, _)| *r == range)?;
+        let (_, posting) = self.posted.swap_remove(at);
+        let filled = posting.revoke();
+        if filled {
+            self.mark_lent(range);
+        }
+        Some(filled)
     }
 
     /// Whether some lent range is still held (by the transport).
@@ -176,9 +272,12 @@ impl LendingBuffer {
     }
 
     /// The buffer as a vector: itself when nothing is lent any more, else a copy (the lent
-    /// ranges stay valid for whoever holds them).
-    pub fn into_vec(self) -> Vec<u8> {
-        match self.state {
+    /// ranges stay valid for whoever holds them). Posted ranges are taken back first.
+    pub fn into_vec(mut self) -> Vec<u8> {
+        for (_, p) in self.posted.drain(..) {
+            p.revoke();
+        }
+        match std::mem::replace(&mut self.state, State::Owned(Vec::new())) {
             State::Owned(v) => v,
             State::Shared(s) => match Arc::try_unwrap(s) {
                 Ok(shared) => shared.owner,
@@ -268,6 +367,65 @@ mod tests {
             assert!(caught.is_err(), "{bad:?} overlaps a loan");
         }
         assert!([x, y, z, w].iter().all(|l| l.iter().all(|v| *v == 1)));
+    }
+
+    /// Fills a claimed posting with `byte` as a link reader would.
+    fn fill(p: &Arc<Posting>, byte: u8) -> Bytes {
+        let mut w = p.claim().expect("open");
+        w.write(0..p.len(), |d| d.fill(byte)).expect("not taken back");
+        w.finish().expect("not taken back")
+    }
+
+    #[test]
+    fn a_posted_range_is_not_touched_until_settled_and_a_filled_one_is_lent_from_then_on() {
+        let v = vec![1u8; 100];
+        let addr = v.as_ptr();
+        let mut b = LendingBuffer::new(v);
+        let (p, q) = (b.post(10..20), b.post(30..40));
+        for bad in [5..11, 19..25, 35..36] {
+            let mut touch =
+                |f: &dyn Fn(&mut LendingBuffer)| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut b)));
+            assert!(touch(&|b| b.range_mut(bad.clone()).fill(0)).is_err(), "writing {bad:?}");
+            assert!(touch(&|b| drop(b.range(bad.clone()).to_vec())).is_err(), "reading {bad:?}");
+            assert!(touch(&|b| drop(b.lend(bad.clone()))).is_err(), "lending {bad:?}");
+        }
+        assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.bytes().len())).is_err());
+        assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.post(15..25))).is_err(), "posted twice");
+        b.range_mut(0..10).fill(2);
+        let data = fill(&p, 7);
+        assert_eq!(data.as_ptr(), addr.wrapping_add(10), "read in place");
+        assert_eq!(b.settle(10..20), Some(true));
+        assert_eq!(b.settle(10..20), None, "settled once");
+        assert!(
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.range_mut(10..20).fill(0))).is_err(),
+            "lent now"
+        );
+        assert_eq!(b.range(10..20), &[7u8; 10][..]);
+        // Not filled: the buffer's again, and no reader can write it any more.
+        let mut late = q.claim().expect("open");
+        assert_eq!(b.settle(30..40), Some(false));
+        assert!(late.write(0..10, |d| d.fill(9)).is_none(), "taken back");
+        b.range_mut(30..40).fill(3);
+        assert!(b.is_lent(), "the filled data is still held");
+        drop((data, p, q, late));
+        assert!(!b.is_lent());
+        let out = b.into_vec();
+        assert_eq!(out.as_ptr(), addr, "the same allocation back");
+        assert_eq!((&out[..10], &out[10..20], &out[30..40]), (&[2u8; 10][..], &[7u8; 10][..], &[3u8; 10][..]));
+    }
+
+    #[test]
+    fn handing_the_buffer_back_takes_its_postings_back_first() {
+        let mut b = LendingBuffer::new(vec![4u8; 64]);
+        let p = b.post(0..32);
+        let mut w = p.claim().expect("open");
+        let out = b.into_vec();
+        assert!(w.write(0..32, |d| d.fill(0)).is_none(), "no write after the buffer went back");
+        assert_eq!(out, vec![4u8; 64]);
+        let mut c = LendingBuffer::new(vec![5u8; 8]);
+        let q = c.post(0..8);
+        drop(c);
+        assert!(q.claim().is_none(), "dropped: revoked");
     }
 
     #[test]

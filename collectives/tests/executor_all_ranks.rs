@@ -6,7 +6,7 @@ use bytes::Bytes;
 use phalanx_collectives::executor::{Executor, Layout};
 use phalanx_collectives::reduce::{element_f64, DType, ReduceOp};
 use phalanx_collectives::reference;
-use phalanx_collectives::schedule::{halving_doubling, hierarchical, ring, tree, Collective, Schedule};
+use phalanx_collectives::schedule::{halving_doubling, hierarchical, ring, tree, Collective, Combine, Schedule};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
 
@@ -52,7 +52,7 @@ fn input(dtype: DType, rank: usize, count: usize) -> Vec<u8> {
 }
 
 fn segments(segment_bytes: usize) -> Layout {
-    Layout { block_map: None, segment_bytes, lend: false }
+    Layout { block_map: None, segment_bytes, lend: false, post: false }
 }
 
 fn check_all_reduce(schedules: Vec<Schedule>, dtype: DType, op: ReduceOp, count: usize, picks: &[usize], seg: usize) {
@@ -228,7 +228,7 @@ fn a_forwarded_segment_carries_the_checksum_the_transport_verified() {
 #[test]
 fn an_all_gather_lends_its_own_block_and_hands_the_same_buffer_back_once_it_is_returned() {
     let (world, count, seg) = (3, 3 * 720_000, 1 << 20);
-    let lend = Layout { block_map: None, segment_bytes: seg, lend: true };
+    let lend = Layout { block_map: None, segment_bytes: seg, lend: true, post: false };
     let mut ex: Vec<Executor> = (0..world)
         .map(|r| {
             let s = ring::schedule(Collective::AllGather, r, world).unwrap();
@@ -281,11 +281,71 @@ fn an_all_gather_lends_its_own_block_and_hands_the_same_buffer_back_once_it_is_r
     }
 }
 
-/// Lending changes how sends are made, never what arrives: every schedule family over a large
-/// buffer (where lending applies), with lending on, gives the same bits as without, in a random
-/// delivery order (a broadcast's root lends one block to several children).
+/// Runs all executors to completion as [`run`] does, messages kept in their parts as the
+/// transport keeps them, with the postings each files ([`Executor::poll_posting`]) served as a
+/// link reader serves them: by `picks`, a posted message's data is read into its posting (and
+/// delivered from there, or — a duplicate that came by another path — delivered from the
+/// message while the posting holds the same bytes), or the posting is claimed, half written
+/// with garbage and abandoned (a link that died mid-frame), or never claimed. Returns the
+/// results and how many segments were found in place.
+fn run_posted(mut ex: Vec<Executor>, picks: &[usize]) -> (Vec<Vec<u8>>, u64) {
+    use phalanx_proto::{ChannelId, Payload, Placer, PostingTable, RankId};
+    let mut queues: BTreeMap<(usize, usize), VecDeque<Payload>> = BTreeMap::new();
+    let tables: Vec<PostingTable> = (0..ex.len()).map(|_| PostingTable::new()).collect();
+    for i in 0..1_000_000 {
+        for (r, e) in ex.iter_mut().enumerate() {
+            while let Some(p) = e.poll_posting() {
+                tables[r].file(RankId(p.from as u32), ChannelId(0), p.head.to_vec(), &p.posting);
+            }
+            while let Some((to, m)) = e.poll_send() {
+                queues.entry((r, to)).or_default().push_back(m);
+            }
+        }
+        let live: Vec<(usize, usize)> = queues.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
+        if live.is_empty() {
+            break;
+        }
+        let pick = picks.get(i).copied().unwrap_or(0);
+        let (from, to) = live[pick % live.len()];
+        let m = queues.get_mut(&(from, to)).unwrap().pop_front().unwrap();
+        let parts = m.chunks();
+        let mut delivered = Payload::new();
+        let placed = match parts {
+            [head, data] => {
+                tables[to].place(RankId(from as u32), ChannelId(0), head, data.len()).map(|w| (head, data, w))
+            }
+            _ => None,
+        };
+        match placed {
+            Some((head, data, mut w)) if pick % 5 != 0 => {
+                let half = data.len() / 2;
+                w.write(0..half, |d| d.copy_from_slice(&data[..half])).expect("not taken back");
+                w.write(half..data.len(), |d| d.copy_from_slice(&data[half..])).expect("not taken back");
+                let filled = w.finish().expect("not taken back");
+                assert_eq!(filled, *data);
+                delivered.push(head.clone());
+                delivered.push(if pick % 7 == 0 { data.clone() } else { filled });
+            }
+            Some((_, data, mut w)) => {
+                w.write(0..data.len() / 2, |d| d.fill(0xee)).expect("not taken back");
+                drop(w);
+                delivered = m.clone();
+            }
+            None => delivered = m.clone(),
+        }
+        ex[to].handle_payload_sized(from, &delivered, 0).expect("a valid message");
+    }
+    assert!(ex.iter().all(|e| e.is_done()), "every rank finished");
+    let in_place = ex.iter().map(|e| e.received_in_place()).sum();
+    (ex.into_iter().map(|e| e.into_buffer()).collect(), in_place)
+}
+
+/// Lending and posting change how sends are made and where receives land, never what arrives:
+/// every schedule family over a large buffer (where both apply), with lending on, and with
+/// receives posted too, gives the same bits as without, in a random delivery order (a
+/// broadcast's root lends one block to several children).
 #[test]
-fn every_schedule_gives_the_same_result_with_its_sends_lent() {
+fn every_schedule_gives_the_same_result_with_its_sends_lent_and_its_receives_posted() {
     type Family = fn(Collective, usize, usize) -> Option<Schedule>;
     let cases: [(Collective, Family, usize); 8] = [
         (Collective::AllReduce, ring::schedule, 5),
@@ -300,21 +360,31 @@ fn every_schedule_gives_the_same_result_with_its_sends_lent() {
     let count = 2_200_000; // f32: 8.8 MB, above the lending threshold
     let picks: Vec<usize> = (0..4000).map(|i| (i * 7919 + 13) % 1009).collect();
     for (collective, family, world) in cases {
-        let results: Vec<Vec<Vec<u8>>> = [false, true]
-            .into_iter()
-            .map(|lend| {
-                let ex = (0..world)
-                    .map(|r| {
-                        let s = family(collective, r, world).expect("a schedule");
-                        let layout = Layout { block_map: None, segment_bytes: 1 << 20, lend };
-                        let buf = input(DType::F32, r, count);
-                        Executor::with_layout(s, 3, DType::F32, ReduceOp::Sum, world, buf, layout)
-                    })
-                    .collect();
-                run(ex, &picks)
-            })
-            .collect();
-        assert!(results[0] == results[1], "{collective:?} over {world}: lending changed the result");
+        let executors = |lend: bool, post: bool| -> Vec<Executor> {
+            (0..world)
+                .map(|r| {
+                    let s = family(collective, r, world).expect("a schedule");
+                    let layout = Layout { block_map: None, segment_bytes: 1 << 20, lend, post };
+                    let buf = input(DType::F32, r, count);
+                    Executor::with_layout(s, 3, DType::F32, ReduceOp::Sum, world, buf, layout)
+                })
+                .collect()
+        };
+        let plain = run(executors(false, false), &picks);
+        assert!(
+            run(executors(true, false), &picks) == plain,
+            "{collective:?} over {world}: lending changed the result"
+        );
+        let (posted, in_place) = run_posted(executors(true, true), &picks);
+        assert!(posted == plain, "{collective:?} over {world}: posting changed the result");
+        // A schedule that copies received blocks (which nothing writes again) has most of them
+        // posted and filled; one that only reduces (recursive doubling, reduce-scatter,
+        // reduce) has none.
+        let copies = (0..world).any(|r| {
+            let s = family(collective, r, world).expect("a schedule");
+            s.rounds.iter().flat_map(|x| &x.recvs).any(|x| x.combine == Combine::Copy)
+        });
+        assert_eq!(in_place > 0, copies, "{collective:?} over {world}: {in_place} segments in place");
     }
 }
 
@@ -372,7 +442,7 @@ proptest! {
         all.sort_by_key(|b| order[*b % order.len()].wrapping_mul(*b as u32 + 1));
         let map: Vec<usize> = all[..world].to_vec();
         let dtype = DType::I64;
-        let layout = || Layout { block_map: Some((space, map.clone())), segment_bytes: seg, lend: false };
+        let layout = || Layout { block_map: Some((space, map.clone())), segment_bytes: seg, lend: false, post: false };
         let phase = |ex: Vec<Executor>| run(ex, &picks);
         let rs = phase(
             (0..world)

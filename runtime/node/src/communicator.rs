@@ -20,7 +20,7 @@ use phalanx_collectives::group::{Finished, Group};
 use phalanx_collectives::reduce::{DType, ReduceOp};
 pub use phalanx_collectives::schedule::hierarchical::Topology;
 use phalanx_net::{Node, NodeError, NodeHandle};
-use phalanx_proto::{ChannelId, Event, RankId};
+use phalanx_proto::{ChannelId, Event, PostingTable, RankId};
 use std::sync::Arc;
 use thiserror::Error;
 use tokio::sync::{oneshot, Mutex, Notify};
@@ -173,6 +173,9 @@ struct Driver {
     armed: Option<tokio::time::Instant>,
     /// How long a call polls for its next event before it sleeps.
     spin: Duration,
+    /// The receives the groups posted, which the node's links read into (see
+    /// `phalanx_proto::posting`).
+    postings: Arc<PostingTable>,
 }
 
 impl Driver {
@@ -180,10 +183,13 @@ impl Driver {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    /// Hands every queued message to the transport.
+    /// Files every receive the groups posted, and hands every queued message to the transport.
     async fn flush(&mut self) -> Result<(), NodeError> {
         let handle = self.node.handle();
         for slot in &mut self.slots {
+            while let Some((from, head, posting)) = slot.group.poll_posting() {
+                self.postings.file(RankId(slot.ids[from]), slot.channel, head.to_vec(), &posting);
+            }
             while let Some((to, m)) = slot.group.poll_send() {
                 handle.send(RankId(slot.ids[to]), slot.channel, m).await?;
             }
@@ -377,6 +383,9 @@ impl Communicator {
             // Segments nothing rewrites go out as the caller's buffer itself; a finished call
             // waits for the transport to hand them back (`drive_call`).
             group.set_lend_sends(true);
+            // Segments nothing rewrites afterwards are received straight into the caller's
+            // buffer: the node's links read them into the places the group posts.
+            group.set_post_receives(true);
             let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
             Slot { channel, ids, index, group }
         };
@@ -411,6 +420,8 @@ impl Communicator {
             }
         }
         let handle = node.handle();
+        let postings = Arc::new(PostingTable::new());
+        handle.set_placer(Some(postings.clone()));
         let driver = Arc::new(Mutex::new(Driver {
             node,
             slots,
@@ -419,6 +430,7 @@ impl Communicator {
             background: None,
             armed: None,
             spin: default_spin(),
+            postings,
         }));
         let call_ended = Arc::new(Notify::new());
         let (stop, stopped) = oneshot::channel();

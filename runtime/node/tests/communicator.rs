@@ -206,6 +206,59 @@ async fn counters_after_a_large_all_reduce_account_for_it() {
     }
 }
 
+/// `count` little-endian i32s, element `i` being `f(i)`.
+fn i32s(count: usize, f: impl Fn(usize) -> i32) -> Vec<u8> {
+    (0..count).flat_map(|i| f(i).to_le_bytes()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_collectives_received_into_the_callers_buffer_are_right_to_the_last_byte() {
+    use phalanx_collectives::schedule::block_range;
+    // Three ranks (a ring that forwards), 12 MiB and some: blocks of unequal size, segments of
+    // the executor's 1 MiB, each large enough to be posted (see `phalanx_proto::posting`).
+    let (world, count) = (3, 3_000_017);
+    let mut tasks = Vec::new();
+    for (rank, node) in nodes(world).await.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Communicator::new(node, rank, world);
+            let d = Duration::from_secs(60);
+            let own = block_range(count, world, rank);
+            // Another rank's blocks hold garbage: the all-gather must overwrite all of them.
+            let gathered = c
+                .all_gather(i32s(count, |i| if own.contains(&i) { i as i32 * 7 + 13 } else { -1 }), DType::I32, d)
+                .await
+                .unwrap();
+            let summed = c
+                .all_reduce(
+                    i32s(count, |i| i as i32 + rank as i32),
+                    DType::I32,
+                    ReduceOp::Sum,
+                    AllReduceAlgorithm::Ring,
+                    d,
+                )
+                .await
+                .unwrap();
+            let input = if rank == 1 { i32s(count, |i| i as i32 ^ 0x5a5a) } else { vec![0; count * 4] };
+            let broadcast = c.broadcast(input, 1, d).await.unwrap();
+            let counters = c.counters().await.unwrap();
+            c.flush(d).await;
+            (gathered, summed, broadcast, counters, c)
+        }));
+    }
+    let mut keep = Vec::new();
+    for (rank, t) in tasks.into_iter().enumerate() {
+        let (gathered, summed, broadcast, counters, c) = t.await.unwrap();
+        assert!(gathered == i32s(count, |i| i as i32 * 7 + 13), "rank {rank}: all-gather");
+        assert!(summed == i32s(count, |i| 3 * i as i32 + 3), "rank {rank}: all-reduce");
+        assert!(broadcast == i32s(count, |i| i as i32 ^ 0x5a5a), "rank {rank}: broadcast");
+        // Each rank receives two of three blocks in the all-gather (four 1 MiB segments each)
+        // and in the all-reduce's gathering half: most of them land in place on a quiet loopback;
+        // none would without posted receives.
+        assert!(counters.received_in_place > 0, "rank {rank}: nothing received in place: {counters:?}");
+        keep.push(c);
+    }
+}
+
 fn sum_of(bytes: &[u8]) -> Vec<f64> {
     (0..bytes.len() / 4).map(|i| element_f64(DType::F32, bytes, i)).collect()
 }

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use phalanx_proto::{
-    ChannelId, Endpoint, EndpointCounters, Epoch, Event, Frame, LinkCounters, LinkId, LinkIdentity, Payload, RankId,
-    TransportConfig,
+    ChannelId, Endpoint, EndpointCounters, Epoch, Event, Frame, LinkCounters, LinkId, LinkIdentity, Payload, Placer,
+    RankId, TransportConfig,
 };
 use rand::{RngCore, SeedableRng};
 use thiserror::Error;
@@ -164,7 +164,12 @@ struct Shared {
     rng: Mutex<rand_chacha::ChaCha20Rng>,
     commands: mpsc::UnboundedSender<Command>,
     start: tokio::time::Instant,
+    placer: PlacerSlot,
 }
+
+/// The application's [`Placer`], which every link reader of the node asks (see
+/// [`NodeHandle::set_placer`]).
+pub(crate) type PlacerSlot = Arc<std::sync::RwLock<Option<Arc<dyn Placer>>>>;
 
 /// A cheap, cloneable handle to a running node.
 #[derive(Clone)]
@@ -278,6 +283,19 @@ impl NodeHandle {
         }
     }
 
+    /// Lets the links read a message's data straight into a place the application posted for
+    /// it (see [`phalanx_proto::posting`]): for a message whose first frame is small and whose
+    /// data follows as one frame, a link asks `placer` and reads the data into the posting it
+    /// gets. `None` turns that off. Messages for which nothing is posted, and every message a
+    /// fault interrupts, arrive as before.
+    pub fn set_placer(&self, placer: Option<Arc<dyn Placer>>) {
+        *self.shared.placer.write().unwrap_or_else(|e| e.into_inner()) = placer;
+    }
+
+    pub(crate) fn placer_slot(&self) -> PlacerSlot {
+        Arc::clone(&self.shared.placer)
+    }
+
     /// Stops the node: closes every link and listener.
     pub fn shutdown(&self) {
         let _ = self.shared.commands.send(Command::Shutdown);
@@ -330,6 +348,7 @@ impl Node {
                 rng: Mutex::new(rng),
                 commands: cmd_tx,
                 start: tokio::time::Instant::now(),
+                placer: PlacerSlot::default(),
             }),
         };
         let mut tcp_addrs = Vec::new();

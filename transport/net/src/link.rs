@@ -3,20 +3,23 @@
 //! The link knows nothing of sessions: it moves frames between the socket and the endpoint task.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use phalanx_proto::{
     frame::{Header, HEADER_LEN},
     ChannelId, DecodeError, Epoch, Frame, FrameDecoder, FrameFlags, FrameKind, FrameVerifier, Handshake,
-    HandshakeError, HandshakeStep, LinkId, LinkIdentity, RankId, Role,
+    HandshakeError, HandshakeStep, LinkId, LinkIdentity, PostedWrite, RankId, Role,
 };
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio::sync::mpsc;
 use tracing::{debug, Instrument};
 
+use crate::driver::PlacerSlot;
 use crate::faults::{PathFaults, WriteVerdict};
 use crate::message_buf::MessageWriter;
 use crate::recv_pool::RecvPool;
@@ -193,13 +196,132 @@ fn committed(in_order: &mut Option<InOrder>, header: Header, len: usize) -> Fram
     Frame { header, payload, payload_crc: None, message }
 }
 
+/// Messages whose data is at least this large may be read into a place the application posted.
+const POSTED_MIN: u64 = 256 << 10;
+/// Largest first frame offered to the application's placer (its header).
+const POSTED_HEAD_MAX: usize = 64;
+
+/// A message whose data this link reads into a place the application posted for it (see
+/// `phalanx_proto::posting`): the claim on it, and the frame the data comes in.
+struct PostedNext {
+    write: PostedWrite,
+    src: RankId,
+    channel: ChannelId,
+    epoch: Epoch,
+    seq: u64,
+    total: u64,
+}
+
+impl PostedNext {
+    /// Whether `h` is the message's data frame, and its `len` bytes are what was posted.
+    fn continues(&self, h: &Header, len: usize) -> bool {
+        h.kind == FrameKind::Data
+            && h.flags.contains(FrameFlags::LAST)
+            && !h.flags.contains(FrameFlags::FIRST)
+            && (h.src, h.channel, h.epoch, h.seq, h.aux) == (self.src, self.channel, self.epoch, self.seq, self.total)
+            && len == self.write.len()
+    }
+}
+
+/// For a message's small first frame (`h`, `head`) whose data follows as one large frame: the
+/// application's posting for that data, claimed, if it has one.
+fn try_post(placer: &PlacerSlot, h: &Header, head: &[u8], me: RankId) -> Option<PostedNext> {
+    let first = h.flags.contains(FrameFlags::FIRST) && !h.flags.contains(FrameFlags::LAST);
+    if h.kind != FrameKind::Data || !first || h.dst != me || head.len() > POSTED_HEAD_MAX {
+        return None;
+    }
+    let rest = h.aux.checked_sub(head.len() as u64).filter(|r| *r >= POSTED_MIN)?;
+    let placer = placer.read().unwrap_or_else(|e| e.into_inner()).clone()?;
+    let write = placer.place(h.src, h.channel, head, usize::try_from(rest).ok()?)?;
+    Some(PostedNext { write, src: h.src, channel: h.channel, epoch: h.epoch, seq: h.seq + 1, total: h.aux })
+}
+
+/// How reading a data frame into a posting ended.
+enum PostedRead {
+    /// Read and verified: the frame, its payload in the posting.
+    Frame(Frame),
+    /// The frame's bytes are consumed but not delivered: the application took the posting back
+    /// (the message came by another path), or a fault injector dropped the read.
+    Dropped,
+    /// The frame failed its checksum.
+    Corrupt(DecodeError),
+    /// The stream ended or failed.
+    Closed,
+}
+
+/// Reads the `len` payload bytes of the data frame `header` (the header's bytes `head`, its
+/// checksum `crc`) into the posting `write`: what `buf` already holds, then straight from the
+/// socket, each read checksummed while the posting cannot be taken back. If it is taken back
+/// mid-frame, the rest of the frame is read and dropped.
+async fn read_posted<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    mut write: PostedWrite,
+    (head, header, crc, len): (&[u8], Header, u32, usize),
+    discard: impl Fn() -> bool,
+) -> PostedRead {
+    let mut verifier = FrameVerifier::new(head);
+    let mut at = buf.len().min(len);
+    let mut kept = write
+        .write(0..at, |dst| {
+            dst.copy_from_slice(&buf[..at]);
+            verifier.update(dst);
+        })
+        .is_some();
+    buf.advance(at);
+    let mut scratch = Vec::new();
+    while at < len {
+        let end = (at + VERIFY_SLICE).min(len);
+        let read = if kept {
+            std::future::poll_fn(|cx| {
+                write
+                    .write(at..end, |dst| {
+                        let mut rb = ReadBuf::new(dst);
+                        match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                            Poll::Ready(Ok(())) => {
+                                verifier.update(rb.filled());
+                                Poll::Ready(Ok(Some(rb.filled().len())))
+                            }
+                            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                            Poll::Pending => Poll::Pending,
+                        }
+                    })
+                    .unwrap_or(Poll::Ready(Ok(None)))
+            })
+            .await
+        } else {
+            scratch.resize(end - at, 0);
+            reader.read(&mut scratch).await.map(Some)
+        };
+        match read {
+            Ok(Some(0)) | Err(_) => return PostedRead::Closed,
+            Ok(Some(n)) => at += n,
+            // Taken back: the rest of the frame is read into scratch space.
+            Ok(None) => kept = false,
+        }
+    }
+    if !kept || discard() {
+        return PostedRead::Dropped;
+    }
+    match verifier.finish(crc) {
+        Ok(payload_crc) => match write.finish() {
+            Some(payload) => {
+                PostedRead::Frame(Frame { header, payload, payload_crc: Some(payload_crc), message: None })
+            }
+            None => PostedRead::Dropped,
+        },
+        Err(e) => PostedRead::Corrupt(e),
+    }
+}
+
 /// Reads frames until the stream ends or fails; reports each to the endpoint task.
 ///
 /// Small frames are split off a shared read buffer without copying; large payloads are read
 /// directly into a pooled buffer (one copy, from the kernel), and the frames of a large
 /// message that arrive in order into one buffer for the whole message (see
-/// `crate::message_buf`). Checksums are verified here, so the endpoint only ever sees intact
-/// frames.
+/// `crate::message_buf`), or — a message's data for which the application posted a place
+/// (`placer`; see `phalanx_proto::posting`) — into that place. Checksums are verified here, so
+/// the endpoint only ever sees intact frames.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: R,
@@ -209,11 +331,13 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
     decoder: FrameDecoder,
     faults: Option<PathFaults>,
     to_endpoint: mpsc::UnboundedSender<crate::driver::Command>,
+    placer: PlacerSlot,
 ) {
     let send = |input: LinkInput| to_endpoint.send(crate::driver::Command::Link(input)).is_ok();
     let pool = RecvPool::new(POOL_BYTES);
     let discard = || faults.as_ref().is_some_and(|f| f.discard_reads());
     let mut in_order: Option<InOrder> = None;
+    let mut posted: Option<PostedNext> = None;
     loop {
         // Small frames: decode whatever the buffer holds.
         loop {
@@ -231,7 +355,17 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
             match decoder.decode(&mut buf) {
                 Ok(Some(mut frame)) => {
                     let len = frame.payload.len();
-                    if let Placement::Message = place(&mut in_order, &frame.header, len, me, &pool) {
+                    let h = &frame.header;
+                    // Any other data frame of that peer ends the wait for a posted message's data.
+                    if h.kind == FrameKind::Data && posted.as_ref().is_some_and(|p| p.src == h.src) {
+                        posted = None;
+                    }
+                    if let Some(p) = try_post(&placer, h, &frame.payload, me) {
+                        if in_order.as_ref().is_some_and(|m| m.src == h.src) {
+                            in_order = None;
+                        }
+                        posted = Some(p);
+                    } else if let Placement::Message = place(&mut in_order, &frame.header, len, me, &pool) {
                         let m = in_order.as_mut().expect("placed into the message");
                         m.writer.next_mut(len).copy_from_slice(&frame.payload);
                         frame = committed(&mut in_order, frame.header, len);
@@ -258,6 +392,27 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
             let Ok((header, len, crc)) = decoder.decode_header(&buf) else { unreachable!("checked above") };
             let head = buf.split_to(HEADER_LEN);
             let len = len as usize;
+            if let Some(p) = posted.take().filter(|p| p.continues(&header, len)) {
+                let input = match read_posted(&mut reader, &mut buf, p.write, (&head, header, crc, len), discard).await
+                {
+                    PostedRead::Frame(frame) => LinkInput::Frame(link, frame),
+                    PostedRead::Dropped => {
+                        if discard() {
+                            buf.clear();
+                        }
+                        continue;
+                    }
+                    PostedRead::Corrupt(e) => LinkInput::DecodeError(link, e),
+                    PostedRead::Closed => {
+                        send(LinkInput::Closed(link));
+                        return;
+                    }
+                };
+                if !send(input) {
+                    return;
+                }
+                continue;
+            }
             let mut own = match place(&mut in_order, &header, len, me, &pool) {
                 Placement::Own => Some(pool.take(len)),
                 Placement::Message => None,
@@ -444,8 +599,17 @@ where
     let decoder = FrameDecoder::new(node.max_payload());
     let to_endpoint = node.command_sender();
     let reader_task = tokio::spawn(
-        read_loop(reader, leftover, link, node.rank(), decoder, faults.clone(), to_endpoint.clone())
-            .instrument(span.clone()),
+        read_loop(
+            reader,
+            leftover,
+            link,
+            node.rank(),
+            decoder,
+            faults.clone(),
+            to_endpoint.clone(),
+            node.placer_slot(),
+        )
+        .instrument(span.clone()),
     );
     tokio::spawn(write_loop(writer, frame_rx, link, faults, to_endpoint.clone()).instrument(span));
     let _ = to_endpoint.send(crate::driver::Command::LinkUp {

@@ -36,6 +36,7 @@ pub mod harness;
 mod ids;
 mod path;
 mod payload;
+pub mod posting;
 mod session;
 mod time;
 
@@ -46,5 +47,6 @@ pub use frame::{DecodeError, Frame, FrameDecoder, FrameFlags, FrameKind, FrameVe
 pub use handshake::{Handshake, HandshakeError, HandshakeStep, LinkIdentity, Role};
 pub use ids::{ChannelId, Epoch, LinkId, RankId};
 pub use payload::Payload;
+pub use posting::{Placer, PostedWrite, Posting, PostingTable};
 pub use session::Message;
 pub use time::Instant;
