@@ -132,7 +132,8 @@ pub struct Layout {
     pub lend: bool,
     /// Post receive segments that nothing writes afterwards, for the transport to read their
     /// data straight into the buffer ([`Executor::poll_posting`]): for a driver that files the
-    /// postings with its transport. Only large buffers (8 MiB or more), where segments of
+    /// postings with its transport. Only large buffers (8 MiB or more) and not for `Avg`
+    /// (whose division rewrites the buffer), where segments of
     /// 256 KiB or more are then sent as a header part and a data part, so that the data
     /// arrives as a frame of its own. Every rank of a collective should set it alike: a
     /// receiver takes either form, but only a split one lands in a posting.
@@ -522,7 +523,8 @@ impl Executor {
                 if lend && op != ReduceOp::Avg {
                     e.lendable = e.lendable_sends(&touches);
                 }
-                if post {
+                // Not for `Avg`: its division rewrites the whole buffer, filled ranges too.
+                if post && op != ReduceOp::Avg {
                     e.postable = e.postable_receives(&touches);
                     e.posted = vec![false; recv_segs];
                     e.split_sends = true;

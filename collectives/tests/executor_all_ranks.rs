@@ -370,6 +370,21 @@ fn every_schedule_gives_the_same_result_with_its_sends_lent_and_its_receives_pos
                 })
                 .collect()
         };
+        if collective == Collective::AllReduce {
+            // `Avg` divides the whole buffer at the end: it neither lends nor posts.
+            let avg = |post: bool| -> Vec<Executor> {
+                (0..world)
+                    .map(|r| {
+                        let s = family(collective, r, world).expect("a schedule");
+                        let layout = Layout { block_map: None, segment_bytes: 1 << 20, lend: post, post };
+                        let buf = input_for(DType::F32, ReduceOp::Avg, r, count);
+                        Executor::with_layout(s, 3, DType::F32, ReduceOp::Avg, world, buf, layout)
+                    })
+                    .collect()
+            };
+            let (posted, in_place) = run_posted(avg(true), &picks);
+            assert!(posted == run(avg(false), &picks) && in_place == 0, "{collective:?} over {world}: Avg");
+        }
         let plain = run(executors(false, false), &picks);
         assert!(
             run(executors(true, false), &picks) == plain,

@@ -286,8 +286,9 @@ impl NodeHandle {
     /// Lets the links read a message's data straight into a place the application posted for
     /// it (see [`phalanx_proto::posting`]): for a message whose first frame is small and whose
     /// data follows as one frame, a link asks `placer` and reads the data into the posting it
-    /// gets. `None` turns that off. Messages for which nothing is posted, and every message a
-    /// fault interrupts, arrive as before.
+    /// gets. `None` turns that off; a node has one placer (a second call replaces the first).
+    /// Messages for which nothing is posted, and every message a fault interrupts, arrive as
+    /// before.
     pub fn set_placer(&self, placer: Option<Arc<dyn Placer>>) {
         *self.shared.placer.write().unwrap_or_else(|e| e.into_inner()) = placer;
     }
