@@ -25,7 +25,9 @@
 //! transport does not read them again to checksum the frame. A segment forwarded as received
 //! carries the checksum its transport verified ([`Executor::handle_payload_sized`]); with
 //! [`Layout::lend`], a segment nothing rewrites goes out as the buffer's own bytes
-//! ([`crate::lending`]), and [`Executor::lent`] says when the transport has let go of them.
+//! ([`crate::lending`]), and [`Executor::lent`] says when the transport has let go of them; one
+//! that only a later copying receive rewrites is lent until it comes back, and that receive waits
+//! for it ([`Executor::poll_loans`]).
 //! Received copies that nothing reads again go into large buffers with streaming stores
 //! ([`crate::streaming_copy`]). With [`Layout::post`], a received segment that nothing writes
 //! afterwards is *posted*: its range of the buffer is offered to the transport
@@ -125,10 +127,13 @@ pub struct Layout {
     pub block_map: Option<(usize, Vec<usize>)>,
     /// Largest segment sent as one message, rounded down to whole elements (at least one).
     pub segment_bytes: usize,
-    /// Send segments that nothing writes afterwards as the buffer's own bytes, lent to the
-    /// transport instead of copied (see [`crate::lending`] and [`Executor::lent`]): for a
-    /// driver that waits for the transport to return them before it takes the result back
-    /// (else [`Executor::into_buffer`] copies). Only large buffers and not for `Avg`.
+    /// Send segments that nothing writes afterwards — or only a later copying receive, which
+    /// then waits for the transport to let go of them ([`Executor::poll_loans`]) — as the
+    /// buffer's own bytes, lent to the transport instead of copied (see [`crate::lending`] and
+    /// [`Executor::lent`]): for a driver that waits for the transport to return them before it
+    /// takes the result back (else [`Executor::into_buffer`] copies), and calls
+    /// [`Executor::poll_loans`] when a loan may have come back. Only large buffers and not for
+    /// `Avg`.
     pub lend: bool,
     /// Post receive segments that nothing writes afterwards, for the transport to read their
     /// data straight into the buffer ([`Executor::poll_posting`]): for a driver that files the
@@ -295,9 +300,15 @@ pub struct Executor {
     /// Per receive segment: copied into the buffer with streaming stores (empty: none; see
     /// [`Executor::streamed_receives`]).
     streamed: Vec<bool>,
-    /// Per send segment: sent as the buffer's own bytes, lent (empty: none; see
+    /// Per send segment: sent as the buffer's own bytes, lent, and how (empty: none; see
     /// [`Executor::lendable_sends`]).
-    lendable: Vec<bool>,
+    lendable: Vec<Loan>,
+    /// Receive segments ready to be posted, or whose data is here, while part of their range
+    /// is still lent until it comes back: retried by [`Executor::poll_loans`].
+    deferred_posts: Vec<(usize, usize)>,
+    blocked: Vec<(usize, usize)>,
+    /// [`LendingBuffer::loans_back`] when they were last looked at.
+    loans_back: u64,
     /// Per receive segment: may be posted (empty: none; see [`Executor::postable_receives`]),
     /// and is posted now.
     postable: Vec<bool>,
@@ -317,6 +328,18 @@ pub struct Executor {
     sends_left: usize,
     recvs_left: usize,
     finished: bool,
+}
+
+/// How a send segment goes out as the buffer's own bytes ([`Layout::lend`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loan {
+    /// Copied (a snapshot).
+    No,
+    /// Lent for good: nothing writes its range afterwards.
+    ForGood,
+    /// Lent until it comes back: a later receive copies into its range (a ring reduce-scatter's
+    /// partial sums, overwritten by the gathering half), and waits for the loan to end.
+    UntilBack,
 }
 
 /// A receive segment's message, waiting to be applied.
@@ -428,6 +451,9 @@ impl Executor {
             sent_on: Vec::new(),
             streamed: Vec::new(),
             lendable: Vec::new(),
+            deferred_posts: Vec::new(),
+            blocked: Vec::new(),
+            loans_back: 0,
             postable: Vec::new(),
             posted: Vec::new(),
             postings: VecDeque::new(),
@@ -606,22 +632,34 @@ impl Executor {
     }
 
     /// For each send segment, whether it may go out as the buffer's own bytes, lent to the
-    /// transport ([`crate::lending`]): nothing writes its elements after it (no later receive),
-    /// they are one contiguous range of the buffer, and large enough for the transport to
-    /// take the checksum given with them ([`PRECOMPUTED_CRC_MIN`]). An all-gather's own block,
-    /// and in a ring all-reduce the reduced block a rank sends first in the gathering half.
-    fn lendable_sends(&self, touches: &[Vec<Touch>]) -> Vec<bool> {
-        let mut lendable = vec![false; self.send_wait.len()];
+    /// transport ([`crate::lending`]): its elements are one contiguous range of the buffer,
+    /// large enough for the transport to take the checksum given with them
+    /// ([`PRECOMPUTED_CRC_MIN`]), and no later receive reduces into them. For good if nothing
+    /// writes them afterwards (an all-gather's own block, in a ring all-reduce the reduced
+    /// block a rank sends first in the gathering half); until the loan comes back if a later
+    /// receive copies into them (a ring reduce-scatter's partial sums): that receive waits for
+    /// the transport to let go of them (see [`Executor::poll_loans`]).
+    fn lendable_sends(&self, touches: &[Vec<Touch>]) -> Vec<Loan> {
+        let mut lendable = vec![Loan::No; self.send_wait.len()];
         for t in &self.sends {
             for seg in 0..t.segs {
                 let at = (t.first_seg + seg) as u32;
                 let elems = self.segment(t, seg);
-                let big = elems.len() * self.dtype.size() >= PRECOMPUTED_CRC_MIN;
-                lendable[at as usize] = big
-                    && self.pieces(elems.clone()).count() == 1
-                    && self
-                        .units(elems)
-                        .all(|u| around(&touches[u], Touch::Read(at)).1.iter().all(|x| matches!(x, Touch::Read(_))));
+                if elems.len() * self.dtype.size() < PRECOMPUTED_CRC_MIN || self.pieces(elems.clone()).count() != 1 {
+                    continue;
+                }
+                let (mut reads_only, mut copies_only) = (true, true);
+                for u in self.units(elems) {
+                    for x in around(&touches[u], Touch::Read(at)).1 {
+                        reads_only &= matches!(x, Touch::Read(_));
+                        copies_only &= matches!(x, Touch::Read(_) | Touch::Write(_, Combine::Copy));
+                    }
+                }
+                lendable[at as usize] = match (reads_only, copies_only) {
+                    (true, _) => Loan::ForGood,
+                    (false, true) => Loan::UntilBack,
+                    (false, false) => Loan::No,
+                };
             }
         }
         lendable
@@ -667,7 +705,12 @@ impl Executor {
         head[12..16].copy_from_slice(&(t.blocks.start as u32).to_le_bytes());
         head[16..].copy_from_slice(&(seg as u32).to_le_bytes());
         let from = t.peer;
-        let posting = self.buf.post(piece.start * size..piece.end * size);
+        let range = piece.start * size..piece.end * size;
+        if self.buf.is_out(&range) {
+            self.deferred_posts.push((j, seg));
+            return;
+        }
+        let posting = self.buf.post(range);
         self.posted[at] = true;
         self.postings.push_back(PostedRecv { from, head, posting });
     }
@@ -801,14 +844,19 @@ impl Executor {
             return (Payload::from(self.header(i, seg, 0).freeze()), len);
         }
         let size = self.dtype.size();
-        if self.lendable.get(t.first_seg + seg).copied().unwrap_or(false) {
-            // Nothing writes these bytes again: they go out as they are, with their checksum
-            // (one read; the snapshot's copy is what this saves).
+        let loan = self.lendable.get(t.first_seg + seg).copied().unwrap_or(Loan::No);
+        if loan != Loan::No {
+            // Nothing writes these bytes while the transport holds them: they go out as they
+            // are, with their checksum (one read; the snapshot's copy is what this saves).
             let piece = self.pieces(elems).next().expect("a lendable segment is one piece");
             let range = piece.start * size..piece.end * size;
             let crc = crc32c(self.buf.range(range.clone()));
             let mut p = Payload::from(self.header(i, seg, 0).freeze());
-            p.push_checked(self.buf.lend(range), crc);
+            let lent = match loan {
+                Loan::UntilBack => self.buf.lend_until_back(range),
+                _ => self.buf.lend(range),
+            };
+            p.push_checked(lent, crc);
             return (p, 0);
         }
         // Where the receiver may have posted a place for the data (see `Layout::post`), it goes
@@ -946,6 +994,12 @@ impl Executor {
                 }
                 Waiter::Recv(j, seg) => {
                     let (j, seg) = (j as usize, seg as usize);
+                    let in_place = self.early.get(&(j, seg)).expect("queued with its data").in_place;
+                    if !in_place && self.recv_on_loan(j, seg) {
+                        // The transport still holds part of the range (sent earlier): wait.
+                        self.blocked.push((j, seg));
+                        continue;
+                    }
                     let a = self.early.remove(&(j, seg)).expect("queued with its data");
                     self.apply_recv(j, seg, &a.data, a.crc, a.in_place);
                 }
@@ -1109,6 +1163,49 @@ impl Executor {
         Ok(())
     }
 
+    /// Whether part of receive segment `seg` of receive `j`'s range is still lent until it
+    /// comes back.
+    fn recv_on_loan(&mut self, j: usize, seg: usize) -> bool {
+        if self.lendable.is_empty() {
+            return false;
+        }
+        let size = self.dtype.size();
+        let pieces: Vec<Range<usize>> = self.pieces(self.segment(&self.recvs[j].t, seg)).collect();
+        pieces.iter().any(|p| self.buf.is_out(&(p.start * size..p.end * size)))
+    }
+
+    /// Moves on what waited for loans to come back (see [`Layout::lend`]): posts the receives
+    /// that were ready to be posted, and applies those whose data is here, where the transport
+    /// has let go of their range since. A driver calls it when a loan may have come back (the
+    /// group does on every event, and asks for a timer while something waits:
+    /// [`Executor::waits_for_loans`]).
+    pub fn poll_loans(&mut self) {
+        if self.deferred_posts.is_empty() && self.blocked.is_empty() {
+            return;
+        }
+        // Only when a loan has come back since the last look.
+        let back = self.buf.loans_back();
+        if back == self.loans_back {
+            return;
+        }
+        self.loans_back = back;
+        for (j, seg) in std::mem::take(&mut self.deferred_posts) {
+            if !self.applied[self.recvs[j].t.first_seg + seg] {
+                self.post(j, seg);
+            }
+        }
+        for (j, seg) in std::mem::take(&mut self.blocked) {
+            self.ready.push_back(Waiter::Recv(j as u32, seg as u32));
+        }
+        self.advance();
+    }
+
+    /// Whether a received segment waits for a loan to come back before it can be applied
+    /// ([`Executor::poll_loans`]).
+    pub fn waits_for_loans(&self) -> bool {
+        !self.blocked.is_empty()
+    }
+
     /// The next receive segment posted in the buffer, for the driver to file with its transport
     /// (see [`Layout::post`]). A posting that is never filed costs nothing: the message then
     /// arrives as any other.
@@ -1213,21 +1310,26 @@ mod tests {
         out
     }
 
-    /// Per send segment of `schedule` with lending on: (its round, lent).
-    fn lending(schedule: Schedule, op: ReduceOp, world: usize, bytes: usize) -> Vec<(usize, bool)> {
+    /// Per send segment of `schedule` with lending on: (its round, how it is lent).
+    fn loans(schedule: Schedule, op: ReduceOp, world: usize, bytes: usize) -> Vec<(usize, Loan)> {
         let layout = Layout { lend: true, ..Layout::default() };
         let e = Executor::with_layout(schedule, 1, DType::F32, op, world, vec![0; bytes], layout);
         let mut out = Vec::new();
         for t in &e.sends {
             for seg in 0..t.segs {
-                out.push((t.round, e.lendable.get(t.first_seg + seg).copied().unwrap_or(false)));
+                out.push((t.round, e.lendable.get(t.first_seg + seg).copied().unwrap_or(Loan::No)));
             }
         }
         out
     }
 
+    /// Per send segment of `schedule` with lending on: (its round, lent at all).
+    fn lending(schedule: Schedule, op: ReduceOp, world: usize, bytes: usize) -> Vec<(usize, bool)> {
+        loans(schedule, op, world, bytes).into_iter().map(|(r, l)| (r, l != Loan::No)).collect()
+    }
+
     #[test]
-    fn only_sends_that_nothing_writes_afterwards_are_lent() {
+    fn sends_are_lent_for_good_if_nothing_writes_them_afterwards_and_until_back_if_a_copy_does() {
         // Blocks of three whole segments, above the streaming threshold.
         let world = 4;
         let big = world * 3 * SEGMENT_BYTES;
@@ -1237,9 +1339,19 @@ mod tests {
         let p = lending(ring::schedule(Collective::AllGather, 1, world).expect("ring"), ReduceOp::Sum, world, big);
         assert!(p.iter().all(|(_, lent)| *lent), "{p:?}");
         // Ring all-reduce: the reduce-scatter's partial sums (rounds 0..world-1) are
-        // overwritten by the gathering half, whose sends are never written again.
-        let p = lending(ring::schedule(Collective::AllReduce, 1, world).expect("ring"), ReduceOp::Sum, world, big);
-        assert!(p.iter().all(|(r, lent)| *lent == (*r >= world - 1)), "{p:?}");
+        // overwritten by the gathering half's copies (lent until they come back), whose sends
+        // are never written again (lent for good).
+        let p = loans(ring::schedule(Collective::AllReduce, 1, world).expect("ring"), ReduceOp::Sum, world, big);
+        let want = |r: usize| if r >= world - 1 { Loan::ForGood } else { Loan::UntilBack };
+        assert!(p.iter().all(|(r, loan)| *loan == want(*r)), "{p:?}");
+        // Recursive doubling reduces into what it has just sent: never lent.
+        let p = lending(
+            halving_doubling::schedule(Collective::AllReduce, 1, world).expect("hd"),
+            ReduceOp::Sum,
+            world,
+            big,
+        );
+        assert!(p.iter().all(|(_, lent)| !lent), "{p:?}");
         // Avg divides the whole buffer at the end; small buffers are copied as before.
         let p = lending(ring::schedule(Collective::AllGather, 1, world).expect("ring"), ReduceOp::Avg, world, big);
         assert!(p.iter().all(|(_, lent)| !lent));

@@ -83,6 +83,9 @@ pub fn small_all_reduce_limit(world: usize) -> usize {
 /// 64 KiB the ring was faster in four runs of five.
 pub const SMALL_ALL_GATHER_BYTES: usize = 64 << 10;
 
+/// How soon a received segment that waits for a loan to come back is looked at again
+/// (nanoseconds; see [`Group::poll_timeout`]).
+const LOAN_RETRY_NS: u64 = 200_000;
 /// Tag bit of control messages (reports and decisions); data messages carry
 /// `op_seq << ATTEMPT_BITS | attempt`.
 const CONTROL: u64 = 1 << 63;
@@ -602,9 +605,11 @@ impl Group {
         self.segment_bytes = bytes.max(1);
     }
 
-    /// Sends segments that nothing writes afterwards (an all-gather's own block) as the
-    /// caller's buffer itself, lent to the transport, not a copy ([`Layout::lend`]; large
-    /// buffers only). A finished collective then waits, before it hands the buffer back, until
+    /// Sends segments that nothing writes afterwards (an all-gather's own block), or only a
+    /// later copying receive (a ring reduce-scatter's partial sums), as the caller's buffer
+    /// itself, lent to the transport, not a copy ([`Layout::lend`]; large buffers only; such a
+    /// receive waits for the loan to end, looked at on every event and on a short timer:
+    /// [`Group::poll_timeout`]). A finished collective then waits, before it hands the buffer back, until
     /// the transport has returned them — a driver wakes the group with [`Group::lent`]'s handle
     /// and calls [`Group::poll`] — or it copies the buffer if the call ends first. Off by default
     /// (the simulator's transport keeps no such handles; the communicator turns it on).
@@ -841,10 +846,20 @@ impl Group {
         out
     }
 
-    /// When [`Group::handle_timeout`] is next due (nanoseconds), if ever. Always later than
-    /// the latest time the group was given: a quorum wait that has passed while too few ranks
-    /// are ready needs no timer (the next report decides), so a driver never spins on it.
+    /// When [`Group::handle_timeout`] is next due (nanoseconds), if ever: a quorum wait's end,
+    /// or shortly, while a received segment waits for a loan to come back (the transport lets
+    /// go of a range lent until back when the peer acknowledges it, which is no event of the
+    /// group's; see [`Layout::lend`]). Always later than the latest time the group was given: a
+    /// quorum wait that has passed while too few ranks are ready needs no timer (the next
+    /// report decides), so a driver never spins on it.
     pub fn poll_timeout(&self) -> Option<u64> {
+        // A received segment that waits for part of its range to come back from the transport
+        // (lent until it comes back: see `Layout::lend`) is looked at again shortly; the loan
+        // ends with an acknowledgement, which is no event of the group's.
+        let loans = match self.running.as_ref().map(|c| &c.phase) {
+            Some(Phase::Running { exec, .. }) if exec.waits_for_loans() => Some(self.now + LOAN_RETRY_NS),
+            _ => None,
+        };
         self.coord
             .values()
             .filter(|c| c.plan.is_none() && c.decision.is_none())
@@ -853,6 +868,7 @@ impl Group {
                 _ => None,
             })
             .filter(|due| *due > self.now)
+            .chain(loans)
             .min()
     }
 
@@ -997,6 +1013,10 @@ impl Group {
     /// the transport finishes anyway, with a copy of it.
     fn pump_with(&mut self, take_back: bool) {
         let Some(call) = self.running.as_mut() else { return };
+        if let Phase::Running { exec, .. } = &mut call.phase {
+            // A loan may have come back since the last event.
+            exec.poll_loans();
+        }
         match &mut call.phase {
             Phase::Running { exec, .. } if exec.is_done() && !exec.has_outgoing() && (take_back || !exec.is_lent()) => {
             }

@@ -13,6 +13,11 @@
 //! given up). [`LendingBuffer::returned`] says when; [`LendingBuffer::into_vec`] before that
 //! copies the bytes out (always correct, never blocking).
 //!
+//! A range that a later receive writes again (a ring reduce-scatter's partial sums, which the
+//! gathering half overwrites) is lent *until it comes back* ([`LendingBuffer::lend_until_back`]):
+//! it is not written, or posted, while any handle of that loan lives
+//! ([`LendingBuffer::is_out`]), and is the executor's again after.
+//!
 //! Ranges can also be *posted* for a receive ([`LendingBuffer::post`], see
 //! `phalanx_proto::posting`): the transport reads a message's data straight into them. A
 //! posted range is the transport's until [`LendingBuffer::settle`] takes it back; if the
@@ -26,7 +31,7 @@
 //! checks).
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -58,6 +63,9 @@ struct Lent {
     buf: Option<Arc<Shared>>,
     range: Range<usize>,
     wake: WakeSlot,
+    /// For a loan that comes back ([`LendingBuffer::lend_until_back`]): the token whose last
+    /// holder's drop frees the range for writing again.
+    token: Option<Arc<()>>,
 }
 
 impl AsRef<[u8]> for Lent {
@@ -71,8 +79,9 @@ impl AsRef<[u8]> for Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        // Release the buffer first, so that whoever is woken sees it released.
+        // Release the buffer and the range first, so that whoever is woken sees them released.
         drop(self.buf.take());
+        drop(self.token.take());
         if let Some(w) = self.wake.lock().unwrap_or_else(|e| e.into_inner()).take() {
             w.wake();
         }
@@ -93,6 +102,11 @@ pub struct LendingBuffer {
     lent: Vec<Range<usize>>,
     /// Ranges posted for receives and not yet settled (disjoint, in posting order).
     posted: Vec<(Range<usize>, Arc<Posting>)>,
+    /// Ranges lent until they come back ([`LendingBuffer::lend_until_back`]), each with its
+    /// loan's token (dead once every handle of the loan has dropped; pruned as they are found).
+    until_back: Vec<(Range<usize>, Weak<()>)>,
+    /// Loans lent until back found back so far.
+    came_back: u64,
     wake: WakeSlot,
 }
 
@@ -108,7 +122,14 @@ impl Drop for LendingBuffer {
 impl LendingBuffer {
     /// The buffer `buf`, nothing lent.
     pub fn new(buf: Vec<u8>) -> LendingBuffer {
-        LendingBuffer { state: State::Owned(buf), lent: Vec::new(), posted: Vec::new(), wake: Arc::default() }
+        LendingBuffer {
+            state: State::Owned(buf),
+            lent: Vec::new(),
+            posted: Vec::new(),
+            until_back: Vec::new(),
+            came_back: 0,
+            wake: Arc::default(),
+        }
     }
 
     /// Its length in bytes.
@@ -161,11 +182,13 @@ impl LendingBuffer {
 
     /// The bytes `range`, to write. Panics if it is out of bounds or overlaps a range ever lent
     /// by this buffer (the executor never writes what it has lent: its bug, caught here, before
-    /// the transport could send bytes other than those it checksummed), or one posted.
+    /// the transport could send bytes other than those it checksummed), one posted, or one lent
+    /// until it comes back that has not yet.
     pub fn range_mut(&mut self, range: Range<usize>) -> &mut [u8] {
         assert!(range.start <= range.end && range.end <= self.len(), "{range:?} outside {} bytes", self.len());
         if !range.is_empty() {
             self.check_not_posted(&range);
+            assert!(!self.is_out(&range), "writing {range:?}, which is still lent");
         }
         let at = self.lent.partition_point(|l| l.end <= range.start);
         assert!(
@@ -189,7 +212,40 @@ impl LendingBuffer {
         assert!(range.start <= range.end && range.end <= self.len(), "{range:?} outside {} bytes", self.len());
         self.check_not_posted(&range);
         self.mark_lent(range.clone());
-        Bytes::from_owner(Lent { buf: Some(self.share()), range, wake: Arc::clone(&self.wake) })
+        Bytes::from_owner(Lent { buf: Some(self.share()), range, wake: Arc::clone(&self.wake), token: None })
+    }
+
+    /// The bytes `range` as a `Bytes` that shares the buffer (no copy), for a range that will be
+    /// written again once the loan has come back — every handle of this `Bytes` dropped
+    /// ([`LendingBuffer::is_out`] says when). Until then it is neither written nor posted
+    /// ([`LendingBuffer::range_mut`] and [`LendingBuffer::post`] refuse). Panics if it is out
+    /// of bounds or overlaps a posted range.
+    pub fn lend_until_back(&mut self, range: Range<usize>) -> Bytes {
+        assert!(range.start <= range.end && range.end <= self.len(), "{range:?} outside {} bytes", self.len());
+        self.check_not_posted(&range);
+        let token = Arc::new(());
+        self.until_back.push((range.clone(), Arc::downgrade(&token)));
+        Bytes::from_owner(Lent { buf: Some(self.share()), range, wake: Arc::clone(&self.wake), token: Some(token) })
+    }
+
+    /// Whether part of `range` is lent until it comes back ([`LendingBuffer::lend_until_back`])
+    /// and has not yet.
+    pub fn is_out(&mut self, range: &Range<usize>) -> bool {
+        self.prune();
+        self.until_back.iter().any(|(r, _)| r.start < range.end && range.start < r.end)
+    }
+
+    /// How many loans lent until back have been found back so far (grows as they come back):
+    /// whoever waits for one looks again only when this has grown.
+    pub fn loans_back(&mut self) -> u64 {
+        self.prune();
+        self.came_back
+    }
+
+    fn prune(&mut self) {
+        let before = self.until_back.len();
+        self.until_back.retain(|(_, t)| t.strong_count() > 0);
+        self.came_back += (before - self.until_back.len()) as u64;
     }
 
     /// Records `range` as lent: never written again.
@@ -218,10 +274,11 @@ impl LendingBuffer {
     /// Posts `range` for a receive: the transport may read a message's data into it (see
     /// `phalanx_proto::posting`) until [`LendingBuffer::settle`]. Until then the range is
     /// neither read nor written here. Panics if it is out of bounds, empty, or overlaps a range
-    /// lent or posted.
+    /// lent (for good, or until it comes back and it has not yet) or posted.
     pub fn post(&mut self, range: Range<usize>) -> Arc<Posting> {
         assert!(range.start < range.end && range.end <= self.len(), "posting {range:?} of {} bytes", self.len());
         self.check_not_posted(&range);
+        assert!(!self.is_out(&range), "posting {range:?}, which is still lent");
         let at = self.lent.partition_point(|l| l.end <= range.start);
         assert!(self.lent.get(at).is_none_or(|l| l.start >= range.end), "posting {range:?}, which overlaps a loan");
         let shared = self.share();
@@ -233,7 +290,12 @@ impl LendingBuffer {
             Posting::new(
                 shared.ptr.add(range.start),
                 range.len(),
-                Box::new(Lent { buf: Some(Arc::clone(&shared)), range: range.clone(), wake: Arc::clone(&self.wake) }),
+                Box::new(Lent {
+                    buf: Some(Arc::clone(&shared)),
+                    range: range.clone(),
+                    wake: Arc::clone(&self.wake),
+                    token: None,
+                }),
             )
         };
         self.posted.push((range, Arc::clone(&posting)));
@@ -412,6 +474,33 @@ mod tests {
         let out = b.into_vec();
         assert_eq!(out.as_ptr(), addr, "the same allocation back");
         assert_eq!((&out[..10], &out[10..20], &out[30..40]), (&[2u8; 10][..], &[7u8; 10][..], &[3u8; 10][..]));
+    }
+
+    #[test]
+    fn a_range_lent_until_back_is_neither_written_nor_posted_until_every_handle_is_gone() {
+        let v = vec![1u8; 64];
+        let addr = v.as_ptr();
+        let mut b = LendingBuffer::new(v);
+        let loan = b.lend_until_back(16..32);
+        assert_eq!(loan.as_ptr(), addr.wrapping_add(16), "no copy");
+        let copy = loan.clone();
+        assert!(b.is_out(&(20..40)) && !b.is_out(&(32..40)));
+        assert_eq!(b.loans_back(), 0);
+        assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.range_mut(30..34).fill(0))).is_err());
+        assert!(std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.post(0..17))).is_err());
+        b.range_mut(32..64).fill(2);
+        drop(loan);
+        assert!(b.is_out(&(16..32)), "a clone still holds it");
+        drop(copy);
+        assert!(!b.is_out(&(16..32)));
+        assert_eq!(b.loans_back(), 1, "counted back once");
+        b.range_mut(16..32).fill(3);
+        let p = b.post(16..32);
+        assert_eq!(b.settle(16..32), Some(false));
+        drop(p);
+        let out = b.into_vec();
+        assert_eq!(out.as_ptr(), addr, "the same allocation back");
+        assert_eq!((&out[..16], &out[16..32], &out[32..]), (&[1u8; 16][..], &[3u8; 16][..], &[2u8; 32][..]));
     }
 
     #[test]
