@@ -51,7 +51,8 @@ struct Shared {
 // range (`phalanx_proto::Posting`'s rules); read through `&self` outside posted ranges, or
 // through `Lent` handles of lent ranges only; `Vec<u8>` is `Send` and `Sync`.
 unsafe impl Send for Shared {}
-// SAFETY: as above: shared access is to lent ranges, which no one writes, or through `&self`.
+// SAFETY: as above: shared access is to lent ranges, which no one writes, through `&self`, or
+// to a posted range by its one claimant, which nothing else touches until it is settled.
 unsafe impl Sync for Shared {}
 
 /// Who to wake when a lent range comes back.
@@ -207,7 +208,7 @@ impl LendingBuffer {
     /// The bytes `range` as a `Bytes` that shares the buffer (no copy). From now on the range
     /// is never written again ([`LendingBuffer::range_mut`] refuses). A range may be lent more
     /// than once (a broadcast's root sends one block to several children). Panics if it is out
-    /// of bounds.
+    /// of bounds or overlaps a posted range.
     pub fn lend(&mut self, range: Range<usize>) -> Bytes {
         assert!(range.start <= range.end && range.end <= self.len(), "{range:?} outside {} bytes", self.len());
         self.check_not_posted(&range);
