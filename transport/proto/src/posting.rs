@@ -101,8 +101,10 @@ impl Posting {
 
     /// Takes the range back for the owner: after this no reader writes it. Returns whether it
     /// was filled (it holds the message's verified data, and stays the message's: see the
-    /// module documentation). Waits while a reader is writing (one socket read).
+    /// module documentation). Waits while a reader is writing (one socket read), yielding the
+    /// CPU now and then.
     pub fn revoke(&self) -> bool {
+        let mut spins = 0u32;
         loop {
             match self.state.compare_exchange_weak(OPEN, REVOKED, Ordering::Acquire, Ordering::Acquire) {
                 Ok(_) => break,
@@ -111,7 +113,16 @@ impl Posting {
                         break;
                     }
                 }
-                Err(WRITING) | Err(OPEN) => std::hint::spin_loop(),
+                Err(WRITING) | Err(OPEN) => {
+                    // A write is one socket read; should its thread have been descheduled
+                    // meanwhile, let it have the CPU rather than spin its time slice away.
+                    spins += 1;
+                    if spins.is_multiple_of(64) {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
                 Err(FILLED) => return true,
                 Err(_) => break,
             }
