@@ -309,15 +309,13 @@ pub struct Executor {
     blocked: Vec<(usize, usize)>,
     /// [`LendingBuffer::loans_back`] when they were last looked at.
     loans_back: u64,
-    /// Per receive segment: may be posted (empty: none; see [`Executor::postable_receives`]),
-    /// and is posted now.
+    /// Per receive segment: may be posted (empty: none; see [`Executor::postable_receives`]).
+    /// Where any may, large segments are also sent as a header part and a data part, for
+    /// receivers that post (every rank of a collective has the same layout and, but for a
+    /// caller's error, buffer length).
     postable: Vec<bool>,
-    posted: Vec<bool>,
     /// Postings for the driver to file ([`Executor::poll_posting`]).
     postings: VecDeque<PostedRecv>,
-    /// Large segments go as a header part and a data part, for receivers that post (every rank
-    /// of a collective has the same layout and, but for a caller's error, buffer length).
-    split_sends: bool,
     /// Received segments found in place (posted and filled).
     in_place: u64,
     /// Per send segment: its message, made when the receive it sends on was applied (only when
@@ -455,9 +453,7 @@ impl Executor {
             blocked: Vec::new(),
             loans_back: 0,
             postable: Vec::new(),
-            posted: Vec::new(),
             postings: VecDeque::new(),
-            split_sends: false,
             in_place: 0,
             prepared: Vec::new(),
             outbox: VecDeque::new(),
@@ -552,8 +548,6 @@ impl Executor {
                 // Not for `Avg`: its division rewrites the whole buffer, filled ranges too.
                 if post && op != ReduceOp::Avg {
                     e.postable = e.postable_receives(&touches);
-                    e.posted = vec![false; recv_segs];
-                    e.split_sends = true;
                 }
             }
             e.prepared = vec![None; send_segs];
@@ -694,24 +688,20 @@ impl Executor {
     fn post(&mut self, j: usize, seg: usize) {
         let t = &self.recvs[j].t;
         let at = t.first_seg + seg;
-        if !self.postable.get(at).copied().unwrap_or(false) || self.posted[at] || self.early.contains_key(&(j, seg)) {
+        // (Called once per segment, or again only for one deferred, never posted: a second
+        // posting of a range would panic in `LendingBuffer::post`.)
+        if !self.postable.get(at).copied().unwrap_or(false) || self.early.contains_key(&(j, seg)) {
             return;
         }
         let size = self.dtype.size();
         let piece = self.pieces(self.segment(t, seg)).next().expect("a postable segment is one piece");
-        let mut head = [0u8; MESSAGE_HEADER];
-        head[..8].copy_from_slice(&self.op_seq.to_le_bytes());
-        head[8..12].copy_from_slice(&(t.round as u32).to_le_bytes());
-        head[12..16].copy_from_slice(&(t.blocks.start as u32).to_le_bytes());
-        head[16..].copy_from_slice(&(seg as u32).to_le_bytes());
-        let from = t.peer;
+        let (from, head) = (t.peer, self.header_bytes(t, seg));
         let range = piece.start * size..piece.end * size;
         if self.buf.is_out(&range) {
             self.deferred_posts.push((j, seg));
             return;
         }
         let posting = self.buf.post(range);
-        self.posted[at] = true;
         self.postings.push_back(PostedRecv { from, head, posting });
     }
 
@@ -816,14 +806,22 @@ impl Executor {
         })
     }
 
+    /// The wire header of segment `seg` of transfer `t`: a send and the receive it matches
+    /// name a segment alike.
+    fn header_bytes(&self, t: &Transfer, seg: usize) -> [u8; MESSAGE_HEADER] {
+        let mut h = [0u8; MESSAGE_HEADER];
+        let mut w = &mut h[..];
+        w.put_u64_le(self.op_seq);
+        w.put_u32_le(t.round as u32);
+        w.put_u32_le(t.blocks.start as u32);
+        w.put_u32_le(seg as u32);
+        h
+    }
+
     /// The header of segment `seg` of send `i`, in a buffer with room for `data` bytes after it.
     fn header(&self, i: usize, seg: usize, data: usize) -> BytesMut {
-        let t = &self.sends[i];
         let mut m = BytesMut::with_capacity(MESSAGE_HEADER + data);
-        m.put_u64_le(self.op_seq);
-        m.put_u32_le(t.round as u32);
-        m.put_u32_le(t.blocks.start as u32);
-        m.put_u32_le(seg as u32);
+        m.put_slice(&self.header_bytes(&self.sends[i], seg));
         m
     }
 
@@ -861,7 +859,7 @@ impl Executor {
         }
         // Where the receiver may have posted a place for the data (see `Layout::post`), it goes
         // as a part of its own, after the header.
-        let split = self.split_sends && len >= PRECOMPUTED_CRC_MIN;
+        let split = !self.postable.is_empty() && len >= PRECOMPUTED_CRC_MIN;
         let mut m = if split { BytesMut::with_capacity(len) } else { self.header(i, seg, len) };
         // Only where the transport will use it (below that, it checksums the frame itself).
         let checked = m.len() + len >= PRECOMPUTED_CRC_MIN;
@@ -1149,10 +1147,11 @@ impl Executor {
         // (with this message's data, verified: whichever path delivered the message).
         let at = t.first_seg + seg;
         let mut in_place = false;
-        if self.posted.get(at).copied().unwrap_or(false) {
-            self.posted[at] = false;
+        if self.postable.get(at).copied().unwrap_or(false) {
+            // `None`: not posted (it arrived first, or was deferred behind a loan).
             let size = self.dtype.size();
-            let piece = self.pieces(self.segment(&self.recvs[j].t, seg)).next().expect("a posted segment is one piece");
+            let piece =
+                self.pieces(self.segment(&self.recvs[j].t, seg)).next().expect("a postable segment is one piece");
             in_place = self.buf.settle(piece.start * size..piece.end * size) == Some(true);
         }
         self.early.insert((j, seg), Arrived { data, crc: data_crc, in_place });
@@ -1165,13 +1164,12 @@ impl Executor {
 
     /// Whether part of receive segment `seg` of receive `j`'s range is still lent until it
     /// comes back.
-    fn recv_on_loan(&mut self, j: usize, seg: usize) -> bool {
-        if self.lendable.is_empty() {
-            return false;
-        }
+    fn recv_on_loan(&self, j: usize, seg: usize) -> bool {
         let size = self.dtype.size();
-        let pieces: Vec<Range<usize>> = self.pieces(self.segment(&self.recvs[j].t, seg)).collect();
-        pieces.iter().any(|p| self.buf.is_out(&(p.start * size..p.end * size)))
+        !self.lendable.is_empty()
+            && self
+                .pieces(self.segment(&self.recvs[j].t, seg))
+                .any(|p| self.buf.is_out(&(p.start * size..p.end * size)))
     }
 
     /// Moves on what waited for loans to come back (see [`Layout::lend`]): posts the receives

@@ -149,7 +149,13 @@ impl LendingBuffer {
     /// All of its bytes. Panics while a range is posted (the transport may be writing it).
     pub fn bytes(&self) -> &[u8] {
         assert!(self.posted.is_empty(), "reading a buffer with {} ranges posted", self.posted.len());
-        self.whole()
+        match &self.state {
+            State::Owned(v) => v,
+            // SAFETY: the whole buffer, read only: lent ranges are only ever read, none is
+            // posted (checked above), and the rest is written only through `&mut self`, which
+            // this borrow excludes.
+            State::Shared(s) => unsafe { std::slice::from_raw_parts(s.ptr, s.len) },
+        }
     }
 
     /// The bytes `range`, to read. Panics if it is out of bounds or overlaps a posted range.
@@ -168,16 +174,6 @@ impl LendingBuffer {
     fn check_not_posted(&self, range: &Range<usize>) {
         if let Some((p, _)) = self.posted.iter().find(|(p, _)| p.start < range.end && range.start < p.end) {
             panic!("touching {range:?}, which overlaps the posted {p:?}");
-        }
-    }
-
-    fn whole(&self) -> &[u8] {
-        match &self.state {
-            State::Owned(v) => v,
-            // SAFETY: the whole buffer, read only: lent ranges are only ever read, none is
-            // posted (checked by the callers), and the rest is written only through `&mut
-            // self`, which this borrow excludes.
-            State::Shared(s) => unsafe { std::slice::from_raw_parts(s.ptr, s.len) },
         }
     }
 
@@ -225,15 +221,15 @@ impl LendingBuffer {
         assert!(range.start <= range.end && range.end <= self.len(), "{range:?} outside {} bytes", self.len());
         self.check_not_posted(&range);
         let token = Arc::new(());
+        self.prune();
         self.until_back.push((range.clone(), Arc::downgrade(&token)));
         Bytes::from_owner(Lent { buf: Some(self.share()), range, wake: Arc::clone(&self.wake), token: Some(token) })
     }
 
     /// Whether part of `range` is lent until it comes back ([`LendingBuffer::lend_until_back`])
     /// and has not yet.
-    pub fn is_out(&mut self, range: &Range<usize>) -> bool {
-        self.prune();
-        self.until_back.iter().any(|(r, _)| r.start < range.end && range.start < r.end)
+    pub fn is_out(&self, range: &Range<usize>) -> bool {
+        self.until_back.iter().any(|(r, t)| r.start < range.end && range.start < r.end && t.strong_count() > 0)
     }
 
     /// How many loans lent until back have been found back so far (grows as they come back):
@@ -243,6 +239,7 @@ impl LendingBuffer {
         self.came_back
     }
 
+    /// Forgets the loans lent until back that have come back, counting them.
     fn prune(&mut self) {
         let before = self.until_back.len();
         self.until_back.retain(|(_, t)| t.strong_count() > 0);

@@ -118,24 +118,41 @@ const IN_ORDER_MIN: u64 = 256 << 10;
 /// in, and the buffer is allocated on the first.
 const IN_ORDER_MAX: u64 = 256 << 20;
 
-/// A message being read into one buffer: whose it is, and the sequence number of its next frame.
-struct InOrder {
-    writer: MessageWriter,
+/// The next frame of a message a link is reading: whose message it is, and that frame's
+/// sequence number.
+struct NextFrame {
     src: RankId,
     channel: ChannelId,
     epoch: Epoch,
+    /// The message's length (every frame of it carries it).
     total: u64,
-    next_seq: u64,
+    seq: u64,
+}
+
+impl NextFrame {
+    /// The frame after `h` in `h`'s message.
+    fn after(h: &Header) -> NextFrame {
+        NextFrame { src: h.src, channel: h.channel, epoch: h.epoch, total: h.aux, seq: h.seq + 1 }
+    }
+
+    /// Whether `h` is this frame (a data frame that does not start a message).
+    fn is(&self, h: &Header) -> bool {
+        h.kind == FrameKind::Data
+            && !h.flags.contains(FrameFlags::FIRST)
+            && (h.src, h.channel, h.epoch, h.seq, h.aux) == (self.src, self.channel, self.epoch, self.seq, self.total)
+    }
+}
+
+/// A message being read into one buffer, and its next frame.
+struct InOrder {
+    writer: MessageWriter,
+    next: NextFrame,
 }
 
 impl InOrder {
     /// Whether `h` is the next frame of this message, and its `len` bytes fit.
     fn continues(&self, h: &Header, len: usize) -> bool {
-        h.kind == FrameKind::Data
-            && !h.flags.contains(FrameFlags::FIRST)
-            && (h.src, h.channel, h.epoch, h.seq, h.aux)
-                == (self.src, self.channel, self.epoch, self.next_seq, self.total)
-            && len <= self.writer.remaining()
+        self.next.is(h) && len <= self.writer.remaining()
     }
 }
 
@@ -164,19 +181,14 @@ fn place(in_order: &mut Option<InOrder>, h: &Header, len: usize, me: RankId, poo
         && (IN_ORDER_MIN..=IN_ORDER_MAX).contains(&h.aux)
         && len as u64 <= h.aux;
     if starts {
-        *in_order = Some(InOrder {
-            writer: MessageWriter::new(pool.take(h.aux as usize)),
-            src: h.src,
-            channel: h.channel,
-            epoch: h.epoch,
-            total: h.aux,
-            next_seq: h.seq,
-        });
+        // Its first frame is the next one: it is about to be written.
+        let next = NextFrame { seq: h.seq, ..NextFrame::after(h) };
+        *in_order = Some(InOrder { writer: MessageWriter::new(pool.take(h.aux as usize)), next });
         return Placement::Message;
     }
     // A later frame of the same peer: ours is incomplete for good (an earlier one is a
     // retransmission or a duplicate and leaves it be).
-    if in_order.as_ref().is_some_and(|m| m.src == h.src && h.seq >= m.next_seq) {
+    if in_order.as_ref().is_some_and(|m| m.next.src == h.src && h.seq >= m.next.seq) {
         *in_order = None;
     }
     Placement::Own
@@ -187,7 +199,7 @@ fn place(in_order: &mut Option<InOrder>, h: &Header, len: usize, me: RankId, poo
 fn committed(in_order: &mut Option<InOrder>, header: Header, len: usize) -> Frame {
     let m = in_order.as_mut().expect("placed into the message");
     let payload = m.writer.commit(len);
-    m.next_seq += 1;
+    m.next.seq += 1;
     let mut message = None;
     if header.flags.contains(FrameFlags::LAST) {
         message = m.writer.whole();
@@ -205,21 +217,14 @@ const POSTED_HEAD_MAX: usize = 64;
 /// `phalanx_proto::posting`): the claim on it, and the frame the data comes in.
 struct PostedNext {
     write: PostedWrite,
-    src: RankId,
-    channel: ChannelId,
-    epoch: Epoch,
-    seq: u64,
-    total: u64,
+    next: NextFrame,
 }
 
 impl PostedNext {
-    /// Whether `h` is the message's data frame, and its `len` bytes are what was posted.
+    /// Whether `h` is the message's data frame (its last), and its `len` bytes are what was
+    /// posted.
     fn continues(&self, h: &Header, len: usize) -> bool {
-        h.kind == FrameKind::Data
-            && h.flags.contains(FrameFlags::LAST)
-            && !h.flags.contains(FrameFlags::FIRST)
-            && (h.src, h.channel, h.epoch, h.seq, h.aux) == (self.src, self.channel, self.epoch, self.seq, self.total)
-            && len == self.write.len()
+        self.next.is(h) && h.flags.contains(FrameFlags::LAST) && len == self.write.len()
     }
 }
 
@@ -233,7 +238,7 @@ fn try_post(placer: &PlacerSlot, h: &Header, head: &[u8], me: RankId) -> Option<
     let rest = h.aux.checked_sub(head.len() as u64).filter(|r| *r >= POSTED_MIN)?;
     let placer = placer.read().unwrap_or_else(|e| e.into_inner()).clone()?;
     let write = placer.place(h.src, h.channel, head, usize::try_from(rest).ok()?)?;
-    Some(PostedNext { write, src: h.src, channel: h.channel, epoch: h.epoch, seq: h.seq + 1, total: h.aux })
+    Some(PostedNext { write, next: NextFrame::after(h) })
 }
 
 /// How reading a data frame into a posting ended.
@@ -357,11 +362,11 @@ pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
                     let len = frame.payload.len();
                     let h = &frame.header;
                     // Any other data frame of that peer ends the wait for a posted message's data.
-                    if h.kind == FrameKind::Data && posted.as_ref().is_some_and(|p| p.src == h.src) {
+                    if h.kind == FrameKind::Data && posted.as_ref().is_some_and(|p| p.next.src == h.src) {
                         posted = None;
                     }
                     if let Some(p) = try_post(&placer, h, &frame.payload, me) {
-                        if in_order.as_ref().is_some_and(|m| m.src == h.src) {
+                        if in_order.as_ref().is_some_and(|m| m.next.src == h.src) {
                             in_order = None;
                         }
                         posted = Some(p);

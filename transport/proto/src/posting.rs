@@ -131,11 +131,6 @@ impl Posting {
         drop(self.owner.lock().unwrap_or_else(|e| e.into_inner()).take());
         false
     }
-
-    /// Whether a reader filled it.
-    pub fn is_filled(&self) -> bool {
-        self.state.load(Ordering::Acquire) == FILLED
-    }
 }
 
 /// A reader's claim on a [`Posting`]. Dropped unfinished, the posting is abandoned.
@@ -219,11 +214,13 @@ pub trait Placer: Send + Sync {
 /// its owner has dropped is gone from the table too (pruned as the table grows).
 #[derive(Default)]
 pub struct PostingTable {
-    map: Mutex<BTreeMap<PostingKey, Weak<Posting>>>,
+    /// Per (sender, channel): the message's first frame → its posting. (Two levels, so that a
+    /// link reader looks a header up without copying it.)
+    map: Mutex<BTreeMap<(RankId, ChannelId), ByHead>>,
 }
 
-/// What a posting is filed under: sender, channel, the message's first frame.
-type PostingKey = (RankId, ChannelId, Vec<u8>);
+/// One sender's postings on one channel, by the message's first frame.
+type ByHead = BTreeMap<Vec<u8>, Weak<Posting>>;
 
 /// Entries beyond which filing one first drops those whose posting is gone.
 const PRUNE_AT: usize = 1024;
@@ -238,20 +235,14 @@ impl PostingTable {
     /// (replacing any posting filed under the same key).
     pub fn file(&self, src: RankId, channel: ChannelId, head: Vec<u8>, posting: &Arc<Posting>) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= PRUNE_AT {
-            map.retain(|_, p| p.strong_count() > 0);
+        let count: usize = map.values().map(BTreeMap::len).sum();
+        if count >= PRUNE_AT {
+            for heads in map.values_mut() {
+                heads.retain(|_, p| p.strong_count() > 0);
+            }
+            map.retain(|_, heads| !heads.is_empty());
         }
-        map.insert((src, channel, head), Arc::downgrade(posting));
-    }
-
-    /// Entries filed (live or not yet pruned).
-    pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether none are.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        map.entry((src, channel)).or_default().insert(head, Arc::downgrade(posting));
     }
 }
 
@@ -259,7 +250,7 @@ impl Placer for PostingTable {
     fn place(&self, src: RankId, channel: ChannelId, head: &[u8], rest: usize) -> Option<PostedWrite> {
         let posting = {
             let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-            map.remove(&(src, channel, head.to_vec()))?.upgrade()?
+            map.get_mut(&(src, channel))?.remove(head)?.upgrade()?
         };
         if posting.len != rest {
             return None;
