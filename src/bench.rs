@@ -71,8 +71,10 @@ pub enum BenchOp {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchBind {
     /// Each rank on a CPU of its own (rank `r` on the `r`-th CPU this process may use) when
-    /// there are at least as many CPUs as ranks, else wherever the OS puts them — Open MPI's
-    /// default (`--bind-to core` up to two ranks), and how trainers pin one rank per GPU.
+    /// there are at least as many CPUs as ranks — Open MPI's default (`--bind-to core` up to
+    /// two ranks), and how trainers pin one rank per GPU; with more ranks than CPUs,
+    /// consecutive ranks share one, in equal blocks (Open MPI binds nothing there; binding
+    /// changes its figures by less than their noise: docs/performance.md).
     Core,
     /// Wherever the OS puts them.
     None,
@@ -150,9 +152,11 @@ pub struct BenchArgs {
     pub warmup: u32,
     #[command(flatten)]
     pub tuning: LinkTuning,
-    /// Collectives over processes: pin each rank to a CPU of its own (when there are enough).
-    /// Two ranks left to the OS scheduler share one core in some runs (it keeps processes that
-    /// wake each other together), and then a 4 KiB exchange takes 50-60 µs instead of 15-20.
+    /// Collectives over processes: pin each rank to a CPU of its own (when there are enough;
+    /// else consecutive ranks share one). Two ranks left to the OS scheduler share one core in
+    /// some runs (it keeps processes that wake each other together), and then a 4 KiB exchange
+    /// takes 50-60 µs instead of 15-20; four on two CPUs move between them and take twice as
+    /// long for 4 KiB to 1 MiB as when bound.
     #[arg(long, value_enum, default_value_t = BenchBind::Core)]
     pub bind: BenchBind,
     /// All-reduce only: send contributions compressed (`Compression` with error feedback).

@@ -75,15 +75,14 @@ async fn one_op(
     bytes: usize,
     compression: BenchCompression,
     algorithm: BenchAlgorithm,
+    pattern: &[u8],
 ) -> Result<f64, String> {
     let world = comm.world();
     let rank = comm.rank();
     let e = |e: phalanx_node::CommError| e.to_string();
-    // Inputs are made before the clock starts: a repeating pattern of small floats (exact
-    // sums), copied in blocks rather than computed per element.
-    // (All-to-all sends its own buffers below.)
+    // Inputs are made before the clock starts: `pattern` repeated (small floats, exact sums),
+    // copied in blocks. (All-to-all sends its own buffers below.)
     let count = if op == BenchOp::Alltoall { 0 } else { bytes / 4 };
-    let pattern: Vec<u8> = (0..1024).flat_map(|i| (((rank + i) % 7) as f32).to_le_bytes()).collect();
     let mut buf = Vec::with_capacity(count * 4);
     while buf.len() < count * 4 {
         let n = (count * 4 - buf.len()).min(pattern.len());
@@ -134,8 +133,14 @@ async fn rank_loop(
     algorithm: BenchAlgorithm,
 ) -> Result<Vec<f64>, String> {
     let mut samples = Vec::with_capacity(iters as usize);
+    // Made once: with more ranks than CPUs, a rank's work between calls takes CPU time from
+    // ranks still in theirs.
+    let pattern: Vec<u8> = (0..1024).flat_map(|i| (((comm.rank() + i) % 7) as f32).to_le_bytes()).collect();
     for i in 0..warmup + iters {
-        let us = one_op(&mut comm, op, bytes, compression, algorithm).await?;
+        // Every rank is done with the previous call before any makes its next input: with more
+        // ranks than CPUs, that work would take CPU time from ranks still in their timed call.
+        comm.barrier(DEADLINE).await.map_err(|e| e.to_string())?;
+        let us = one_op(&mut comm, op, bytes, compression, algorithm, &pattern).await?;
         if i >= warmup {
             samples.push(us);
         }
@@ -228,6 +233,15 @@ async fn processes(args: &BenchArgs, world: usize) -> Result<Vec<Vec<f64>>, Stri
     result
 }
 
+/// The CPU of each of `world` ranks, from the CPUs `cpus` this process may use: rank `r` on
+/// the `r`-th when there are enough; otherwise consecutive ranks share a CPU, in blocks as equal
+/// as can be (world 4 on two CPUs: ranks 0 and 1 on the first, 2 and 3 on the second). Ranks
+/// left to the OS scheduler there move between CPUs and wait on each other's wake-ups
+/// (docs/performance.md, "Oversubscribed ranks bound in blocks").
+fn placement(cpus: &[usize], world: usize) -> Vec<usize> {
+    (0..world).map(|r| if cpus.len() >= world { cpus[r] } else { cpus[r * cpus.len() / world] }).collect()
+}
+
 /// The CPUs this process may run on, ascending (`None` if the OS does not say).
 fn allowed_cpus() -> Option<Vec<usize>> {
     // SAFETY: `sched_getaffinity` fills the zeroed set it is given, of the size it is told.
@@ -268,7 +282,7 @@ async fn spawn_ranks(
     let mut children = Vec::new();
     let mut addrs: Vec<(usize, String)> = Vec::new();
     let cpus = match args.bind {
-        BenchBind::Core => allowed_cpus().filter(|c| c.len() >= world),
+        BenchBind::Core => allowed_cpus().filter(|c| !c.is_empty()).map(|c| placement(&c, world)),
         BenchBind::None => None,
     };
     // Highest rank first: each rank dials the ranks above it, which are already listening.
@@ -371,4 +385,26 @@ pub async fn worker(args: CollWorkerArgs) -> Result<(), String> {
             .await?;
     println!("{}", json!({ "samples_us": samples }));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::placement;
+
+    #[test]
+    fn ranks_get_cpus_of_their_own_when_there_are_enough_else_equal_blocks_of_consecutive_ranks() {
+        assert_eq!(placement(&[3, 5, 7], 2), vec![3, 5]);
+        assert_eq!(placement(&[0, 1], 4), vec![0, 0, 1, 1]);
+        assert_eq!(placement(&[2, 6], 3), vec![2, 2, 6]);
+        assert_eq!(placement(&[4], 3), vec![4, 4, 4]);
+        for (cpus, world) in [(2usize, 5usize), (3, 8), (4, 16), (7, 7), (2, 1)] {
+            let list: Vec<usize> = (10..10 + cpus).collect();
+            let p = placement(&list, world);
+            assert_eq!(p.len(), world);
+            assert!(p.windows(2).all(|w| w[0] <= w[1]), "consecutive ranks together: {p:?}");
+            let per: Vec<usize> = list.iter().map(|c| p.iter().filter(|x| *x == c).count()).collect();
+            let (lo, hi) = (per.iter().min().unwrap(), per.iter().max().unwrap());
+            assert!(hi - lo <= 1 && *hi <= world.div_ceil(cpus), "{cpus} CPUs, {world} ranks: {per:?}");
+        }
+    }
 }
