@@ -46,6 +46,15 @@ const MAX_ADVERTISED: usize = 4096;
 /// has it — before the peer's application, done with the message, may be too busy to let its
 /// endpoint send the delayed ack. One small frame per such message, next to at least 256 KiB.
 pub const PROMPT_ACK_MESSAGE: u64 = 256 << 10;
+/// A data frame of at most this many payload bytes to a peer whose received frames have waited
+/// for a delayed acknowledgement for half the ack delay or more takes that acknowledgement
+/// along: the ack is queued right behind it on the same link, where a link writer sends both
+/// in one write (a frame this small goes through the writer's buffer), instead of as a write
+/// of its own when the ack timer fires — which on loopback also costs the peer a wake-up and a
+/// read. (Not sooner: an ack behind every small frame of a steady exchange is work of its own.)
+/// Larger frames are written straight from their buffer, so an ack behind them would be a
+/// write of its own anyway.
+pub const ACK_ALONG_MAX_PAYLOAD: usize = 64 << 10;
 
 /// A frame to write on a link.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -613,6 +622,7 @@ impl Endpoint {
     fn next_data_transmit(&mut self, now: Instant) -> Option<Transmit> {
         let window_frames = self.config.session_window_frames;
         let chunk = self.config.chunk_bytes;
+        let ack_delay = self.config.ack_delay;
         // Round-robin: the peers after the one served last, then the rest from the start.
         let split = self.send_cursor.map_or(RankId(0), |c| RankId(c.0.saturating_add(1)));
         let order: Vec<RankId> = self
@@ -649,8 +659,14 @@ impl Endpoint {
             if relayed {
                 self.counters.relayed_out_bytes += frame.payload.len() as u64;
             }
+            let half_due = s.ack_due.is_some_and(|due| now + ack_delay / 2 >= due);
+            let ack_along = !relayed && frame.payload.len() <= ACK_ALONG_MAX_PAYLOAD && half_due;
             let p = self.paths.get_mut(&link).expect("picked from live paths");
             p.push_inflight(InFlight { dst: peer, seq: frame.header.seq, tx, bytes, sent_at: now });
+            if ack_along {
+                let ack = self.ack_frame(peer, FrameFlags::default());
+                self.transmits.push_back(Transmit { link, frame: ack });
+            }
             return Some(Transmit { link, frame });
         }
         None

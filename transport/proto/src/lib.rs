@@ -42,7 +42,9 @@ mod time;
 
 pub use config::TransportConfig;
 pub use counters::{EndpointCounters, LinkCounters};
-pub use endpoint::{Endpoint, Event, LinkFailure, SendError, Transmit, MAX_MESSAGE_BYTES, PROMPT_ACK_MESSAGE};
+pub use endpoint::{
+    Endpoint, Event, LinkFailure, SendError, Transmit, ACK_ALONG_MAX_PAYLOAD, MAX_MESSAGE_BYTES, PROMPT_ACK_MESSAGE,
+};
 pub use frame::{DecodeError, Frame, FrameDecoder, FrameFlags, FrameKind, FrameVerifier, Header};
 pub use handshake::{Handshake, HandshakeError, HandshakeStep, LinkIdentity, Role};
 pub use ids::{ChannelId, Epoch, LinkId, RankId};

@@ -365,3 +365,58 @@ fn flushing_acks_acknowledges_at_once_what_the_delayed_ack_timer_would_send_late
     a.handle_frame(now, ack.link, ack.frame);
     assert_eq!(a.undelivered_messages(B), 0);
 }
+
+/// Every frame `e` has to send at `now`, as `(link, kind, payload bytes)`, handed to `to`.
+fn transmit_all(e: &mut Endpoint, to: &mut Endpoint, now: Instant) -> Vec<(LinkId, phalanx_proto::FrameKind, usize)> {
+    let mut out = Vec::new();
+    while let Some(t) = e.poll_transmit(now) {
+        out.push((t.link, t.frame.header.kind, t.frame.payload.len()));
+        to.handle_frame(now, t.link, t.frame);
+    }
+    out
+}
+
+#[test]
+fn a_small_data_frame_takes_along_an_ack_that_waited_half_the_ack_delay_a_large_one_does_not() {
+    use phalanx_proto::FrameKind::{Ack, Data};
+    let ms = |x: f64| Instant((x * 1e6) as u64);
+    let cfg = TransportConfig { ack_every_frames: 100, ack_delay: Duration::from_millis(1), ..small_config() };
+    let large = phalanx_proto::ACK_ALONG_MAX_PAYLOAD + 1;
+    let cfg = TransportConfig { chunk_bytes: 2 * large, path_window_bytes: 8 * large as u64, ..cfg };
+    let mut a = Endpoint::new(A, 1, Epoch(1), cfg.clone());
+    let mut b = Endpoint::new(B, 2, Epoch(1), cfg);
+    a.handle_link_up(ms(0.0), LinkId(1), b.identity());
+    b.handle_link_up(ms(0.0), LinkId(1), a.identity());
+    // Heartbeats may come at any time; what matters is data and acks.
+    let no_ack = |v: &[(LinkId, phalanx_proto::FrameKind, usize)]| v.iter().all(|(_, k, _)| *k != Ack);
+    // B owes A an ack from 0 ms on, due at 1 ms.
+    a.send(ms(0.0), B, ChannelId(0), pattern(10, 1)).unwrap();
+    assert!(no_ack(&transmit_all(&mut a, &mut b, ms(0.0))));
+    // At 0.2 ms B's own small message goes alone: the ack has not waited half its delay.
+    b.send(ms(0.2), A, ChannelId(0), pattern(10, 2)).unwrap();
+    let sent = transmit_all(&mut b, &mut a, ms(0.2));
+    assert!(no_ack(&sent) && sent.iter().filter(|(_, k, _)| *k == Data).count() == 1, "{sent:?}");
+    assert_eq!(a.undelivered_messages(B), 1, "A's message not acknowledged yet");
+    // At 0.6 ms it has: the ack follows B's next small message on the same link, and the timer
+    // has nothing left to send.
+    b.send(ms(0.6), A, ChannelId(0), pattern(10, 3)).unwrap();
+    let sent = transmit_all(&mut b, &mut a, ms(0.6));
+    let sent: Vec<_> = sent.iter().filter(|(_, k, _)| matches!(k, Data | Ack)).map(|(l, k, _)| (*l, *k)).collect();
+    assert_eq!(sent, vec![(LinkId(1), Data), (LinkId(1), Ack)]);
+    assert_eq!(a.undelivered_messages(B), 0, "A's message acknowledged by the ack that came along");
+    b.handle_timeout(ms(1.0));
+    let sent = transmit_all(&mut b, &mut a, ms(1.0));
+    assert!(no_ack(&sent), "no ack left for the timer: {sent:?}");
+    // Behind a frame too large for the writer's buffer the ack would be a write of its own:
+    // it waits for its timer.
+    a.send(ms(1.1), B, ChannelId(0), pattern(10, 4)).unwrap();
+    transmit_all(&mut a, &mut b, ms(1.1));
+    b.send(ms(1.9), A, ChannelId(0), pattern(large, 5)).unwrap();
+    let sent = transmit_all(&mut b, &mut a, ms(1.9));
+    assert!(no_ack(&sent) && sent.iter().any(|(_, k, n)| *k == Data && *n == large), "{sent:?}");
+    assert_eq!(a.undelivered_messages(B), 1);
+    b.handle_timeout(ms(2.1));
+    let sent = transmit_all(&mut b, &mut a, ms(2.1));
+    assert!(sent.iter().any(|(_, k, _)| *k == Ack), "{sent:?}");
+    assert_eq!(a.undelivered_messages(B), 0);
+}
