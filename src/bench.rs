@@ -155,8 +155,8 @@ pub struct BenchArgs {
     /// Collectives over processes: pin each rank to a CPU of its own (when there are enough;
     /// else consecutive ranks share one). Two ranks left to the OS scheduler share one core in
     /// some runs (it keeps processes that wake each other together), and then a 4 KiB exchange
-    /// takes 50-60 µs instead of 15-20; four on two CPUs move between them and take twice as
-    /// long for 4 KiB to 1 MiB as when bound.
+    /// takes 50-60 µs instead of 15-20; four on two CPUs move between them and take up to twice
+    /// as long for 4 KiB to 64 KiB as when bound, a quarter longer at 1 MiB.
     #[arg(long, value_enum, default_value_t = BenchBind::Core)]
     pub bind: BenchBind,
     /// All-reduce only: send contributions compressed (`Compression` with error feedback).
