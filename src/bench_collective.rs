@@ -133,12 +133,11 @@ async fn rank_loop(
     algorithm: BenchAlgorithm,
 ) -> Result<Vec<f64>, String> {
     let mut samples = Vec::with_capacity(iters as usize);
-    // Made once: with more ranks than CPUs, a rank's work between calls takes CPU time from
-    // ranks still in theirs.
+    // With more ranks than CPUs, a rank's work between calls takes CPU time from ranks still in
+    // their timed call: the input pattern is made once, and every rank is done with the
+    // previous call (the barrier) before any makes its next input.
     let pattern: Vec<u8> = (0..1024).flat_map(|i| (((comm.rank() + i) % 7) as f32).to_le_bytes()).collect();
     for i in 0..warmup + iters {
-        // Every rank is done with the previous call before any makes its next input: with more
-        // ranks than CPUs, that work would take CPU time from ranks still in their timed call.
         comm.barrier(DEADLINE).await.map_err(|e| e.to_string())?;
         let us = one_op(&mut comm, op, bytes, compression, algorithm, &pattern).await?;
         if i >= warmup {
